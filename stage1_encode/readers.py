@@ -1,0 +1,580 @@
+"""Corpus readers: Arrow IPC (+ IndexKits index JSON), Parquet, image folders, JSONL and CSV lists -> partitions.
+
+`plan_partitions` runs once on the driver: it resolves the inputs, checks every file's schema (a missing column is a
+`ValueError` naming the file, the column and the columns that exist) and cuts each source into row ranges.
+`read_partition` runs in a Ray task and yields one raw row dict per input row, in row order:
+
+    {"key": "00000-00000042-3f2a9c1b0d4e", "source": "/data/00000.arrow", "row": 42,
+     "image": b"...encoded bytes..." | None, "caption": <raw value, any type>, "md5": "3f2a...", "error": None | str}
+
+Nothing here decodes images or judges captions: stage 1's preprocessing does, so that a bad row becomes a recorded
+reject instead of vanishing here. `image` is None (and `error` says why) only when the bytes could not be read at all,
+e.g. a list names a missing file. Keys are `{source_stem}-{row:08d}-{md5[:12]}`: they depend on the input alone, never
+on the order of partitions or on the worker that reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+InputFormat = Literal["arrow", "parquet", "indexkits", "folder", "jsonl", "csv"]
+FORMATS: tuple[str, ...] = ("arrow", "parquet", "indexkits", "folder", "jsonl", "csv")
+# What a directory given in `paths` expands to, per format ("folder" takes the directory itself).
+_DIR_PATTERNS = {"arrow": "*.arrow", "parquet": "*.parquet", "indexkits": "*.json", "jsonl": "*.jsonl", "csv": "*.csv"}
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The original loader falls back to a `binary` column when there is no `image` column (IndexKits indexer.py).
+_FALLBACK_IMAGE_COLUMN = "binary"
+_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+@dataclass
+class InputConfig:
+    """Where the corpus is and how to read it (the `input:` section of the encode config)."""
+
+    format: InputFormat = "arrow"
+    # Files, directories or glob patterns. A directory means every file of the format in it (`*.arrow`, `*.parquet`,
+    # `*.json` for indexkits, ...); for "folder" each directory is one source of images.
+    paths: list[str] = field(default_factory=list)
+    # arrow / parquet / indexkits: the encoded image bytes; "binary" is used when "image" is absent, as the original.
+    image_column: str = "image"
+    # All formats but folder: the caption column / JSON key. The original trains on `text_zh`.
+    caption_column: str = "text_zh"
+    # Hex md5 of the image bytes, as csv2arrow writes it; computed from the bytes when the column is absent or empty.
+    md5_column: str | None = "md5"
+    # jsonl / csv: the image path column (csv2arrow's name); relative paths are relative to the list file.
+    image_path_column: str = "img_path"
+    # folder: a caption sidecar next to each image (`cat.png` -> `cat.txt`); a missing sidecar gives caption None.
+    caption_extension: str = ".txt"
+    # folder: which files are images.
+    image_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"input.format: {self.format!r} is not a known format; allowed: {', '.join(FORMATS)}")
+        if isinstance(self.paths, (str, Path)):
+            self.paths = [str(self.paths)]
+        self.paths = [str(p) for p in self.paths]
+        if not self.paths:
+            raise ValueError("input.paths: empty; give at least one file, directory or glob pattern")
+        for name in ("image_column", "caption_column", "image_path_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"input.{name}: must be a non-empty string, got {getattr(self, name)!r}")
+        if self.md5_column == "":
+            self.md5_column = None
+        self.image_extensions = [e.lower() if e.startswith(".") else "." + e.lower() for e in self.image_extensions]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A contiguous row range [start, stop) of one source: the unit of work of one Ray task and one cache shard."""
+
+    name: str  # shard name: `{source_stem}-{start:08d}`, unique, filesystem-safe
+    source: str  # the file (or image folder) the rows come from
+    source_stem: str  # first part of every key of this partition
+    start: int
+    stop: int
+    rows: tuple[int, ...] | None = None  # indexkits: the selected rows (sorted, in [start, stop)); None = all
+    files: tuple[str, ...] | None = None  # folder: the image files of rows start..stop-1, relative to `source`
+    offset: int = 0  # jsonl: byte offset of row `start` (rows count non-blank lines)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows) if self.rows is not None else self.stop - self.start
+
+
+def make_key(source_stem: str, row: int, md5: str) -> str:
+    """The sample key: stable across runs, orders and workers."""
+    return f"{source_stem}-{row:08d}-{md5[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_partitions(cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
+    """Check the inputs' schemas and cut them into partitions of at most `rows_per_shard` rows, sorted by name."""
+    if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
+    sources = _expand_paths(cfg)
+    if cfg.format == "indexkits":
+        selected = _indexkits_selection(sources, cfg)
+        stems = _source_stems(list(selected))
+        parts = []
+        for path, rows in selected.items():
+            for i in range(0, len(rows), rows_per_shard):
+                chunk = tuple(rows[i : i + rows_per_shard])
+                parts.append(_partition(str(path), stems[path], chunk[0], chunk[-1] + 1, rows=chunk))
+    else:
+        stems = _source_stems(sources)
+        parts = []
+        for path in sources:
+            parts.extend(_plan_source(path, stems[path], cfg, rows_per_shard))
+    parts.sort(key=lambda p: (p.source_stem, p.start))
+    names = [p.name for p in parts]
+    assert len(set(names)) == len(names), "partition names must be unique"
+    if not parts:
+        raise ValueError(f"input.paths: {cfg.paths} hold no rows (format {cfg.format!r})")
+    return parts
+
+
+def _partition(source: str, stem: str, start: int, stop: int, **extra: Any) -> Partition:
+    return Partition(name=f"{stem}-{start:08d}", source=source, source_stem=stem, start=start, stop=stop, **extra)
+
+
+def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
+    if cfg.format == "folder":
+        files = _list_images(path, cfg)
+        return [
+            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)), files=tuple(files[s : s + rows_per_shard]))
+            for s in range(0, len(files), rows_per_shard)
+        ]
+    if cfg.format == "jsonl":
+        offsets = _jsonl_offsets(path, cfg)
+        return [
+            _partition(str(path), stem, s, min(s + rows_per_shard, len(offsets)), offset=offsets[s])
+            for s in range(0, len(offsets), rows_per_shard)
+        ]
+    if cfg.format == "arrow":
+        n = _arrow_num_rows(path, cfg)
+    elif cfg.format == "parquet":
+        n = _parquet_num_rows(path, cfg)
+    elif cfg.format == "csv":
+        n = _csv_num_rows(path, cfg)
+    else:  # pragma: no cover - InputConfig validates the format
+        raise AssertionError(cfg.format)
+    if n == 0:
+        logger.warning("%s has no rows", path)
+    return [_partition(str(path), stem, s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
+
+
+def _expand_paths(cfg: InputConfig) -> list[Path]:
+    """Files (or image folders) named by `cfg.paths`, resolved, deduplicated and sorted."""
+    out: set[Path] = set()
+    for entry in cfg.paths:
+        if any(c in entry for c in "*?["):
+            matches = [Path(m) for m in glob.glob(entry, recursive=True)]
+        else:
+            matches = [Path(entry)]
+        if not matches or not matches[0].exists():
+            raise ValueError(f"input.paths: {entry!r} matches no file or directory")
+        for m in matches:
+            if cfg.format == "folder":
+                if not m.is_dir():
+                    raise ValueError(f"input.paths: {str(m)!r} is not a directory (format 'folder' takes image folders)")
+                out.add(m.resolve())
+            elif m.is_dir():
+                found = sorted(m.glob(_DIR_PATTERNS[cfg.format]))
+                if not found:
+                    raise ValueError(
+                        f"input.paths: directory {str(m)!r} holds no {_DIR_PATTERNS[cfg.format]} file "
+                        f"(format {cfg.format!r})"
+                    )
+                out.update(f.resolve() for f in found)
+            else:
+                out.add(m.resolve())
+    return sorted(out)
+
+
+def _safe(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")
+    if safe != name:  # two names that differ only in unsafe characters must not meet
+        safe = f"{safe}_{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+    return safe or "source"
+
+
+def _source_stems(paths: list[Path]) -> dict[Path, str]:
+    """Key prefix per source: the file stem, with as many parent folder names as it takes to be unique."""
+    def stem_at(p: Path, depth: int) -> str:
+        parts = list(p.parent.parts[-(depth - 1):]) if depth > 1 else []
+        return "_".join(_safe(x) for x in parts + [p.stem if p.is_file() else p.name])
+
+    stems = {p: stem_at(p, 1) for p in paths}
+    depth = 1
+    while len(set(stems.values())) < len(stems):
+        depth += 1
+        counts: dict[str, int] = {}
+        for s in stems.values():
+            counts[s] = counts.get(s, 0) + 1
+        stems = {p: (stem_at(p, depth) if counts[s] > 1 else s) for p, s in stems.items()}
+        if depth > 64:  # pragma: no cover - distinct resolved paths always separate in the end
+            raise AssertionError(f"cannot give unique stems to {paths}")
+    return stems
+
+
+def _resolve_columns(names: list[str], types: dict[str, pa.DataType], cfg: InputConfig, path: Path) -> tuple[str, str, str | None]:
+    """(image, caption, md5 or None) column names of one Arrow/Parquet file; ValueError when the schema won't do."""
+    have = ", ".join(f"{n} ({types[n]})" for n in names)
+    image = cfg.image_column
+    if image not in names:
+        if image == "image" and _FALLBACK_IMAGE_COLUMN in names:
+            image = _FALLBACK_IMAGE_COLUMN
+        else:
+            extra = f" (nor {_FALLBACK_IMAGE_COLUMN!r})" if image == "image" else ""
+            raise ValueError(
+                f"{path}: no image column {cfg.image_column!r}{extra} (input.image_column); columns are: {have}"
+            )
+    t = types[image]
+    if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)):
+        raise ValueError(
+            f"{path}: image column {image!r} has type {t}, expected binary (the encoded image file bytes); "
+            f"columns are: {have}"
+        )
+    if cfg.caption_column not in names:
+        raise ValueError(
+            f"{path}: no caption column {cfg.caption_column!r} (input.caption_column); columns are: {have}"
+        )
+    md5 = cfg.md5_column if cfg.md5_column in names else None
+    return image, cfg.caption_column, md5
+
+
+def _open_arrow(path: Path) -> pa.ipc.RecordBatchFileReader:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable Arrow IPC file (expected the file format written by pa.RecordBatchFileWriter, "
+            f"as csv2arrow.py writes): {e}"
+        ) from e
+
+
+def _arrow_num_rows(path: Path, cfg: InputConfig) -> int:
+    reader = _open_arrow(path)
+    schema = reader.schema
+    _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
+    return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(str(path))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
+
+
+def _parquet_num_rows(path: Path, cfg: InputConfig) -> int:
+    pf = _open_parquet(path)
+    schema = pf.schema_arrow
+    _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
+    return pf.metadata.num_rows
+
+
+def _list_images(folder: Path, cfg: InputConfig) -> list[str]:
+    exts = set(cfg.image_extensions)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no image files (input.image_extensions: {', '.join(cfg.image_extensions)})")
+    return files
+
+
+def _jsonl_offsets(path: Path, cfg: InputConfig) -> list[int]:
+    """Byte offset of every record (non-blank line; the row number counts records); the first record is checked."""
+    out = []
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh):
+            if line.strip():
+                if not out:
+                    _check_record_keys(path, line, cfg, lineno)
+                out.append(offset)
+            offset += len(line)
+    return out
+
+
+def _check_record_keys(path: Path, line: bytes, cfg: InputConfig, lineno: int) -> None:
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}: line {lineno + 1} is not JSON: {e}") from e
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: line {lineno + 1} is a JSON {type(rec).__name__}, expected an object")
+    for col, field_name in ((cfg.image_path_column, "image_path_column"), (cfg.caption_column, "caption_column")):
+        if col not in rec:
+            raise ValueError(
+                f"{path}: no key {col!r} (input.{field_name}) in line {lineno + 1}; keys are: {', '.join(rec)}"
+            )
+
+
+def _csv_num_rows(path: Path, cfg: InputConfig) -> int:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for col, field_name in ((cfg.image_path_column, "image_path_column"), (cfg.caption_column, "caption_column")):
+            if col not in header:
+                raise ValueError(f"{path}: no column {col!r} (input.{field_name}); columns are: {', '.join(header)}")
+        return sum(1 for _ in reader)
+
+
+def _indexkits_selection(index_files: list[Path], cfg: InputConfig) -> dict[Path, list[int]]:
+    """arrow file -> sorted unique local rows selected by the union of the index JSONs.
+
+    Repeats in an index (IndexKits `repeat`, multi-resolution padding to whole batches) are a training-time sampling
+    matter: the cache stores each row once.
+    """
+    selected: dict[Path, set[int]] = {}
+    for index_file in index_files:
+        try:
+            doc = json.loads(index_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{index_file}: not a readable IndexKits index JSON: {e}") from e
+        if not isinstance(doc, dict) or "arrow_files" not in doc:
+            keys = ", ".join(doc) if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"{index_file}: no 'arrow_files' key, not an IndexKits index; keys are: {keys}")
+        arrow_files = []
+        for name in doc["arrow_files"]:
+            p = Path(name)
+            if not p.is_absolute():
+                p = index_file.parent / p
+            if not p.exists():
+                raise ValueError(f"{index_file}: arrow file {name!r} listed in 'arrow_files' does not exist")
+            arrow_files.append(p.resolve())
+        counts = [_arrow_num_rows(p, cfg) for p in arrow_files]
+        cum = np.cumsum(counts, dtype=np.int64)
+        if "cum_length" in doc and [int(c) for c in doc["cum_length"]] != cum.tolist():
+            raise ValueError(
+                f"{index_file}: 'cum_length' {doc['cum_length']} does not match the arrow files' row counts "
+                f"{cum.tolist()} (the index is stale; rebuild it with `idk`)"
+            )
+        indices = _index_indices(index_file, doc)
+        if len(indices) and (indices.min() < 0 or indices.max() >= (cum[-1] if len(cum) else 0)):
+            raise ValueError(
+                f"{index_file}: indices range {int(indices.min())}..{int(indices.max())} is outside the "
+                f"{int(cum[-1]) if len(cum) else 0} rows of its arrow files"
+            )
+        file_of = np.searchsorted(cum, indices, side="right")
+        local = indices - np.concatenate([[0], cum[:-1]])[file_of]
+        for f, r in zip(file_of.tolist(), local.tolist()):
+            selected.setdefault(arrow_files[f], set()).add(int(r))
+    return {p: sorted(rows) for p, rows in sorted(selected.items())}
+
+
+def _index_indices(index_file: Path, doc: dict) -> np.ndarray:
+    """All global row indices of a base index (list or `x` in the npz) or multi-resolution index (one npz key per
+    "HxW" bucket), as one int64 array."""
+    arrays = []
+    indices = doc.get("indices", [])
+    if isinstance(indices, dict):  # multireso JSON keeps {} here and the buckets in the npz
+        arrays.extend(np.asarray(v, dtype=np.int64) for v in indices.values())
+    elif indices:
+        arrays.append(np.asarray(indices, dtype=np.int64))
+    npz_name = doc.get("indices_file") or ""
+    if npz_name:
+        npz = Path(npz_name)
+        if not npz.is_absolute():
+            npz = index_file.parent / npz
+        if not npz.exists():
+            raise ValueError(f"{index_file}: 'indices_file' {npz_name!r} does not exist")
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                arrays.extend(np.asarray(z[k], dtype=np.int64).ravel() for k in z.files)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{index_file}: cannot read 'indices_file' {npz}: {e}") from e
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_partition(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    """Yield the raw rows of `part` in row order (see the module docstring for the row dict)."""
+    fmt = cfg.format
+    if fmt in ("arrow", "indexkits"):
+        yield from _read_table_rows(part, cfg, _arrow_batches(part, cfg))
+    elif fmt == "parquet":
+        yield from _read_table_rows(part, cfg, _parquet_batches(part, cfg))
+    elif fmt == "folder":
+        yield from _read_folder(part, cfg)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(part, cfg)
+    elif fmt == "csv":
+        yield from _read_csv(part, cfg)
+    else:  # pragma: no cover - InputConfig validates the format
+        raise AssertionError(fmt)
+
+
+def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any, error: str | None = None,
+         source: str | None = None) -> dict[str, Any]:
+    if not (isinstance(md5, str) and _MD5_RE.match(md5)):
+        md5 = hashlib.md5(image or b"").hexdigest()
+    md5 = md5.lower()
+    return {
+        "key": make_key(part.source_stem, row, md5),
+        "source": source or part.source,
+        "row": row,
+        "image": image,
+        "caption": caption,
+        "md5": md5,
+        "error": error,
+    }
+
+
+def _arrow_batches(part: Partition, cfg: InputConfig) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+    """(first row, batch, columns) of the record batches overlapping [start, stop); memory-mapped, zero-copy."""
+    path = Path(part.source)
+    reader = _open_arrow(path)
+    cols = _resolve_columns(reader.schema.names, {f.name: f.type for f in reader.schema}, cfg, path)
+    first = 0
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        if first + batch.num_rows > part.start and first < part.stop:
+            yield first, batch, cols
+        first += batch.num_rows
+        if first >= part.stop:
+            break
+
+
+def _parquet_batches(part: Partition, cfg: InputConfig) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+    """(first row, batch, columns) of the row groups overlapping [start, stop); only the needed columns are read."""
+    path = Path(part.source)
+    pf = _open_parquet(path)
+    schema = pf.schema_arrow
+    cols = _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
+    wanted = [c for c in cols if c is not None]
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first + n > part.start and first < part.stop:
+            table = pf.read_row_group(g, columns=wanted)
+            for batch in table.to_batches():
+                yield first, batch, cols
+                first += batch.num_rows
+        else:
+            first += n
+        if first >= part.stop:
+            break
+
+
+def _read_table_rows(part: Partition, cfg: InputConfig, batches: Iterator[tuple[int, pa.RecordBatch, tuple]]
+                     ) -> Iterator[dict[str, Any]]:
+    wanted = None if part.rows is None else np.asarray(part.rows, dtype=np.int64)
+    for first, batch, (image_col, caption_col, md5_col) in batches:
+        lo, hi = max(part.start, first), min(part.stop, first + batch.num_rows)
+        if wanted is None:
+            rows = np.arange(lo, hi)
+        else:
+            rows = wanted[(wanted >= lo) & (wanted < hi)]
+        if len(rows) == 0:
+            continue
+        sub = batch.take(pa.array(rows - first))
+        images = sub.column(image_col).to_pylist()
+        captions = sub.column(caption_col).to_pylist()
+        md5s = sub.column(md5_col).to_pylist() if md5_col else [None] * len(rows)
+        for row, image, caption, md5 in zip(rows.tolist(), images, captions, md5s):
+            yield _row(part, row, image, caption, md5)
+
+
+def _read_file(path: Path) -> tuple[bytes | None, str | None]:
+    try:
+        return path.read_bytes(), None
+    except OSError as e:
+        return None, f"cannot read image file {path}: {type(e).__name__}: {e.strerror or e}"
+
+
+def _read_folder(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    assert part.files is not None and len(part.files) == part.stop - part.start
+    folder = Path(part.source)
+    for row, rel in zip(range(part.start, part.stop), part.files):
+        image_path = folder / rel
+        image, error = _read_file(image_path)
+        sidecar = image_path.with_suffix(cfg.caption_extension)
+        caption = None
+        if sidecar.exists():
+            try:
+                caption = sidecar.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                # caption stays None: stage 1 then applies its rule for a missing caption; the reason is kept
+                error = error or f"cannot read caption file {sidecar}: {type(e).__name__}"
+        yield _row(part, row, image, caption, None, error, source=str(image_path))
+
+
+def _list_image(list_path: Path, value: Any) -> tuple[bytes | None, str | None]:
+    if not isinstance(value, str) or not value:
+        return None, f"image path is {value!r}, expected a non-empty string"
+    p = Path(value)
+    if not p.is_absolute():
+        p = list_path.parent / p
+    return _read_file(p)
+
+
+def _read_jsonl(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    path = Path(part.source)
+    with path.open("rb") as fh:
+        fh.seek(part.offset)
+        row = part.start
+        while row < part.stop:
+            line = fh.readline()
+            if not line:
+                break
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"a JSON {type(rec).__name__}, expected an object")
+                except ValueError as e:
+                    yield _row(part, row, None, None, None, f"record {row} is not a JSON object: {e}")
+                else:
+                    image, error = _list_image(path, rec.get(cfg.image_path_column))
+                    yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error)
+            row += 1
+
+
+def _read_csv(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    path = Path(part.source)
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row, rec in enumerate(csv.DictReader(fh)):
+            if row < part.start:
+                continue
+            if row >= part.stop:
+                break
+            image, error = _list_image(path, rec.get(cfg.image_path_column))
+            yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stage1_encode.readers",
+        description="Plan the partitions of a corpus and print them with the first rows' keys and captions "
+        "(a dry run of what stage 1 will read).",
+    )
+    parser.add_argument("paths", nargs="+", help="files, directories or glob patterns")
+    parser.add_argument("--format", default="arrow", choices=FORMATS)
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--caption-column", default="text_zh")
+    parser.add_argument("--image-path-column", default="img_path", help="jsonl/csv: the image path column")
+    parser.add_argument("--rows-per-shard", type=int, default=1000)
+    parser.add_argument("--show", type=int, default=3, help="rows to print from the first partition")
+    args = parser.parse_args(argv)
+    cfg = InputConfig(format=args.format, paths=args.paths, image_column=args.image_column,
+                      caption_column=args.caption_column, image_path_column=args.image_path_column)
+    parts = plan_partitions(cfg, args.rows_per_shard)
+    print(f"{len(parts)} partitions, {sum(p.num_rows for p in parts)} rows")
+    for p in parts:
+        print(f"  {p.name}: {p.source} rows {p.start}..{p.stop - 1} ({p.num_rows})")
+    for i, row in enumerate(read_partition(parts[0], cfg)):
+        if i >= args.show:
+            break
+        size = len(row["image"]) if row["image"] is not None else None
+        print(f"  {row['key']}  {size} bytes  {row['caption']!r}" + (f"  error: {row['error']}" if row["error"] else ""))
+
+
+if __name__ == "__main__":
+    main()
