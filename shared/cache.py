@@ -1,0 +1,391 @@
+"""One writer factory and one reader over both formats, plus the notebook helpers.
+
+    w = open_shard_writer(root, "part-000017", spec); w.add(sample); info = w.close()
+    write_empty_caption(root, spec, clip_ids=..., ...)          # once per cache
+    write_manifest(root, manifest_from_shards(root, spec, ...))  # last
+    cache = open_cache(root)                                     # CacheReader
+    cache[i], cache["key"], len(cache), cache.keys(), cache.meta, cache.summary(), cache.filter(bucket=(H, W)),
+    cache.decode(i, vae_path=...), cache.stream(...)
+Sample order: manifest shard order, then order inside the shard. Both formats return bit-identical samples.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch.utils.data
+
+from .fsutil import atomic_write_bytes, file_sha256
+from .manifest import (EMPTY_CAPTION_NAME, Manifest, ShardInfo, read_manifest, read_shard_info, shard_data_path)
+from .schema import STORAGE_DTYPE, CacheSpec, check_stored, decode_sample, to_torch
+from .wds_store import WdsShardReader, WdsShardWriter, iter_tar_stored
+from .zarr_store import ZarrShardReader, ZarrShardWriter
+
+ShardWriter = ZarrShardWriter | WdsShardWriter
+
+
+def open_shard_writer(root: str | Path, shard_name: str, spec: CacheSpec, overwrite: bool = False) -> ShardWriter:
+    """A writer for one shard in spec.format; exactly one writer may own a shard name at a time."""
+    if spec.format == "zarr":
+        return ZarrShardWriter(root, shard_name, spec, overwrite=overwrite)
+    return WdsShardWriter(root, shard_name, spec, overwrite=overwrite)
+
+
+def _open_shard_reader(root: Path, spec: CacheSpec, info: ShardInfo):
+    path = shard_data_path(root, info.name, spec.format)
+    if spec.format == "zarr":
+        return ZarrShardReader(path, spec, info)
+    return WdsShardReader(path, spec, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# empty caption ("" through both text encoders), for train-time CFG text dropout
+
+_EMPTY_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
+
+
+def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str:
+    """Save the BERT and mT5 encodings of "" (clip_ids, clip_mask, clip_states, t5_ids, t5_mask, t5_states; a
+    leading batch dim of 1 is dropped) to empty_caption.safetensors, dense and in the encoder dtypes. Returns sha256."""
+    import torch
+    from safetensors.torch import save
+
+    from .schema import _float_array, _int_array, _mask_array
+
+    missing = [f for f in _EMPTY_FIELDS if f not in arrays]
+    if missing:
+        raise ValueError(f"write_empty_caption needs {list(_EMPTY_FIELDS)}; missing {missing}")
+    key = "empty caption"
+    out = {}
+    for enc, L, D in (("clip", spec.clip_len, spec.clip_dim), ("t5", spec.t5_len, spec.t5_dim)):
+        ids, mask, st = (arrays[f"{enc}_{n}"] for n in ("ids", "mask", "states"))
+        squeeze = lambda x: x[0] if getattr(x, "ndim", 0) and x.shape[0] == 1 and len(x.shape) in (2, 3) else x  # noqa
+        ids, mask, st = squeeze(ids), squeeze(mask), squeeze(st)
+        out[f"{enc}_ids"] = torch.from_numpy(_int_array(ids, (L,), f"{enc}_ids", key))
+        out[f"{enc}_mask"] = torch.from_numpy(_mask_array(mask, L, f"{enc}_mask", key))
+        dt = getattr(spec, f"{enc}_dtype")
+        st = _float_array(st, dt, f"{enc}_states", key)
+        if st.shape != (L, D):
+            raise ValueError(f"{enc}_states of the empty caption has shape {st.shape}, expected ({L}, {D})")
+        t = torch.from_numpy(np.ascontiguousarray(st))
+        out[f"{enc}_states"] = t.view(torch.int16).view(torch.bfloat16) if dt == "bfloat16" else t
+    data = save(out, metadata={"caption": "", "spec": json.dumps(spec.to_dict())})
+    path = Path(root) / EMPTY_CAPTION_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return file_sha256(path)
+
+
+def read_empty_caption(root: str | Path, spec: CacheSpec | None = None) -> dict[str, np.ndarray]:
+    """The empty-caption encodings as numpy (bf16 as uint16 bit patterns, like samples); see to_torch()."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(root) / EMPTY_CAPTION_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: stage 1 must encode the empty caption for CFG text dropout")
+    t = load_file(str(path))
+    out = {}
+    for k, v in t.items():
+        out[k] = v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+    if spec is not None:
+        for enc, L, D in (("clip", spec.clip_len, spec.clip_dim), ("t5", spec.t5_len, spec.t5_dim)):
+            st = out[f"{enc}_states"]
+            want = STORAGE_DTYPE[getattr(spec, f"{enc}_dtype")]
+            if st.shape != (L, D) or st.dtype != want:
+                raise ValueError(f"{path}: {enc}_states is {st.shape} {st.dtype}, the manifest says ({L}, {D}) {want}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class CacheSummary(dict):
+    """A dict of summary numbers that prints as a readable table."""
+
+    def __str__(self) -> str:
+        lines = [f"cache {self['root']}  ({self['format']}, schema v{self['schema_version']})",
+                 f"  samples {self['samples']}  shards {self['shards']}  on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
+                 f"  ({self['bytes_per_sample_on_disk'] / 1024:.1f} KiB/sample)",
+                 f"  views {self['views']}  dtypes {self['dtypes']}  scaling_factor {self['scaling_factor']}"]
+        lines.append("  buckets (H x W: samples):")
+        for b, n in self["buckets"].items():
+            lines.append(f"    {b:>11}: {n}")
+        lines.append("  token lengths (masked-in):   min   p50  mean   p90   max")
+        for name in ("clip_len", "t5_len", "t5_unique_rows"):
+            d = self["tokens"][name]
+            lines.append(f"    {name:<24} {d['min']:>5} {d['p50']:>5} {d['mean']:>5.1f} {d['p90']:>5} {d['max']:>5}")
+        lines.append("  stored bytes per sample by field (raw, before compression):")
+        for f, b in self["bytes_per_sample_by_field"].items():
+            lines.append(f"    {f:<18} {b / 1024:>9.2f} KiB")
+        rej = self["rejects"]
+        lines.append("  rejects: " + (", ".join(f"{k}={v}" for k, v in rej.items()) if rej else "none"))
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle) -> None:  # IPython display
+        p.text(str(self))
+
+
+def _stats(x: np.ndarray) -> dict:
+    if x.size == 0:
+        return {"min": 0, "p50": 0, "mean": 0.0, "p90": 0, "max": 0}
+    return {"min": int(x.min()), "p50": int(np.percentile(x, 50)), "mean": float(x.mean()),
+            "p90": int(np.percentile(x, 90)), "max": int(x.max())}
+
+
+class CacheReader:
+    """Map-style reader over every shard listed in the manifest (and nothing else).
+
+    `meta` (numpy columns: key, bucket, clip_len, t5_len, shard) comes from the shard indexes, so bucket-pure
+    batching never opens a shard. Picklable: files open lazily in each process (DataLoader workers).
+    """
+
+    def __init__(self, root: str | Path, vae: Any = None, *, _parent: "CacheReader | None" = None,
+                 _indices: np.ndarray | None = None) -> None:
+        self.root = Path(root)
+        self._vae = vae
+        if _parent is None:
+            self.manifest: Manifest = read_manifest(self.root)
+            self.spec: CacheSpec = self.manifest.spec
+            self.infos: list[ShardInfo] = []
+            for entry in self.manifest.shards:
+                info = read_shard_info(self.root, entry["name"])
+                if info.sha256 != entry["sha256"] or info.n_samples != entry["n_samples"]:
+                    raise ValueError(f"shard {entry['name']!r}: its index disagrees with manifest.json "
+                                     "(rewritten after the manifest?); run `python -m shared.cli verify`")
+                self.infos.append(info)
+            self._readers = [_open_shard_reader(self.root, self.spec, i) for i in self.infos]
+            n = sum(i.n_samples for i in self.infos)
+            shard = np.concatenate([np.full(i.n_samples, s, np.int32) for s, i in enumerate(self.infos)] or
+                                   [np.zeros(0, np.int32)])
+            local = np.concatenate([np.arange(i.n_samples, dtype=np.int64) for i in self.infos] or
+                                   [np.zeros(0, np.int64)])
+            keys = [k for i in self.infos for k in i.keys]
+            self._all = {
+                "key": np.asarray(keys, dtype=object),
+                "bucket": np.asarray([b for i in self.infos for b in i.buckets], dtype=np.int32).reshape(n, 2),
+                "clip_len": np.asarray([x for i in self.infos for x in i.clip_lens], dtype=np.int32),
+                "t5_len": np.asarray([x for i in self.infos for x in i.t5_lens], dtype=np.int32),
+                "t5_unique": np.asarray([x for i in self.infos for x in i.t5_unique], dtype=np.int32),
+                "shard": shard, "local": local,
+            }
+            if len(set(keys)) != len(keys):
+                dup = [k for k, c in Counter(keys).items() if c > 1][:5]
+                raise ValueError(f"cache {self.root} has duplicate keys across shards, e.g. {dup}")
+            self._key_pos = {k: i for i, k in enumerate(keys)}
+            self._idx = np.arange(n, dtype=np.int64)
+        else:
+            self.manifest, self.spec, self.infos = _parent.manifest, _parent.spec, _parent.infos
+            self._readers, self._all, self._key_pos = _parent._readers, _parent._all, _parent._key_pos
+            self._idx = _indices
+        self._pos_in_view: dict[int, int] | None = None
+
+    # -- map-style access -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._idx.size)
+
+    def _global(self, i: int | str) -> int:
+        if isinstance(i, str):
+            g = self._key_pos.get(i)
+            if g is None or (self._idx.size != len(self._key_pos) and g not in self._view_set()):
+                raise KeyError(f"no sample with key {i!r} in this cache view")
+            return g
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        return int(self._idx[i])
+
+    def _view_set(self) -> dict[int, int]:
+        if self._pos_in_view is None:
+            self._pos_in_view = {int(g): p for p, g in enumerate(self._idx)}
+        return self._pos_in_view
+
+    def read_stored(self, i: int | str) -> dict:
+        g = self._global(i)
+        s, loc = int(self._all["shard"][g]), int(self._all["local"][g])
+        rd = self._readers[s]
+        stored = rd.read_stored(loc)
+        check_stored(stored, self.spec, f"shard {rd.path}")
+        return stored
+
+    def __getitem__(self, i: int | str) -> dict:
+        """Logical sample (numpy; bf16 as uint16 bit patterns; `to_torch` views them back)."""
+        return decode_sample(self.read_stored(i), self.spec)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._all["key"][self._idx]]
+
+    @property
+    def meta(self) -> dict[str, np.ndarray]:
+        """Per-sample metadata columns for this view (no big array is read)."""
+        return {k: v[self._idx] for k, v in self._all.items() if k != "local"}
+
+    def bucket_indices(self) -> dict[tuple[int, int], np.ndarray]:
+        """{(H, W): positions in this view}, for bucket-pure batch samplers."""
+        b = self._all["bucket"][self._idx]
+        out: dict[tuple[int, int], list[int]] = {}
+        for p, (h, w) in enumerate(b.tolist()):
+            out.setdefault((h, w), []).append(p)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in sorted(out.items())}
+
+    def filter(self, bucket: tuple[int, int] | None = None, keys: Sequence[str] | None = None) -> "CacheReader":
+        """A view with only the samples of one bucket (H, W) and/or the given keys (in cache order)."""
+        sel = np.ones(len(self), dtype=bool)
+        if bucket is not None:
+            h, w = (int(x) for x in bucket)
+            b = self._all["bucket"][self._idx]
+            sel &= (b[:, 0] == h) & (b[:, 1] == w)
+        if keys is not None:
+            ks = set(keys)
+            sel &= np.fromiter((k in ks for k in self._all["key"][self._idx]), dtype=bool, count=len(self))
+        return CacheReader(self.root, self._vae, _parent=self, _indices=self._idx[sel])
+
+    def to_torch(self, sample: dict) -> dict:
+        return to_torch(sample, self.spec)
+
+    def empty_caption(self) -> dict[str, np.ndarray]:
+        return read_empty_caption(self.root, self.spec)
+
+    # -- streaming ------------------------------------------------------------------------------------------
+    def stream(self, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
+               world_size: int | None = None) -> "CacheStream":
+        """Iterable over whole shards, split by rank then DataLoader worker; a webdataset shard is read
+        sequentially (one pass over the tar). Yields the same logical samples as cache[i]."""
+        return CacheStream(self, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size)
+
+    # -- people -----------------------------------------------------------------------------------------------
+    def summary(self) -> CacheSummary:
+        m, spec, idx = self.manifest, self.spec, self._idx
+        shards_in_view = sorted(set(int(s) for s in self._all["shard"][idx]))
+        on_disk = sum(self.infos[s].bytes for s in range(len(self.infos)))
+        n_all = max(1, sum(i.n_samples for i in self.infos))
+        fb: Counter = Counter()
+        for info in self.infos:
+            fb.update(info.field_bytes)
+        buckets = Counter(f"{h}x{w}" for h, w in self._all["bucket"][idx].tolist())
+        return CacheSummary(
+            root=str(self.root), format=spec.format, schema_version=m.schema_version, samples=len(self),
+            shards=len(shards_in_view), bytes_on_disk=on_disk, bytes_per_sample_on_disk=on_disk / n_all,
+            views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
+            scaling_factor=m.vae_scaling_factor,
+            buckets=dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
+            tokens={"clip_len": _stats(self._all["clip_len"][idx]), "t5_len": _stats(self._all["t5_len"][idx]),
+                    "t5_unique_rows": _stats(self._all["t5_unique"][idx])},
+            bytes_per_sample_by_field={k: v / n_all for k, v in sorted(fb.items(), key=lambda kv: -kv[1])},
+            rejects=dict(m.rejects),
+        )
+
+    def _load_vae(self, vae_path: str | Path | None):
+        if vae_path is not None:
+            self._vae = vae_path
+        vae = self._vae
+        if vae is None:
+            raise ValueError("decode needs a VAE: open_cache(root, vae=PATH_OR_MODEL) or decode(i, vae_path=PATH) "
+                             "(the sdxl-vae-fp16-fix folder of ckpts/t2i)")
+        if isinstance(vae, (str, Path)):
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(str(vae)).eval()
+            self._vae = vae
+        return vae
+
+    def decode(self, i: int | str, vae_path: str | Path | None = None, view: str = "plain"):
+        """Decode sample i's posterior mean through the VAE decoder into a PIL image.
+
+        The moments are unscaled (latent_dist parameters), so the mean goes to vae.decode as is: no scaling factor.
+        """
+        import torch
+        from PIL import Image
+
+        vae = self._load_vae(vae_path)
+        if view not in self.spec.views:
+            raise ValueError(f"view {view!r} is not in this cache; it has {list(self.spec.views)}")
+        s = self.to_torch(self[i])
+        mom = s["moments"][self.spec.views.index(view)]                  # (2C, h, w)
+        mean = mom[: self.spec.latent_channels][None]                    # (1, C, h, w)
+        p = next(vae.parameters())
+        with torch.inference_mode():
+            img = vae.decode(mean.to(p.device, p.dtype)).sample[0]      # (3, H, W) in [-1, 1]
+        arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(arr)
+
+    def grid(self, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256, cols: int = 4):
+        """A PIL grid of decoded samples with (the start of) their captions below each."""
+        from PIL import Image, ImageDraw
+
+        rows = (len(indices) + cols - 1) // cols
+        cap_h = 28
+        canvas = Image.new("RGB", (cols * cell, max(1, rows) * (cell + cap_h)), "white")
+        draw = ImageDraw.Draw(canvas)
+        for n, i in enumerate(indices):
+            im = self.decode(i, vae_path=vae_path)
+            im.thumbnail((cell, cell))
+            x, y = (n % cols) * cell, (n // cols) * (cell + cap_h)
+            canvas.paste(im, (x, y))
+            s = self[i]
+            text = s["caption"] if len(s["caption"]) <= 40 else s["caption"][:39] + "..."
+            try:
+                draw.text((x + 2, y + cell + 2), text, fill="black")
+            except UnicodeEncodeError:  # the default bitmap font has no CJK glyphs
+                draw.text((x + 2, y + cell + 2), s["key"], fill="black")
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.root)!r}, {len(self)} samples, {self.spec.format})"
+
+
+class CacheStream(torch.utils.data.IterableDataset):
+    """Shards split by (rank, worker); samples within a shard in file order."""
+
+    def __init__(self, reader: CacheReader, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        super().__init__()
+        self.reader, self.shuffle_shards, self.seed = reader, shuffle_shards, seed
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard_plan(self) -> list[int]:
+        r = self.reader
+        shards = sorted(set(int(s) for s in r._all["shard"][r._idx]))
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
+        wi = torch.utils.data.get_worker_info()
+        nw, w = (wi.num_workers, wi.id) if wi is not None else (1, 0)
+        slot, nslots = self.rank * nw + w, self.world_size * nw
+        return shards[slot::nslots]
+
+    def __iter__(self) -> Iterator[dict]:
+        r = self.reader
+        in_view = None if r._idx.size == len(r._all["shard"]) else set(r._idx.tolist())
+        for s in self.shard_plan():
+            info, rd = r.infos[s], r._readers[s]
+            first = int(np.searchsorted(r._all["shard"], s))
+            if r.spec.format == "webdataset":
+                it = iter_tar_stored(rd.path, r.spec, info.keys)
+            else:
+                it = (rd.read_stored(j) for j in range(info.n_samples))
+            for j, stored in enumerate(it):
+                if in_view is not None and first + j not in in_view:
+                    continue
+                check_stored(stored, r.spec, f"shard {rd.path}")
+                yield decode_sample(stored, r.spec)
+
+
+def open_cache(path: str | Path, vae: Any = None) -> CacheReader:
+    """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode()."""
+    return CacheReader(path, vae=vae)

@@ -1,0 +1,303 @@
+"""Shard index sidecars (ShardInfo), the cache manifest, and the compatibility check stage 2 runs.
+
+manifest.json is written LAST and atomically: its presence means the cache is complete. Before that, the sidecars
+shards/<name>.json (each written after its shard was renamed into place) say which shards are complete, so a
+restarted job resumes by completed shard (`completed_shards`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write_json, is_tmp_name
+from .schema import SCHEMA_VERSION, CacheSpec
+
+MANIFEST_NAME = "manifest.json"
+EMPTY_CAPTION_NAME = "empty_caption.safetensors"
+REJECTS_NAME = "rejects.jsonl"
+SHARDS_DIR = "shards"
+SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
+
+
+def shard_data_path(root: str | Path, name: str, fmt: str) -> Path:
+    return Path(root) / SHARDS_DIR / f"{name}{SHARD_SUFFIX[fmt]}"
+
+
+def shard_sidecar_path(root: str | Path, name: str) -> Path:
+    return Path(root) / SHARDS_DIR / f"{name}.json"
+
+
+@dataclass
+class ShardInfo:
+    """One completed shard: what shards/<name>.json holds. Per-sample lists let stage 2 build bucket-pure
+    batches without opening the shard."""
+
+    name: str
+    format: str
+    n_samples: int
+    bytes: int
+    sha256: str
+    keys: list[str] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)       # (H, W) per sample
+    clip_lens: list[int] = field(default_factory=list)           # masked-in BERT tokens per sample
+    t5_lens: list[int] = field(default_factory=list)             # masked-in mT5 tokens per sample
+    t5_unique: list[int] = field(default_factory=list)           # distinct stored mT5 rows per sample
+    field_bytes: dict[str, int] = field(default_factory=dict)    # raw stored bytes per field, summed over samples
+    members: dict[str, Any] = field(default_factory=dict)        # webdataset: {field: {"offset": [...], "size": [...]}}
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def entry(self) -> dict:
+        """The manifest's short line for this shard."""
+        return {"name": self.name, "n_samples": self.n_samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+def read_shard_info(root: str | Path, name: str) -> ShardInfo:
+    p = shard_sidecar_path(root, name)
+    try:
+        return ShardInfo.from_dict(json.loads(p.read_text("utf-8")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard index {p} is missing: shard {name!r} was never completed") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"shard index {p} is unreadable ({e}); delete the shard and its .json to re-encode it") from e
+
+
+def completed_shards(root: str | Path) -> dict[str, ShardInfo]:
+    """Shards whose data and sidecar both exist (temp `.tmp-*` leftovers are ignored), by name, sorted.
+
+    Stage 1 skips partitions whose shard name is in here when it resumes.
+    """
+    d = Path(root) / SHARDS_DIR
+    out: dict[str, ShardInfo] = {}
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.json")):
+        if is_tmp_name(p.name):
+            continue
+        try:
+            info = ShardInfo.from_dict(json.loads(p.read_text("utf-8")))
+        except (json.JSONDecodeError, TypeError, OSError):
+            continue
+        if info.name != p.stem or info.format not in SHARD_SUFFIX:
+            continue
+        if shard_data_path(root, info.name, info.format).exists():
+            out[info.name] = info
+    return out
+
+
+def encoders_hash(encoders: dict) -> str:
+    """sha256 of the canonical JSON of an encoder-fingerprint dict (what `encoder_hash` is compared against)."""
+    return hashlib.sha256(json.dumps(encoders, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Manifest:
+    """Everything stage 2 must agree with stage 1 on, plus the shard list. See design.md "The cache contract"."""
+
+    spec: CacheSpec
+    shards: list[dict]                                    # ShardInfo.entry() per shard, in reading order
+    encoders: dict = field(default_factory=dict)          # FrozenEncoders.fingerprint(): class, config, weights, dtype
+    vae_scaling_factor: float | None = None
+    buckets: list[list[int]] = field(default_factory=list)  # all resolution buckets the job could use, (H, W)
+    preprocessing: dict = field(default_factory=dict)     # free dict from stage 1: resize filter, crop policy, seed...
+    rejects: dict[str, int] = field(default_factory=dict)  # rejected inputs by reason
+    empty_caption_sha256: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    created_utc: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        return self.spec.format
+
+    @property
+    def n_samples(self) -> int:
+        return sum(int(s["n_samples"]) for s in self.shards)
+
+    @property
+    def encoders_hash(self) -> str:
+        return encoders_hash(self.encoders)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "format": self.spec.format,
+            "n_samples": self.n_samples,
+            "spec": self.spec.to_dict(),
+            "text": {"clip_len": self.spec.clip_len, "t5_len": self.spec.t5_len,
+                     "clip_pad_id": self.spec.clip_pad_id, "t5_pad_id": self.spec.t5_pad_id},
+            "latent": {"channels": self.spec.latent_channels, "downsample": self.spec.downsample,
+                       "scaling_factor": self.vae_scaling_factor, "stored": "posterior moments [mean, logvar], unscaled"},
+            "dtypes": {"vae": self.spec.vae_dtype, "clip": self.spec.clip_dtype, "t5": self.spec.t5_dtype},
+            "views": list(self.spec.views),
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "encoders": self.encoders,
+            "encoders_hash": self.encoders_hash,
+            "buckets": [list(map(int, b)) for b in self.buckets],
+            "preprocessing": self.preprocessing,
+            "rejects": dict(self.rejects),
+            "empty_caption": {"file": EMPTY_CAPTION_NAME, "sha256": self.empty_caption_sha256},
+            "shards": self.shards,
+            "created_utc": self.created_utc,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        ver = d.get("schema_version")
+        if ver != SCHEMA_VERSION:
+            raise ValueError(f"cache schema_version={ver!r} but this code reads version {SCHEMA_VERSION}; "
+                             "re-encode the cache or use a matching checkout")
+        try:
+            return cls(spec=CacheSpec.from_dict(d["spec"]), shards=list(d["shards"]), encoders=d.get("encoders", {}),
+                       vae_scaling_factor=d.get("vae_scaling_factor"), buckets=d.get("buckets", []),
+                       preprocessing=d.get("preprocessing", {}), rejects=d.get("rejects", {}),
+                       empty_caption_sha256=(d.get("empty_caption") or {}).get("sha256"),
+                       schema_version=ver, created_utc=d.get("created_utc", ""), extra=d.get("extra", {}))
+        except KeyError as e:
+            raise ValueError(f"manifest lacks the field {e}") from None
+
+    # -- the check stage 2 runs ------------------------------------------------------------------------------
+    def check_compatible(self, **expected: Any) -> None:
+        check_manifest(self, expected)
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (call it last). Every listed shard must be complete on disk."""
+    root = Path(root)
+    done = completed_shards(root)
+    for s in manifest.shards:
+        info = done.get(s["name"])
+        if info is None:
+            raise ValueError(f"manifest lists shard {s['name']!r} but it is not complete under {root / SHARDS_DIR}")
+        if info.sha256 != s["sha256"] or info.n_samples != s["n_samples"]:
+            raise ValueError(f"manifest entry for shard {s['name']!r} disagrees with its sidecar")
+    if not manifest.created_utc:
+        manifest.created_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = root / MANIFEST_NAME
+    atomic_write_json(path, manifest.to_dict())
+    return path
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    root = Path(root)
+    p = root / MANIFEST_NAME
+    if not p.exists():
+        n = len(completed_shards(root))
+        raise FileNotFoundError(f"{p} does not exist: the cache is incomplete (stage 1 still running or died; "
+                                f"{n} completed shards). Re-run stage 1 to resume it.")
+    try:
+        d = json.loads(p.read_text("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from e
+    return Manifest.from_dict(d)
+
+
+def manifest_from_shards(root: str | Path, spec: CacheSpec, **kw: Any) -> Manifest:
+    """A Manifest listing every completed shard under root in name order (stage 1's usual last step)."""
+    shards = [info.entry() for info in completed_shards(root).values()]
+    return Manifest(spec=spec, shards=shards, **kw)
+
+
+# expected key -> (what the cache calls it, getter, how to fix it)
+_CHECKS: dict[str, tuple[str, Any, str]] = {
+    "text_len": ("clip_len", lambda m: m.spec.clip_len, "model.text_len"),
+    "text_len_t5": ("t5_len", lambda m: m.spec.t5_len, "model.text_len_t5"),
+    "text_states_dim": ("clip_dim", lambda m: m.spec.clip_dim, "model.text_states_dim"),
+    "text_states_dim_t5": ("t5_dim", lambda m: m.spec.t5_dim, "model.text_states_dim_t5"),
+    "in_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
+    "latent_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
+    "downsample": ("downsample", lambda m: m.spec.downsample, "the VAE"),
+    "scaling_factor": ("vae_scaling_factor", lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
+    "views": ("views", lambda m: list(m.spec.views), "data.views / stage-1 flip setting"),
+    "format": ("format", lambda m: m.spec.format, "data.format"),
+    "vae_dtype": ("vae_dtype", lambda m: m.spec.vae_dtype, "the expected dtype"),
+    "clip_dtype": ("clip_dtype", lambda m: m.spec.clip_dtype, "the expected dtype"),
+    "t5_dtype": ("t5_dtype", lambda m: m.spec.t5_dtype, "the expected dtype"),
+    "clip_pad_id": ("clip_pad_id", lambda m: m.spec.clip_pad_id, "the tokenizer settings"),
+    "t5_pad_id": ("t5_pad_id", lambda m: m.spec.t5_pad_id, "the tokenizer settings"),
+    "encoder_hash": ("encoders_hash", lambda m: m.encoders_hash, "the encoder checkpoints"),
+}
+
+
+def check_manifest(manifest: Manifest, expected: dict) -> None:
+    """Raise one ValueError naming every mismatch between the cache and what the consumer expects.
+
+    Keys use the model's names (text_len, text_len_t5, text_states_dim, text_states_dim_t5, in_channels, ...);
+    None values are skipped. `encoders` (a fingerprint dict) is compared encoder by encoder.
+    """
+    allowed = sorted(set(_CHECKS) | {"encoders"})
+    unknown = sorted(set(expected) - set(allowed))
+    if unknown:
+        raise ValueError(f"check_manifest got unknown keys {unknown}; allowed: {allowed}")
+    problems: list[str] = []
+    for k, want in expected.items():
+        if want is None:
+            continue
+        if k == "encoders":
+            for enc in sorted(set(want) | set(manifest.encoders)):
+                have_e, want_e = manifest.encoders.get(enc), want.get(enc)
+                if encoders_hash(have_e) != encoders_hash(want_e):
+                    diff = sorted(kk for kk in set(have_e or {}) | set(want_e or {})
+                                  if (have_e or {}).get(kk) != (want_e or {}).get(kk))
+                    problems.append(f"cache was encoded with a different {enc!r} encoder (differs in {diff}); "
+                                    "re-encode with the same checkpoints or point to the right cache")
+            continue
+        cache_name, get, fix = _CHECKS[k]
+        have = get(manifest)
+        if isinstance(want, tuple):
+            want = list(want)
+        same = (have is not None and math.isclose(float(have), float(want), rel_tol=1e-6, abs_tol=0.0)) \
+            if k == "scaling_factor" else have == want
+        if not same:
+            problems.append(f"cache has {cache_name}={have!r} but the model expects {k}={want!r}; "
+                            f"re-encode or change {fix}")
+    if problems:
+        raise ValueError("cache is incompatible:\n  " + "\n  ".join(problems))
+
+
+class ShardInfoBuilder:
+    """Collects the per-sample index of a shard while its writer runs."""
+
+    def __init__(self, name: str, fmt: str) -> None:
+        self.name, self.format = name, fmt
+        self.keys: list[str] = []
+        self._seen: set[str] = set()
+        self.buckets: list[list[int]] = []
+        self.clip_lens: list[int] = []
+        self.t5_lens: list[int] = []
+        self.t5_unique: list[int] = []
+        self.field_bytes: dict[str, int] = {}
+
+    def add(self, stored: dict) -> None:
+        from .schema import stored_nbytes
+
+        key = stored["key"]
+        if key in self._seen:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self.name!r}")
+        self._seen.add(key)
+        self.keys.append(key)
+        self.buckets.append([int(x) for x in stored["bucket"]])
+        self.clip_lens.append(int(stored["clip_mask"].sum()))
+        self.t5_lens.append(int(stored["t5_mask"].sum()))
+        self.t5_unique.append(int(stored["t5_rows"].shape[0]))
+        for k, v in stored_nbytes(stored).items():
+            self.field_bytes[k] = self.field_bytes.get(k, 0) + v
+
+    def build(self, nbytes: int, sha256: str, members: dict | None = None) -> ShardInfo:
+        return ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
+                         keys=self.keys, buckets=self.buckets, clip_lens=self.clip_lens, t5_lens=self.t5_lens,
+                         t5_unique=self.t5_unique, field_bytes=self.field_bytes, members=members or {})

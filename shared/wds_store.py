@@ -1,0 +1,258 @@
+"""webdataset shards: shards/<name>.tar, one tar member per stored field.
+
+Members of a sample (webdataset groups them by the key before the first "."):
+    {key}.caption.txt       UTF-8 caption
+    {key}.meta.json         {"bucket": [H, W], "image_meta_size": [...6], "crc32": n}
+    {key}.<array>.npy       moments, clip_ids, clip_mask, clip_rows, t5_ids, t5_mask, t5_rows, t5_index
+                            (".npy.zst" when spec.compression == "zstd": the .npy bytes zstd-compressed)
+Plain .npy (never pickle; read with np.load(allow_pickle=False)), so `wds.WebDataset(url).decode()` can read a shard
+too. Member headers have fixed mtime/owner, so the same samples give the same bytes and the same sha256.
+The sidecar shards/<name>.json also records each member's data offset and size, which gives random access with one
+pread per field and no tar scan.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .fsutil import atomic_replace, atomic_write_json, file_sha256, remove_path, tmp_path_for
+from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
+from .schema import CacheSpec, CorruptSampleError, check_shard_name, encode_sample
+
+NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
+ALL_FIELDS = ("caption", "meta") + NPY_FIELDS
+
+
+def _ext(field: str, spec: CacheSpec) -> str:
+    if field == "caption":
+        return "txt"
+    if field == "meta":
+        return "json"
+    return "npy.zst" if spec.compression == "zstd" else "npy"
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _zstd(level: int):
+    from numcodecs import Zstd
+
+    return Zstd(level=level)
+
+
+def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
+    """(field, payload bytes) for one stored sample, in member order."""
+    meta = {"bucket": [int(x) for x in stored["bucket"]],
+            "image_meta_size": [int(x) for x in stored["image_meta_size"]],
+            "crc32": int(stored["crc32"])}
+    out = [("caption", stored["caption"].encode("utf-8")), ("meta", json.dumps(meta).encode("utf-8"))]
+    z = _zstd(spec.zstd_level) if spec.compression == "zstd" else None
+    for f in NPY_FIELDS:
+        b = _npy_bytes(stored[f])
+        out.append((f, bytes(z.encode(b)) if z is not None else b))
+    return out
+
+
+def decode_members(key: str, payloads: dict[str, bytes], spec: CacheSpec, where: str) -> dict:
+    """Inverse of encode_members. Raises CorruptSampleError naming `where` and the key."""
+    missing = [f for f in ALL_FIELDS if f not in payloads]
+    if missing:
+        raise CorruptSampleError(f"{where}: sample {key!r} lacks members {missing}")
+    try:
+        meta = json.loads(payloads["meta"].decode("utf-8"))
+        out = {"key": key, "caption": payloads["caption"].decode("utf-8"),
+               "bucket": np.asarray(meta["bucket"], dtype=np.int32),
+               "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
+               "crc32": int(meta["crc32"])}
+        z = _zstd(spec.zstd_level) if spec.compression == "zstd" else None
+        for f in NPY_FIELDS:
+            b = payloads[f]
+            if z is not None:
+                b = bytes(z.decode(b))
+            out[f] = np.load(io.BytesIO(b), allow_pickle=False)
+    except Exception as e:
+        raise CorruptSampleError(f"{where}: sample {key!r} is unreadable ({type(e).__name__}: {e}); "
+                                 "run `python -m shared.cli verify`") from e
+    return out
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
+    return ti
+
+
+class WdsShardWriter:
+    """w.add(sample) ...; info = w.close(). Streams members to shards/.tmp-<name>-..., fsyncs, renames, sidecar."""
+
+    format = "webdataset"
+
+    def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
+        if spec.format != "webdataset":
+            raise ValueError(f"WdsShardWriter needs spec.format='webdataset', got {spec.format!r}")
+        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
+        self.final = shard_data_path(root, name, "webdataset")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        if self.final.exists() and not overwrite:
+            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
+        self._stats = ShardInfoBuilder(name, "webdataset")
+        self.tmp = tmp_path_for(self.final)
+        self._f = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._stats.keys)
+
+    def add(self, sample: dict) -> None:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name!r} is already closed")
+        stored = encode_sample(sample, self.spec)
+        self._stats.add(stored)  # raises on a duplicate key before anything is written
+        for field, payload in encode_members(stored, self.spec):
+            self._tar.addfile(_tarinfo(f"{stored['key']}.{field}.{_ext(field, self.spec)}", len(payload)),
+                              io.BytesIO(payload))
+
+    def close(self) -> ShardInfo:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._closed = True
+        try:
+            self._tar.close()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            members = index_members(self.tmp, self._stats.keys, self.spec)
+            info = self._stats.build(nbytes=self.tmp.stat().st_size, sha256=file_sha256(self.tmp), members=members)
+            side = shard_sidecar_path(self.root, self.name)
+            if self.overwrite and side.exists():
+                side.unlink()
+            atomic_replace(self.tmp, self.final, overwrite=self.overwrite)
+        except BaseException:
+            self._f.close()
+            remove_path(self.tmp)
+            raise
+        atomic_write_json(side, info.to_dict())
+        return info
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._f.close()
+            remove_path(self.tmp)
+
+    def __enter__(self) -> "WdsShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def index_members(path: Path, keys: list[str], spec: CacheSpec) -> dict:
+    """{field: {"offset": [...], "size": [...]}} in key order, from the tar headers."""
+    pos = {k: i for i, k in enumerate(keys)}
+    n = len(keys)
+    out = {f: {"offset": [-1] * n, "size": [-1] * n} for f in ALL_FIELDS}
+    with tarfile.open(path, mode="r") as tf:
+        for m in tf:
+            key, _, rest = m.name.partition(".")
+            field = rest.split(".", 1)[0]
+            i = pos.get(key)
+            if i is None or field not in out:
+                raise AssertionError(f"unexpected member {m.name} in {path}")
+            out[field]["offset"][i] = m.offset_data
+            out[field]["size"][i] = m.size
+    assert all(o >= 0 for f in out.values() for o in f["offset"]), "a member is missing from the tar just written"
+    return out
+
+
+class WdsShardReader:
+    """Random access into a completed tar via the sidecar's member offsets (one pread per field)."""
+
+    def __init__(self, path: str | Path, spec: CacheSpec, info: ShardInfo) -> None:
+        self.path, self.spec, self.info = Path(path), spec, info
+        if not info.members:
+            raise ValueError(f"shard index for {path} has no member offsets; re-write the shard")
+        self._fd = -1
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.info.n_samples
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_fd"], d["_pid"] = -1, -1
+        return d
+
+    def __del__(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def _open(self) -> int:
+        if self._fd < 0 or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def read_stored(self, i: int) -> dict:
+        key = self.info.keys[i]
+        fd = self._open()
+        payloads = {}
+        for f in ALL_FIELDS:
+            off, size = self.info.members[f]["offset"][i], self.info.members[f]["size"][i]
+            b = os.pread(fd, size, off)
+            if len(b) != size:
+                raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
+                                         f"({len(b)} of {size} bytes); run `python -m shared.cli verify`")
+            payloads[f] = b
+        return decode_members(key, payloads, self.spec, f"shard {self.path}")
+
+
+def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = None) -> Iterator[dict]:
+    """Sequential read of a tar (no seeks), yielding stored samples in file order. Checks key order if given."""
+    where = f"shard {path}"
+    cur, payloads, n = None, {}, 0
+
+    def emit() -> dict:
+        if keys is not None and (n >= len(keys) or keys[n] != cur):
+            raise CorruptSampleError(f"{where}: sample #{n} has key {cur!r}, the shard index says "
+                                     f"{keys[n] if n < len(keys) else 'nothing'!r}")
+        return decode_members(cur, payloads, spec, where)
+
+    try:
+        with tarfile.open(path, mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, rest = m.name.partition(".")
+                field = rest.split(".", 1)[0]
+                if key != cur:
+                    if cur is not None:
+                        yield emit()
+                        n += 1
+                    cur, payloads = key, {}
+                f = tf.extractfile(m)
+                payloads[field] = f.read() if f is not None else b""
+    except tarfile.TarError as e:
+        raise CorruptSampleError(f"{where}: broken tar after sample #{n} ({e}); run `python -m shared.cli verify`") \
+            from e
+    if cur is not None:
+        yield emit()
+        n += 1
+    if keys is not None and n != len(keys):
+        raise CorruptSampleError(f"{where}: holds {n} samples, the shard index says {len(keys)}")

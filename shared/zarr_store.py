@@ -1,0 +1,215 @@
+"""zarr v3 shards: one group per shard (shards/<name>.zarr), written by exactly one writer, in one go.
+
+Layout of a shard group with N samples (ragged fields are flat arrays + (N+1,) int64 offsets):
+    attrs: schema_version, spec, keys
+    bucket (N,2) int32, image_meta_size (N,6) int32, crc32 (N,) uint32
+    clip_ids/t5_ids (N,L) int32, clip_mask/t5_mask (N,L) bool, t5_index (N,Lt) uint16
+    caption_utf8 (B,) uint8 + caption_offsets
+    moments (E,) vae storage dtype + moments_offsets      (per-sample shape comes from the bucket)
+    clip_rows (R1,Dc) + clip_row_offsets, t5_rows (R2,Dt) + t5_row_offsets
+Big arrays use zarr's sharding codec (one file per array, inner chunks of ~128-256 KiB) so a shard is a handful
+of files and a sample read touches one or two inner chunks. The writer buffers the shard's (compact) stored samples
+and writes every array with a single assignment: zarr 3.1 rewrites a whole shard object on a partial write, and two
+writers on one shard lose data (ecosystem-notes 3.3), so one writer owns one group, start to finish.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fsutil import atomic_replace, atomic_write_json, fsync_dir, fsync_tree, remove_path, tmp_path_for, tree_bytes, \
+    tree_sha256
+from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
+from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, check_shard_name, encode_sample
+
+_SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
+          "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
+_FLAT_CHUNK_BYTES = 1 << 18
+_ROW_CHUNK = 64
+
+
+def _compressors(spec: CacheSpec):
+    if spec.compression == "zstd":
+        from zarr.codecs import ZstdCodec
+
+        return ZstdCodec(level=spec.zstd_level)
+    return None
+
+
+def _offsets(lengths: list[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+class ZarrShardWriter:
+    """w.add(sample) ...; info = w.close(). Writes shards/.tmp-<name>-..., fsyncs, renames, then the sidecar."""
+
+    format = "zarr"
+
+    def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
+        if spec.format != "zarr":
+            raise ValueError(f"ZarrShardWriter needs spec.format='zarr', got {spec.format!r}")
+        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
+        self.final = shard_data_path(root, name, "zarr")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        if self.final.exists() and not overwrite:
+            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
+        self._stats = ShardInfoBuilder(name, "zarr")
+        self._samples: list[dict] = []
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, sample: dict) -> None:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name!r} is already closed")
+        stored = encode_sample(sample, self.spec)
+        self._stats.add(stored)
+        self._samples.append(stored)
+
+    def _write_group(self, path: Path) -> None:
+        import zarr
+
+        spec, S, n = self.spec, self._samples, len(self._samples)
+        comp = _compressors(spec)
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g.attrs.update({"schema_version": SCHEMA_VERSION, "spec": spec.to_dict(), "keys": [s["key"] for s in S],
+                        "shard": self.name})
+
+        def small(name: str, data: np.ndarray) -> None:
+            g.create_array(name, data=data, chunks=tuple(max(1, d) for d in data.shape), compressors=comp,
+                           write_data=True)
+
+        def big(name: str, data: np.ndarray) -> None:
+            if data.ndim == 1:
+                ch = max(1, _FLAT_CHUNK_BYTES // data.itemsize)
+                chunks = (ch,)
+            else:
+                chunks = (_ROW_CHUNK,) + data.shape[1:]
+            n0 = max(data.shape[0], 1)
+            shards = ((n0 + chunks[0] - 1) // chunks[0] * chunks[0],) + chunks[1:]
+            g.create_array(name, data=data, chunks=chunks, shards=shards, compressors=comp)
+
+        def stack(field: str, shape: tuple, dtype) -> np.ndarray:
+            return np.stack([s[field] for s in S]) if n else np.zeros((0,) + shape, dtype=dtype)
+
+        small("bucket", stack("bucket", (2,), np.int32))
+        small("image_meta_size", stack("image_meta_size", (6,), np.int32))
+        small("crc32", np.array([s["crc32"] for s in S], dtype=np.uint32))
+        for enc, L in (("clip", spec.clip_len), ("t5", spec.t5_len)):
+            small(f"{enc}_ids", stack(f"{enc}_ids", (L,), np.int32))
+            small(f"{enc}_mask", stack(f"{enc}_mask", (L,), np.bool_))
+        small("t5_index", stack("t5_index", (spec.t5_len,), np.uint16))
+
+        caps = [s["caption"].encode("utf-8") for s in S]
+        small("caption_offsets", _offsets([len(c) for c in caps]))
+        big("caption_utf8", np.frombuffer(b"".join(caps), dtype=np.uint8).copy())
+
+        vae_dt = spec.storage_dtype("vae")
+        small("moments_offsets", _offsets([s["moments"].size for s in S]))
+        big("moments", np.concatenate([s["moments"].ravel() for s in S]) if n else np.zeros(0, vae_dt))
+        for enc, D in (("clip", spec.clip_dim), ("t5", spec.t5_dim)):
+            rows = [s[f"{enc}_rows"] for s in S]
+            small(f"{enc}_row_offsets", _offsets([r.shape[0] for r in rows]))
+            dt = spec.storage_dtype(enc)
+            big(f"{enc}_rows", np.concatenate(rows) if n else np.zeros((0, D), dt))
+
+    def close(self) -> ShardInfo:
+        """Write the group under a temp name, fsync, rename into place, then write the sidecar index."""
+        if self._closed:
+            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._closed = True
+        tmp = tmp_path_for(self.final)
+        try:
+            self._write_group(tmp)
+            fsync_tree(tmp)
+            info = self._stats.build(nbytes=tree_bytes(tmp), sha256=tree_sha256(tmp))
+            side = shard_sidecar_path(self.root, self.name)
+            if self.overwrite and side.exists():
+                side.unlink()  # never let an old index describe new data
+            atomic_replace(tmp, self.final, overwrite=self.overwrite)
+        except BaseException:
+            remove_path(tmp)
+            raise
+        finally:
+            self._samples = []
+        atomic_write_json(side, info.to_dict())
+        fsync_dir(side.parent)
+        return info
+
+    def abort(self) -> None:
+        self._closed, self._samples = True, []
+
+    def __enter__(self) -> "ZarrShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ZarrShardReader:
+    """Random access into one completed zarr shard. Opens lazily (per process) so it pickles to DataLoader workers."""
+
+    def __init__(self, path: str | Path, spec: CacheSpec, info: ShardInfo) -> None:
+        self.path, self.spec, self.info = Path(path), spec, info
+        self._g: Any = None
+        self._small: dict[str, np.ndarray] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.info.n_samples
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_g"], d["_small"], d["_pid"] = None, {}, -1
+        return d
+
+    def _open(self) -> None:
+        import zarr
+
+        if self._g is not None and self._pid == os.getpid():
+            return
+        try:
+            g = zarr.open_group(str(self.path), mode="r")
+            self._small = {k: np.asarray(g[k][...]) for k in _SMALL}
+            self._g = g
+            self._pid = os.getpid()
+        except Exception as e:  # any decode/IO error inside a shard is corruption from the reader's view
+            raise CorruptSampleError(f"shard {self.path}: cannot open ({type(e).__name__}: {e}); "
+                                     "run `python -m shared.cli verify`") from e
+
+    def read_stored(self, i: int) -> dict:
+        key = self.info.keys[i] if i < len(self.info.keys) else "?"
+        self._open()
+        try:
+            sm, g = self._small, self._g
+            co, mo, c1, t1 = (sm["caption_offsets"], sm["moments_offsets"], sm["clip_row_offsets"],
+                              sm["t5_row_offsets"])
+            bucket = sm["bucket"][i]
+            caption = bytes(g["caption_utf8"][co[i]:co[i + 1]]).decode("utf-8") if co[i + 1] > co[i] else ""
+            out = {
+                "key": key,
+                "caption": caption,
+                "bucket": bucket,
+                "image_meta_size": sm["image_meta_size"][i],
+                "crc32": sm["crc32"][i],
+                "moments": np.asarray(g["moments"][mo[i]:mo[i + 1]]).reshape(self.spec.latent_shape(bucket)),
+                "clip_ids": sm["clip_ids"][i], "clip_mask": sm["clip_mask"][i],
+                "clip_rows": np.asarray(g["clip_rows"][c1[i]:c1[i + 1]]),
+                "t5_ids": sm["t5_ids"][i], "t5_mask": sm["t5_mask"][i], "t5_index": sm["t5_index"][i],
+                "t5_rows": np.asarray(g["t5_rows"][t1[i]:t1[i + 1]]),
+            }
+        except CorruptSampleError:
+            raise
+        except Exception as e:
+            raise CorruptSampleError(f"shard {self.path}: sample {key!r} (#{i}) is unreadable "
+                                     f"({type(e).__name__}: {e}); run `python -m shared.cli verify`") from e
+        return out
