@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.schema import make_key
+
 logger = logging.getLogger(__name__)
 
 InputFormat = Literal["arrow", "parquet", "indexkits", "folder", "jsonl", "csv"]
@@ -84,7 +86,7 @@ class InputConfig:
 class Partition:
     """A contiguous row range [start, stop) of one source: the unit of work of one Ray task and one cache shard."""
 
-    name: str  # shard name: `{source_stem}-{start:08d}`, unique, filesystem-safe
+    name: str  # shard name: `{source_stem}-{start:08d}`, unique, filesystem-safe (letters, digits, "_", "-")
     source: str  # the file (or image folder) the rows come from
     source_stem: str  # first part of every key of this partition
     start: int
@@ -96,11 +98,6 @@ class Partition:
     @property
     def num_rows(self) -> int:
         return len(self.rows) if self.rows is not None else self.stop - self.start
-
-
-def make_key(source_stem: str, row: int, md5: str) -> str:
-    """The sample key: stable across runs, orders and workers."""
-    return f"{source_stem}-{row:08d}-{md5[:12]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,7 +189,8 @@ def _expand_paths(cfg: InputConfig) -> list[Path]:
 
 
 def _safe(name: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")
+    # no dots: webdataset cuts a key at its first dot
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name)
     if safe != name:  # two names that differ only in unsafe characters must not meet
         safe = f"{safe}_{hashlib.sha1(name.encode()).hexdigest()[:6]}"
     return safe or "source"

@@ -12,7 +12,7 @@ from stage1_encode.demo_corpus import demo_records, write_demo_corpus, write_dem
 from stage1_encode.readers import InputConfig, Partition, plan_partitions, read_partition
 
 N = 90
-KEY_RE = re.compile(r"^[A-Za-z0-9._-]+-\d{8}-[0-9a-f]{12}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+-\d{8}-[0-9a-f]{12}$")
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,12 @@ def test_same_file_names_in_two_folders_get_distinct_stems(tmp_path, corpus):
     parts, rows = _read_all(cfg, 100)
     assert [p.source_stem for p in parts] == ["x_00000", "y_00000"]
     assert len({r["key"] for r in rows}) == 80
+
+
+def test_unsafe_file_names_give_safe_distinct_stems(tmp_path, corpus):
+    for name in ("my.data.arrow", "my_data.arrow", "图片.arrow"):
+        (tmp_path / name).write_bytes(corpus["arrow_files"][0].read_bytes())
+    parts = plan_partitions(InputConfig(format="arrow", paths=[str(tmp_path)]), 100)
+    stems = [p.source_stem for p in parts]
+    assert len(set(stems)) == 3 and "my_data" in stems
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", p.name) for p in parts)
