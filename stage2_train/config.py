@@ -1,0 +1,183 @@
+"""Typed configuration of stage 2 (`configs/train/*.yaml`). Each component receives only its own section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ModelSection:
+    preset: str = "DiT-g/2"
+    """Name in pipeline.models.DIT_CONFIGS ("DiT-g/2", "DiT-XL/2", "DiT-S/2", "DiT-tiny/2")."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """DiTConfig fields replacing the preset's, e.g. {text_states_dim: 32, attn_backend: sdpa}."""
+    init_from: str = ""
+    """Start weights: "" (scratch), an original `pytorch_model_*.pt` (bare / "module" / "ema" layout) or a diffusers
+    HunyuanDiT2DModel folder. Ignored when resuming from a stage-2 checkpoint."""
+    init_key: Literal["auto", "module", "ema"] = "auto"
+    """Which state dict to take from an original checkpoint that holds several."""
+    strict: bool = True
+    """Fail on missing/unexpected keys when loading `init_from`."""
+
+
+@dataclass
+class DataSection:
+    cache: str = ""
+    """Cache folder written by stage 1 (the one holding manifest.json)."""
+    batch_size: int = 1
+    """Samples per rank per micro-step."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 4
+    random_flip: bool = True
+    """Pick the plain or the flipped view with p=0.5 when the cache holds both (the original's --random-flip)."""
+    uncond_p: float = 0.0
+    """Probability of replacing the BERT caption encoding by the empty caption's."""
+    uncond_p_t5: float = 0.0
+    """Probability of replacing the mT5 caption encoding by the empty caption's (drawn independently)."""
+    pin_memory: bool = True
+    """Pinned host memory for the batches (CUDA only)."""
+
+
+@dataclass
+class DiffusionSection:
+    noise_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    predict_type: Literal["v_prediction", "epsilon", "sample"] = "v_prediction"
+    beta_start: float = 0.00085
+    beta_end: float = 0.018
+    mse_loss_weight_type: str = "constant"
+    """"constant" or "min_snr_<k>" (the original's weighting)."""
+    noise_offset: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max global grad norm (0 disables clipping; the norm is still measured and logged)."""
+    fused: bool = False
+    """torch.optim.AdamW(fused=True) (CUDA)."""
+
+
+@dataclass
+class ScheduleSection:
+    kind: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant LR (the original) or cosine decay to min_lr at `steps`."""
+    warmup_steps: int = 0
+    """Optimizer steps of warmup; 0 = the original recipe (constant LR from step 0)."""
+    warmup_kind: Literal["log", "linear"] = "log"
+    """"log" is DeepSpeed's WarmupLR as the original used: min + (max-min)*ln(it+1)/ln(warmup)."""
+    warmup_min_lr: float = 1e-6
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+
+
+@dataclass
+class EMASection:
+    enable: bool = False
+    decay: float = 0.9999
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the EMA weights; the original's default with fp16 training was float16 (decay 0.992)."""
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000
+    """Save every N optimizer steps (0 = only at the end and on SIGTERM)."""
+    keep_last: int = 3
+    """How many step_XXXXXXX folders to keep (0 = all)."""
+    resume: str = ""
+    """"" (fresh run), "auto" (latest complete checkpoint in <run_dir>/checkpoints, fresh if none) or a step folder."""
+    save_final: bool = True
+
+
+@dataclass
+class LoggingSection:
+    every: int = 10
+    """One log line (rank 0) every N optimizer steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelSection:
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    activation_checkpointing: bool = False
+    """Recompute each DiT block in backward (applied from outside the model)."""
+    compile: bool = False
+    """torch.compile each DiT block."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    reshard_after_forward: bool = True
+    """FSDP2 only: True ~ ZeRO-3, False ~ ZeRO-2."""
+
+
+@dataclass
+class PrecisionSection:
+    mode: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """bf16 autocast (default), fp16 autocast with dynamic loss scaling, or plain fp32. Weights stay fp32."""
+    init_scale: float = 32768.0
+    """fp16 only: initial loss scale (2**15 as the original's DeepSpeed config)."""
+    growth_interval: int = 500
+    """fp16 only: steps without overflow before the loss scale doubles (the original's loss_scale_window)."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"
+    """Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
+    seed: int = 1234
+    """Everything random (shuffling, views, dropout, latent samples, timesteps, noise) derives from it."""
+    steps: int = 1000
+    """Optimizer steps to train in total (a resumed run continues to this number)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_bad_steps: int = 20
+    """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    ema: EMASection = field(default_factory=EMASection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Value checks the type loader cannot make; ValueError names the field."""
+    def bad(key: str, value: Any, allowed: str) -> ValueError:
+        return ValueError(f"config {key}={value!r} is invalid: {allowed}")
+
+    if cfg.steps < 1:
+        raise bad("steps", cfg.steps, "must be >= 1")
+    if cfg.grad_accum < 1:
+        raise bad("grad_accum", cfg.grad_accum, "must be >= 1")
+    if cfg.data.batch_size < 1:
+        raise bad("data.batch_size", cfg.data.batch_size, "must be >= 1")
+    for key in ("uncond_p", "uncond_p_t5"):
+        value = getattr(cfg.data, key)
+        if not 0.0 <= value <= 1.0:
+            raise bad(f"data.{key}", value, "must be a probability in [0, 1]")
+    if len(cfg.optim.betas) != 2:
+        raise bad("optim.betas", cfg.optim.betas, "must be two numbers [beta1, beta2]")
+    if cfg.optim.lr <= 0:
+        raise bad("optim.lr", cfg.optim.lr, "must be > 0")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise bad("ema.decay", cfg.ema.decay, "must be in (0, 1)")
+    mse = cfg.diffusion.mse_loss_weight_type
+    if mse != "constant" and not (mse.startswith("min_snr_") and mse[8:].replace(".", "", 1).isdigit()):
+        raise bad("diffusion.mse_loss_weight_type", mse, 'allowed: "constant" or "min_snr_<k>" (e.g. min_snr_5)')
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        raise bad("checkpoint.every/keep_last", (cfg.checkpoint.every, cfg.checkpoint.keep_last), "must be >= 0")
+    if cfg.logging.every < 1:
+        raise bad("logging.every", cfg.logging.every, "must be >= 1")
+    if not cfg.data.cache:
+        raise bad("data.cache", cfg.data.cache, "set it to a stage-1 cache folder (the one holding manifest.json)")

@@ -1,0 +1,291 @@
+"""Batches for the DiT from a stage-1 cache: bucket-pure, rank-disjoint, and every random draw reproducible.
+
+Every draw a training sample needs (which view, text dropout per encoder, the VAE posterior sample, the timestep and
+the diffusion noise) comes from one torch.Generator seeded from (seed, micro_step, slot, key), see `draw_sample`.
+Nothing depends on worker count, process, or what ran before, so (a) a resumed run makes the same draws as an
+uninterrupted one and (b) a run that encodes online (stage2_train.online) makes exactly the draws the cached run
+makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+# diffusers' DiagonalGaussianDistribution clamps the log-variance before sampling; the original trainer calls
+# latent_dist.sample(), so the same clamp applies here.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-sample random draws
+
+
+def sample_seed(seed: int, micro_step: int, slot: int, key: str) -> int:
+    """63-bit seed from (run seed, global micro-step, position in the global batch, sample key)."""
+    digest = hashlib.blake2b(f"{seed}/{micro_step}/{slot}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class SampleDraws:
+    view: int                 # index into the sample's views ("plain" = 0, "flip" = 1)
+    drop_clip: bool           # use the empty caption's BERT encoding
+    drop_t5: bool             # use the empty caption's mT5 encoding (independent of drop_clip)
+    t: int                    # diffusion timestep in [0, num_timesteps)
+    latent_eps: torch.Tensor  # (C, h, w) fp32: standard normal for the VAE posterior sample
+    noise: torch.Tensor       # (C, h, w) fp32: the diffusion noise (offset noise included)
+
+
+def draw_sample(
+    seed: int, micro_step: int, slot: int, key: str, *, num_views: int, latent_shape: Sequence[int],
+    random_flip: bool, uncond_p: float, uncond_p_t5: float, num_timesteps: int, noise_offset: float = 0.0,
+) -> SampleDraws:
+    """All random draws of one training sample, always in this order and always all of them."""
+    g = torch.Generator().manual_seed(sample_seed(seed, micro_step, slot, key))
+    u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+    view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
+    t = int(torch.randint(0, num_timesteps, (1,), generator=g).item())
+    latent_eps = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
+    noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
+    offset = torch.randn((latent_shape[0], 1, 1), generator=g, dtype=torch.float32)
+    if noise_offset > 0:  # channel-wise offset noise, as the original's training_losses adds it
+        noise = noise + noise_offset * offset
+    return SampleDraws(view, u_clip < uncond_p, u_t5 < uncond_p_t5, t, latent_eps, noise)
+
+
+def sample_latent(moments: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """(2C, h, w) VAE posterior [mean, logvar] -> scaled latent (C, h, w) fp32, as `latent_dist.sample() * sf`."""
+    mean, logvar = moments.float().chunk(2, dim=0)  # (C, h, w) each
+    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+    return (mean + std * eps) * scaling_factor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which samples each rank reads at each micro-step
+
+
+class BucketBatchPlan:
+    """Deterministic epoch plans of bucket-pure global batches, split into disjoint per-rank slices.
+
+    Per epoch (seeded by (seed, epoch)): shuffle each bucket's sample indices, repeat them up to a multiple of the global
+    batch (as the original's MultiResolutionBucketIndexV2 does), cut global batches, shuffle the batch order. Rank r
+    reads slots [r*B, (r+1)*B) of every global batch. The position is just the global micro-step, so resuming needs
+    nothing but the step count.
+    """
+
+    def __init__(self, buckets: Sequence[tuple[int, int]], *, batch_size: int, world_size: int, seed: int) -> None:
+        if len(buckets) == 0:
+            raise ValueError("the cache holds no samples: run stage 1 on a non-empty corpus (see its rejects.jsonl)")
+        self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
+        self.global_batch = batch_size * world_size
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            by_bucket.setdefault((int(bucket[0]), int(bucket[1])), []).append(index)
+        self.buckets = sorted(by_bucket)
+        self.members = [np.asarray(by_bucket[b], dtype=np.int64) for b in self.buckets]
+        self.batches_per_epoch = sum(math.ceil(len(m) / self.global_batch) for m in self.members)
+        self._epoch_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """[(bucket id, (global_batch,) sample indices)] for one epoch."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for bucket_id, members in enumerate(self.members):
+            order = rng.permutation(members)
+            n = math.ceil(len(order) / self.global_batch) * self.global_batch
+            order = np.resize(order, n)  # repeats from the start to fill the last global batch
+            batches.extend((bucket_id, chunk) for chunk in order.reshape(-1, self.global_batch))
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def global_batch_at(self, micro_step: int) -> tuple[tuple[int, int], np.ndarray]:
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        bucket_id, indices = self.epoch_batches(epoch)[position]
+        return self.buckets[bucket_id], indices
+
+    def rank_items(self, micro_step: int, rank: int) -> list[tuple[int, int, int]]:
+        """[(micro_step, slot in the global batch, sample index)] that `rank` reads at `micro_step`."""
+        _, indices = self.global_batch_at(micro_step)
+        start = rank * self.batch_size
+        return [(micro_step, slot, int(indices[slot])) for slot in range(start, start + self.batch_size)]
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """Batch sampler over a BucketBatchPlan for one rank, from `start_step` to `end_step` (exclusive)."""
+
+    def __init__(self, plan: BucketBatchPlan, *, rank: int, start_step: int, end_step: int) -> None:
+        self.plan, self.rank, self.start_step, self.end_step = plan, rank, start_step, end_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for micro_step in range(self.start_step, self.end_step):
+            yield self.plan.rank_items(micro_step, self.rank)
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From stored samples to model inputs
+
+
+@dataclass
+class DrawSettings:
+    seed: int
+    random_flip: bool
+    uncond_p: float
+    uncond_p_t5: float
+    num_timesteps: int
+    scaling_factor: float
+    noise_offset: float = 0.0
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def build_item(
+    sample: dict[str, Any], empty: dict[str, torch.Tensor], settings: DrawSettings, micro_step: int, slot: int
+) -> dict[str, Any]:
+    """One logical sample (torch tensors, bf16 already viewed back; see shared.schema.to_torch) -> one training item.
+
+    `empty` holds the empty caption's clip_states/clip_mask/t5_states/t5_mask, substituted on text dropout: the
+    original tokenises and encodes "" at that point, which is exactly what stage 1 stored.
+    """
+    moments = _tensor(sample["moments"])  # (V, 2C, h, w)
+    num_views, two_c, h, w = moments.shape
+    key = str(sample["key"])
+    d = draw_sample(
+        settings.seed, micro_step, slot, key, num_views=num_views, latent_shape=(two_c // 2, h, w),
+        random_flip=settings.random_flip, uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
+        num_timesteps=settings.num_timesteps, noise_offset=settings.noise_offset,
+    )
+    clip = empty if d.drop_clip else sample
+    t5 = empty if d.drop_t5 else sample
+    return {
+        "key": key,
+        "bucket": tuple(int(v) for v in _tensor(sample["bucket"]).tolist()),
+        "view": d.view,
+        "drop_clip": d.drop_clip,
+        "drop_t5": d.drop_t5,
+        "x_start": sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
+        "t": d.t,
+        "noise": d.noise,
+        "encoder_hidden_states": _tensor(clip["clip_states"]).float(),
+        "text_embedding_mask": _tensor(clip["clip_mask"]).bool(),
+        "encoder_hidden_states_t5": _tensor(t5["t5_states"]).float(),
+        "text_embedding_mask_t5": _tensor(t5["t5_mask"]).bool(),
+        "image_meta_size": _tensor(sample["image_meta_size"]).float(),
+    }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    buckets = {it["bucket"] for it in items}
+    assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
+    batch: dict[str, Any] = {"bucket": items[0]["bucket"]}
+    for name in ("key", "view", "drop_clip", "drop_t5"):
+        batch[name] = [it[name] for it in items]
+    batch["t"] = torch.tensor([it["t"] for it in items], dtype=torch.long)
+    for name in ("x_start", "noise", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
+                 "text_embedding_mask_t5", "image_meta_size"):
+        batch[name] = torch.stack([it[name] for it in items])
+    batch["style"] = torch.zeros(len(items), dtype=torch.long)  # the original only ever uses style 0
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache as a batch source
+
+
+def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str) -> float:
+    """Fail fast, saying how to fix it, if the cache cannot feed this model; returns the VAE scaling factor."""
+    from shared.manifest import check_manifest
+
+    try:
+        check_manifest(manifest, {
+            "text_len": model_config.text_len, "text_len_t5": model_config.text_len_t5,
+            "text_states_dim": model_config.text_states_dim, "text_states_dim_t5": model_config.text_states_dim_t5,
+            "in_channels": model_config.in_channels,
+        })
+    except ValueError as err:
+        raise ValueError(
+            f"data.cache={cache_path!r} does not fit the model: {err}\n"
+            "Fix: set the model's text/latent sizes to the cache's (model.overrides.text_len=..., "
+            "model.overrides.text_states_dim=..., ...) or point data.cache at a cache encoded for this model."
+        ) from None
+    if manifest.vae_scaling_factor is None:
+        raise ValueError(f"data.cache={cache_path!r}: the manifest has no vae_scaling_factor; re-run stage 1 "
+                         "(the factor must come from the VAE that encoded the cache, never from a constant)")
+    return float(manifest.vae_scaling_factor)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Map-style over (micro_step, slot, index) triples from PlanSampler; picklable for DataLoader workers."""
+
+    def __init__(self, reader: Any, settings: DrawSettings) -> None:
+        self.reader, self.settings = reader, settings
+        self._empty: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def empty_caption(self) -> dict[str, torch.Tensor]:
+        if self._empty is None:
+            self._empty = self.reader.to_torch(self.reader.empty_caption())
+        return self._empty
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        micro_step, slot, index = item
+        sample = self.reader.to_torch(self.reader[index])
+        return build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
+
+
+class CacheBatchSource:
+    """Batches of one rank read from a stage-1 cache through a DataLoader (workers prefetch ahead of the step)."""
+
+    def __init__(self, reader: Any, plan: BucketBatchPlan, settings: DrawSettings, *, rank: int, num_workers: int,
+                 prefetch_factor: int, pin_memory: bool) -> None:
+        self.reader, self.plan, self.settings, self.rank = reader, plan, settings, rank
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.dataset = CacheDataset(reader, settings)
+
+    @classmethod
+    def from_config(cls, trainer: Any) -> "CacheBatchSource":
+        from shared.cache import open_cache
+
+        cfg, data = trainer.cfg, trainer.cfg.data
+        try:
+            reader = open_cache(data.cache)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
+        scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache)
+        if data.random_flip and "flip" not in reader.spec.views:
+            from stage2_train.metrics import logger
+
+            logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
+                           "(encode with flip views in stage 1 to get them)")
+        settings = DrawSettings(
+            seed=cfg.seed, random_flip=data.random_flip, uncond_p=data.uncond_p, uncond_p_t5=data.uncond_p_t5,
+            num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,
+            noise_offset=cfg.diffusion.noise_offset,
+        )
+        plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=trainer.batch_size,
+                               world_size=trainer.info.world_size, seed=cfg.seed)
+        return cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
+                   prefetch_factor=data.prefetch_factor, pin_memory=data.pin_memory and trainer.device.type == "cuda")
+
+    def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:
+        sampler = PlanSampler(self.plan, rank=self.rank, start_step=start_micro_step, end_step=end_micro_step)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+        )
+        return iter(loader)

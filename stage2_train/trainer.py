@@ -1,0 +1,335 @@
+"""The stage-2 trainer: the original HunyuanDiT training step, fed from the cache (or any batch source)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from shared.config import dump_config
+from stage2_train.checkpointing import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from stage2_train.config import TrainConfig, validate_config
+from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
+from stage2_train.optim import EMA, LRSchedule, build_optimizer
+from stage2_train.parallel import (
+    DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, grad_sync, init_distributed, unwrap,
+)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BATCH_TENSORS = ("x_start", "t", "noise", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
+                 "text_embedding_mask_t5", "image_meta_size", "style")
+
+
+class BatchSource(Protocol):
+    """Yields the batches (stage2_train.data.collate's dict) of this rank for micro-steps [start, end)."""
+
+    def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]: ...
+
+
+def build_model_config(cfg: TrainConfig):
+    from pipeline.models import DiTConfig
+
+    try:
+        return DiTConfig.from_name(cfg.model.preset, **cfg.model.overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.preset / model.overrides: {err}") from None
+
+
+def load_init_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """Official weights (original .pt layout or a diffusers folder) into a fresh model."""
+    from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
+
+    path = Path(cfg.model.init_from)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.init_from={str(path)!r} does not exist; give an original ckpts/t2i/model/pytorch_model_*.pt, a "
+            "diffusers HunyuanDiT2DModel folder, or model.init_from='' to train from scratch"
+        )
+    if path.is_dir():
+        state = import_diffusers(path).state_dict()
+    elif cfg.model.init_key != "auto" and path.suffix in (".pt", ".pth", ".bin"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if cfg.model.init_key not in obj:
+            raise ValueError(f"{path} has no {cfg.model.init_key!r} entry (it has {sorted(obj)[:5]}...); "
+                             "use model.init_key=auto for a bare state dict")
+        state = obj[cfg.model.init_key]
+    else:
+        state = read_state_dict(path)
+    report = load_original_state_dict(model, state, strict=cfg.model.strict)
+    logger.info("initialised from %s (missing %d, unexpected %d keys)", path, len(report["missing"]),
+                len(report["unexpected"]))
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule, EMA and loop; everything long-lived has state_dict()/load_state_dict()."""
+
+    def __init__(self, cfg: TrainConfig, *, batch_source_factory: Callable[["Trainer"], BatchSource] | None = None):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.parallel, cfg.device)
+        init_logger(self.info.rank)
+        self.device = self.info.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from shared.config import save_config
+
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.batch_size = self._per_rank_batch()
+
+        self.model_config = build_model_config(cfg)
+        self.diffusion = self._build_diffusion()
+        from pipeline.rope import RopeCache
+
+        self.rope = RopeCache(self.model_config.head_dim, self.model_config.patch_size, self.model_config.rope_img)
+
+        resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        from pipeline.models import HunYuanDiT
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
+        model = HunYuanDiT(self.model_config)
+        if resume_from is None and cfg.model.init_from:
+            load_init_weights(model, cfg)
+        model.to(self.device).train()
+        self.model = apply_parallelism(model, cfg.parallel, self.info)
+        self.inner = unwrap(self.model)  # what state dicts and the EMA see (original key names)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedule = LRSchedule(self.optimizer, cfg.schedule, base_lr=cfg.optim.lr, total_steps=cfg.steps)
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.init_scale,
+                                            growth_interval=cfg.precision.growth_interval)
+                       if cfg.precision.mode == "fp16" else None)
+        self.ema = EMA(self.inner, cfg.ema) if cfg.ema.enable else None
+
+        self.step = 0
+        self.consecutive_bad = 0
+        self.skipped_steps = 0
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, model=self.inner, optimizer=self.optimizer, ema=self.ema,
+                                    info=self.info)
+            self.load_state_dict(state)
+            logger.info("resumed from %s at step %d", resume_from, self.step)
+        elif cfg.checkpoint.resume == "auto":
+            logger.info("checkpoint.resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
+        torch.manual_seed(cfg.seed * 1000 + self.info.rank + self.step)  # nothing in the step draws from it
+
+        if batch_source_factory is None:
+            from stage2_train.data import CacheBatchSource
+
+            self.source: BatchSource = CacheBatchSource.from_config(self)
+        else:
+            self.source = batch_source_factory(self)
+        n_params = sum(p.numel() for p in self.inner.parameters())
+        logger.info("model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, "
+                    "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
+                    self.batch_size, cfg.grad_accum, cfg.precision.mode, self.device)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------------ setup helpers
+    def _per_rank_batch(self) -> int:
+        return self.cfg.data.batch_size
+
+    def _build_diffusion(self):
+        from pipeline.diffusion import create_diffusion
+
+        d = self.cfg.diffusion
+        # Offset noise is drawn per sample with the other draws (stage2_train.data), so the loss gets noise=0 here.
+        return create_diffusion(d.noise_schedule, d.predict_type, self.model_config.learn_sigma, d.beta_start,
+                                d.beta_end, d.mse_loss_weight_type, 0.0)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "step": self.step,
+            "micro_step": self.step * cfg.grad_accum,
+            "consecutive_bad": self.consecutive_bad,
+            "skipped_steps": self.skipped_steps,
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.info.world_size,
+            "batch_size": self.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "seed": cfg.seed,
+            # The data position is the micro-step: batches are a pure function of (seed, world, batch, step).
+            "data": {"next_micro_step": self.step * cfg.grad_accum},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        same = (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]) == (
+            self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+        if not same:
+            logger.warning(
+                "resuming with world_size/batch_size/grad_accum/seed %s instead of %s: training continues, but the "
+                "data order differs from an uninterrupted run",
+                (self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed),
+                (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]))
+        self.step = int(state["step"])
+        self.consecutive_bad = int(state["consecutive_bad"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.ckpt_root, self.step, model=self.inner, optimizer=self.optimizer, ema=self.ema,
+            trainer_state=self.state_dict(), config_yaml=dump_config(self.cfg), info=self.info,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def _model_call(self) -> Callable[..., dict[str, torch.Tensor]]:
+        mode = self.cfg.precision.mode
+
+        def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> dict[str, torch.Tensor]:
+            with torch.autocast(self.device.type, dtype=AUTOCAST.get(mode, torch.float32), enabled=mode in AUTOCAST):
+                out = self.model(x, t, **kwargs)
+            return {"x": out["x"].float()}  # the loss is computed in fp32, as the original's Float16Module returns
+
+        return call
+
+    def forward_backward(self, batch: dict[str, Any], *, sync: bool) -> dict[str, torch.Tensor]:
+        """One micro-step; returns the batch means of loss/mse/vb (detached)."""
+        b = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_TENSORS}
+        height, width = batch["bucket"]
+        cos, sin = self.rope.get(height, width, self.device)
+        kwargs = {
+            "encoder_hidden_states": b["encoder_hidden_states"],
+            "text_embedding_mask": b["text_embedding_mask"],
+            "encoder_hidden_states_t5": b["encoder_hidden_states_t5"],
+            "text_embedding_mask_t5": b["text_embedding_mask_t5"],
+            "cos_cis_img": cos,
+            "sin_cis_img": sin,
+        }
+        if self.model_config.size_cond:
+            kwargs["image_meta_size"] = b["image_meta_size"]
+        if self.model_config.use_style_cond:
+            kwargs["style"] = b["style"]
+        with grad_sync(self.model, sync):
+            terms = self.diffusion.training_losses(self._model_call(), b["x_start"], kwargs, t=b["t"],
+                                                   noise=b["noise"])
+            loss = terms["loss"].mean()
+            scaled = loss / self.cfg.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        return {"loss": loss.detach(), "mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip, step (unless the gradient is not finite), EMA, LR; returns (grad norm, stepped)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        norm = float(grad_norm)
+        finite = math.isfinite(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite and self.ema is not None:
+            self.ema.update(self.inner)
+        self.schedule.step()
+        return norm, finite
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+        logger.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        accum = cfg.grad_accum
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.logging.tensorboard,
+                                progress_bar=cfg.logging.progress_bar, total=cfg.steps, initial=self.step)
+        batches = self.source.batches(self.step * accum, cfg.steps * accum)
+        window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0,
+                                    "wait": 0.0, "time": 0.0, "samples": 0}
+        stopped_by_signal = False
+        last_saved = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                wait = 0.0
+                sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+                for micro in range(accum):
+                    tw = time.perf_counter()
+                    batch = next(batches)
+                    wait += time.perf_counter() - tw
+                    out = self.forward_backward(batch, sync=micro == accum - 1)
+                    for k in sums:
+                        sums[k] += float(out[k]) / accum
+                norm, stepped = self.optimizer_step()
+                if not (stepped and math.isfinite(sums["loss"])):
+                    self.consecutive_bad += 1
+                    self.skipped_steps += 1
+                    logger.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d in a row)",
+                                   self.step + 1, sums["loss"], norm, self.consecutive_bad)
+                    if self.consecutive_bad > cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"{self.consecutive_bad} steps in a row had a non-finite loss or gradient (limit "
+                            f"max_bad_steps={cfg.max_bad_steps}); lower optim.lr, use precision.mode=bf16 or fp32, "
+                            "or check the cache with `python -m shared.cli verify`"
+                        )
+                else:
+                    self.consecutive_bad = 0
+                self.step += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                for k in sums:
+                    window[k] += sums[k]
+                window["grad_norm"] += norm
+                window["n"] += 1
+                window["wait"] += wait
+                window["time"] += dt
+                window["samples"] += self.batch_size * accum * self.info.world_size
+                metrics.advance()
+
+                if self.step % cfg.logging.every == 0 or self.step == cfg.steps:
+                    n = window["n"]
+                    loss, mse, vb, gn = all_reduce_mean(
+                        [window["loss"] / n, window["mse"] / n, window["vb"] / n, window["grad_norm"] / n], self.info)
+                    metrics.log(self.step, {
+                        "loss": loss, "mse": mse, "vb": vb, "grad_norm": gn, "lr": self.schedule.lr_at(self.step - 1),
+                        "samples_per_s": window["samples"] / max(window["time"], 1e-9),
+                        "data_wait_share": window["wait"] / max(window["time"], 1e-9),
+                        "memory_gib": memory_gib(self.device), "skipped_steps": self.skipped_steps,
+                    })
+                    window = {k: 0.0 for k in window}
+
+                stop = any_rank(self._stop_requested, self.info) if self.info.distributed else self._stop_requested
+                due = cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0
+                if stop or due or (self.step == cfg.steps and cfg.checkpoint.save_final):
+                    self.save()
+                    last_saved = self.step
+                if stop:
+                    stopped_by_signal = True
+                    logger.warning("stopped by SIGTERM at step %d; continue with checkpoint.resume=auto", self.step)
+                    break
+        finally:
+            metrics.close()
+            signal.signal(signal.SIGTERM, previous)
+        barrier(self.info)
+        return {"step": self.step, "stopped_by_signal": stopped_by_signal, "last_checkpoint": last_saved,
+                "skipped_steps": self.skipped_steps, "checkpoints": [p.name for p in list_checkpoints(self.ckpt_root)]}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
