@@ -1,0 +1,282 @@
+"""HunYuanDiT: golden parity with the original code, parameter counts, init, checkpointing, mixed precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.models import (
+    DIT_CONFIGS,
+    DiTConfig,
+    FP32LayerNorm,
+    HunYuanDiT,
+    apply_activation_checkpointing,
+    count_parameters,
+    timestep_embedding,
+)
+from pipeline.rope import rope_tables
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+CASES = {"v1.2": {}, "v1.1_style_size": {"use_style_cond": True, "size_cond": True}}
+
+
+def load_case(name: str) -> tuple[dict, dict]:
+    meta = json.loads((GOLDEN / "golden.json").read_text())["cases"][name]
+    return meta, load_file(str(GOLDEN / meta["file"]))
+
+
+def golden_model(name: str) -> tuple[HunYuanDiT, dict, dict]:
+    meta, data = load_case(name)
+    mk = meta["model_kwargs"]
+    cfg = DiTConfig.from_name(
+        "DiT-tiny/2",
+        hidden_size=mk["hidden_size"],
+        depth=mk["depth"],
+        num_heads=mk["num_heads"],
+        mlp_ratio=mk["mlp_ratio"],
+        patch_size=mk["patch_size"],
+        in_channels=mk["in_channels"],
+        **CASES[name],
+    )
+    model = HunYuanDiT(cfg)
+    state = {k[len("state_dict.") :]: v for k, v in data.items() if k.startswith("state_dict.")}
+    model.load_state_dict(state, strict=True)
+    inputs = {k[len("inputs.") :]: v for k, v in data.items() if k.startswith("inputs.")}
+    return model.eval(), data, inputs
+
+
+def tiny_inputs(cfg: DiTConfig, B: int = 2, h: int = 8, w: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    clip_mask = torch.ones(B, cfg.text_len, dtype=torch.long)
+    clip_mask[0, cfg.text_len // 2 :] = 0
+    t5_mask = torch.ones(B, cfg.text_len_t5, dtype=torch.long)
+    t5_mask[1, 3:] = 0
+    cos, sin = rope_tables(h * 8, w * 8, cfg.head_dim, cfg.patch_size, cfg.rope_img)
+    kw = dict(
+        x=torch.randn(B, cfg.in_channels, h, w, generator=g),
+        t=torch.tensor([3.0, 700.0])[:B],
+        encoder_hidden_states=torch.randn(B, cfg.text_len, cfg.text_states_dim, generator=g),
+        text_embedding_mask=clip_mask,
+        encoder_hidden_states_t5=torch.randn(B, cfg.text_len_t5, cfg.text_states_dim_t5, generator=g),
+        text_embedding_mask_t5=t5_mask,
+        cos_cis_img=cos,
+        sin_cis_img=sin,
+    )
+    if cfg.size_cond:
+        kw["image_meta_size"] = torch.tensor([[1024.0, 768.0, 1024.0, 768.0, 0.0, 16.0]] * B)
+    if cfg.use_style_cond:
+        kw["style"] = torch.zeros(B, dtype=torch.long)
+    return kw
+
+
+def perturbed_tiny(seed: int = 0, **overrides) -> HunYuanDiT:
+    """Tiny model with every weight moved off its init, so zero-initialised paths carry signal."""
+    torch.manual_seed(seed)
+    model = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_forward_matches_original(case: str) -> None:
+    model, data, inputs = golden_model(case)
+    with torch.no_grad():
+        out = model(data["x"], data["t"], **inputs)["x"]
+    assert out.shape == data["output"].shape
+    torch.testing.assert_close(out, data["output"], rtol=1e-5, atol=1e-5)
+    # A sanity check that the comparison has teeth: the golden output is far from zero.
+    assert data["output"].abs().max() > 0.5
+
+
+def test_state_dict_keys_are_the_originals() -> None:
+    for case in CASES:
+        model, data, _ = golden_model(case)
+        expected = {k[len("state_dict.") :] for k in data if k.startswith("state_dict.")}
+        assert set(model.state_dict()) == expected
+
+
+def test_meta_device_parameter_counts() -> None:
+    with torch.device("meta"):
+        g = HunYuanDiT(DIT_CONFIGS["DiT-g/2"])
+        g11 = HunYuanDiT(DIT_CONFIGS["DiT-g/2"].replace(use_style_cond=True, size_cond=True))
+        xl = HunYuanDiT(DIT_CONFIGS["DiT-XL/2"])
+    assert count_parameters(g) == 1_499_952_032
+    assert count_parameters(g11) == 1_516_534_048
+    assert count_parameters(xl) == 713_784_480
+    # Per-submodule figures of the spec (DiT-g/2), to localise a mismatch.
+    assert count_parameters(g.mlp_t5) == 25_175_040
+    assert count_parameters(g.pooler) == 15_213_568
+    assert count_parameters(g.blocks) == 1_439_135_872
+    assert count_parameters(g.final_layer) == 4_012_832
+
+
+def test_zero_output_at_init() -> None:
+    torch.manual_seed(0)
+    cfg = DIT_CONFIGS["DiT-tiny/2"]
+    model = HunYuanDiT(cfg).eval()
+    with torch.no_grad():
+        out = model(**tiny_inputs(cfg))["x"]
+    assert out.shape == (2, 8, 8, 12)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_timestep_embedding_is_cos_first() -> None:
+    emb = timestep_embedding(torch.tensor([0.0, 5.0]), 8)
+    assert emb.shape == (2, 8)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert emb[1, 0] == pytest.approx(torch.cos(torch.tensor(5.0)).item())
+    assert emb[1, 4] == pytest.approx(torch.sin(torch.tensor(5.0)).item())
+
+
+def test_padding_tokens_are_replaced_and_text_values_there_ignored() -> None:
+    model = perturbed_tiny().eval()
+    kw = tiny_inputs(model.config)
+    with torch.no_grad():
+        a = model(**kw)["x"]
+        kw2 = dict(kw)
+        clip = kw["encoder_hidden_states"].clone()
+        clip[0, model.config.text_len // 2 :] = 123.0  # masked-out rows of sample 0
+        kw2["encoder_hidden_states"] = clip
+        b = model(**kw2)["x"]
+        t5 = kw["encoder_hidden_states_t5"].clone()
+        t5[1, 5:] = 7.0  # masked-out mT5 rows still reach the (unmasked) AttentionPool
+        kw2["encoder_hidden_states_t5"] = t5
+        c = model(**kw2)["x"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(b[1], c[1])
+
+
+def test_condition_inputs_must_match_config() -> None:
+    model = perturbed_tiny()
+    kw = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="size_cond=False"):
+        model(**kw, image_meta_size=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="use_style_cond=False"):
+        model(**kw, style=torch.zeros(2, dtype=torch.long))
+    bad = dict(kw, cos_cis_img=kw["cos_cis_img"][:-1])
+    with pytest.raises(ValueError, match="RoPE tables"):
+        model(**bad)
+
+
+def test_size_cond_fp16_flag_rounds_the_size_sinusoid() -> None:
+    torch.manual_seed(0)
+    model = perturbed_tiny(use_style_cond=True, size_cond=True).eval()
+    kw = tiny_inputs(model.config)
+    kw["image_meta_size"] = torch.tensor([[1000.0, 771.0, 1000.0, 771.0, 3.0, 17.0]] * 2)
+    with torch.no_grad():
+        a = model(**kw)["x"]
+        model.config.size_cond_fp16 = True
+        b = model(**kw)["x"]
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    model = perturbed_tiny()
+    kw = tiny_inputs(model.config)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(**kw)["x"].square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = grads()
+    assert apply_activation_checkpointing(model, rate=1.0) == model.config.depth
+    assert apply_activation_checkpointing(model, rate=0.5) == 3
+    assert [b.gradient_checkpointing for b in model.blocks] == [False] * 3 + [True] * 3
+    apply_activation_checkpointing(model, rate=1.0)
+    got = grads()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert apply_activation_checkpointing(model, rate=0.0) == 0
+    with pytest.raises(ValueError):
+        apply_activation_checkpointing(model, rate=1.5)
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_islands() -> None:
+    model = perturbed_tiny()
+    kw = tiny_inputs(model.config)
+    seen: list[torch.dtype] = []
+    # Inside FP32LayerNorm the normalisation itself must run in fp32 even under autocast.
+    orig = torch.nn.functional.layer_norm
+
+    def spy(x, *a, **k):
+        seen.append(x.dtype)
+        return orig(x, *a, **k)
+
+    norm = model.blocks[0].norm1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_in = torch.randn(2, 5, model.config.hidden_size).bfloat16()
+        torch.nn.functional.layer_norm = spy
+        try:
+            y = norm(bf16_in)
+        finally:
+            torch.nn.functional.layer_norm = orig
+        out = model(**kw)["x"]
+    assert seen == [torch.float32]
+    assert y.dtype == torch.bfloat16  # cast back to the input dtype like the original
+    assert out.dtype in (torch.float32, torch.bfloat16)
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        ref = model(**kw)["x"]
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
+
+
+def test_fp32_layernorm_matches_fp32_math_for_half_inputs() -> None:
+    ln = FP32LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(3, 16).to(torch.float16)
+    expected = torch.nn.functional.layer_norm(x.float(), (16,), ln.weight, ln.bias, 1e-6).half()
+    assert torch.equal(ln(x), expected)
+
+
+def test_rms_norm_variant_builds_and_runs() -> None:
+    model = perturbed_tiny(norm="rms").eval()
+    assert "blocks.0.norm1.weight" in model.state_dict() and "blocks.0.norm1.bias" not in model.state_dict()
+    with torch.no_grad():
+        out = model(**tiny_inputs(model.config))["x"]
+    assert torch.isfinite(out).all()
+
+
+def test_config_validation_and_registry() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        DiTConfig(hidden_size=64, num_heads=5)
+    with pytest.raises(ValueError, match="attn_backend"):
+        DiTConfig(attn_backend="xformers")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown model"):
+        DiTConfig.from_name("DiT-H/2")
+    with pytest.raises(ValueError, match="unknown DiTConfig field"):
+        DiTConfig.from_name("DiT-tiny/2", hiden_size=3)
+    cfg = DiTConfig.from_name("DiT-g/2", use_style_cond=True, size_cond=True)
+    assert cfg.head_dim == 88 and cfg.out_channels == 8 and DIT_CONFIGS["DiT-g/2"].use_style_cond is False
+    assert set(DIT_CONFIGS) == {"DiT-g/2", "DiT-XL/2", "DiT-S/2", "DiT-tiny/2"}
+
+
+def test_yaml_presets_equal_registry() -> None:
+    yaml = pytest.importorskip("yaml")
+    root = Path(__file__).resolve().parents[1] / "configs" / "model"
+    for file, name in [("dit-g-2", "DiT-g/2"), ("dit-xl-2", "DiT-XL/2"), ("dit-s-2", "DiT-S/2"), ("tiny", "DiT-tiny/2")]:
+        data = yaml.safe_load((root / f"{file}.yaml").read_text())
+        assert DiTConfig(**data) == DIT_CONFIGS[name], file
+
+
+def test_flash_backend_without_flash_attn_says_so() -> None:
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    model = perturbed_tiny(attn_backend="flash")
+    with pytest.raises(ImportError, match="flash-attn"):
+        model(**tiny_inputs(model.config))
