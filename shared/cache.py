@@ -389,3 +389,29 @@ class CacheStream(torch.utils.data.IterableDataset):
 def open_cache(path: str | Path, vae: Any = None) -> CacheReader:
     """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode()."""
     return CacheReader(path, vae=vae)
+
+
+def write_synthetic_cache(root: str | Path, spec: CacheSpec, n_samples: int = 16, n_shards: int = 2,
+                          buckets: Sequence[tuple[int, int]] = ((64, 64), (64, 32)), seed: int = 0,
+                          scaling_factor: float = 0.13025, encoders: dict | None = None) -> Manifest:
+    """A complete small cache of random samples (tests, demos, stage-2 smoke runs): shards, empty caption,
+    manifest. Not a substitute for real features."""
+    from .manifest import manifest_from_shards, write_manifest
+    from .schema import synthetic_sample
+
+    rng = np.random.default_rng(seed)
+    per = [n_samples // n_shards + (1 if s < n_samples % n_shards else 0) for s in range(n_shards)]
+    i = 0
+    for s, n in enumerate(per):
+        with open_shard_writer(root, f"part-{s:06d}", spec) as w:
+            for _ in range(n):
+                w.add(synthetic_sample(spec, f"synthetic-{i:08d}-{i:012x}", buckets[i % len(buckets)], rng,
+                                       caption=f"样本 {i}: a synthetic caption"))
+                i += 1
+    e = synthetic_sample(spec, "empty", buckets[0], rng, caption="", clip_len=2, t5_len=1)
+    sha = write_empty_caption(root, spec, **{k: e[k] for k in _EMPTY_FIELDS})
+    m = manifest_from_shards(root, spec, encoders=encoders or {"synthetic": {"seed": seed}},
+                             vae_scaling_factor=scaling_factor, buckets=[list(b) for b in buckets],
+                             preprocessing={"synthetic": True, "seed": seed}, empty_caption_sha256=sha)
+    write_manifest(root, m)
+    return m

@@ -370,3 +370,47 @@ def to_torch(sample: dict, spec: CacheSpec) -> dict:
             t = t.view(torch.int16).view(torch.bfloat16)
         out[k] = t
     return out
+
+
+def synthetic_sample(spec: CacheSpec, key: str, bucket: tuple[int, int], rng: np.random.Generator,
+                     caption: str | None = None, clip_len: int | None = None, t5_len: int | None = None,
+                     t5_pad_pattern: np.ndarray | None = None) -> dict:
+    """A random logical sample with the structure of a real one (for tests, benches and demos, not training).
+
+    BERT rows past the mask are zero (as stored); mT5 padded rows repeat in runs like a relative-attention encoder's
+    outputs do: `t5_pad_pattern` (Lt - t5_len,) gives, per padded position, which distinct padded row it equals
+    (default: runs that lengthen with distance, ~log-spaced like T5's position buckets).
+    """
+    Lc = int(clip_len if clip_len is not None else rng.integers(2, spec.clip_len + 1))
+    Lt = int(t5_len if t5_len is not None else rng.integers(1, spec.t5_len + 1))
+    h, w = int(bucket[0]), int(bucket[1])
+    V, C2, lh, lw = spec.latent_shape((h, w))
+
+    def floats(shape: tuple, enc: str) -> np.ndarray:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if getattr(spec, f"{enc}_dtype") == "bfloat16":
+            return (x.view(np.uint32) >> 16).astype(np.uint16)
+        return x.astype(spec.storage_dtype(enc))
+
+    clip_mask = np.arange(spec.clip_len) < Lc
+    clip = floats((spec.clip_len, spec.clip_dim), "clip")
+    clip[~clip_mask] = 0
+    t5_mask = np.arange(spec.t5_len) < Lt
+    n_pad = spec.t5_len - Lt
+    if t5_pad_pattern is None:
+        t5_pad_pattern = np.minimum(np.floor(np.log2(np.arange(n_pad) + 1) * 2), 15).astype(np.int64)
+    distinct = floats((int(t5_pad_pattern.max()) + 1 if n_pad else 0, spec.t5_dim), "t5")
+    t5 = np.concatenate([floats((Lt, spec.t5_dim), "t5"), distinct[t5_pad_pattern[:n_pad]]])
+    return {
+        "key": key,
+        "caption": caption if caption is not None else f"合成样本 {key}",
+        "bucket": np.array([h, w], dtype=np.int32),
+        "image_meta_size": np.array([w + 17, h + 9, w, h, 3, 5], dtype=np.int32),
+        "moments": floats((V, C2, lh, lw), "vae"),
+        "clip_ids": np.where(clip_mask, rng.integers(100, 1000, spec.clip_len), spec.clip_pad_id).astype(np.int32),
+        "clip_mask": clip_mask,
+        "clip_states": clip,
+        "t5_ids": np.where(t5_mask, rng.integers(2, 1000, spec.t5_len), spec.t5_pad_id).astype(np.int32),
+        "t5_mask": t5_mask,
+        "t5_states": t5,
+    }

@@ -1,0 +1,79 @@
+"""`python -m shared.cli inspect|verify CACHE` (installed as `hydit-cache`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = """Inspect or verify a feature cache written by stage 1 (a folder with manifest.json and shards/).
+
+  inspect CACHE                      print samples, buckets, token lengths, bytes per sample by field, rejects
+  inspect CACHE --grid g.png --vae ckpts/t2i/sdxl-vae-fp16-fix
+                                     also decode a few samples through the VAE into a captioned PNG grid
+  verify CACHE                       re-read every shard: sha256 against the manifest, every sample's crc32 and
+                                     schema, the empty-caption file, leftover temp files; exits 1 naming the bad
+                                     shard and sample, 0 if all is well
+"""
+
+
+def _parse_bucket(s: str) -> tuple[int, int]:
+    try:
+        h, w = s.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bucket must look like 1024x768 (HxW), got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hydit-cache", description=HELP, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("inspect", help="summary of a cache (and an optional grid of decoded samples)")
+    pi.add_argument("cache", type=Path)
+    pi.add_argument("--grid", type=Path, default=None, help="write a PNG grid of decoded samples here")
+    pi.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder used to decode (needed for --grid)")
+    pi.add_argument("-n", "--num", type=int, default=8, help="samples in the grid (default 8)")
+    pi.add_argument("--bucket", type=_parse_bucket, default=None, help="only samples of this bucket, HxW")
+    pv = sub.add_parser("verify", help="check every shard and sample; non-zero exit on any problem")
+    pv.add_argument("cache", type=Path)
+    pv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pv.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "verify":
+        from .verify import report_json, verify_cache
+
+        try:
+            rep = verify_cache(args.cache, progress=not args.no_progress)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(report_json(rep) if args.json else str(rep))
+        return 0 if rep.ok else 1
+
+    from .cache import open_cache
+
+    try:
+        cache = open_cache(args.cache, vae=args.vae)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.bucket is not None:
+        cache = cache.filter(bucket=args.bucket)
+    print(cache.summary())
+    if args.grid is not None:
+        if args.vae is None:
+            print("error: --grid needs --vae PATH (the AutoencoderKL folder, e.g. ckpts/t2i/sdxl-vae-fp16-fix)",
+                  file=sys.stderr)
+            return 2
+        n = min(args.num, len(cache))
+        idx = [int(round(i * (len(cache) - 1) / max(1, n - 1))) for i in range(n)] if n else []
+        cache.grid(idx).save(args.grid)
+        print(f"wrote {args.grid} ({n} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

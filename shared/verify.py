@@ -1,0 +1,152 @@
+"""Re-read a whole cache: shard checksums, every sample's crc and schema, the empty caption, stray files."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
+from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, completed_shards, read_manifest,
+                       read_shard_info, shard_data_path)
+from .schema import CorruptSampleError, check_stored
+
+MAX_SAMPLE_ERRORS_PER_SHARD = 20
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    samples_checked: int = 0
+    bad_shards: list[str] = field(default_factory=list)
+    bad_samples: list[tuple[str, str]] = field(default_factory=list)  # (shard, key)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def __str__(self) -> str:
+        head = (f"verify {self.root}: {'OK' if self.ok else 'FAILED'} - {self.shards_checked} shards, "
+                f"{self.samples_checked} samples, {len(self.errors)} errors, {len(self.warnings)} warnings")
+        return "\n".join([head] + [f"  ERROR {e}" for e in self.errors] + [f"  warning {w}" for w in self.warnings])
+
+
+def _bad_shard(rep: VerifyReport, name: str, msg: str) -> None:
+    rep.errors.append(f"shard {name!r}: {msg}")
+    if name not in rep.bad_shards:
+        rep.bad_shards.append(name)
+
+
+def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = True) -> VerifyReport:
+    """Check everything; never raises for a problem in the cache (it is reported), only for a bad argument."""
+    from .cache import _open_shard_reader, read_empty_caption
+    from .wds_store import iter_tar_stored
+
+    root = Path(root)
+    rep = VerifyReport(str(root))
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    shards_dir = root / SHARDS_DIR
+    for p in sorted(list(shards_dir.glob(".tmp-*")) + list(root.glob(".tmp-*"))):
+        rep.warnings.append(f"leftover temp file {p.relative_to(root)} from an interrupted write: ignored by "
+                            "readers, safe to delete")
+    try:
+        m = read_manifest(root)
+    except (FileNotFoundError, ValueError) as e:
+        rep.errors.append(str(e))
+        return rep
+    spec = m.spec
+    listed = {s["name"] for s in m.shards}
+    for name in completed_shards(root):
+        if name not in listed:
+            rep.warnings.append(f"shard {name!r} is complete on disk but not in {MANIFEST_NAME}: readers ignore it")
+    if shards_dir.is_dir():
+        for p in sorted(shards_dir.iterdir()):
+            if is_tmp_name(p.name) or p.suffix == ".json":
+                continue
+            if p.stem not in listed and p.stem not in completed_shards(root):
+                rep.warnings.append(f"{p.relative_to(root)} has no shard index (never completed): ignored by readers")
+
+    ec = root / EMPTY_CAPTION_NAME
+    if not ec.exists():
+        rep.errors.append(f"{EMPTY_CAPTION_NAME} is missing (needed for CFG text dropout)")
+    else:
+        if m.empty_caption_sha256 and file_sha256(ec) != m.empty_caption_sha256:
+            rep.errors.append(f"{EMPTY_CAPTION_NAME}: sha256 differs from the manifest (corrupt or replaced)")
+        try:
+            read_empty_caption(root, spec)
+        except Exception as e:  # safetensors raises its own error types on garbage
+            rep.errors.append(f"{EMPTY_CAPTION_NAME}: {e}")
+
+    total = sum(int(s["n_samples"]) for s in m.shards)
+    bar = None
+    if progress and check_samples:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="verify", unit="sample")
+    for entry in m.shards:
+        name = entry["name"]
+        rep.shards_checked += 1
+        path = shard_data_path(root, name, spec.format)
+        if not path.exists():
+            _bad_shard(rep, name, f"{path.relative_to(root)} is missing")
+            continue
+        try:
+            info = read_shard_info(root, name)
+        except (FileNotFoundError, ValueError) as e:
+            _bad_shard(rep, name, str(e))
+            continue
+        nbytes = tree_bytes(path)
+        if nbytes != entry["bytes"]:
+            _bad_shard(rep, name, f"{nbytes} bytes on disk, the manifest says {entry['bytes']} (truncated or grown)")
+        sha = tree_sha256(path)
+        if sha != entry["sha256"]:
+            _bad_shard(rep, name, f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
+                                  "(corrupt or rewritten); checking its samples")
+        if info.sha256 != entry["sha256"] or info.n_samples != entry["n_samples"]:
+            _bad_shard(rep, name, "its index (shards/<name>.json) disagrees with the manifest")
+        if not check_samples:
+            continue
+        if spec.format == "zarr":
+            try:
+                import zarr
+
+                attrs_keys = zarr.open_group(str(path), mode="r").attrs.get("keys")
+                if attrs_keys != info.keys:
+                    _bad_shard(rep, name, "keys in the zarr group differ from its index")
+            except Exception as e:
+                _bad_shard(rep, name, f"cannot open the zarr group ({type(e).__name__}: {e})")
+                continue
+        rd = _open_shard_reader(root, spec, info)
+        n_err = 0
+        for i in range(info.n_samples):
+            try:
+                check_stored(rd.read_stored(i), spec, f"shard {name!r}")
+            except CorruptSampleError as e:
+                n_err += 1
+                rep.bad_samples.append((name, info.keys[i]))
+                if name not in rep.bad_shards:
+                    rep.bad_shards.append(name)
+                if n_err <= MAX_SAMPLE_ERRORS_PER_SHARD:
+                    rep.errors.append(str(e))
+            rep.samples_checked += 1
+            if bar is not None:
+                bar.update(1)
+        if n_err > MAX_SAMPLE_ERRORS_PER_SHARD:
+            rep.errors.append(f"shard {name!r}: {n_err - MAX_SAMPLE_ERRORS_PER_SHARD} more bad samples not listed")
+        if spec.format == "webdataset" and n_err == 0:
+            # the random-access path skips tar headers; a sequential pass checks what streaming readers see
+            try:
+                for _ in iter_tar_stored(path, spec, info.keys):
+                    pass
+            except CorruptSampleError as e:
+                _bad_shard(rep, name, f"sequential read failed: {e}")
+    if bar is not None:
+        bar.close()
+    return rep
+
+
+def report_json(rep: VerifyReport) -> str:
+    return json.dumps({"ok": rep.ok, **rep.__dict__}, indent=1)

@@ -1,0 +1,221 @@
+"""Round trips through both shard formats: what is written is read back bit-identical, both formats agree."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption, write_synthetic_cache
+from shared.manifest import completed_shards, manifest_from_shards, read_manifest, write_manifest
+from shared.schema import CacheSpec, dedup_rows, encode_sample, make_key, synthetic_sample, to_torch
+
+SMALL = dict(clip_len=12, clip_dim=16, t5_len=24, t5_dim=20, latent_channels=4, downsample=8)
+BUCKETS = [(64, 64), (64, 32), (32, 96)]
+
+
+def _samples(spec: CacheSpec, n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        s = synthetic_sample(spec, make_key("src.v1", i, f"{i:032x}"), BUCKETS[i % 3], rng,
+                             caption=["一只猫", "", "a dog, 狗 🐕"][i % 3] + f" {i}",
+                             clip_len=[1, 5, SMALL["clip_len"]][i % 3], t5_len=[1, 7, SMALL["t5_len"]][i % 3])
+        out.append(s)
+    return out
+
+
+def _write(root, spec: CacheSpec, samples: list[dict], per_shard: int = 4) -> None:
+    for s in range(0, len(samples), per_shard):
+        with open_shard_writer(root, f"part-{s // per_shard:03d}", spec) as w:
+            for x in samples[s:s + per_shard]:
+                w.add(x)
+    e = samples[0]
+    sha = write_empty_caption(root, spec, **{k: e[k] for k in
+                                             ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")})
+    write_manifest(root, manifest_from_shards(root, spec, vae_scaling_factor=0.13025, empty_caption_sha256=sha,
+                                              encoders={"vae": {"weights": {"a": "1"}}}, rejects={"too_small": 2}))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], str):
+            assert a[k] == b[k], k
+        else:
+            x, y = np.asarray(a[k]), np.asarray(b[k])
+            assert x.shape == y.shape, (k, x.shape, y.shape)
+            # compare dtypes and bit patterns: NaN-safe and -0.0 vs 0.0 sensitive
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
+
+
+@pytest.mark.parametrize("views, dtypes", [(("plain",), ("float32", "float32", "float16")),
+                                           (("plain", "flip"), ("float16", "bfloat16", "bfloat16"))])
+def test_round_trip_both_formats_identical(tmp_path, views, dtypes):
+    vae, clip, t5 = dtypes
+    read = {}
+    for fmt, comp in (("zarr", "zstd"), ("webdataset", "none")):
+        spec = CacheSpec(format=fmt, views=views, vae_dtype=vae, clip_dtype=clip, t5_dtype=t5, compression=comp,
+                         **SMALL)
+        samples = _samples(spec, 9)
+        root = tmp_path / fmt
+        _write(root, spec, samples)
+        cache = open_cache(root)
+        assert len(cache) == 9
+        assert cache.keys() == [s["key"] for s in samples]  # manifest shard order, then in-shard order
+        got = [cache[i] for i in range(9)]
+        for s, g in zip(samples, got):
+            expect = dict(s)
+            expect["clip_states"] = np.where(s["clip_mask"][:, None], s["clip_states"], 0).astype(s["clip_states"].dtype)
+            _assert_same(expect, g)
+            assert g["t5_states"].shape == (SMALL["t5_len"], SMALL["t5_dim"])  # padded rows come back too
+            assert g["moments"].shape[0] == len(views)
+        _assert_same(cache[samples[4]["key"]], got[4])
+        read[fmt] = got
+        e = read_empty_caption(root, spec)
+        _assert_same({k: np.asarray(samples[0][k]) for k in e}, e)
+        tt = to_torch(got[0], spec)
+        if t5 == "bfloat16":
+            assert tt["t5_states"].dtype == torch.bfloat16
+            ref = torch.from_numpy(samples[0]["t5_states"].astype(np.int32) << 16).view(torch.float32)
+            assert torch.equal(tt["t5_states"].float(), ref)
+    for a, b in zip(read["zarr"], read["webdataset"]):
+        _assert_same(a, b)
+
+
+def test_stored_form_is_compact_and_exact():
+    spec = CacheSpec(**SMALL)
+    rng = np.random.default_rng(1)
+    s = synthetic_sample(spec, "k-1", (64, 64), rng, clip_len=5, t5_len=7)
+    st = encode_sample(s, spec)
+    assert st["clip_rows"].shape == (5, SMALL["clip_dim"])
+    assert st["t5_rows"].shape[0] < SMALL["t5_len"]
+    assert np.array_equal(st["t5_rows"][st["t5_index"]], s["t5_states"])
+    # -0.0 and 0.0 are different bits and must stay different rows
+    x = np.zeros((3, 4), np.float16)
+    x[1, 0] = -0.0
+    rows, idx = dedup_rows(x)
+    assert rows.shape[0] == 2 and idx.tolist() == [0, 1, 0]
+
+
+def test_writer_refuses_bad_samples(tmp_path):
+    spec = CacheSpec(format="webdataset", **SMALL)
+    rng = np.random.default_rng(0)
+    good = synthetic_sample(spec, "k-0", (64, 64), rng)
+    w = open_shard_writer(tmp_path, "p", spec)
+    bad = dict(good, moments=good["moments"].astype(np.float16))
+    with pytest.raises(ValueError, match="moments of k-0 has dtype float16 but the spec says float32"):
+        w.add(bad)
+    bad = dict(good, t5_states=good["t5_states"][:-1])
+    with pytest.raises(ValueError, match=r"t5_states of k-0 has shape"):
+        w.add(bad)
+    bad = dict(good, key="a.b")
+    with pytest.raises(ValueError, match="key 'a.b' is invalid"):
+        w.add(bad)
+    nan = good["moments"].copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="inf/NaN"):
+        w.add(dict(good, moments=nan))
+    w.add(good)
+    with pytest.raises(ValueError, match="duplicate sample key"):
+        w.add(good)
+    w.close()
+    with pytest.raises(FileExistsError):
+        open_shard_writer(tmp_path, "p", spec)
+    with pytest.raises(ValueError, match="CacheSpec.format='parquet' is invalid"):
+        CacheSpec(format="parquet")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_meta_filter_stream_and_workers(tmp_path, fmt):
+    spec = CacheSpec(format=fmt, **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=12, n_shards=4, buckets=BUCKETS)
+    cache = open_cache(tmp_path)
+    meta = cache.meta
+    assert meta["bucket"].shape == (12, 2) and meta["clip_len"].shape == (12,)
+    for i in (0, 5, 11):
+        s = cache[i]
+        assert tuple(meta["bucket"][i]) == tuple(s["bucket"])
+        assert meta["clip_len"][i] == s["clip_mask"].sum() and meta["t5_len"][i] == s["t5_mask"].sum()
+    b = cache.bucket_indices()
+    assert sorted(b) == sorted(BUCKETS) and sum(len(v) for v in b.values()) == 12
+    sub = cache.filter(bucket=(64, 32))
+    assert len(sub) == 4 and all(tuple(sub[i]["bucket"]) == (64, 32) for i in range(len(sub)))
+    with pytest.raises(KeyError):
+        sub[cache.keys()[0]]  # a (64, 64) sample is not in the view
+    # map-style through 2 forked workers (pickled reader, files opened lazily per process)
+    clone = pickle.loads(pickle.dumps(cache))
+    _assert_same(clone[3], cache[3])
+    dl = torch.utils.data.DataLoader(cache, batch_size=None, num_workers=2)
+    keys = [s["key"] for s in dl]
+    assert keys == cache.keys()
+    # streaming: every sample exactly once across workers, equal to random access
+    dl = torch.utils.data.DataLoader(cache.stream(), batch_size=None, num_workers=2)
+    streamed = {s["key"]: s for s in dl}
+    assert sorted(streamed) == sorted(cache.keys())
+    _assert_same(streamed[cache.keys()[7]], cache[7])
+    # rank split: two ranks see disjoint shards covering everything
+    r0 = [s["key"] for s in cache.stream(rank=0, world_size=2)]
+    r1 = [s["key"] for s in cache.stream(rank=1, world_size=2)]
+    assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(cache.keys())
+    assert [s["key"] for s in sub.stream()] == sub.keys()
+    summ = cache.summary()
+    assert summ["samples"] == 12 and summ["buckets"]["64x32"] == 4
+    assert "t5_len" in str(summ) and "moments" in str(summ)
+
+
+def test_webdataset_library_reads_our_tars(tmp_path):
+    import webdataset as wds
+
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=4, n_shards=1)
+    cache = open_cache(tmp_path)
+    url = str(tmp_path / "shards" / "part-000000.tar")
+    ds = wds.WebDataset(url, shardshuffle=False).decode()
+    got = list(ds)
+    assert [g["__key__"] for g in got] == cache.keys()
+    s = cache[2]
+    np.testing.assert_array_equal(got[2]["t5_ids.npy"], s["t5_ids"])
+    assert got[2]["caption.txt"] == s["caption"]
+
+
+def test_unfinished_and_temp_shards_are_never_read(tmp_path):
+    spec = CacheSpec(format="webdataset", **SMALL)
+    rng = np.random.default_rng(0)
+    with open_shard_writer(tmp_path, "done", spec) as w:
+        w.add(synthetic_sample(spec, "a-1", (64, 64), rng))
+    dying = open_shard_writer(tmp_path, "dying", spec)  # a job that dies mid-shard: temp file, no sidecar
+    dying.add(synthetic_sample(spec, "b-1", (64, 64), rng))
+    dying._tar.fileobj.flush()
+    assert any(p.name.startswith(".tmp-dying") for p in (tmp_path / "shards").iterdir())
+    assert list(completed_shards(tmp_path)) == ["done"]
+    # a failing writer inside `with` removes its temp file
+    with pytest.raises(RuntimeError):
+        with open_shard_writer(tmp_path, "boom", spec) as w:
+            w.add(synthetic_sample(spec, "c-1", (64, 64), rng))
+            raise RuntimeError("encoder crashed")
+    assert not any(p.name.startswith(".tmp-boom") for p in (tmp_path / "shards").iterdir())
+    with pytest.raises(FileNotFoundError, match="cache is incomplete"):
+        open_cache(tmp_path)
+    e = synthetic_sample(spec, "e", (64, 64), rng)
+    write_empty_caption(tmp_path, spec, **{k: e[k] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
+                                                              "t5_mask", "t5_states")})
+    write_manifest(tmp_path, manifest_from_shards(tmp_path, spec))
+    cache = open_cache(tmp_path)
+    assert cache.keys() == ["a-1"]
+    assert read_manifest(tmp_path).n_samples == 1
+    dying.abort()
+
+
+def test_overwrite_replaces_a_shard_atomically(tmp_path):
+    for fmt in ("zarr", "webdataset"):
+        spec = CacheSpec(format=fmt, **SMALL)
+        rng = np.random.default_rng(0)
+        root = tmp_path / fmt
+        with open_shard_writer(root, "p", spec) as w:
+            w.add(synthetic_sample(spec, "a-1", (64, 64), rng))
+        with open_shard_writer(root, "p", spec, overwrite=True) as w:
+            w.add(synthetic_sample(spec, "a-2", (64, 64), rng))
+        assert completed_shards(root)["p"].keys == ["a-2"]
+        assert not [p for p in (root / "shards").iterdir() if p.name.startswith(".tmp-")]
