@@ -1,0 +1,150 @@
+"""The whole job end to end on the built-in demo, one step after another (`bash scripts/demo.sh` runs this).
+
+    corpus   procedurally drawn images + captions, the original Arrow IPC format (+ Parquet, IndexKits index)
+    models   a tiny random-init ckpts/t2i folder (real VAE/BERT/mT5 classes, tokenizers trained on the captions)
+    encode   stage 1 on an embedded local Ray: VAE moments + BERT/mT5 states into a sharded cache
+    train    stage 2 for a short run from the cache
+    inspect  cache summary and a PNG grid of decoded samples
+
+Each step is one command in STEPS below; a step whose code is not in the repository yet is reported as NOT BUILT and
+the steps that need its output are skipped, so the demo always says exactly how far the project goes.
+Exit code: 0 when every built step succeeded, 1 when a built step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    command: list[str]
+    needs_files: list[str] = field(default_factory=list)  # repository files that must exist for the step to be built
+    needs_steps: list[str] = field(default_factory=list)  # steps whose outputs this one reads
+    output: str = ""  # what to show the person afterwards
+
+
+def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
+    corpus, ckpts, cache, run = out / "corpus", out / "ckpts" / "t2i", out / "cache", out / "run"
+    return [
+        Step(
+            "corpus", f"write {args.n} demo images + captions (Arrow IPC, Parquet, IndexKits index)",
+            [PY, "-m", "stage1_encode.demo_corpus", str(corpus), "--n", str(args.n), "--seed", str(args.seed)],
+            needs_files=["stage1_encode/demo_corpus.py"],
+            output=f"{corpus}/arrow/*.arrow",
+        ),
+        Step(
+            "models", "write the tiny random-init encoder suite (tokenizers trained on the demo captions)",
+            [PY, "-m", "pipeline.tiny_suite", str(ckpts), "--seed", str(args.seed),
+             "--captions", str(corpus / "captions.txt"), "--overwrite"],
+            needs_files=["pipeline/tiny_suite.py"], needs_steps=["corpus"],
+            output=str(ckpts),
+        ),
+        Step(
+            "encode", "stage 1: encode the corpus into a sharded cache on an embedded local Ray",
+            [PY, "-m", "stage1_encode", "--config", "configs/encode/demo.yaml",
+             f"input.paths=[{corpus / 'arrow'}]", f"encoders.root={ckpts}", f"output.root={cache}"],
+            needs_files=["stage1_encode/__main__.py", "stage1_encode/job.py", "configs/encode/demo.yaml"],
+            needs_steps=["corpus", "models"],
+            output=str(cache),
+        ),
+        Step(
+            "train", f"stage 2: train DiT-tiny/2 for {args.steps} steps from the cache",
+            [PY, "stage2_train/train.py", "--config", "configs/train/demo.yaml",
+             f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}"],
+            needs_files=["stage2_train/train.py", "configs/train/demo.yaml"],
+            needs_steps=["encode"],
+            output=str(run),
+        ),
+        Step(
+            "inspect", "summarise the cache and decode samples into a PNG grid",
+            [PY, "-m", "shared.cli", "inspect", str(cache), "--grid", str(out / "samples.png"),
+             "--vae", str(ckpts / "sdxl-vae-fp16-fix"), "-n", "8"],
+            needs_files=["shared/cli.py"], needs_steps=["encode"],
+            output=str(out / "samples.png"),
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Steps: " + ", ".join(["corpus", "models", "encode", "train", "inspect"]),
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="output folder (default demo_out/)")
+    parser.add_argument("--n", type=int, default=300, help="demo corpus size (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of corpus and tiny weights (default 0)")
+    parser.add_argument("--steps", type=int, default=60, help="stage-2 training steps (default 60)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = parser.parse_args(argv)
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+               RAY_USAGE_STATS_ENABLED=os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    steps = build_steps(out, args)
+    unknown = set(args.only or []) - {s.name for s in steps}
+    if unknown:
+        parser.error(f"--only: unknown step(s) {sorted(unknown)}; steps are {[s.name for s in steps]}")
+
+    status: dict[str, str] = {}
+    t_start = time.monotonic()
+    for i, step in enumerate(steps, 1):
+        header = f"[{i}/{len(steps)}] {step.name}: {step.what}"
+        print(f"\n{'=' * 100}\n{header}", flush=True)
+        if args.only and step.name not in args.only:
+            status[step.name] = "skipped (not in --only)"
+            print("  skipped (not in --only)")
+            continue
+        missing = [f for f in step.needs_files if not (ROOT / f).exists()]
+        if missing:
+            status[step.name] = f"NOT BUILT YET (missing {', '.join(missing)})"
+            print(f"  NOT BUILT YET: {', '.join(missing)} not in the repository")
+            continue
+        blocked = [d for d in step.needs_steps if not status.get(d, "").startswith(("ok", "skipped (not in --only)"))]
+        if blocked:
+            status[step.name] = f"skipped (needs {', '.join(blocked)})"
+            print(f"  skipped: needs the output of {', '.join(blocked)}")
+            continue
+        print(f"  $ {shlex.join(step.command)}", flush=True)
+        if args.dry_run:
+            status[step.name] = "ok (dry run)"
+            continue
+        t0 = time.monotonic()
+        rc = subprocess.call(step.command, cwd=ROOT, env=env)
+        dt = time.monotonic() - t0
+        if rc == 0:
+            status[step.name] = f"ok in {dt:.0f} s -> {step.output}"
+        else:
+            status[step.name] = f"FAILED (exit code {rc} after {dt:.0f} s)"
+
+    print(f"\n{'=' * 100}\nDemo summary ({time.monotonic() - t_start:.0f} s, outputs in {out}):")
+    for name, line in status.items():
+        print(f"  {name:<8} {line}")
+    failed = [n for n, s in status.items() if s.startswith("FAILED")]
+    not_built = [n for n, s in status.items() if s.startswith("NOT BUILT")]
+    if not_built:
+        print(f"Not built yet: {', '.join(not_built)} (the demo runs them as soon as their code lands).")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
