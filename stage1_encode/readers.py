@@ -72,8 +72,6 @@ class InputConfig:
         if isinstance(self.paths, (str, Path)):
             self.paths = [str(self.paths)]
         self.paths = [str(p) for p in self.paths]
-        if not self.paths:
-            raise ValueError("input.paths: empty; give at least one file, directory or glob pattern")
         for name in ("image_column", "caption_column", "image_path_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"input.{name}: must be a non-empty string, got {getattr(self, name)!r}")
@@ -162,6 +160,8 @@ def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int) -
 
 def _expand_paths(cfg: InputConfig) -> list[Path]:
     """Files (or image folders) named by `cfg.paths`, resolved, deduplicated and sorted."""
+    if not cfg.paths:
+        raise ValueError("input.paths: empty; give at least one file, directory or glob pattern")
     out: set[Path] = set()
     for entry in cfg.paths:
         if any(c in entry for c in "*?["):

@@ -124,6 +124,8 @@ def test_schema_errors_name_the_file_and_the_column(tmp_path, corpus):
         plan_partitions(InputConfig(format="arrow", paths=[str(tmp_path / "nowhere" / "*.arrow")]), 10)
     with pytest.raises(ValueError, match=r"input.format: 'tfrecord' is not a known format; allowed: arrow"):
         InputConfig(format="tfrecord", paths=["x"])
+    with pytest.raises(ValueError, match=r"input.paths: empty"):
+        plan_partitions(InputConfig(format="arrow"), 10)  # a default InputConfig() is fine until it is used
     with pytest.raises(ValueError, match="rows_per_shard"):
         plan_partitions(InputConfig(format="arrow", paths=[str(corpus["arrow_dir"])]), 0)
 
