@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch.utils.data
 
 from .fsutil import atomic_write_bytes, file_sha256
 from .manifest import (EMPTY_CAPTION_NAME, Manifest, ShardInfo, read_manifest, read_shard_info, shard_data_path)
@@ -46,6 +45,8 @@ def _open_shard_reader(root: Path, spec: CacheSpec, info: ShardInfo):
 # ---------------------------------------------------------------------------------------------------------------
 # empty caption ("" through both text encoders), for train-time CFG text dropout
 
+_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"),
+              "I64": np.dtype("<i8"), "BOOL": np.dtype("bool"), "U8": np.dtype("u1"), "I16": np.dtype("<i2")}
 _EMPTY_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
 
 
@@ -82,17 +83,28 @@ def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str
 
 
 def read_empty_caption(root: str | Path, spec: CacheSpec | None = None) -> dict[str, np.ndarray]:
-    """The empty-caption encodings as numpy (bf16 as uint16 bit patterns, like samples); see to_torch()."""
-    import torch
-    from safetensors.torch import load_file
+    """The empty-caption encodings as numpy (bf16 as uint16 bit patterns, like samples); see to_torch().
 
+    Parses the safetensors container directly (8-byte header length, JSON header, raw little-endian data) so that
+    verify/inspect need no torch.
+    """
     path = Path(root) / EMPTY_CAPTION_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: stage 1 must encode the empty caption for CFG text dropout")
-    t = load_file(str(path))
-    out = {}
-    for k, v in t.items():
-        out[k] = v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+    raw = path.read_bytes()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        body = memoryview(raw)[8 + n:]
+        out = {}
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            dt = _ST_DTYPES[v["dtype"]]
+            a, b = v["data_offsets"]
+            out[k] = np.frombuffer(body[a:b], dtype=dt).reshape(v["shape"]).copy()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     if spec is not None:
         for enc, L, D in (("clip", spec.clip_len, spec.clip_dim), ("t5", spec.t5_len, spec.t5_dim)):
             st = out[f"{enc}_states"]
@@ -262,7 +274,7 @@ class CacheReader:
                world_size: int | None = None) -> "CacheStream":
         """Iterable over whole shards, split by rank then DataLoader worker; a webdataset shard is read
         sequentially (one pass over the tar). Yields the same logical samples as cache[i]."""
-        return CacheStream(self, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size)
+        return _stream_class()(self, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size)
 
     # -- people -----------------------------------------------------------------------------------------------
     def summary(self) -> CacheSummary:
@@ -345,12 +357,12 @@ class CacheReader:
         return f"CacheReader({str(self.root)!r}, {len(self)} samples, {self.spec.format})"
 
 
-class CacheStream(torch.utils.data.IterableDataset):
-    """Shards split by (rank, worker); samples within a shard in file order."""
+class _CacheStreamBase:
+    """Shards split by (rank, worker); samples within a shard in file order. (`CacheStream` adds torch's
+    IterableDataset base; it is built on first use so that `import shared.cache` does not import torch.)"""
 
     def __init__(self, reader: CacheReader, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None) -> None:
-        super().__init__()
         self.reader, self.shuffle_shards, self.seed = reader, shuffle_shards, seed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -364,6 +376,8 @@ class CacheStream(torch.utils.data.IterableDataset):
         shards = sorted(set(int(s) for s in r._all["shard"][r._idx]))
         if self.shuffle_shards:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
+        import torch.utils.data
+
         wi = torch.utils.data.get_worker_info()
         nw, w = (wi.num_workers, wi.id) if wi is not None else (1, 0)
         slot, nslots = self.rank * nw + w, self.world_size * nw
@@ -384,6 +398,22 @@ class CacheStream(torch.utils.data.IterableDataset):
                     continue
                 check_stored(stored, r.spec, f"shard {rd.path}")
                 yield decode_sample(stored, r.spec)
+
+
+def _stream_class() -> type:
+    cls = globals().get("CacheStream")
+    if cls is None:
+        import torch.utils.data
+
+        cls = type("CacheStream", (_CacheStreamBase, torch.utils.data.IterableDataset), {"__module__": __name__})
+        globals()["CacheStream"] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:  # `from shared.cache import CacheStream` and unpickling in spawned workers
+    if name == "CacheStream":
+        return _stream_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_cache(path: str | Path, vae: Any = None) -> CacheReader:
