@@ -1,0 +1,127 @@
+"""EncodeConfig: the typed `configs/encode/*.yaml` of the stage-1 job, one section per component.
+
+Everything except `ray:` and `log:` defines the cache's content: a resumed job must see the same values (the job
+refuses to mix two configs in one cache, naming the keys that changed). `ray:` and `log:` only say how fast and
+where it runs, so they may differ between a run and its resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.text import DEFAULT_CAPTION
+from stage1_encode.readers import InputConfig
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+# Sections that do not change what is written (see module docstring).
+RUNTIME_SECTIONS = ("ray", "log")
+
+
+@dataclass
+class OutputConfig:
+    root: str = "outputs/cache"  # the cache folder (created; resumed if it holds a partial cache of this config)
+    format: Literal["zarr", "webdataset"] = "webdataset"
+    rows_per_shard: int = 1024  # input rows per partition = per shard (the unit of resume)
+    compression: Literal["none", "zstd"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+@dataclass
+class EncodersConfig:
+    root: str = "ckpts/t2i"  # a folder in the original ckpts/t2i layout (sdxl-vae-fp16-fix, clip_text_encoder, ...)
+    vae_dtype: Dtype = "float32"
+    clip_dtype: Dtype = "float32"
+    t5_dtype: Dtype = "float16"  # the original runs mT5 in fp16
+    clip_len: int = 77
+    t5_len: int = 256
+    # Samples per encoder forward pass. Batches are cut from the data (same bucket, row order within a partition),
+    # never from scheduling, so results do not depend on the number of actors.
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.clip_len < 2 or self.t5_len < 2:
+            raise ValueError(f"clip_len and t5_len must be >= 2, got {self.clip_len}, {self.t5_len}")
+
+
+@dataclass
+class ImageConfig:
+    multireso: bool = True  # aspect buckets (the original's --multireso) or one square resolution
+    resolution: int = 1024  # single-res crop size R; multi-res base size of the buckets (--image-size)
+    reso_step: int = 64  # --reso-step: bucket side step
+    align: int = 16  # ResolutionGroup align (only checked: base_size % align == 0)
+    min_size: int = 0  # reject images with a side below this (IndexKits multireso `min_size`)
+    max_aspect_ratio: float = 16.0  # reject long/short above this (0 = off); guards absurd resize targets
+    max_pixels: int = 89_478_485  # reject W*H above this before decoding (PIL's MAX_IMAGE_PIXELS default)
+    random_flip: bool = False  # store a second, horizontally flipped view (the original's --random-flip)
+    crop: Literal["random", "center"] = "random"
+    seed: int = 0  # crop offsets are drawn from an RNG seeded by (sample key, seed)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.multireso:
+            if self.resolution % self.align:
+                raise ValueError(f"resolution {self.resolution} is not divisible by align {self.align}")
+            if not 0 < self.reso_step <= self.resolution // 2 or self.reso_step % 8:
+                raise ValueError(
+                    f"reso_step must be a multiple of 8 in (0, resolution // 2 = {self.resolution // 2}], "
+                    f"got {self.reso_step}"
+                )
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_aspect_ratio < 0:
+            raise ValueError(f"max_aspect_ratio must be >= 0 (0 = off), got {self.max_aspect_ratio}")
+
+
+@dataclass
+class TextConfig:
+    # What an empty or missing caption becomes: the original's default caption, or a reject.
+    empty_caption: Literal["default", "reject"] = "default"
+    default_caption: str = DEFAULT_CAPTION
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # null: embedded local Ray (or RAY_ADDRESS when set); "auto" or host:port to attach
+    num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: os.cpu_count())
+    object_store_memory_gb: float = 2.0  # embedded Ray only
+    preprocess_tasks: int = 2  # concurrent read/decode/resize/tokenise tasks (one partition each)
+    preprocess_num_cpus: float = 1.0
+    num_encoder_actors: int = 1  # encoder replicas (ActorPoolStrategy size); one per GPU on a GPU cluster
+    num_gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU
+    num_cpus_per_actor: float = 1.0
+    actor_memory_gb: float = 1.0  # Ray memory reservation per encoder actor (model weights + activations)
+    torch_threads: int = 0  # intra-op threads per encoder actor (0: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.num_encoder_actors < 1 or self.preprocess_tasks < 1:
+            raise ValueError(
+                f"num_encoder_actors and preprocess_tasks must be >= 1, got {self.num_encoder_actors}, "
+                f"{self.preprocess_tasks}"
+            )
+        if self.actor_memory_gb <= 0:
+            raise ValueError(f"actor_memory_gb must be > 0, got {self.actor_memory_gb}")
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True  # tqdm bar on a terminal
+    interval_s: float = 30.0  # a plain progress line this often when stdout is not a terminal (ray job logs, CI)
+
+
+@dataclass
+class EncodeConfig:
+    input: InputConfig = field(default_factory=lambda: InputConfig(paths=["data"]))
+    output: OutputConfig = field(default_factory=OutputConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
