@@ -5,6 +5,7 @@
     encode   stage 1 on an embedded local Ray: VAE moments + BERT/mT5 states into a sharded cache
     train    stage 2 for a short run from the cache
     inspect  cache summary and a PNG grid of decoded samples
+    loss     the stage-2 loss curve as a PNG
 
 Each step is one command in STEPS below; a step whose code is not in the repository yet is reported as NOT BUILT and
 the steps that need its output are skipped, so the demo always says exactly how far the project goes.
@@ -14,11 +15,13 @@ Exit code: 0 when every built step succeeded, 1 when a built step failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ PY = sys.executable
 class Step:
     name: str
     what: str
-    command: list[str]
+    command: list[str] | Callable[[], None]  # a command line, or a function run in this process
     needs_files: list[str] = field(default_factory=list)  # repository files that must exist for the step to be built
     needs_steps: list[str] = field(default_factory=list)  # steps whose outputs this one reads
     output: str = ""  # what to show the person afterwards
@@ -75,14 +78,60 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             needs_files=["shared/cli.py"], needs_steps=["encode"],
             output=str(out / "samples.png"),
         ),
+        Step(
+            "loss", "plot the stage-2 loss curve from metrics.jsonl",
+            lambda: plot_loss(run / "metrics.jsonl", out / "loss.png"),
+            needs_steps=["train"],
+            output=str(out / "loss.png"),
+        ),
     ]
+
+
+def plot_loss(metrics: Path, png: Path) -> None:
+    """Write the loss curve of a stage-2 run (one point per log interval) and print it as a table."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise RuntimeError(f"{metrics} has no logged step")
+    for r in rows:
+        print(f"  step {r['step']:5d}  loss {r['loss']:.4f}  mse {r.get('mse', float('nan')):.4f}")
+    # Drawn with PIL (always installed) rather than matplotlib, whose first import costs seconds.
+    from PIL import Image, ImageDraw
+
+    w, h, left, right, top, bottom = 640, 360, 70, 20, 30, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in rows]
+    series = [("loss", (200, 40, 40), "red")]
+    if all("mse" in r for r in rows):
+        series.append(("mse", (40, 90, 200), "blue"))
+    values = [r[k] for k, _, _ in series for r in rows]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y0, y1 = min(values), max(max(values), min(values) + 1e-9)
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (value - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle((left, top, w - right, h - bottom), outline="black")
+    draw.text((left, 8), "demo stage-2 training: " + ", ".join(f"{k} ({name})" for k, _, name in series), fill="black")
+    draw.text((8, top), f"{y1:.4f}", fill="black")
+    draw.text((8, h - bottom - 10), f"{y0:.4f}", fill="black")
+    draw.text((left, h - bottom + 8), f"step {x0}", fill="black")
+    draw.text((w - right - 70, h - bottom + 8), f"step {x1}", fill="black")
+    for key, color, _ in series:
+        points = [xy(r["step"], r[key]) for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for px, py in points:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+    img.save(png)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/demo.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Steps: " + ", ".join(["corpus", "models", "encode", "train", "inspect"]),
+        epilog="Steps: corpus, models, encode, train, inspect, loss.",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--n", type=int, default=300, help="demo corpus size (default 300)")
@@ -121,12 +170,21 @@ def main(argv: list[str] | None = None) -> int:
             status[step.name] = f"skipped (needs {', '.join(blocked)})"
             print(f"  skipped: needs the output of {', '.join(blocked)}")
             continue
-        print(f"  $ {shlex.join(step.command)}", flush=True)
+        is_command = isinstance(step.command, list)
+        print(f"  $ {shlex.join(step.command)}" if is_command else "  (in this process)", flush=True)
         if args.dry_run:
             status[step.name] = "ok (dry run)"
             continue
         t0 = time.monotonic()
-        rc = subprocess.call(step.command, cwd=ROOT, env=env)
+        if is_command:
+            rc = subprocess.call(step.command, cwd=ROOT, env=env)
+        else:
+            try:
+                step.command()
+                rc = 0
+            except Exception as e:  # a failed step is reported in the summary; the other steps still run
+                print(f"  error: {type(e).__name__}: {e}", file=sys.stderr)
+                rc = 1
         dt = time.monotonic() - t0
         if rc == 0:
             status[step.name] = f"ok in {dt:.0f} s -> {step.output}"
