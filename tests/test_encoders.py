@@ -62,6 +62,9 @@ def test_outputs_equal_the_original_calls(encoders):
     assert torch.equal(mean, posterior.mean) and torch.equal(logvar, posterior.logvar)
     assert torch.equal(enc.encode_clip(tok["clip_ids"], tok["clip_mask"]), ref_clip)
     assert torch.equal(enc.encode_t5(tok["t5_ids"], tok["t5_mask"]), ref_t5)
+    # Stage 1 stores masks as bool: same outputs as the tokenizer's int64 masks.
+    assert torch.equal(enc.encode_clip(tok["clip_ids"], tok["clip_mask"].bool()), ref_clip)
+    assert torch.equal(enc.encode_t5(tok["t5_ids"], tok["t5_mask"].bool()), ref_t5)
     # hidden_states[-1] is the final-layer-normed output, i.e. last_hidden_state.
     with torch.no_grad():
         last = enc.t5(tok["t5_ids"], attention_mask=tok["t5_mask"]).last_hidden_state
@@ -163,3 +166,14 @@ def test_missing_root_and_bin_weights(suite, tmp_path):
     st.unlink()
     enc = load_encoders(root, EncoderDtypes(t5="float32"))
     assert set(enc.fingerprint()["t5"]["weights"]) == {"pytorch_model.bin"}
+
+
+def test_padded_t5_rows_repeat(encoders):
+    """Why the cache deduplicates T5 rows: padded rows depend only on their relative-position buckets."""
+    tok = encoders.tokenize(["", "一只橘色的猫坐在红色的沙发上"])
+    states = encoders.encode_t5(tok["t5_ids"], tok["t5_mask"])
+    assert torch.unique(states[0], dim=0).shape[0] == 1  # "" : </s> + 255 pads, one key -> one distinct row
+    n = int(tok["t5_mask"][1].sum())
+    far = states[1, n - 1 + 128 :]  # every real token at distance >= 128: all in the last bucket
+    assert far.shape[0] > 0 and (far == far[0]).all()
+    assert torch.unique(states[1], dim=0).shape[0] < 256 // 2
