@@ -1,0 +1,93 @@
+"""Online encoding inside the step, as the original trainer does (VAE, BERT and mT5 run on every batch).
+
+Not the way to train (that is what the cache is for); it exists to prove the cache loses nothing and to measure what
+it saves: `OnlineBatchSource` makes exactly the draws `CacheBatchSource` makes (same plan, same per-sample generator,
+see stage2_train.data), but encodes the chosen view and the (possibly dropped) captions in the step.
+
+The image preprocessing is passed in (stage 1's pure functions in the tests and bench), so this module does not
+depend on stage 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from stage2_train.data import BucketBatchPlan, DrawSettings, collate, draw_sample, sample_latent
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: Any      # whatever `preprocess` takes (encoded bytes, a PIL image)
+    caption: str    # already cleaned (stripped, default caption substituted), as stage 1 encodes it
+
+
+@dataclass
+class Preprocessed:
+    views: np.ndarray            # (V, 3, H, W) float32 in [-1, 1], "plain" then "flip"
+    image_meta_size: np.ndarray  # (6,)
+    bucket: tuple[int, int]      # (H, W)
+
+
+class OnlineBatchSource:
+    """Batches of one rank, preprocessed and encoded on the fly."""
+
+    def __init__(
+        self, samples: Sequence[RawSample], buckets: Sequence[tuple[int, int]],
+        preprocess: Callable[[RawSample], Preprocessed], encoders: Any, plan: BucketBatchPlan,
+        settings: DrawSettings, *, rank: int = 0,
+    ) -> None:
+        if len(samples) != len(buckets):
+            raise ValueError(f"{len(samples)} samples but {len(buckets)} buckets")
+        self.samples, self.buckets, self.preprocess = list(samples), list(buckets), preprocess
+        self.encoders, self.plan, self.settings, self.rank = encoders, plan, settings, rank
+
+    def batch(self, micro_step: int) -> dict[str, Any]:
+        s, enc = self.settings, self.encoders
+        items = self.plan.rank_items(micro_step, self.rank)
+        pre, draws = [], []
+        for _, slot, index in items:
+            sample = self.samples[index]
+            p = self.preprocess(sample)
+            num_views, _, height, width = p.views.shape
+            f = enc.vae_downsample
+            d = draw_sample(
+                s.seed, micro_step, slot, sample.key, num_views=num_views,
+                latent_shape=(enc.latent_channels, height // f, width // f), random_flip=s.random_flip,
+                uncond_p=s.uncond_p, uncond_p_t5=s.uncond_p_t5, num_timesteps=s.num_timesteps,
+                noise_offset=s.noise_offset,
+            )
+            pre.append(p)
+            draws.append(d)
+        pixels = torch.from_numpy(np.stack([p.views[d.view] for p, d in zip(pre, draws)]))  # (B, 3, H, W)
+        moments = enc.encode_images(pixels).cpu()  # (B, 2C, h, w)
+        clip_texts = ["" if d.drop_clip else self.samples[i].caption for (_, _, i), d in zip(items, draws)]
+        t5_texts = ["" if d.drop_t5 else self.samples[i].caption for (_, _, i), d in zip(items, draws)]
+        clip_tok = enc.tokenize(clip_texts)
+        t5_tok = enc.tokenize(t5_texts)
+        clip_states = enc.encode_clip(clip_tok["clip_ids"], clip_tok["clip_mask"]).cpu()  # (B, Lc, Dc)
+        t5_states = enc.encode_t5(t5_tok["t5_ids"], t5_tok["t5_mask"]).cpu()  # (B, Lt, Dt)
+        out = []
+        for b, ((_, _, index), p, d) in enumerate(zip(items, pre, draws)):
+            out.append({
+                "key": self.samples[index].key,
+                "bucket": tuple(int(v) for v in p.bucket),
+                "view": d.view, "drop_clip": d.drop_clip, "drop_t5": d.drop_t5,
+                "x_start": sample_latent(moments[b], d.latent_eps, s.scaling_factor),
+                "t": d.t,
+                "noise": d.noise,
+                "encoder_hidden_states": clip_states[b].float(),
+                "text_embedding_mask": clip_tok["clip_mask"][b].bool(),
+                "encoder_hidden_states_t5": t5_states[b].float(),
+                "text_embedding_mask_t5": t5_tok["t5_mask"][b].bool(),
+                "image_meta_size": torch.as_tensor(np.asarray(p.image_meta_size), dtype=torch.float32),
+            })
+        return collate(out)
+
+    def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:
+        for micro_step in range(start_micro_step, end_micro_step):
+            yield self.batch(micro_step)

@@ -1,0 +1,159 @@
+"""THE central promise: training from the cache equals training with the encoders in the step.
+
+Both runs use stage 1's preprocessing and the tiny random-init encoder suite (real diffusers/transformers classes).
+The cache is written by the same preprocessing + encoders through shared's writer; the online run re-does
+preprocessing and encoding inside every step, as the original trainer. Same plan, same per-sample draws (views,
+text dropout, VAE posterior noise, timesteps, diffusion noise), so losses and weights must agree up to float
+rounding of encoders run at a different batch size (stage 1 encodes one sample at a time, the step a whole batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.config import load_config
+from stage2_train.config import TrainConfig
+
+LOSS_RTOL = 1e-5      # relative, per step
+WEIGHT_ATOL = 1e-6    # absolute, every weight after training (Adam steps are ~lr = 3e-4)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """(records, encoders, image cfg, cache root): the demo corpus encoded by stage 1's functions."""
+    from pipeline.encoders import load_encoders
+    from pipeline.tiny_suite import write_tiny_suite
+    from shared.cache import open_shard_writer, write_empty_caption
+    from shared.manifest import manifest_from_shards, write_manifest
+    from shared.schema import CacheSpec, make_key
+    from stage1_encode.config import ImageConfig
+    from stage1_encode.demo_corpus import demo_records
+    from stage1_encode.preprocess import clean_caption, decode_image, preprocess_image
+    from stage2_train.online import RawSample
+
+    tmp = tmp_path_factory.mktemp("online")
+    records = demo_records(8, seed=3, bad_rows=False)
+    captions = [r["text_zh"] for r in records]
+    suite = write_tiny_suite(tmp / "ckpts" / "t2i", captions=captions)
+    enc = load_encoders(suite, clip_len=8, t5_len=12)
+    img_cfg = ImageConfig(multireso=True, resolution=64, reso_step=16, random_flip=True, seed=7)
+    spec = CacheSpec(format="zarr", views=("plain", "flip"), clip_len=8, clip_dim=enc.clip_dim, t5_len=12,
+                     t5_dim=enc.t5_dim, latent_channels=enc.latent_channels, downsample=enc.vae_downsample)
+    root = tmp / "cache"
+    samples = []
+    writer = open_shard_writer(root, "part-00000", spec)
+    for row, r in enumerate(records):
+        key = make_key("demo", row, r["md5"])
+        caption, _ = clean_caption(r["text_zh"], "随机生成一张图片")
+        pre = preprocess_image(decode_image(r["image"], 10**8), key, img_cfg)
+        moments = enc.encode_images(torch.from_numpy(pre.views))  # (V, 2C, h, w), one sample per call
+        tok = enc.tokenize([caption])
+        writer.add({
+            "key": key, "caption": caption, "bucket": np.asarray(pre.bucket, np.int32),
+            "image_meta_size": pre.image_meta_size, "moments": moments,
+            "clip_ids": tok["clip_ids"][0], "clip_mask": tok["clip_mask"][0],
+            "clip_states": enc.encode_clip(tok["clip_ids"], tok["clip_mask"])[0],
+            "t5_ids": tok["t5_ids"][0], "t5_mask": tok["t5_mask"][0],
+            "t5_states": enc.encode_t5(tok["t5_ids"], tok["t5_mask"])[0],
+        })
+        samples.append(RawSample(key=key, image=r["image"], caption=caption))
+    writer.close()
+    tok = enc.tokenize([""])
+    sha = write_empty_caption(
+        root, spec, clip_ids=tok["clip_ids"], clip_mask=tok["clip_mask"],
+        clip_states=enc.encode_clip(tok["clip_ids"], tok["clip_mask"]), t5_ids=tok["t5_ids"],
+        t5_mask=tok["t5_mask"], t5_states=enc.encode_t5(tok["t5_ids"], tok["t5_mask"]),
+    )
+    write_manifest(root, manifest_from_shards(root, spec, encoders=enc.fingerprint(),
+                                              vae_scaling_factor=enc.scaling_factor, empty_caption_sha256=sha))
+
+    def preprocess(sample):
+        return preprocess_image(decode_image(sample.image, 10**8), sample.key, img_cfg)
+
+    return samples, enc, preprocess, root
+
+
+class Recorder:
+    """Wraps a batch source and keeps what each batch drew."""
+
+    def __init__(self, source):
+        self.source, self.seen = source, []
+
+    def batches(self, start, end):
+        for batch in self.source.batches(start, end):
+            self.seen.append({k: batch[k] for k in ("key", "view", "drop_clip", "drop_t5", "bucket")} |
+                             {"t": batch["t"].clone(), "noise": batch["noise"].clone(),
+                              "x_start": batch["x_start"].clone()})
+            yield batch
+
+
+def _cfg(cache: Path, run_dir: Path) -> TrainConfig:
+    return load_config(TrainConfig, "configs/train/demo.yaml", [
+        f"data.cache={cache}", f"run_dir={run_dir}", "data.num_workers=0", "data.batch_size=2", "steps=4",
+        "data.uncond_p=0.5", "data.uncond_p_t5=0.5", "logging.every=1", "logging.tensorboard=false",
+        "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
+        "precision.mode=fp32", "device=cpu", "model.overrides.text_len=8", "model.overrides.text_len_t5=12",
+        "model.overrides.text_states_dim=32", "model.overrides.text_states_dim_t5=48",
+    ])
+
+
+def test_cache_training_equals_online_training(encoded, tmp_path):
+    from stage2_train.data import CacheBatchSource
+    from stage2_train.online import OnlineBatchSource
+    from stage2_train.trainer import Trainer
+    from test_stage2_common import read_metrics
+
+    samples, enc, preprocess, cache = encoded
+    torch.set_num_threads(1)
+
+    cached = {}
+
+    def cache_factory(trainer):
+        cached["src"] = Recorder(CacheBatchSource.from_config(trainer))
+        return cached["src"]
+
+    t_cache = Trainer(_cfg(cache, tmp_path / "cache_run"), batch_source_factory=cache_factory)
+    t_cache.train()
+
+    online = {}
+
+    def online_factory(trainer):
+        plan = cached["src"].source.plan  # same cache-free plan: built from the same buckets and seed
+        buckets = [tuple(int(x) for x in preprocess(s).bucket) for s in samples]
+        assert [tuple(b) for b in plan.buckets] == sorted(set(buckets))
+        online["src"] = Recorder(OnlineBatchSource(samples, buckets, preprocess, enc, plan,
+                                                   cached["src"].source.settings))
+        return online["src"]
+
+    t_online = Trainer(_cfg(cache, tmp_path / "online_run"), batch_source_factory=online_factory)
+    t_online.train()
+
+    a, b = cached["src"].seen, online["src"].seen
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in ("key", "view", "drop_clip", "drop_t5", "bucket"):
+            assert x[k] == y[k], k
+        assert torch.equal(x["t"], y["t"]) and torch.equal(x["noise"], y["noise"])
+        torch.testing.assert_close(x["x_start"], y["x_start"], rtol=1e-5, atol=1e-6)
+    draws = [v for x in a for v in x["view"]] + [d for x in a for d in x["drop_clip"] + x["drop_t5"]]
+    assert 0 < sum(draws) < len(draws), "the test should exercise both views and both dropout outcomes"
+
+    la = [m["loss"] for m in read_metrics(tmp_path / "cache_run")]
+    lb = [m["loss"] for m in read_metrics(tmp_path / "online_run")]
+    assert len(la) == len(lb) == 4
+    np.testing.assert_allclose(la, lb, rtol=LOSS_RTOL)
+    wa, wb = t_cache.inner.state_dict(), t_online.inner.state_dict()
+    diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    assert max(diffs.values()) < WEIGHT_ATOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # training moved the weights (the comparison is not between two untouched models)
+    torch.manual_seed(t_cache.cfg.seed)  # the Trainer's initial weights
+    fresh = type(t_cache.inner)(t_cache.model_config).state_dict()
+    moved = max((wa[k] - fresh[k]).abs().max().item() for k in wa)
+    assert moved > 1e-4
+    print(f"\nlosses cache {la}\nlosses online {lb}\nmax |loss diff| {np.max(np.abs(np.subtract(la, lb))):.3g}, "
+          f"max |weight diff| {max(diffs.values()):.3g}, max weight change by training {moved:.3g}")
