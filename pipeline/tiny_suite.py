@@ -364,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace encoder folders that already exist")
     args = parser.parse_args(argv)
-    captions = _read_captions(args.captions) if args.captions else None
+    try:
+        captions = _read_captions(args.captions) if args.captions else None
+    except (FileNotFoundError, UnicodeDecodeError) as err:
+        parser.error(str(err))
     root = write_tiny_suite(
         args.out_dir, seed=args.seed, captions=captions, sizes=TinySizes.preset(args.preset),
         overwrite=args.overwrite,
