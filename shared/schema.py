@@ -76,8 +76,9 @@ class CacheSpec:
     t5_dtype: str = "float16"
     clip_pad_id: int = 0
     t5_pad_id: int = 1
-    # Lossless. "zstd" costs read CPU for ~10-20% fewer bytes on fp16 states (bench/cache_size.py measures it).
-    compression: str = "none"
+    # Lossless. "zstd": Blosc(zstd, byte shuffle) on every stored array, and mT5 unique rows XOR-delta coded
+    # against the previous row first (neighbouring padded rows differ in few bits). bench/cache_size.py measures it.
+    compression: str = "zstd"
     zstd_level: int = 3
 
     def __post_init__(self) -> None:
@@ -237,6 +238,19 @@ def dedup_rows(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             first.append(i)
         index[i] = j
     return np.ascontiguousarray(states[first]), index
+
+
+def xor_delta_rows(rows: np.ndarray) -> np.ndarray:
+    """Bit patterns of `rows` with row k replaced by row k XOR row k-1 (lossless; inverse: undo_xor_delta_rows)."""
+    u = np.ascontiguousarray(rows).view(f"u{rows.dtype.itemsize}")
+    out = u.copy()
+    out[1:] ^= u[:-1]
+    return out
+
+
+def undo_xor_delta_rows(coded: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.bitwise_xor.accumulate(coded, axis=0) if coded.shape[0] else coded.copy()
+    return out.view(dtype)
 
 
 def sample_crc(key: str, caption: str, stored: dict[str, np.ndarray]) -> int:

@@ -4,7 +4,8 @@ Members of a sample (webdataset groups them by the key before the first "."):
     {key}.caption.txt       UTF-8 caption
     {key}.meta.json         {"bucket": [H, W], "image_meta_size": [...6], "crc32": n}
     {key}.<array>.npy       moments, clip_ids, clip_mask, clip_rows, t5_ids, t5_mask, t5_rows, t5_index
-                            (".npy.zst" when spec.compression == "zstd": the .npy bytes zstd-compressed)
+                            (".npy.blosc" when spec.compression == "zstd": the .npy bytes through Blosc(zstd, byte
+                            shuffle); t5_rows XOR-delta coded first, see schema.xor_delta_rows)
 Plain .npy (never pickle; read with np.load(allow_pickle=False)), so `wds.WebDataset(url).decode()` can read a shard
 too. Member headers have fixed mtime/owner, so the same samples give the same bytes and the same sha256.
 The sidecar shards/<name>.json also records each member's data offset and size, which gives random access with one
@@ -23,7 +24,7 @@ import numpy as np
 
 from .fsutil import atomic_replace, atomic_write_json, file_sha256, remove_path, tmp_path_for
 from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
-from .schema import CacheSpec, CorruptSampleError, check_shard_name, encode_sample
+from .schema import CacheSpec, CorruptSampleError, check_shard_name, encode_sample, undo_xor_delta_rows, xor_delta_rows
 
 NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
 ALL_FIELDS = ("caption", "meta") + NPY_FIELDS
@@ -34,7 +35,7 @@ def _ext(field: str, spec: CacheSpec) -> str:
         return "txt"
     if field == "meta":
         return "json"
-    return "npy.zst" if spec.compression == "zstd" else "npy"
+    return "npy.blosc" if spec.compression == "zstd" else "npy"
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -43,10 +44,17 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _zstd(level: int):
-    from numcodecs import Zstd
+def _blosc(level: int):
+    import numcodecs.blosc
+    from numcodecs import Blosc
 
-    return Zstd(level=level)
+    numcodecs.blosc.use_threads = False  # blosc's thread pool and forked DataLoader workers do not mix
+    return Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE)
+
+
+def _compress(npy: bytes, itemsize: int, level: int) -> bytes:
+    # the .npy header is padded to a multiple of 64 bytes, so the array data stays aligned for the byte shuffle
+    return bytes(_blosc(level).encode(np.frombuffer(npy, dtype=f"u{itemsize}")))
 
 
 def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
@@ -55,10 +63,14 @@ def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
             "image_meta_size": [int(x) for x in stored["image_meta_size"]],
             "crc32": int(stored["crc32"])}
     out = [("caption", stored["caption"].encode("utf-8")), ("meta", json.dumps(meta).encode("utf-8"))]
-    z = _zstd(spec.zstd_level) if spec.compression == "zstd" else None
     for f in NPY_FIELDS:
-        b = _npy_bytes(stored[f])
-        out.append((f, bytes(z.encode(b)) if z is not None else b))
+        a = stored[f]
+        if spec.compression == "zstd":
+            if f == "t5_rows":
+                a = xor_delta_rows(a)
+            out.append((f, _compress(_npy_bytes(a), a.dtype.itemsize, spec.zstd_level)))
+        else:
+            out.append((f, _npy_bytes(a)))
     return out
 
 
@@ -73,12 +85,14 @@ def decode_members(key: str, payloads: dict[str, bytes], spec: CacheSpec, where:
                "bucket": np.asarray(meta["bucket"], dtype=np.int32),
                "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
                "crc32": int(meta["crc32"])}
-        z = _zstd(spec.zstd_level) if spec.compression == "zstd" else None
+        z = _blosc(spec.zstd_level) if spec.compression == "zstd" else None
         for f in NPY_FIELDS:
             b = payloads[f]
             if z is not None:
                 b = bytes(z.decode(b))
             out[f] = np.load(io.BytesIO(b), allow_pickle=False)
+        if z is not None:
+            out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"))
     except Exception as e:
         raise CorruptSampleError(f"{where}: sample {key!r} is unreadable ({type(e).__name__}: {e}); "
                                  "run `python -m shared.cli verify`") from e

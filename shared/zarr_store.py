@@ -7,6 +7,8 @@ Layout of a shard group with N samples (ragged fields are flat arrays + (N+1,) i
     caption_utf8 (B,) uint8 + caption_offsets
     moments (E,) vae storage dtype + moments_offsets      (per-sample shape comes from the bucket)
     clip_rows (R1,Dc) + clip_row_offsets, t5_rows (R2,Dt) + t5_row_offsets
+With spec.compression == "zstd" every array goes through Blosc(zstd, byte shuffle) and t5_rows holds the
+XOR-delta coded bit patterns of each sample's unique rows (see schema.xor_delta_rows).
 Big arrays use zarr's sharding codec (one file per array, inner chunks of ~128-256 KiB) so a shard is a handful
 of files and a sample read touches one or two inner chunks. The writer buffers the shard's (compact) stored samples
 and writes every array with a single assignment: zarr 3.1 rewrites a whole shard object on a partial write, and two
@@ -23,7 +25,8 @@ import numpy as np
 from .fsutil import atomic_replace, atomic_write_json, fsync_dir, fsync_tree, remove_path, tmp_path_for, tree_bytes, \
     tree_sha256
 from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
-from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, check_shard_name, encode_sample
+from .schema import (SCHEMA_VERSION, CacheSpec, CorruptSampleError, check_shard_name, encode_sample,
+                     undo_xor_delta_rows, xor_delta_rows)
 
 _SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
           "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
@@ -33,9 +36,11 @@ _ROW_CHUNK = 64
 
 def _compressors(spec: CacheSpec):
     if spec.compression == "zstd":
-        from zarr.codecs import ZstdCodec
+        import numcodecs.blosc
+        from zarr.codecs import BloscCodec
 
-        return ZstdCodec(level=spec.zstd_level)
+        numcodecs.blosc.use_threads = False  # blosc's thread pool and forked DataLoader workers do not mix
+        return BloscCodec(cname="zstd", clevel=spec.zstd_level, shuffle="shuffle")
     return None
 
 
@@ -115,8 +120,10 @@ class ZarrShardWriter:
         big("moments", np.concatenate([s["moments"].ravel() for s in S]) if n else np.zeros(0, vae_dt))
         for enc, D in (("clip", spec.clip_dim), ("t5", spec.t5_dim)):
             rows = [s[f"{enc}_rows"] for s in S]
+            if enc == "t5" and spec.compression == "zstd":
+                rows = [xor_delta_rows(r) for r in rows]
             small(f"{enc}_row_offsets", _offsets([r.shape[0] for r in rows]))
-            dt = spec.storage_dtype(enc)
+            dt = rows[0].dtype if n else spec.storage_dtype(enc)
             big(f"{enc}_rows", np.concatenate(rows) if n else np.zeros((0, D), dt))
 
     def close(self) -> ShardInfo:
@@ -207,6 +214,8 @@ class ZarrShardReader:
                 "t5_ids": sm["t5_ids"][i], "t5_mask": sm["t5_mask"][i], "t5_index": sm["t5_index"][i],
                 "t5_rows": np.asarray(g["t5_rows"][t1[i]:t1[i + 1]]),
             }
+            if self.spec.compression == "zstd":
+                out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], self.spec.storage_dtype("t5"))
         except CorruptSampleError:
             raise
         except Exception as e:
