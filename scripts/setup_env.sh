@@ -28,13 +28,17 @@ export PATH="$VENV/bin:$PATH"
 
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
     t0=$SECONDS
-    PIP=("$VPY" -m pip install --progress-bar off --disable-pip-version-check)
+    # --no-compile: byte-compiling all of torch/ray/transformers at install time costs minutes on 2 cores; Python
+    # compiles the modules actually imported on first use instead.
+    PIP=("$VPY" -m pip install --progress-bar off --disable-pip-version-check --no-compile)
     if [ "${VERBOSE:-0}" != "1" ]; then PIP+=(-q); fi
     torch_args=("$TORCH_SPEC")
     if [ -n "$PIP_TORCH_INDEX" ]; then torch_args+=(--index-url "$PIP_TORCH_INDEX"); fi
     echo "[setup] installing $TORCH_SPEC${PIP_TORCH_INDEX:+ from $PIP_TORCH_INDEX}"
     "${PIP[@]}" "${torch_args[@]}"
+    t1=$SECONDS
     echo "[setup] installing this project with extras [$EXTRAS] (editable)"
     "${PIP[@]}" -e ".[$EXTRAS]"
-    echo "[setup] done in $((SECONDS - t0)) s: $("$VPY" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
+    echo "[setup] done in $((SECONDS - t0)) s (torch $((t1 - t0)) s, project $((SECONDS - t1)) s):" \
+        "$("$VPY" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
 fi
