@@ -25,13 +25,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from stage2_train.parallel import DistInfo, barrier
 
@@ -82,8 +75,56 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _full_options(info: DistInfo) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2 parameters are DTensors."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Full weights with the original key names (collective under FSDP2; rank 0 gets them)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    # torch.distributed.checkpoint takes seconds to import: only FSDP2 runs pay for it.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+    """AdamW state keyed by parameter name, the format of DCP's get_optimizer_state_dict, for every strategy."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    osd = optimizer.state_dict()
+    by_index = {i: names[id(p)] for i, p in enumerate(params)}
+    groups = [{**g, "params": [by_index[i] for i in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {by_index[i]: st for i, st in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+        return
+    model.load_state_dict(model_sd)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    unknown = sorted(set(optim_sd["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"optimizer state names parameters the model lacks, e.g. {unknown[:3]}")
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
+    optimizer.load_state_dict({"state": {index[n]: st for n, st in optim_sd["state"].items()},
+                               "param_groups": groups})
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -120,9 +161,8 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     barrier(info)
 
-    options = _full_options(info)
-    model_sd = get_model_state_dict(model, options=options)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    model_sd = full_model_state(model, info)
+    optim_sd = full_optimizer_state(model, optimizer, info)
     ema_sd = ema.state_dict() if ema is not None else None
     rng = {"cpu": torch.get_rng_state()}
     if info.device.type == "cuda":
@@ -159,9 +199,8 @@ def load_checkpoint(
     path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, info: DistInfo,
 ) -> dict:
     """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state for the caller."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)
-    set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(path / "optimizer.safetensors"), options=options)
+    load_full_state(model, optimizer, load_file(path / "model.safetensors"),
+                    _unflatten_optimizer(path / "optimizer.safetensors"))
     if ema is not None:
         ema_file = path / "ema.safetensors"
         if ema_file.is_file():

@@ -101,6 +101,8 @@ class LoggingSection:
     """One log line (rank 0) every N optimizer steps."""
     tensorboard: bool = True
     progress_bar: bool = True
+    record_samples: bool = False
+    """Every rank appends the keys it trained on to <run_dir>/samples/rank_XXXXX.jsonl (audits data sharding)."""
 
 
 @dataclass

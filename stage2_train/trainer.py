@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import time
@@ -261,6 +263,10 @@ class Trainer:
                                     "wait": 0.0, "time": 0.0, "samples": 0}
         stopped_by_signal = False
         last_saved = None
+        sample_log = None
+        if cfg.logging.record_samples:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            sample_log = open(self.run_dir / "samples" / f"rank_{self.info.rank:05d}.jsonl", "a", encoding="utf-8")
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -270,6 +276,9 @@ class Trainer:
                     tw = time.perf_counter()
                     batch = next(batches)
                     wait += time.perf_counter() - tw
+                    if sample_log is not None:
+                        sample_log.write(json.dumps({"step": self.step + 1, "micro": micro, "key": batch["key"],
+                                                     "view": batch["view"]}) + "\n")
                     out = self.forward_backward(batch, sync=micro == accum - 1)
                     for k in sums:
                         sums[k] += float(out[k]) / accum
@@ -323,10 +332,38 @@ class Trainer:
                     break
         finally:
             metrics.close()
+            if sample_log is not None:
+                sample_log.close()
             signal.signal(signal.SIGTERM, previous)
-        barrier(self.info)
+        self.check_replicas_agree()
         return {"step": self.step, "stopped_by_signal": stopped_by_signal, "last_checkpoint": last_saved,
                 "skipped_steps": self.skipped_steps, "checkpoints": [p.name for p in list_checkpoints(self.ckpt_root)]}
+
+    def weights_digest(self) -> str:
+        """sha256 over this rank's full weights (collective under FSDP2)."""
+        from stage2_train.checkpointing import full_model_state
+
+        state = full_model_state(self.inner, self.info)
+        h = hashlib.sha256()
+        for name in sorted(state):
+            h.update(name.encode())
+            h.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def check_replicas_agree(self) -> None:
+        """DDP replicas must hold bit-identical weights; a mismatch means a desync bug, so stop loudly."""
+        if not self.info.distributed or self.cfg.parallel.strategy != "ddp":
+            barrier(self.info)
+            return
+        import torch.distributed as dist
+
+        digests: list[str] = [""] * self.info.world_size
+        dist.all_gather_object(digests, self.weights_digest())
+        if self.info.is_main:
+            (self.run_dir / "replica_digests.json").write_text(json.dumps(digests), encoding="utf-8")
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP replicas diverged: weight digests per rank {digests}")
+        logger.info("all %d replicas hold identical weights (sha256 %s...)", self.info.world_size, digests[0][:12])
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -1,0 +1,110 @@
+"""Stage-2 data: bucket-pure, rank-disjoint, deterministic plans and reproducible per-sample draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stage2_train.data import BucketBatchPlan, build_item, collate, draw_sample, sample_latent, sample_seed
+
+
+def _plan(world=2, batch=2, seed=0):
+    buckets = [(32, 32)] * 9 + [(32, 48)] * 6 + [(48, 32)] * 5
+    return buckets, BucketBatchPlan(buckets, batch_size=batch, world_size=world, seed=seed)
+
+
+def test_plan_is_bucket_pure_rank_disjoint_and_covers_the_epoch():
+    buckets, plan = _plan()
+    assert plan.batches_per_epoch == 3 + 2 + 2  # ceil(9/4) + ceil(6/4) + ceil(5/4)
+    seen = set()
+    for step in range(plan.batches_per_epoch):
+        r0 = [i for _, _, i in plan.rank_items(step, 0)]
+        r1 = [i for _, _, i in plan.rank_items(step, 1)]
+        assert len({buckets[i] for i in r0 + r1}) == 1, "a global batch mixed buckets"
+        assert not set(r0) & set(r1), "two ranks read the same sample in one step"
+        seen |= set(r0) | set(r1)
+    assert seen == set(range(len(buckets))), "an epoch must visit every sample"
+
+
+def test_plan_is_deterministic_and_reshuffles_per_epoch():
+    _, a = _plan(seed=5)
+    _, b = _plan(seed=5)
+    _, c = _plan(seed=6)
+    n = a.batches_per_epoch
+    first = [a.rank_items(s, 0) for s in range(n)]
+    assert first == [b.rank_items(s, 0) for s in range(n)]
+    assert first != [c.rank_items(s, 0) for s in range(n)]
+    second = [[i for _, _, i in a.rank_items(s, 0)] for s in range(n, 2 * n)]
+    assert [[i for _, _, i in f] for f in first] != second
+
+
+def test_empty_cache_is_a_clear_error():
+    with pytest.raises(ValueError, match="no samples"):
+        BucketBatchPlan([], batch_size=1, world_size=1, seed=0)
+
+
+def test_draws_depend_only_on_seed_step_slot_key():
+    kw = dict(num_views=2, latent_shape=(4, 3, 5), random_flip=True, uncond_p=0.3, uncond_p_t5=0.3,
+              num_timesteps=1000)
+    a = draw_sample(1, 7, 2, "k", **kw)
+    b = draw_sample(1, 7, 2, "k", **kw)
+    assert (a.view, a.drop_clip, a.drop_t5, a.t) == (b.view, b.drop_clip, b.drop_t5, b.t)
+    assert torch.equal(a.noise, b.noise) and torch.equal(a.latent_eps, b.latent_eps)
+    assert not torch.equal(a.noise, draw_sample(1, 8, 2, "k", **kw).noise)
+    assert not torch.equal(a.noise, draw_sample(1, 7, 3, "k", **kw).noise)
+    assert not torch.equal(a.noise, draw_sample(1, 7, 2, "j", **kw).noise)
+    assert sample_seed(1, 7, 2, "k") != sample_seed(2, 7, 2, "k")
+
+
+def test_draw_frequencies_views_dropout_and_timesteps():
+    kw = dict(num_views=2, latent_shape=(1, 1, 1), random_flip=True, uncond_p=0.2, uncond_p_t5=0.5,
+              num_timesteps=1000)
+    draws = [draw_sample(0, s, 0, "key", **kw) for s in range(4000)]
+    views = np.mean([d.view for d in draws])
+    clip = np.mean([d.drop_clip for d in draws])
+    t5 = np.mean([d.drop_t5 for d in draws])
+    both = np.mean([d.drop_clip and d.drop_t5 for d in draws])
+    ts = np.array([d.t for d in draws])
+    assert abs(views - 0.5) < 0.03 and abs(clip - 0.2) < 0.03 and abs(t5 - 0.5) < 0.03
+    assert abs(both - 0.1) < 0.02, "the two dropouts must be independent"
+    assert ts.min() >= 0 and ts.max() <= 999 and abs(ts.mean() - 499.5) < 20
+    no_flip = [draw_sample(0, s, 0, "key", **{**kw, "num_views": 1}).view for s in range(100)]
+    assert set(no_flip) == {0}
+
+
+def test_sample_latent_matches_diffusers_posterior_sample():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    moments = torch.randn(8, 3, 5)
+    moments[4:] = moments[4:] * 3 - 2
+    moments[5, 0, 0] = -100.0  # below the clamp
+    eps = torch.randn(4, 3, 5)
+    dist = DiagonalGaussianDistribution(moments[None])
+    want = (dist.mean + dist.std * eps[None])[0] * 0.13025
+    torch.testing.assert_close(sample_latent(moments, eps, 0.13025), want, rtol=0, atol=0)
+
+
+def test_build_item_substitutes_the_empty_caption_per_encoder():
+    from stage2_train.data import DrawSettings
+
+    sample = {
+        "key": "a", "bucket": np.array([16, 16], np.int32), "image_meta_size": np.arange(6, dtype=np.int32),
+        "moments": np.zeros((2, 8, 2, 2), np.float32),
+        "clip_states": np.ones((8, 32), np.float32), "clip_mask": np.ones(8, bool),
+        "t5_states": np.ones((12, 48), np.float16), "t5_mask": np.ones(12, bool),
+    }
+    empty = {"clip_states": torch.zeros(8, 32), "clip_mask": torch.zeros(8, dtype=torch.bool),
+             "t5_states": torch.zeros(12, 48, dtype=torch.float16), "t5_mask": torch.zeros(12, dtype=torch.bool)}
+    s = DrawSettings(seed=0, random_flip=True, uncond_p=0.5, uncond_p_t5=0.5, num_timesteps=1000,
+                     scaling_factor=1.0)
+    outcomes = set()
+    for step in range(40):
+        item = build_item(sample, empty, s, step, 0)
+        assert item["encoder_hidden_states"].sum().item() == (0 if item["drop_clip"] else 8 * 32)
+        assert item["encoder_hidden_states_t5"].sum().item() == (0 if item["drop_t5"] else 12 * 48)
+        assert item["encoder_hidden_states_t5"].dtype == torch.float32
+        outcomes.add((item["drop_clip"], item["drop_t5"]))
+    assert len(outcomes) == 4
+    batch = collate([build_item(sample, empty, s, 0, i) for i in range(3)])
+    assert batch["x_start"].shape == (3, 4, 2, 2) and batch["t"].dtype == torch.long and batch["bucket"] == (16, 16)

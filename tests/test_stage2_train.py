@@ -1,0 +1,192 @@
+"""Stage-2 trainer: exact resume, SIGTERM, loss goes down, non-finite steps, precisions, user errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.config import ConfigError, load_config
+from stage2_train.config import TrainConfig
+from test_stage2_common import ROOT, read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("s2cache") / "cache", n=12)
+
+
+def _cfg(cache: Path, run_dir: Path, **extra) -> TrainConfig:
+    return load_config(TrainConfig, "configs/train/demo.yaml", tiny_overrides(cache, run_dir, **extra))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a resumed run appends, so the last record of a step wins."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def _train_in_process(cfg: TrainConfig) -> None:
+    from stage2_train.trainer import Trainer
+
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the subprocess: same reduction order, same bits
+    Trainer(cfg).train()
+
+
+def test_exact_resume_after_sigkill(cache, tmp_path):
+    n = 4
+    _train_in_process(_cfg(cache, tmp_path / "full", steps=2 * n))
+
+    run = tmp_path / "killed"
+    args = train_cmd(*tiny_overrides(cache, run, steps=2 * n, **{"checkpoint.every": n, "checkpoint.keep_last": 0}))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = run / "checkpoints" / f"step_{n:07d}" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert f"step_{2 * n:07d}" not in done
+
+    _train_in_process(_cfg(cache, run, steps=2 * n, **{"checkpoint.resume": "auto"}))
+    a, b = _losses(tmp_path / "full"), _losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
+    assert [b[s] for s in range(n + 1, 2 * n + 1)] == [a[s] for s in range(n + 1, 2 * n + 1)]  # bit-identical
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "full" / "checkpoints" / f"step_{2 * n:07d}" / "model.safetensors")
+    wb = load_file(run / "checkpoints" / f"step_{2 * n:07d}" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
+    run = tmp_path / "term"
+    args = train_cmd(*tiny_overrides(cache, run, steps=10_000))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    saved = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(saved) == 1
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert 2 <= state["step"] < 10_000 and state["step"] == max(_losses(run))
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "config.yaml"} <= {
+        p.name for p in saved[0].iterdir()}
+
+
+def test_loss_goes_down(cache, tmp_path):
+    from stage2_train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = _cfg(cache, tmp_path / "run", steps=40, **{"data.batch_size": 4, "optim.lr": 1e-3,
+                                                     "logging.every": 1, "data.uncond_p": 0.0,
+                                                     "data.uncond_p_t5": 0.0})
+    trainer = Trainer(cfg)
+    trainer.train()
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    print(f"\nmean loss steps 1-10: {first:.4f}, steps 31-40: {last:.4f} ({100 * (1 - last / first):.0f}% lower)")
+    assert last < 0.7 * first
+
+
+class _Poisoned:
+    """Makes every batch from step `start` on non-finite."""
+
+    def __init__(self, source, start):
+        self.source, self.start = source, start
+
+    def batches(self, a, b):
+        for i, batch in enumerate(self.source.batches(a, b), start=a):
+            if i >= self.start:
+                batch["x_start"] = batch["x_start"] * float("nan")
+            yield batch
+
+
+def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
+    from stage2_train.data import CacheBatchSource
+    from stage2_train.trainer import Trainer
+
+    cfg = _cfg(cache, tmp_path / "run", steps=20, max_bad_steps=3)
+    trainer = Trainer(cfg, batch_source_factory=lambda t: _Poisoned(CacheBatchSource.from_config(t), 2))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        trainer.train()
+    assert trainer.skipped_steps == 4 and trainer.step == 5  # the 4th bad step in a row raised
+    assert all(torch.isfinite(p).all() for p in trainer.inner.parameters()), "a NaN update was applied"
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_mixed_precision_modes_train(cache, tmp_path, mode):
+    from stage2_train.trainer import Trainer
+
+    trainer = Trainer(_cfg(cache, tmp_path / mode, steps=3, **{"precision.mode": mode}))
+    trainer.train()
+    losses = [m["loss"] for m in read_metrics(tmp_path / mode)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert (trainer.scaler is not None) == (mode == "fp16")
+
+
+def test_grad_accum_and_warmup_schedule(cache, tmp_path):
+    from stage2_train.trainer import Trainer
+
+    cfg = _cfg(cache, tmp_path / "acc", steps=3, grad_accum=2,
+               **{"schedule.warmup_steps": 2, "schedule.warmup_kind": "log", "optim.lr": 1e-3})
+    trainer = Trainer(cfg)
+    trainer.train()
+    rec = read_metrics(tmp_path / "acc")
+    # DeepSpeed WarmupLR(log): min + (max - min) * ln(it + 1) / ln(warmup), then constant
+    assert [round(r["lr"], 12) for r in rec] == [1e-6, round(1e-6 + (1e-3 - 1e-6) * np.log(2) / np.log(2), 12), 1e-3]
+    assert trainer.schedule.step_count == 3
+
+
+def test_user_errors_say_how_to_fix(cache, tmp_path):
+    from stage2_train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="precision.mode"):
+        load_config(TrainConfig, "configs/train/demo.yaml", ["precision.mode=fp8"])
+    with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
+        load_config(TrainConfig, "configs/train/demo.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match=r"(?s)text_states_dim=64.*model\.overrides"):
+        Trainer(_cfg(cache, tmp_path / "a", **{"model.overrides.text_states_dim": 64}))
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        Trainer(_cfg(cache, tmp_path / "b", **{"model.init_from": str(tmp_path / "nope.pt")}))
+    with pytest.raises(FileNotFoundError, match="data.cache"):
+        Trainer(_cfg(tmp_path / "no_cache", tmp_path / "c"))
+    with pytest.raises(ValueError, match="checkpoint.resume"):
+        Trainer(_cfg(cache, tmp_path / "d", **{"checkpoint.resume": str(tmp_path)}))
+    with pytest.raises(ValueError, match="uncond_p"):
+        Trainer(_cfg(cache, tmp_path / "e", **{"data.uncond_p": 1.5}))
+
+
+def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
+    from pipeline.models import DiTConfig, HunYuanDiT
+    from safetensors.torch import load_file
+    from stage2_train.trainer import Trainer
+
+    torch.manual_seed(123)
+    src = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2"))
+    torch.save({"module": src.state_dict()}, tmp_path / "pytorch_model_module.pt")
+    cfg = _cfg(cache, tmp_path / "run", steps=4, **{"model.init_from": str(tmp_path / "pytorch_model_module.pt"),
+                                                    "checkpoint.every": 1, "checkpoint.keep_last": 2})
+    trainer = Trainer(cfg)
+    for k, v in src.state_dict().items():
+        assert torch.equal(trainer.inner.state_dict()[k], v)
+    trainer.train()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step_0000003", "step_0000004"]
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert set(saved) == set(src.state_dict())  # the original key layout
