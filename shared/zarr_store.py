@@ -29,7 +29,7 @@ from .schema import (SCHEMA_VERSION, CacheSpec, CorruptSampleError, check_shard_
                      undo_xor_delta_rows, xor_delta_rows)
 
 _SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
-          "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
+          "caption_utf8", "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
 _FLAT_CHUNK_BYTES = 1 << 18
 _ROW_CHUNK = 64
 
@@ -187,32 +187,49 @@ class ZarrShardReader:
         try:
             g = zarr.open_group(str(self.path), mode="r")
             self._small = {k: np.asarray(g[k][...]) for k in _SMALL}
-            self._g = g
+            self._g = {k: g[k] for k in ("moments", "clip_rows", "t5_rows")}  # array handles: one metadata read
             self._pid = os.getpid()
         except Exception as e:  # any decode/IO error inside a shard is corruption from the reader's view
             raise CorruptSampleError(f"shard {self.path}: cannot open ({type(e).__name__}: {e}); "
                                      "run `python -m shared.cli verify`") from e
 
+    def _read_big(self, reads: tuple) -> list[np.ndarray]:
+        """The three big reads of a sample in one trip through zarr's event loop (they run concurrently)."""
+        try:
+            import asyncio
+
+            from zarr.core.sync import sync
+
+            async def gather():
+                return await asyncio.gather(*(self._g[n]._async_array.getitem(sl) for n, sl in reads))
+
+            return [np.asarray(x) for x in sync(gather())]
+        except (ImportError, AttributeError):  # zarr internals moved: fall back to one read per call
+            return [np.asarray(self._g[n][sl]) for n, sl in reads]
+
     def read_stored(self, i: int) -> dict:
         key = self.info.keys[i] if i < len(self.info.keys) else "?"
         self._open()
         try:
-            sm, g = self._small, self._g
+            sm = self._small
             co, mo, c1, t1 = (sm["caption_offsets"], sm["moments_offsets"], sm["clip_row_offsets"],
                               sm["t5_row_offsets"])
             bucket = sm["bucket"][i]
-            caption = bytes(g["caption_utf8"][co[i]:co[i + 1]]).decode("utf-8") if co[i + 1] > co[i] else ""
+            mom, clip_rows, t5_rows = self._read_big(
+                (("moments", slice(mo[i], mo[i + 1])), ("clip_rows", slice(c1[i], c1[i + 1])),
+                 ("t5_rows", slice(t1[i], t1[i + 1]))))
+            caption = sm["caption_utf8"][co[i]:co[i + 1]].tobytes().decode("utf-8")
             out = {
                 "key": key,
                 "caption": caption,
                 "bucket": bucket,
                 "image_meta_size": sm["image_meta_size"][i],
                 "crc32": sm["crc32"][i],
-                "moments": np.asarray(g["moments"][mo[i]:mo[i + 1]]).reshape(self.spec.latent_shape(bucket)),
+                "moments": mom.reshape(self.spec.latent_shape(bucket)),
                 "clip_ids": sm["clip_ids"][i], "clip_mask": sm["clip_mask"][i],
-                "clip_rows": np.asarray(g["clip_rows"][c1[i]:c1[i + 1]]),
+                "clip_rows": clip_rows,
                 "t5_ids": sm["t5_ids"][i], "t5_mask": sm["t5_mask"][i], "t5_index": sm["t5_index"][i],
-                "t5_rows": np.asarray(g["t5_rows"][t1[i]:t1[i + 1]]),
+                "t5_rows": t5_rows,
             }
             if self.spec.compression == "zstd":
                 out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], self.spec.storage_dtype("t5"))
