@@ -198,6 +198,12 @@ class CacheReader:
             self._idx = _indices
         self._pos_in_view: dict[int, int] | None = None
 
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        if not isinstance(d.get("_vae"), (str, Path, type(None))):
+            d["_vae"] = None  # never ship a loaded VAE to DataLoader workers
+        return d
+
     # -- map-style access -------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self._idx.size)

@@ -98,6 +98,23 @@ def completed_shards(root: str | Path) -> dict[str, ShardInfo]:
     return out
 
 
+def count_rejects(root: str | Path) -> dict[str, int]:
+    """Rejected inputs by reason, from rejects.jsonl (one JSON object per line with a "reason")."""
+    p = Path(root) / REJECTS_NAME
+    out: dict[str, int] = {}
+    if not p.exists():
+        return out
+    for n, line in enumerate(p.read_text("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            reason = str(json.loads(line).get("reason", "unknown"))
+        except (json.JSONDecodeError, AttributeError):
+            reason = "unreadable_reject_line"
+        out[reason] = out.get(reason, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def encoders_hash(encoders: dict) -> str:
     """sha256 of the canonical JSON of an encoder-fingerprint dict (what `encoder_hash` is compared against)."""
     return hashlib.sha256(json.dumps(encoders, sort_keys=True, default=str).encode("utf-8")).hexdigest()

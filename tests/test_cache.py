@@ -224,3 +224,30 @@ def test_overwrite_replaces_a_shard_atomically(tmp_path):
             w.add(synthetic_sample(spec, "a-2", (64, 64), rng))
         assert completed_shards(root)["p"].keys == ["a-2"]
         assert not [p for p in (root / "shards").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_torch_inputs_and_empty_shards(tmp_path):
+    """Stage 1 hands over torch tensors (bf16 included, masks as long); an all-rejected partition gives an empty
+    shard that still counts as completed."""
+    from shared.manifest import count_rejects
+
+    for fmt in ("zarr", "webdataset"):
+        root = tmp_path / fmt
+        spec = CacheSpec(format=fmt, t5_dtype="bfloat16", **{k: v for k, v in SMALL.items()})
+        assert open_shard_writer(root, "empty", spec).close().n_samples == 0
+        s = synthetic_sample(spec, "k-1", (32, 32), np.random.default_rng(0))
+        t = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+        t["t5_states"] = torch.from_numpy(s["t5_states"].astype(np.int32) << 16).view(torch.float32).bfloat16()
+        t["clip_mask"] = t["clip_mask"].long()
+        with open_shard_writer(root, "p1", spec) as w:
+            w.add(t)
+        write_empty_caption(root, spec, **{k: t[k][None] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
+                                                                   "t5_mask", "t5_states")})
+        (root / "rejects.jsonl").write_text('{"key": "a", "reason": "too_small"}\n{"key": "b", "reason": "too_small"}\n')
+        write_manifest(root, manifest_from_shards(root, spec, rejects=count_rejects(root)))
+        cache = open_cache(root)
+        assert len(cache) == 1 and sorted(completed_shards(root)) == ["empty", "p1"]
+        got = cache[0]
+        assert got["t5_states"].tobytes() == s["t5_states"].tobytes()
+        assert cache.empty_caption()["t5_states"].tobytes() == s["t5_states"].tobytes()
+        assert cache.summary()["rejects"] == {"too_small": 2}
