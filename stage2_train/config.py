@@ -27,6 +27,9 @@ class DataSection:
     """Cache folder written by stage 1 (the one holding manifest.json)."""
     batch_size: int = 1
     """Samples per rank per micro-step."""
+    global_batch_size: int = 0
+    """If > 0, replaces batch_size: samples per optimizer step over all ranks; must be a multiple of
+    world_size * grad_accum (per-rank batch = global_batch_size / (world_size * grad_accum))."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     prefetch_factor: int = 4

@@ -272,6 +272,13 @@ class CacheBatchSource:
 
             logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
                            "(encode with flip views in stage 1 to get them)")
+        step = reader.spec.downsample * trainer.model_config.patch_size
+        for height, width in reader.bucket_indices():
+            if height % step or width % step:
+                raise ValueError(
+                    f"data.cache={data.cache!r} has bucket {height}x{width}, which is not a multiple of "
+                    f"VAE downsample x patch size = {step} in both sides; re-encode with buckets aligned to {step} "
+                    "(stage 1's align / reso_step)")
         settings = DrawSettings(
             seed=cfg.seed, random_flip=data.random_flip, uncond_p=data.uncond_p, uncond_p_t5=data.uncond_p_t5,
             num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,

@@ -134,7 +134,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup helpers
     def _per_rank_batch(self) -> int:
-        return self.cfg.data.batch_size
+        g, world, accum = self.cfg.data.global_batch_size, self.info.world_size, self.cfg.grad_accum
+        if g <= 0:
+            return self.cfg.data.batch_size
+        if g % (world * accum):
+            raise ValueError(
+                f"data.global_batch_size={g} is not divisible by world_size ({world}) x grad_accum ({accum}); use a "
+                f"multiple of {world * accum} (e.g. {max(1, g // (world * accum)) * world * accum}), change "
+                "--nproc_per_node or grad_accum, or set data.global_batch_size=0 and data.batch_size (per rank)"
+            )
+        return g // (world * accum)
 
     def _build_diffusion(self):
         from pipeline.diffusion import create_diffusion

@@ -168,6 +168,8 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
         Trainer(_cfg(tmp_path / "no_cache", tmp_path / "c"))
     with pytest.raises(ValueError, match="checkpoint.resume"):
         Trainer(_cfg(cache, tmp_path / "d", **{"checkpoint.resume": str(tmp_path)}))
+    with pytest.raises(ValueError, match="global_batch_size=6 is not divisible"):
+        Trainer(_cfg(cache, tmp_path / "f", grad_accum=4, **{"data.global_batch_size": 6}))
     with pytest.raises(ValueError, match="uncond_p"):
         Trainer(_cfg(cache, tmp_path / "e", **{"data.uncond_p": 1.5}))
 
