@@ -67,7 +67,7 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
         Step(
             "train", f"stage 2: train DiT-tiny/2 for {args.steps} steps from the cache",
             [PY, "stage2_train/train.py", "--config", "configs/train/demo.yaml",
-             f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}"],
+             f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}", "logging.every=5"],
             needs_files=["stage2_train/train.py", "configs/train/demo.yaml"],
             needs_steps=["encode"],
             output=str(run),
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--n", type=int, default=300, help="demo corpus size (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="seed of corpus and tiny weights (default 0)")
-    parser.add_argument("--steps", type=int, default=60, help="stage-2 training steps (default 60)")
+    parser.add_argument("--steps", type=int, default=40, help="stage-2 training steps (default 40)")
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
