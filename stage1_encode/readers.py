@@ -324,7 +324,8 @@ def _indexkits_selection(index_files: list[Path], cfg: InputConfig) -> dict[Path
     Repeats in an index (IndexKits `repeat`, multi-resolution padding to whole batches) are a training-time sampling
     matter: the cache stores each row once.
     """
-    selected: dict[Path, set[int]] = {}
+    selected: dict[Path, list[np.ndarray]] = {}
+    row_counts: dict[Path, int] = {}
     for index_file in index_files:
         try:
             doc = json.loads(index_file.read_text())
@@ -341,24 +342,29 @@ def _indexkits_selection(index_files: list[Path], cfg: InputConfig) -> dict[Path
             if not p.exists():
                 raise ValueError(f"{index_file}: arrow file {name!r} listed in 'arrow_files' does not exist")
             arrow_files.append(p.resolve())
-        counts = [_arrow_num_rows(p, cfg) for p in arrow_files]
-        cum = np.cumsum(counts, dtype=np.int64)
+        for p in arrow_files:
+            if p not in row_counts:
+                row_counts[p] = _arrow_num_rows(p, cfg)
+        cum = np.cumsum([row_counts[p] for p in arrow_files], dtype=np.int64)
+        total = int(cum[-1]) if len(cum) else 0
         if "cum_length" in doc and [int(c) for c in doc["cum_length"]] != cum.tolist():
             raise ValueError(
                 f"{index_file}: 'cum_length' {doc['cum_length']} does not match the arrow files' row counts "
                 f"{cum.tolist()} (the index is stale; rebuild it with `idk`)"
             )
-        indices = _index_indices(index_file, doc)
-        if len(indices) and (indices.min() < 0 or indices.max() >= (cum[-1] if len(cum) else 0)):
+        indices = np.unique(_index_indices(index_file, doc))  # sorted, repeats dropped
+        if len(indices) and (indices[0] < 0 or indices[-1] >= total):
             raise ValueError(
-                f"{index_file}: indices range {int(indices.min())}..{int(indices.max())} is outside the "
-                f"{int(cum[-1]) if len(cum) else 0} rows of its arrow files"
+                f"{index_file}: indices range {int(indices[0])}..{int(indices[-1])} is outside the "
+                f"{total} rows of its arrow files"
             )
         file_of = np.searchsorted(cum, indices, side="right")
         local = indices - np.concatenate([[0], cum[:-1]])[file_of]
-        for f, r in zip(file_of.tolist(), local.tolist()):
-            selected.setdefault(arrow_files[f], set()).add(int(r))
-    return {p: sorted(rows) for p, rows in sorted(selected.items())}
+        bounds = np.searchsorted(file_of, np.arange(len(arrow_files) + 1))
+        for f, p in enumerate(arrow_files):
+            if bounds[f + 1] > bounds[f]:
+                selected.setdefault(p, []).append(local[bounds[f] : bounds[f + 1]])
+    return {p: np.unique(np.concatenate(parts)).tolist() for p, parts in sorted(selected.items())}
 
 
 def _index_indices(index_file: Path, doc: dict) -> np.ndarray:

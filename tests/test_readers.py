@@ -154,6 +154,10 @@ def test_indexkits_multireso_npz_and_large_index_npz(tmp_path, corpus):
     rows = _read_all(cfg, 1000)[1]
     cum = [0] + mt["cum_length"]
     assert [cum[int(r["source"][-7:-6])] + r["row"] for r in rows] == want
+    # several index files: the union of their rows, each row once
+    both = InputConfig(format="indexkits", paths=[str(corpus["multireso_json"]), str(corpus["index_json"])])
+    union = sorted(set(want) | set(json.loads(corpus["index_json"].read_text())["indices"]))
+    assert [cum[int(r["source"][-7:-6])] + r["row"] for r in _read_all(both, 13)[1]] == union
 
     # a base index whose indices went to `<stem>.index.npz` (key "x"), with repeats and relative arrow paths
     doc = json.loads(corpus["index_json"].read_text())
