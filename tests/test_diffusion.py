@@ -23,6 +23,16 @@ from pipeline.models import DiTConfig, HunYuanDiT
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @pytest.mark.parametrize(
     "case,overrides", [("v1.2", {}), ("v1.1_style_size", {"use_style_cond": True, "size_cond": True})]
 )

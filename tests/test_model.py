@@ -24,6 +24,16 @@ GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CASES = {"v1.2": {}, "v1.1_style_size": {"use_style_cond": True, "size_cond": True}}
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def load_case(name: str) -> tuple[dict, dict]:
     meta = json.loads((GOLDEN / "golden.json").read_text())["cases"][name]
     return meta, load_file(str(GOLDEN / meta["file"]))
@@ -280,3 +290,26 @@ def test_flash_backend_without_flash_attn_says_so() -> None:
     model = perturbed_tiny(attn_backend="flash")
     with pytest.raises(ImportError, match="flash-attn"):
         model(**tiny_inputs(model.config))
+
+
+def test_rope_rotation_and_its_custom_backward() -> None:
+    from pipeline.models import apply_rope, signed_sin
+
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rope_tables(64, 96, head_dim=16)  # (24, 16)
+    x = torch.randn(2, 24, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def reference(v: torch.Tensor) -> torch.Tensor:  # the original's rotate_half formulation
+        real, imag = v.reshape(*v.shape[:-1], -1, 2).unbind(-1)
+        rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+        return v * cos[:, None].double() + rotated * sin[:, None].double()
+
+    c, s = cos[:, None].double(), signed_sin(sin.double())[:, None]
+    out = apply_rope(x, c, s)
+    torch.testing.assert_close(out, reference(x))
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, x, upstream)
+    (expected,) = torch.autograd.grad(reference(x), x, upstream)
+    torch.testing.assert_close(got, expected)
+    # bf16 input: computed in fp32, returned in bf16
+    assert apply_rope(x.detach().bfloat16(), cos[:, None], signed_sin(sin)[:, None]).dtype == torch.bfloat16

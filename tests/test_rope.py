@@ -14,6 +14,16 @@ from pipeline.rope import RopeCache, fill_resize_and_crop, grid_positions, rope_
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def test_1024_base512_table_is_bit_exact() -> None:
     golden = load_file(str(GOLDEN / "rope_1024x1024_base512.safetensors"))
     cos, sin = rope_tables(1024, 1024, head_dim=88, patch_size=2, rope_img="base512")

@@ -1,0 +1,232 @@
+"""Forward+backward step of this project's HunYuanDiT vs diffusers' HunyuanDiT2DModel, same config and weights.
+
+Both models run in the same process on the same inputs, alternating, several repeats; the medians are compared.
+Memory is the bytes autograd saves for backward (deduplicated by storage), which is what activation memory is made
+of and is deterministic on CPU; on CUDA the peak allocated memory is reported as well.
+
+    python bench/model_step.py                                   # CPU, DiT-S/2 sizes, 256x256 images, batch 4
+    python bench/model_step.py --device cuda --config DiT-g/2 --dtype bf16 --image-size 1024 --batch 1 --no-baseline
+
+The last line is the headline: ``model_step_time_ratio = <ours / diffusers> (goal <= 0.9)``; with --no-baseline
+it is ``tokens_per_s = ...`` and MFU needs --peak-tflops (default: H100 SXM dense bf16, 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.checkpoints import diffusers_config, to_diffusers_state_dict  # noqa: E402
+from pipeline.models import DIT_CONFIGS, DiTConfig, HunYuanDiT, apply_activation_checkpointing  # noqa: E402
+from pipeline.rope import rope_tables  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="DiT-S/2", choices=sorted(DIT_CONFIGS), help="model size (default DiT-S/2)")
+    p.add_argument("--image-size", type=int, default=256, help="square image side in pixels (latent = /8)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--text-dims", default="256,77,512,256",
+                   help="BERT dim, BERT len, mT5 dim, mT5 len (default small: 256,77,512,256; 'full' = 1024,77,2048,256)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32 = no autocast)")
+    p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block (ours only)")
+    p.add_argument("--no-baseline", action="store_true", help="only time this project's model (GPU throughput runs)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense)")
+    return p.parse_args()
+
+
+def make_inputs(cfg: DiTConfig, args: argparse.Namespace, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    B, h = args.batch, args.image_size // 8
+    m1 = torch.ones(B, cfg.text_len, dtype=torch.long)
+    m1[:, cfg.text_len // 3 :] = 0
+    m5 = torch.ones(B, cfg.text_len_t5, dtype=torch.long)
+    m5[:, cfg.text_len_t5 // 4 :] = 0
+    kw = dict(
+        x=torch.randn(B, cfg.in_channels, h, h, generator=g),
+        t=torch.randint(0, 1000, (B,), generator=g).float(),
+        encoder_hidden_states=torch.randn(B, cfg.text_len, cfg.text_states_dim, generator=g),
+        text_embedding_mask=m1,
+        encoder_hidden_states_t5=torch.randn(B, cfg.text_len_t5, cfg.text_states_dim_t5, generator=g),
+        text_embedding_mask_t5=m5,
+    )
+    return {k: v.to(device) for k, v in kw.items()}
+
+
+class SavedBytes:
+    """Sum of distinct storages autograd saves for backward during a forward."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter) and t.device.type != "meta":
+            s = t.untyped_storage()
+            self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def step_fns(ours: HunYuanDiT, theirs, kw: dict, rope: tuple, dtype: torch.dtype, device: torch.device):
+    autocast = dtype != torch.float32
+
+    def run_ours(hooks: SavedBytes | None = None) -> torch.Tensor:
+        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else _null()
+        with ctx, torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = ours(**kw, cos_cis_img=rope[0], sin_cis_img=rope[1])["x"]
+        out.float().square().mean().backward()
+        return out
+
+    def run_theirs(hooks: SavedBytes | None = None) -> torch.Tensor:
+        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else _null()
+        with ctx, torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = theirs(
+                kw["x"], kw["t"], encoder_hidden_states=kw["encoder_hidden_states"],
+                text_embedding_mask=kw["text_embedding_mask"],
+                encoder_hidden_states_t5=kw["encoder_hidden_states_t5"],
+                text_embedding_mask_t5=kw["text_embedding_mask_t5"], image_rotary_emb=rope,
+            ).sample
+        out.float().square().mean().backward()
+        return out
+
+    return run_ours, run_theirs
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def timed(fn, model, device: torch.device) -> float:
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_cuda(fn, model) -> int:
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.text_dims == "full":
+        dims = (1024, 77, 2048, 256)
+    else:
+        dims = tuple(int(v) for v in args.text_dims.split(","))
+    cfg = DiTConfig.from_name(
+        args.config, text_states_dim=dims[0], text_len=dims[1], text_states_dim_t5=dims[2], text_len_t5=dims[3],
+        attn_backend=args.attn_backend,
+    )
+    torch.manual_seed(0)
+    ours = HunYuanDiT(cfg).to(device).train()
+    with torch.no_grad():  # move zero-initialised layers off zero so every path does real work
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    if args.grad_ckpt:
+        apply_activation_checkpointing(ours, 1.0)
+    kw = make_inputs(cfg, args, device)
+    rope = tuple(r.to(device) for r in rope_tables(args.image_size, args.image_size, cfg.head_dim, cfg.patch_size))
+    tokens = args.batch * (args.image_size // 8 // cfg.patch_size) ** 2
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"config {args.config} hidden {cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} params {n_params:,} "
+          f"| text {dims} | image {args.image_size}^2 batch {args.batch} tokens/step {tokens} | {device} {args.dtype} "
+          f"| torch {torch.__version__} threads {torch.get_num_threads()}")
+
+    theirs = None
+    if not args.no_baseline:
+        from diffusers import HunyuanDiT2DModel
+
+        theirs = HunyuanDiT2DModel(**diffusers_config(cfg)).to(device).train()
+        theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
+    run_ours, run_theirs = step_fns(ours, theirs, kw, rope, dtype, device)
+
+    if theirs is not None:  # same function, same weights: outputs must agree before timing means anything
+        ours.zero_grad(set_to_none=True)
+        a = run_ours().detach()
+        b = run_theirs().detach()
+        diff = (a.float() - b.float()).abs().max().item()
+        print(f"max |ours - diffusers| output = {diff:.3g} (scale {a.abs().max().item():.3g})")
+
+    for _ in range(args.warmup):
+        timed(run_ours, ours, device)
+        if theirs is not None:
+            timed(run_theirs, theirs, device)
+    t_ours, t_theirs = [], []
+    for i in range(args.repeats):
+        # alternate the order so neither model always runs on a warmer cache
+        if i % 2 == 0 or theirs is None:
+            t_ours.append(timed(run_ours, ours, device))
+            if theirs is not None:
+                t_theirs.append(timed(run_theirs, theirs, device))
+        else:
+            t_theirs.append(timed(run_theirs, theirs, device))
+            t_ours.append(timed(run_ours, ours, device))
+
+    saved_ours = SavedBytes()
+    ours.zero_grad(set_to_none=True)
+    run_ours(saved_ours)
+    m_ours = statistics.median(t_ours)
+    print(f"ours      : median {m_ours * 1e3:8.1f} ms/step  (min {min(t_ours) * 1e3:.1f}, max {max(t_ours) * 1e3:.1f}) "
+          f"saved-for-backward {saved_ours.total / 2**20:8.1f} MiB")
+    if device.type == "cuda":
+        print(f"ours      : peak allocated {peak_cuda(run_ours, ours) / 2**30:.2f} GiB")
+    if theirs is not None:
+        saved_theirs = SavedBytes()
+        theirs.zero_grad(set_to_none=True)
+        run_theirs(saved_theirs)
+        m_theirs = statistics.median(t_theirs)
+        print(f"diffusers : median {m_theirs * 1e3:8.1f} ms/step  (min {min(t_theirs) * 1e3:.1f}, "
+              f"max {max(t_theirs) * 1e3:.1f}) saved-for-backward {saved_theirs.total / 2**20:8.1f} MiB")
+        if device.type == "cuda":
+            print(f"diffusers : peak allocated {peak_cuda(run_theirs, theirs) / 2**30:.2f} GiB")
+        print(f"activation_memory_ratio = {saved_ours.total / saved_theirs.total:.3f}")
+        print(f"model_step_time_ratio = {m_ours / m_theirs:.3f} (goal <= 0.9)")
+        return
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_ours()
+    flops = counter.get_total_flops()
+    tps = tokens / m_ours
+    mfu = flops / m_ours / (args.peak_tflops * 1e12)
+    print(f"flops/step {flops / 1e12:.2f} TFLOP | achieved {flops / m_ours / 1e12:.1f} TFLOP/s | MFU {mfu:.3f}")
+    print(f"tokens_per_s = {tps:.0f} (goal: MFU {mfu:.3f} vs peak {args.peak_tflops:.0f} TFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
