@@ -9,7 +9,7 @@ rounding of encoders run at a different batch size (stage 1 encodes one sample a
 
 from __future__ import annotations
 
-import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,22 @@ LOSS_RTOL = 1e-5      # relative, per step
 WEIGHT_ATOL = 1e-6    # absolute, every weight after training (Adam steps are ~lr = 3e-4)
 
 
+N_IMAGES, CORPUS_SEED = 8, 3
+
+
 @pytest.fixture(scope="module")
-def encoded(tmp_path_factory):
-    """(records, encoders, image cfg, cache root): the demo corpus encoded by stage 1's functions."""
-    from pipeline.encoders import load_encoders
+def suite(tmp_path_factory) -> Path:
     from pipeline.tiny_suite import write_tiny_suite
+    from stage1_encode.demo_corpus import demo_records
+
+    captions = [r["text_zh"] for r in demo_records(N_IMAGES, seed=CORPUS_SEED, bad_rows=False)]
+    return write_tiny_suite(tmp_path_factory.mktemp("suite") / "ckpts" / "t2i", captions=captions)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, suite):
+    """(samples, encoders, preprocess, cache root): the demo corpus encoded by stage 1's functions."""
+    from pipeline.encoders import load_encoders
     from shared.cache import open_shard_writer, write_empty_caption
     from shared.manifest import manifest_from_shards, write_manifest
     from shared.schema import CacheSpec, make_key
@@ -37,9 +48,7 @@ def encoded(tmp_path_factory):
     from stage2_train.online import RawSample
 
     tmp = tmp_path_factory.mktemp("online")
-    records = demo_records(8, seed=3, bad_rows=False)
-    captions = [r["text_zh"] for r in records]
-    suite = write_tiny_suite(tmp / "ckpts" / "t2i", captions=captions)
+    records = demo_records(N_IMAGES, seed=CORPUS_SEED, bad_rows=False)
     enc = load_encoders(suite, clip_len=8, t5_len=12)
     img_cfg = ImageConfig(multireso=True, resolution=64, reso_step=16, random_flip=True, seed=7)
     spec = CacheSpec(format="zarr", views=("plain", "flip"), clip_len=8, clip_dim=enc.clip_dim, t5_len=12,
@@ -102,15 +111,14 @@ def _cfg(cache: Path, run_dir: Path) -> TrainConfig:
     ])
 
 
-def test_cache_training_equals_online_training(encoded, tmp_path):
+def compare_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Path) -> tuple[float, float]:
+    """Train 4 steps from the cache and 4 online with the same draws; returns (max |loss diff|, max |weight diff|)."""
     from stage2_train.data import CacheBatchSource
     from stage2_train.online import OnlineBatchSource
     from stage2_train.trainer import Trainer
     from test_stage2_common import read_metrics
 
-    samples, enc, preprocess, cache = encoded
     torch.set_num_threads(1)
-
     cached = {}
 
     def cache_factory(trainer):
@@ -123,10 +131,12 @@ def test_cache_training_equals_online_training(encoded, tmp_path):
     online = {}
 
     def online_factory(trainer):
-        plan = cached["src"].source.plan  # same cache-free plan: built from the same buckets and seed
-        buckets = [tuple(int(x) for x in preprocess(s).bucket) for s in samples]
-        assert [tuple(b) for b in plan.buckets] == sorted(set(buckets))
-        online["src"] = Recorder(OnlineBatchSource(samples, buckets, preprocess, enc, plan,
+        reader = cached["src"].source.reader
+        by_key = {s.key: s for s in samples}
+        ordered = [by_key[k] for k in reader.keys()]  # plan indices are cache positions
+        buckets = [tuple(int(x) for x in preprocess(s).bucket) for s in ordered]
+        assert buckets == [tuple(b) for b in reader.meta["bucket"].tolist()]
+        online["src"] = Recorder(OnlineBatchSource(ordered, buckets, preprocess, enc, cached["src"].source.plan,
                                                    cached["src"].source.settings))
         return online["src"]
 
@@ -155,5 +165,54 @@ def test_cache_training_equals_online_training(encoded, tmp_path):
     fresh = type(t_cache.inner)(t_cache.model_config).state_dict()
     moved = max((wa[k] - fresh[k]).abs().max().item() for k in wa)
     assert moved > 1e-4
-    print(f"\nlosses cache {la}\nlosses online {lb}\nmax |loss diff| {np.max(np.abs(np.subtract(la, lb))):.3g}, "
+    loss_diff = float(np.max(np.abs(np.subtract(la, lb))))
+    print(f"\nlosses cache {la}\nlosses online {lb}\nmax |loss diff| {loss_diff:.3g}, "
           f"max |weight diff| {max(diffs.values()):.3g}, max weight change by training {moved:.3g}")
+    return loss_diff, max(diffs.values())
+
+
+def test_cache_training_equals_online_training(encoded, tmp_path):
+    samples, enc, preprocess, cache = encoded
+    compare_cache_and_online(samples, enc, preprocess, cache, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("STAGE2_WITH_STAGE1_JOB"),
+                    reason="opt-in (STAGE2_WITH_STAGE1_JOB=1): starts Ray, ~1-3 min on 2 cores; the direct-encoding "
+                           "test above checks the same promise")
+def test_cache_from_the_stage1_job_equals_online_training(suite, tmp_path):
+    """The same promise with the cache written by the real stage-1 Ray job (embedded Ray)."""
+    from pipeline.encoders import EncoderDtypes, load_encoders
+    from shared.cache import open_cache
+    from shared.config import load_config
+    from stage1_encode import job
+    from stage1_encode.config import EncodeConfig
+    from stage1_encode.demo_corpus import demo_records, write_demo_corpus
+    from stage1_encode.preprocess import decode_image, preprocess_image
+    from stage2_train.online import RawSample
+
+    corpus = write_demo_corpus(tmp_path / "corpus", n=N_IMAGES, seed=CORPUS_SEED, rows_per_file=N_IMAGES,
+                               bad_rows=False)
+    cfg = load_config(EncodeConfig, "configs/encode/demo.yaml", [f"{k}={v}" for k, v in {
+        "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(tmp_path / "c"),
+        "output.format": "zarr", "output.rows_per_shard": 4, "encoders.batch_size": 3, "encoders.clip_len": 8,
+        "encoders.t5_len": 12, "encoders.t5_dtype": "float32", "image.resolution": 64, "image.reso_step": 16,
+        "image.random_flip": True, "image.seed": 7, "ray.num_cpus": 3, "ray.preprocess_tasks": 1,
+        "ray.preprocess_num_cpus": 0.25, "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1,
+        "ray.object_store_memory_gb": 0.3, "ray.actor_memory_gb": 0.2,
+    }.items()])
+    job.run(cfg)
+    cache = open_cache(tmp_path / "c")
+    assert len(cache) == N_IMAGES
+    records = {r["md5"][:12]: r for r in demo_records(N_IMAGES, seed=CORPUS_SEED, bad_rows=False)}
+    samples = []
+    for i in range(len(cache)):
+        s = cache[i]
+        samples.append(RawSample(key=s["key"], image=records[s["key"][-12:]]["image"], caption=s["caption"]))
+    enc = load_encoders(suite, EncoderDtypes(vae=cfg.encoders.vae_dtype, clip=cfg.encoders.clip_dtype,
+                                             t5=cfg.encoders.t5_dtype), clip_len=8, t5_len=12)
+
+    def preprocess(sample):
+        return preprocess_image(decode_image(sample.image, 10**8), sample.key, cfg.image)
+
+    compare_cache_and_online(samples, enc, preprocess, tmp_path / "c", tmp_path)
