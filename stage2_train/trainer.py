@@ -111,6 +111,9 @@ class Trainer:
         self.step = 0
         self.consecutive_bad = 0
         self.skipped_steps = 0
+        # Nothing in the step draws from the global RNG (stage2_train.data seeds every draw); seeded and
+        # checkpointed anyway, for whatever a user adds.
+        torch.manual_seed(cfg.seed * 1000 + self.info.rank)
         if resume_from is not None:
             state = load_checkpoint(resume_from, model=self.inner, optimizer=self.optimizer, ema=self.ema,
                                     info=self.info)
@@ -118,7 +121,6 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume_from, self.step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("checkpoint.resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
-        torch.manual_seed(cfg.seed * 1000 + self.info.rank + self.step)  # nothing in the step draws from it
 
         if batch_source_factory is None:
             from stage2_train.data import CacheBatchSource

@@ -108,3 +108,39 @@ def test_build_item_substitutes_the_empty_caption_per_encoder():
     assert len(outcomes) == 4
     batch = collate([build_item(sample, empty, s, 0, i) for i in range(3)])
     assert batch["x_start"].shape == (3, 4, 2, 2) and batch["t"].dtype == torch.long and batch["bucket"] == (16, 16)
+
+
+def test_ema_and_lr_schedule():
+    import math
+
+    from stage2_train.config import EMASection, ScheduleSection
+    from stage2_train.optim import EMA, LRSchedule
+
+    model = torch.nn.Linear(3, 2)
+    for dtype in ("float32", "float16"):
+        ema = EMA(model, EMASection(enable=True, decay=0.9, dtype=dtype))
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        sd = ema.state_dict()
+        assert sd["weight"].dtype == (torch.float16 if dtype == "float16" else torch.float32)
+        torch.testing.assert_close(sd["weight"].float(), (0.9 * start["weight"] + 0.1 * model.weight).float(),
+                                   rtol=1e-3 if dtype == "float16" else 1e-6, atol=1e-3 if dtype == "float16" else 0)
+        torch.testing.assert_close(sd["bias"].float(), start["bias"], rtol=1e-3, atol=1e-3)
+        ema.load_state_dict({k: v * 0 for k, v in sd.items()})
+        assert all(v.abs().sum() == 0 for v in ema.state_dict().values())
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    cos = LRSchedule(opt, ScheduleSection(kind="cosine", warmup_steps=2, warmup_kind="linear", min_lr=0.1),
+                     base_lr=1.0, total_steps=12)
+    assert [round(cos.lr_at(s), 6) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, round(0.1 + 0.9 * 0.5, 6), 0.1]
+    log = LRSchedule(opt, ScheduleSection(warmup_steps=10, warmup_kind="log", warmup_min_lr=1e-6),
+                     base_lr=1e-4, total_steps=100)
+    assert log.lr_at(0) == 1e-6 and log.lr_at(10) == 1e-4
+    assert math.isclose(log.lr_at(4), 1e-6 + (1e-4 - 1e-6) * math.log(5) / math.log(10))
+    log.step()
+    state = log.state_dict()
+    log.step()
+    log.load_state_dict(state)
+    assert log.step_count == 1 and opt.param_groups[0]["lr"] == log.lr_at(1)
