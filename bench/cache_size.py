@@ -16,9 +16,10 @@ What is real and what is synthetic (read this before quoting the numbers):
     too.
   * VAE moments and BERT states: i.i.d. Gaussian fp16, i.e. incompressible. Real latents (smooth mean, near-flat
     logvar) compress better, so the ratio here is pessimistic on that part.
-Throughput is on whatever disk holds --out, with the files in the page cache (just written), 2 DataLoader workers,
-full decode to logical samples (dense BERT, all 256 mT5 rows), compared with a single-process sequential read of
-the same files.
+Throughput is on whatever disk holds --out, with the files in the page cache (just written): cache[i] in one
+process, and a DataLoader with 2 workers and batches of 8 (default collate), both with full decode to logical
+samples (crc check, dense BERT, all 256 mT5 rows), compared with a single-process sequential read of the same
+files (which decodes nothing).
 
     python bench/cache_size.py [--n 48] [--out /tmp/cache_bench] [--seed 0]
 """
@@ -123,16 +124,25 @@ def raw_read_rate(root: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def loader_rate(dataset, n_expected: int, epochs: int = 2) -> float:
-    dl = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True)
+def loader_rate(dataset, n_expected: int, batch_size: int, epochs: int = 2) -> float:
+    """Samples/s through a DataLoader with 2 workers, batches collated as stage 2 would (one bucket here)."""
+    dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2, persistent_workers=True)
     for _ in dl:  # warm-up epoch: worker start-up is not read throughput
         pass
     t0, n = time.perf_counter(), 0
     for _ in range(epochs):
-        for s in dl:
-            n += 1
+        for b in dl:
+            n += len(b["key"])
     assert n == epochs * n_expected, (n, n_expected)
     return n / (time.perf_counter() - t0)
+
+
+def inprocess_rate(cache) -> float:
+    """Samples/s of cache[i] in this process (no DataLoader): the reader's own cost."""
+    t0 = time.perf_counter()
+    for i in range(len(cache)):
+        cache[i]
+    return len(cache) / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=48, help="samples per variant (default 48)")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temp dir, deleted after)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size (default 8)")
     args = ap.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="cache_bench_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
               f"distinct mT5 rows mean {uniq.mean():.1f} of {LT} (padded rows: {(uniq - lt).mean():.1f} distinct of "
               f"{(LT - lt).mean():.1f})")
         print(f"naive exact layout: {NAIVE} bytes/sample ({NAIVE / 1024:.0f} KiB)")
-        print(f"{'format':<11} {'compression':<11} {'bytes/sample':>12} {'ratio':>6} {'loader samples/s':>17} "
-              f"{'raw read samples/s':>19} {'loader/raw':>10}")
+        print(f"{'format':<11} {'compression':<11} {'bytes/sample':>12} {'ratio':>6} {'1-proc samples/s':>16} "
+              f"{'loader samples/s':>17} {'raw read samples/s':>19} {'loader/raw':>10}")
         results = {}
         for fmt in ("webdataset", "zarr"):
             for comp in ("zstd", "none"):
@@ -169,14 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                 ok = all(np.array_equal(cache[i]["t5_states"].view(np.uint16), samples[i]["t5_states"].view(np.uint16))
                          for i in (0, args.n - 1))
                 assert ok, "round trip is not bit-exact"
-                rate = loader_rate(cache, args.n)
+                one = inprocess_rate(cache)
+                rate = loader_rate(cache, args.n, args.batch_size)
                 raw = raw_read_rate(root) / per
                 results[(fmt, comp)] = per / NAIVE
-                print(f"{fmt:<11} {comp:<11} {per:>12.0f} {per / NAIVE:>6.3f} {rate:>17.1f} {raw:>19.1f} "
+                print(f"{fmt:<11} {comp:<11} {per:>12.0f} {per / NAIVE:>6.3f} {one:>16.1f} {rate:>17.1f} {raw:>19.1f} "
                       f"{rate / raw:>10.3f}")
                 if fmt == "webdataset" and comp == "zstd":
-                    srate = loader_rate(cache.stream(), args.n)
-                    print(f"{'':<11} {'(stream)':<11} {'':>12} {'':>6} {srate:>17.1f} {raw:>19.1f} "
+                    srate = loader_rate(cache.stream(), args.n, args.batch_size)
+                    print(f"{'':<11} {'(stream)':<11} {'':>12} {'':>6} {'':>16} {srate:>17.1f} {raw:>19.1f} "
                           f"{srate / raw:>10.3f}")
         long = make_samples(max(8, args.n // 4), args.seed + 1, long=True)
         root = out / "long"

@@ -123,7 +123,8 @@ class CacheSummary(dict):
 
     def __str__(self) -> str:
         lines = [f"cache {self['root']}  ({self['format']}, schema v{self['schema_version']})",
-                 f"  samples {self['samples']}  shards {self['shards']}  on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
+                 f"  samples {self['samples']}  shards {self['shards']}  "
+                 f"on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
                  f"  ({self['bytes_per_sample_on_disk'] / 1024:.1f} KiB/sample)",
                  f"  views {self['views']}  dtypes {self['dtypes']}  scaling_factor {self['scaling_factor']}"]
         lines.append("  buckets (H x W: samples):")
@@ -326,9 +327,9 @@ class CacheReader:
         import torch
         from PIL import Image
 
-        vae = self._load_vae(vae_path)
         if view not in self.spec.views:
             raise ValueError(f"view {view!r} is not in this cache; it has {list(self.spec.views)}")
+        vae = self._load_vae(vae_path)
         s = self.to_torch(self[i])
         mom = s["moments"][self.spec.views.index(view)]                  # (2C, h, w)
         mean = mom[: self.spec.latent_channels][None]                    # (1, C, h, w)

@@ -336,7 +336,8 @@ def check_stored(stored: dict, spec: CacheSpec, where: str) -> None:
         raise CorruptSampleError(f"{where}: sample {key!r} is malformed: {e}") from e
     crc = sample_crc(stored["key"], stored["caption"], stored)
     if crc != int(stored["crc32"]):
-        raise CorruptSampleError(f"{where}: sample {key!r} failed its crc32 check (stored {int(stored['crc32']):#010x}, "
+        raise CorruptSampleError(f"{where}: sample {key!r} failed its crc32 check "
+                                 f"(stored {int(stored['crc32']):#010x}, "
                                  f"computed {crc:#010x}): the shard is corrupt; run `python -m shared.cli verify`")
 
 

@@ -33,8 +33,8 @@ def _write(root, spec: CacheSpec, samples: list[dict], per_shard: int = 4) -> No
             for x in samples[s:s + per_shard]:
                 w.add(x)
     e = samples[0]
-    sha = write_empty_caption(root, spec, **{k: e[k] for k in
-                                             ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")})
+    fields = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
+    sha = write_empty_caption(root, spec, **{k: e[k] for k in fields})
     write_manifest(root, manifest_from_shards(root, spec, vae_scaling_factor=0.13025, empty_caption_sha256=sha,
                                               encoders={"vae": {"weights": {"a": "1"}}}, rejects={"too_small": 2}))
 
@@ -68,7 +68,8 @@ def test_round_trip_both_formats_identical(tmp_path, views, dtypes, comp):
         got = [cache[i] for i in range(9)]
         for s, g in zip(samples, got):
             expect = dict(s)
-            expect["clip_states"] = np.where(s["clip_mask"][:, None], s["clip_states"], 0).astype(s["clip_states"].dtype)
+            dense = s["clip_states"]
+            expect["clip_states"] = np.where(s["clip_mask"][:, None], dense, 0).astype(dense.dtype)
             _assert_same(expect, g)
             assert g["t5_states"].shape == (SMALL["t5_len"], SMALL["t5_dim"])  # padded rows come back too
             assert g["moments"].shape[0] == len(views)
@@ -243,7 +244,8 @@ def test_torch_inputs_and_empty_shards(tmp_path):
             w.add(t)
         write_empty_caption(root, spec, **{k: t[k][None] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
                                                                    "t5_mask", "t5_states")})
-        (root / "rejects.jsonl").write_text('{"key": "a", "reason": "too_small"}\n{"key": "b", "reason": "too_small"}\n')
+        (root / "rejects.jsonl").write_text('{"key": "a", "reason": "too_small"}\n'
+                                            '{"key": "b", "reason": "too_small"}\n')
         write_manifest(root, manifest_from_shards(root, spec, rejects=count_rejects(root)))
         cache = open_cache(root)
         assert len(cache) == 1 and sorted(completed_shards(root)) == ["empty", "p1"]

@@ -1,4 +1,8 @@
-"""examples/inspect_cache.ipynb runs headless on a small cache with a tiny random VAE; decode gives an image."""
+"""examples/inspect_cache.ipynb runs headless on a small cache and decodes samples through a tiny random VAE.
+
+The VAE is a committed 45 KB fixture (tests/fixtures/cache_tiny_vae) so that only the notebook kernel pays for
+importing diffusers.
+"""
 from __future__ import annotations
 
 import os
@@ -6,56 +10,48 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 from shared.cache import open_cache, write_synthetic_cache
 from shared.cli import main as cli_main
 from shared.schema import CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_vae(path: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-    vae.save_pretrained(path)
-    return path
+TINY_VAE = ROOT / "tests" / "fixtures" / "cache_tiny_vae"
 
 
 @pytest.fixture(scope="module")
-def cache_and_vae(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("nb")
+def cache_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nb") / "cache"
     spec = CacheSpec(format="webdataset", views=("plain", "flip"), clip_len=12, clip_dim=16, t5_len=24, t5_dim=20)
-    write_synthetic_cache(tmp / "cache", spec, n_samples=6, n_shards=2, buckets=((64, 64), (32, 64)))
-    return tmp / "cache", _tiny_vae(tmp / "vae")
+    write_synthetic_cache(root, spec, n_samples=6, n_shards=2, buckets=((64, 64), (32, 64)))
+    return root
 
 
-def test_decode_and_grid(cache_and_vae, tmp_path):
-    cache_dir, vae = cache_and_vae
+def test_decode_needs_a_vae(cache_dir):
     cache = open_cache(cache_dir)
     with pytest.raises(ValueError, match="decode needs a VAE"):
         cache.decode(0)
-    im = cache.decode(1, vae_path=vae, view="flip")
-    assert im.size == (64, 32) and im.mode == "RGB"  # bucket (H, W) = (32, 64)
-    out = tmp_path / "grid.png"
-    assert cli_main(["inspect", str(cache_dir), "--grid", str(out), "--vae", str(vae), "-n", "3"]) == 0
-    assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="view 'mirror' is not in this cache"):
+        cache.decode(0, vae_path=TINY_VAE, view="mirror")
+    assert cli_main(["inspect", str(cache_dir), "--grid", "g.png"]) == 2  # --grid without --vae
 
 
-def test_notebook_executes_headless(cache_and_vae):
+def test_notebook_executes_headless_and_decodes(cache_dir, tmp_path):
     from nbclient import NotebookClient
 
-    cache_dir, vae = cache_and_vae
     nb = nbformat.read(ROOT / "examples" / "inspect_cache.ipynb", as_version=4)
-    env = {"HYDIT_CACHE": str(cache_dir), "HYDIT_VAE": str(vae), "HYDIT_REPO": str(ROOT)}
+    # the last cell also runs the CLI's --grid path, so the kernel imports diffusers once for both
+    grid = tmp_path / "grid.png"
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "from shared.cli import main\n"
+        f"assert main(['inspect', CACHE, '--grid', {str(grid)!r}, '--vae', VAE, '-n', '3']) == 0\n"
+        "flipped = cache.decode(1, view='flip')\n"
+        "print('flip decode', flipped.size, flipped.mode)"))
+    env = {"HYDIT_CACHE": str(cache_dir), "HYDIT_VAE": str(TINY_VAE), "HYDIT_REPO": str(ROOT)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3",
+        NotebookClient(nb, timeout=180, kernel_name="python3",
                        resources={"metadata": {"path": str(ROOT / "examples")}}).execute()
     finally:
         for k, v in old.items():
@@ -66,4 +62,7 @@ def test_notebook_executes_headless(cache_and_vae):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "samples 6" in text and "bucket (64, 64)" in text and "empty caption: BERT tokens 2" in text
+    assert "(64, 64)" in text  # decode(0): a 64x64 image from an 8x8 latent
+    assert "flip decode (64, 32) RGB" in text  # sample 1 is in bucket (H, W) = (32, 64)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    assert grid.stat().st_size > 0
