@@ -42,7 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--repeats", type=int, default=7, help="timed steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine extra OpenMP threads only add noise; "
+                        "0 = torch default)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block (ours only)")
     p.add_argument("--no-baseline", action="store_true", help="only time this project's model (GPU throughput runs)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense)")
@@ -117,15 +119,16 @@ class _null:
         return False
 
 
-def timed(fn, model, device: torch.device) -> float:
+def timed(fn, model, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step; CPU time is robust to other jobs on a shared machine."""
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def peak_cuda(fn, model) -> int:
@@ -136,9 +139,18 @@ def peak_cuda(fn, model) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def report(name: str, times: list[tuple[float, float]], saved: SavedBytes) -> tuple[float, float]:
+    wall = [w for w, _ in times]
+    cpu = [c for _, c in times]
+    m_wall, m_cpu = statistics.median(wall), statistics.median(cpu)
+    print(f"{name} : wall median {m_wall * 1e3:8.1f} ms/step (min {min(wall) * 1e3:.1f}, max {max(wall) * 1e3:.1f}) "
+          f"| cpu median {m_cpu * 1e3:8.1f} ms | saved-for-backward {saved.total / 2**20:7.1f} MiB")
+    return m_wall, m_cpu
+
+
 def main() -> None:
     args = parse_args()
-    if args.threads:
+    if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -198,21 +210,19 @@ def main() -> None:
     saved_ours = SavedBytes()
     ours.zero_grad(set_to_none=True)
     run_ours(saved_ours)
-    m_ours = statistics.median(t_ours)
-    print(f"ours      : median {m_ours * 1e3:8.1f} ms/step  (min {min(t_ours) * 1e3:.1f}, max {max(t_ours) * 1e3:.1f}) "
-          f"saved-for-backward {saved_ours.total / 2**20:8.1f} MiB")
+    m_ours, c_ours = report("ours     ", t_ours, saved_ours)
     if device.type == "cuda":
         print(f"ours      : peak allocated {peak_cuda(run_ours, ours) / 2**30:.2f} GiB")
     if theirs is not None:
         saved_theirs = SavedBytes()
         theirs.zero_grad(set_to_none=True)
         run_theirs(saved_theirs)
-        m_theirs = statistics.median(t_theirs)
-        print(f"diffusers : median {m_theirs * 1e3:8.1f} ms/step  (min {min(t_theirs) * 1e3:.1f}, "
-              f"max {max(t_theirs) * 1e3:.1f}) saved-for-backward {saved_theirs.total / 2**20:8.1f} MiB")
+        m_theirs, c_theirs = report("diffusers", t_theirs, saved_theirs)
         if device.type == "cuda":
             print(f"diffusers : peak allocated {peak_cuda(run_theirs, theirs) / 2**30:.2f} GiB")
         print(f"activation_memory_ratio = {saved_ours.total / saved_theirs.total:.3f}")
+        if device.type == "cpu":
+            print(f"cpu_time_ratio = {c_ours / c_theirs:.3f}")
         print(f"model_step_time_ratio = {m_ours / m_theirs:.3f} (goal <= 0.9)")
         return
 

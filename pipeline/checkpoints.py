@@ -258,9 +258,10 @@ def export_diffusers(model: HunYuanDiT, out_dir: str | os.PathLike) -> Path:
     cfg = model.config
     dconfig = diffusers_config(cfg)
     out_dir = Path(out_dir)
-    target = HunyuanDiT2DModel(**dconfig)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    target.load_state_dict(to_diffusers_state_dict(state), strict=True)
+    with torch.device("meta"):  # no second random init of a 1.5B model: the weights are assigned below
+        target = HunyuanDiT2DModel(**dconfig)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    target.load_state_dict(to_diffusers_state_dict(state), strict=True, assign=True)
     target.save_pretrained(out_dir, safe_serialization=True)
     notes = {
         "hydit_config": cfg.to_dict(),
