@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                              "submit), else an embedded local Ray sized by the config's ray section")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing cache in output.root that was made with a different config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may come before or after the options
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from stage1_encode.config import EncodeConfig

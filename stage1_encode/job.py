@@ -657,6 +657,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             "shards": len(names), "shards_this_run": len(todo), "bytes": nbytes,
             "seconds": round(elapsed, 2), "encode_seconds": round(result["seconds"], 2),
             "samples_per_s": round(result["written"] / result["seconds"], 3) if result["seconds"] > 0 else None,
+            "steady_samples_per_s": round(result["steady"], 3) if result.get("steady") else None,
         }
         logger.info("summary: " + json.dumps(summary, ensure_ascii=False))
         return summary
@@ -673,6 +674,7 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
     open_: dict[str, ShardAssembler] = {}
     ready: list[ShardAssembler] = []  # complete, held until the encoders' fingerprint has been checked
     out: dict[str, Any] = {"written": 0, "fingerprint": None}
+    timeline: list[tuple[float, int]] = []  # (time, samples written so far) at each encoded chunk
     t_start = time.time()
 
     def finish(asm: ShardAssembler) -> None:
@@ -695,6 +697,8 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
             before = asm.n_written
             settled = asm.add(kind, int(row["seq"]), row["payload"], meta)
             out["written"] += asm.n_written - before
+            if asm.n_written > before:
+                timeline.append((time.time(), out["written"]))
             progress.update(asm.n_written - before, settled - (len(meta["keys"]) if kind == "chunk" else 0))
             if asm.complete:
                 del open_[part]
@@ -711,6 +715,9 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
     if open_ or ready or out["fingerprint"] is None:
         raise RuntimeError(f"the encode stream ended early: {len(open_) + len(ready)} partitions incomplete")
     out["seconds"] = time.time() - t_start
+    # Steady state: from the first encoded chunk to the last (excludes Ray start-up and model loading).
+    if len(timeline) >= 2 and timeline[-1][0] > timeline[0][0]:
+        out["steady"] = (timeline[-1][1] - timeline[0][1]) / (timeline[-1][0] - timeline[0][0])
     logger.info(progress.line())
     return out
 

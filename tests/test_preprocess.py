@@ -292,9 +292,13 @@ def test_clean_caption_reject_mode():
 
 @pytest.fixture(scope="module")
 def tiny_tokenizers(tmp_path_factory):
-    from pipeline.tiny_suite import write_tiny_suite
+    # the same session folder as tests/test_stage1_job.py's suite: written once per session
+    root = tmp_path_factory.getbasetemp() / "stage1_tiny_suite" / "t2i"
+    if not (root.parent / "done").exists():
+        from pipeline.tiny_suite import write_tiny_suite
 
-    root = write_tiny_suite(tmp_path_factory.mktemp("tok") / "t2i", seed=0)
+        write_tiny_suite(root, seed=0, overwrite=True)
+        (root.parent / "done").write_text("ok")
     return pp.load_tokenizers(str(root))
 
 

@@ -1,0 +1,427 @@
+"""Stage-1 job end to end: embedded Ray, `ray job submit` to a real `ray start` cluster, determinism with 1 and 2
+encoder actors, SIGKILL + resume, a bad-input battery, schema errors and config conflicts.
+
+One `ray start --head` cluster (own ports, own --temp-dir, own process group) serves every test that needs a
+cluster; teardown kills only that process group (`ray stop` would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.text import DEFAULT_CAPTION
+from shared.manifest import completed_shards, read_manifest
+from stage1_encode import job as job_mod
+from stage1_encode import preprocess as pp
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CFG = REPO / "configs" / "encode" / "demo.yaml"
+ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+           PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           PYTHONPATH=str(REPO))
+
+
+def shared_tiny_suite(tmp_path_factory) -> Path:
+    """One tiny encoder suite per pytest session (test_preprocess.py reuses the same folder)."""
+    root = tmp_path_factory.getbasetemp() / "stage1_tiny_suite" / "t2i"
+    if not (root.parent / "done").exists():
+        from pipeline.tiny_suite import write_tiny_suite
+
+        write_tiny_suite(root, seed=0, overwrite=True)
+        (root.parent / "done").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    return shared_tiny_suite(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    from stage1_encode.demo_corpus import write_demo_corpus
+
+    # 24 rows in two arrow files, row 7 a truncated image; 6 rows per shard -> 4 partitions
+    return write_demo_corpus(tmp_path_factory.mktemp("corpus"), n=24, seed=3, rows_per_file=12)
+
+
+def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
+    base = {
+        "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(out),
+        "output.rows_per_shard": 6, "encoders.batch_size": 4, "image.resolution": 64, "image.reso_step": 16,
+        "ray.num_cpus": 3, "ray.preprocess_tasks": 1, "ray.preprocess_num_cpus": 0.25,
+        "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1, "ray.object_store_memory_gb": 0.3,
+        "ray.actor_memory_gb": 0.2, "log.interval_s": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, **kw)
+
+
+def load_cfg(args: list[str]):
+    from shared.config import load_config
+    from stage1_encode.config import EncodeConfig
+
+    return load_config(EncodeConfig, DEMO_CFG, args)
+
+
+def cache_content(root: Path) -> dict:
+    """Everything that must be bit-identical between two caches of the same input and config."""
+    from shared.cache import open_cache, read_empty_caption
+
+    m = read_manifest(root)
+    cache = open_cache(root)
+    samples = {}
+    for i in range(len(cache)):
+        s = cache[i]
+        samples[s["key"]] = {k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v
+                             for k, v in s.items()}
+    return {
+        "shards": [(s["name"], s["n_samples"], s["sha256"]) for s in m.shards],
+        "samples": samples,
+        "rejects": (root / "rejects.jsonl").read_text(),
+        # tensors, not the file's sha256: safetensors writes its metadata map in a random order
+        "empty": {k: v.tobytes() for k, v in read_empty_caption(root).items()},
+        "encoders": m.encoders_hash,
+        "manifest_rejects": m.rejects,
+    }
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    ca, cb = cache_content(a), cache_content(b)
+    assert ca["shards"] == cb["shards"]
+    assert sorted(ca["samples"]) == sorted(cb["samples"])
+    for key in ca["samples"]:
+        assert ca["samples"][key] == cb["samples"][key], key
+    assert ca == cb
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port"]
+    ports = {}
+    while len(set(ports.values())) < len(names):
+        ports = {n: _free_port() for n in names}
+    temp_dir = tmp_path_factory.mktemp("raytmp")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", "2", "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--temp-dir",
+           str(temp_dir), "--object-store-memory", str(400 * 1024**2), "--disable-usage-stats"]
+    for name, port in ports.items():
+        cmd += [f"--{name}", str(port)]
+    log = open(temp_dir / "ray_start.log", "w")
+    # Own session = own process group: teardown kills exactly this cluster's processes.
+    proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(dashboard + "/api/version", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("ray start failed:\n" + (temp_dir / "ray_start.log").read_text()[-3000:])
+            time.sleep(1)
+    yield {"address": f"127.0.0.1:{ports['port']}", "dashboard": dashboard}
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except Exception:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, suite, tmp_path_factory) -> Path:
+    """The uninterrupted run, through the CLI on an embedded local Ray."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    r = cli(overrides(corpus, suite, out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "complete"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.slow
+def test_embedded_local_run(reference, corpus):
+    m = read_manifest(reference)
+    n = corpus["n"]
+    bad = set(corpus["bad_rows"])  # row 7: truncated image
+    assert m.n_samples == n - len(bad)
+    assert m.rejects == {"decode_error": 1}
+    rejects = [json.loads(line) for line in (reference / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(7, "decode_error")]
+    assert m.spec.views == ("plain", "flip")
+    assert len(m.shards) == 4 and m.encoders and m.vae_scaling_factor == pytest.approx(0.13025)
+    assert (reference / "encode.log").read_text().count("summary:") == 1
+    from shared.cache import open_cache
+
+    cache = open_cache(reference)
+    keys = cache.keys()
+    assert len(set(keys)) == len(keys) == m.n_samples
+    s = cache[0]
+    H, W = (int(x) for x in s["bucket"])
+    assert s["moments"].shape == (2, 8, H // 8, W // 8)
+    assert tuple(s["image_meta_size"][2:4]) == (W, H)
+    assert (H, W) in pp.resolution_buckets(64, 16)
+
+
+@pytest.mark.slow
+def test_finished_cache_left_alone_and_conflicts_refused(reference, corpus, suite, capsys):
+    from stage1_encode.__main__ import main
+
+    before = (reference / "manifest.json").read_bytes()
+    # same identity, different runtime section: nothing to do, no Ray needed
+    summary = job_mod.run(load_cfg(overrides(corpus, suite, reference, **{"ray.num_encoder_actors": 2})))
+    assert summary["status"] == "already complete"
+    assert (reference / "manifest.json").read_bytes() == before
+    with pytest.raises(job_mod.CacheConflictError, match=r"image\.seed: 0 -> 5"):
+        job_mod.run(load_cfg(overrides(corpus, suite, reference, **{"image.seed": 5})))
+    rc = main(["--config", str(DEMO_CFG), *overrides(corpus, suite, reference, **{"encoders.batch_size": 3})])
+    err = capsys.readouterr().err
+    assert rc == 2 and "encoders.batch_size: 4 -> 3" in err and "--overwrite" in err
+    assert (reference / "manifest.json").read_bytes() == before
+    # a folder that is not a cache is never written into, even with --overwrite
+    other = reference.parent / "not_a_cache"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(job_mod.CacheConflictError, match="not a stage-1 cache"):
+        job_mod.run(load_cfg(overrides(corpus, suite, other)), overwrite=True)
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, tmp_path):
+    """`ray job submit` to a `ray start` cluster with 2 encoder actors = the 1-actor embedded run, bit for bit."""
+    out = tmp_path / "cache"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
+           "--working-dir", str(REPO), "--", "python", "-m", "stage1_encode", "--config",
+           "configs/encode/demo.yaml", *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2})]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert '"status": "complete"' in r.stdout
+    assert_same_cache(reference, out)
+
+
+def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the job ended before the kill point: " + log.read_text()[-3000:]
+        assert time.time() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
+    out = tmp_path / "cache"
+    args = overrides(corpus, suite, out) + ["--address", cluster["address"]]
+    base = [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG)]
+
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver before the kill point
+
+    def start() -> subprocess.Popen:
+        with open(log, "w") as f:
+            return subprocess.Popen(base + args, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+    # 1) killed right after the job wrote its config, before any shard
+    proc = start()
+    _kill_when(proc, lambda: (out / "encode_config.yaml").exists(), log)
+    assert not (out / "manifest.json").exists()
+
+    # 2) killed after the first shard completed
+    proc = start()
+    _kill_when(proc, lambda: len(completed_shards(out)) >= 1, log)
+    first = set(completed_shards(out))
+    assert 1 <= len(first) < 4 and not (out / "manifest.json").exists()
+
+    # 3) the same command (here with 2 encoder actors: a runtime setting) finishes only what is missing
+    r = subprocess.run(base + args + ["ray.num_encoder_actors=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    assert summary["shards_this_run"] == 4 - len(first)
+    assert_same_cache(reference, out)
+
+
+def _img_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_bad_input_battery(cluster, suite, tmp_path):
+    rng = np.random.default_rng(0)
+    noise = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    jpeg = _img_bytes(noise(80, 60), "JPEG")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgba = noise(70, 50).convert("RGBA")
+    cases = [  # (name, bytes or None for a missing file, caption, expected reason or None = good)
+        ("good_png", _img_bytes(noise(64, 64), "PNG"), "一只红色的猫", None),
+        ("good_jpeg", jpeg, "a blue square", None),
+        ("cmyk", _img_bytes(noise(60, 80).convert("CMYK"), "JPEG"), "青色", None),
+        ("palette", _img_bytes(noise(64, 48).convert("P", palette=Image.ADAPTIVE), "PNG"), "调色板", None),
+        ("sixteen_bit", _img_bytes(Image.fromarray((rng.integers(0, 65535, (40, 56))).astype(np.uint16)), "PNG"),
+         "16 bit", None),
+        ("rgba", _img_bytes(rgba, "PNG"), "透明", None),
+        ("empty_caption", _img_bytes(noise(48, 48), "PNG"), "   ", None),
+        ("null_caption", _img_bytes(noise(48, 40), "PNG"), None, None),
+        ("corrupt", b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 200, dtype=np.uint8)), "x", "decode_error"),
+        ("truncated", jpeg[: len(jpeg) // 2], "x", "decode_error"),
+        ("empty_bytes", b"", "x", "decode_error"),
+        ("unknown_format", b"this is a text file, not an image", "x", "decode_error"),
+        ("bomb", _img_bytes(Image.new("L", (1500, 1500), 0), "PNG"), "x", "pixel_limit"),
+        ("too_small", _img_bytes(noise(6, 40), "PNG"), "x", "too_small"),
+        ("extreme_aspect", _img_bytes(noise(300, 20), "PNG"), "x", "aspect_ratio"),
+        ("int_caption", _img_bytes(noise(48, 48), "PNG"), 12345, "bad_caption"),
+        ("list_caption", _img_bytes(noise(48, 48), "PNG"), ["a", "b"], "bad_caption"),
+        ("missing_file", None, "x", "read_error"),
+    ]
+    lines = []
+    for name, data, caption, _ in cases:
+        if data is not None:
+            (folder / f"{name}.bin").write_bytes(data)
+        lines.append(json.dumps({"img_path": f"imgs/{name}.bin", "text_zh": caption}, ensure_ascii=False))
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cache"
+    cfg = load_cfg([
+        "input.format=jsonl", f"input.paths=[{tmp_path / 'list.jsonl'}]", "input.md5_column=null",
+        f"encoders.root={suite}", f"output.root={out}", "output.rows_per_shard=10", "output.format=zarr",
+        "encoders.batch_size=3", "image.resolution=64", "image.reso_step=16", "image.min_size=8",
+        "image.max_aspect_ratio=8", "image.max_pixels=1000000", "image.random_flip=false",
+        "ray.preprocess_num_cpus=0.25", "ray.num_cpus_per_actor=0.5", "ray.torch_threads=1",
+        "ray.actor_memory_gb=0.2",
+    ])
+    summary = job_mod.run(cfg, address=cluster["address"])
+    assert summary["status"] == "complete"
+    good = [name for name, _, _, why in cases if why is None]
+    bad = {name: why for name, _, _, why in cases if why is not None}
+    from shared.cache import open_cache
+
+    cache = open_cache(out)
+    assert len(cache) == len(good)
+    rows = {json.loads(line)["row"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
+    for i, (name, _, caption, why) in enumerate(cases):
+        if why is None:
+            continue
+        assert rows[i]["reason"] == why, (name, rows[i])
+        assert rows[i]["source"] and rows[i]["detail"] is not None
+    assert len(rows) == len(bad)
+    assert summary["rejected"] == {r: list(bad.values()).count(r) for r in set(bad.values())}
+    assert summary["substituted_captions"] == 2
+    captions = sorted(cache[i]["caption"] for i in range(len(cache)))
+    assert captions.count(DEFAULT_CAPTION) == 2
+    m = read_manifest(out)
+    assert m.extra["substituted_captions"] == 2 and m.spec.views == ("plain",) and m.format == "zarr"
+
+
+def test_schema_errors_stop_early(suite, tmp_path):
+    # a caption column that does not exist: ValueError naming the file and the column, before any Ray starts
+    table = pa.table({"image": [b"x"], "md5": ["0" * 32], "caption": ["a"]})
+    path = tmp_path / "00000.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.RecordBatchFileWriter(sink, table.schema) as w:
+        w.write_table(table)
+    base = [f"input.paths=[{path}]", f"encoders.root={suite}", f"output.root={tmp_path / 'c'}"]
+    with pytest.raises(ValueError) as e:
+        job_mod.run(load_cfg(base))
+    assert "00000.arrow" in str(e.value) and "text_zh" in str(e.value)
+    bad = tmp_path / "bad" / "00001.arrow"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not arrow at all")
+    with pytest.raises(ValueError, match="00001.arrow"):
+        job_mod.run(load_cfg([f"input.paths=[{bad}]", f"encoders.root={suite}", f"output.root={tmp_path / 'c'}"]))
+    with pytest.raises(FileNotFoundError, match="sdxl-vae-fp16-fix"):
+        job_mod.run(load_cfg([f"input.paths=[{path}]", f"encoders.root={tmp_path}", f"output.root={tmp_path / 'c'}"]))
+    assert not (tmp_path / "c").exists()
+
+
+def test_chunks_are_bucket_pure_in_row_order(suite, corpus):
+    cfg = load_cfg(overrides(corpus, suite, Path("/nonexistent"), **{"output.rows_per_shard": 12}))
+    from stage1_encode.readers import plan_partitions
+
+    parts = plan_partitions(cfg.input, 12)
+    toks = pp.load_tokenizers(str(suite))
+    got = list(job_mod.partition_chunks(parts[0], cfg, toks))
+    assert got[-1][0] == "end" and got[-1][2]["n_chunks"] == len(got) - 1
+    seen = []
+    for kind, arrays, meta in got[:-1]:
+        H, W = meta["bucket"]
+        assert arrays["pixels"].shape[1:] == (H, W, 3) and 1 <= len(meta["keys"]) <= 4
+        assert meta["rows"] == sorted(meta["rows"])
+        seen += meta["rows"]
+    assert sorted(seen + [r["row"] for r in got[-1][2]["rejects"]]) == list(range(12))
+    again = list(job_mod.partition_chunks(parts[0], cfg, toks))
+    assert [m for _, _, m in again] == [m for _, _, m in got]
+
+
+def test_nonfinite_outputs_are_rejected():
+    import torch
+
+    class FakeEncoders:
+        def encode_images(self, x):
+            out = torch.zeros(x.shape[0], 8, x.shape[2] // 8, x.shape[3] // 8)
+            out[2, 0, 0, 0] = float("nan")  # sample 1 (views 2, 3) gets a NaN in its plain view
+            return out
+
+        def encode_clip(self, ids, mask):
+            return torch.zeros(ids.shape[0], ids.shape[1], 4)
+
+        def encode_t5(self, ids, mask):
+            out = torch.zeros(ids.shape[0], ids.shape[1], 4, dtype=torch.float16)
+            out[2, -1, 0] = float("inf")  # sample 2: inf in a padded mT5 row still counts (the pooler reads it)
+            return out
+
+    actor = object.__new__(job_mod.EncoderActor)
+    actor.enc, actor.views = FakeEncoders(), ("plain", "flip")
+    B = 4
+    arrays = {"pixels": torch.zeros(B, 16, 16, 3, dtype=torch.uint8), "image_meta_size": torch.zeros(B, 6),
+              "clip_ids": torch.zeros(B, 5, dtype=torch.int32), "clip_mask": torch.ones(B, 5, dtype=torch.bool),
+              "t5_ids": torch.zeros(B, 6, dtype=torch.int32), "t5_mask": torch.ones(B, 6, dtype=torch.bool)}
+    meta = {"bucket": [16, 16], "keys": list("abcd"), "captions": list("ABCD"), "sources": ["s"] * B,
+            "rows": [0, 1, 2, 3], "substituted": [False] * B}
+    payload, out_meta = actor.encode_chunk(arrays, meta)
+    assert out_meta["keys"] == ["a", "d"]
+    assert [(r["key"], r["reason"]) for r in out_meta["rejects"]] == [("b", "nonfinite_output"),
+                                                                    ("c", "nonfinite_output")]
+    assert job_mod.unpack(payload)["moments"].shape == (2, 2, 8, 2, 2)
