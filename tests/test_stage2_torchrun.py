@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node 2` on CPU (gloo): disjoint data per rank, identical replicas, checkpoint + resume."""
+"""`torchrun --nproc_per_node 2` on CPU (gloo): disjoint data per rank, identical replicas, checkpoint + resume
+(DDP bit-exact; the same checkpoint under FSDP2)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,20 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     wa = load_file(a / "checkpoints" / "step_0000004" / "model.safetensors")
     wb = load_file(b / "checkpoints" / "step_0000004" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # the same DDP checkpoint resumed under FSDP2 (+ activation checkpointing): one checkpoint format for both;
+    # FSDP2 reduces gradients differently (reduce-scatter), so equal up to float rounding
+    c = tmp_path / "c"
+    (c / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_0000002", c / "checkpoints" / "step_0000002")
+    res = _torchrun(*tiny_overrides(cache, c, steps=4, **common, **{
+        "checkpoint.resume": "auto", "parallel.strategy": "fsdp2", "parallel.activation_checkpointing": True}))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lc = {m["step"]: m["loss"] for m in read_metrics(c)}
+    assert sorted(lc) == [3, 4]
+    torch.testing.assert_close([lc[3], lc[4]], [la[3], la[4]], rtol=1e-5, atol=0)
+    wc = load_file(c / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert set(wc) == set(wa)
+    assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-6
+    ema = load_file(c / "checkpoints" / "step_0000004" / "ema.safetensors")
+    assert set(ema) == set(wa)
