@@ -510,7 +510,8 @@ class HunYuanDiT(nn.Module):
             meta = timestep_embedding(image_meta_size.reshape(-1), 256)  # (B*6, 256)
             if cfg.size_cond_fp16:
                 meta = meta.half()
-            meta = meta.view(B, 6 * 256)  # (B, 1536)
+            # Like the original (fp16 model, or fp32 model with fp32 sinusoid): the sinusoid joins in the pool's dtype.
+            meta = meta.to(extra_vec.dtype).view(B, 6 * 256)  # (B*6, 256) -> (B, 1536)
             extra_vec = torch.cat([extra_vec, meta], dim=1)  # (B, pooler_out_dim + 1536)
         if style is not None:
             extra_vec = torch.cat([extra_vec, self.style_embedder(style)], dim=1)  # (B, extra_in_dim)

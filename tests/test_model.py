@@ -313,3 +313,16 @@ def test_rope_rotation_and_its_custom_backward() -> None:
     torch.testing.assert_close(got, expected)
     # bf16 input: computed in fp32, returned in bf16
     assert apply_rope(x.detach().bfloat16(), cos[:, None], signed_sin(sin)[:, None]).dtype == torch.bfloat16
+
+
+def test_half_model_runs_like_float16module() -> None:
+    # The original trains model.half() with fp16 inputs (Float16Module); RoPE tables stay fp32.
+    model = perturbed_tiny(use_style_cond=True, size_cond=True).eval()
+    kw = tiny_inputs(model.config)
+    with torch.no_grad():
+        ref = model(**kw)["x"]
+        model.half()
+        half_kw = {k: (v.half() if v.is_floating_point() and not k.endswith("cis_img") else v) for k, v in kw.items()}
+        out = model(**half_kw)["x"]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.01
