@@ -230,33 +230,15 @@ class Mlp(nn.Module):
 #################################################################################
 
 
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32, like the original's x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d/2, 2) pairs swapped -> (..., d)
-    return (xf * cos + swapped * sin_signed).to(x.dtype)
-
-
-class _RotaryPairs(torch.autograd.Function):
-    # A rotation is orthogonal: its backward is the inverse rotation (sin negated), so nothing but the shared
-    # tables has to be saved -- plain autograd would keep two (B, N, h, d) fp32 tensors per call.
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin_signed)
-        return _rotate_pairs(x, cos, sin_signed)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin_signed = ctx.saved_tensors
-        return _rotate_pairs(grad, cos, -sin_signed), None, None
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) in fp32: out[2i] = x[2i]cos - x[2i+1]sin, out[2i+1] = x[2i+1]cos + x[2i]sin.
 
     ``sin_signed`` is ``sin`` with the even dims negated (see ``signed_sin``), so the pair swap needs no negation.
     The result is cast back to x's dtype, as the original does. x: (B, N, h, d); cos, sin_signed: (N, 1, d).
     """
-    return _RotaryPairs.apply(x, cos, sin_signed)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32, like the original's x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d/2, 2) pairs swapped -> (..., d)
+    return (xf * cos + swapped * sin_signed).to(x.dtype)
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

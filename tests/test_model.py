@@ -292,7 +292,7 @@ def test_flash_backend_without_flash_attn_says_so() -> None:
         model(**tiny_inputs(model.config))
 
 
-def test_rope_rotation_and_its_custom_backward() -> None:
+def test_rope_rotation_and_backward_match_rotate_half() -> None:
     from pipeline.models import apply_rope, signed_sin
 
     g = torch.Generator().manual_seed(0)
