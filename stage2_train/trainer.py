@@ -90,6 +90,13 @@ class Trainer:
         from pipeline.rope import RopeCache
 
         self.rope = RopeCache(self.model_config.head_dim, self.model_config.patch_size, self.model_config.rope_img)
+        # The cache is opened and checked against the model config before the (possibly 1.5B) model is built.
+        if batch_source_factory is None:
+            from stage2_train.data import CacheBatchSource
+
+            self.source: BatchSource = CacheBatchSource.from_config(self)
+        else:
+            self.source = batch_source_factory(self)
 
         resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
         from pipeline.models import HunYuanDiT
@@ -122,12 +129,6 @@ class Trainer:
         elif cfg.checkpoint.resume == "auto":
             logger.info("checkpoint.resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
 
-        if batch_source_factory is None:
-            from stage2_train.data import CacheBatchSource
-
-            self.source: BatchSource = CacheBatchSource.from_config(self)
-        else:
-            self.source = batch_source_factory(self)
         n_params = sum(p.numel() for p in self.inner.parameters())
         logger.info("model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, "
                     "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
