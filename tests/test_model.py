@@ -250,12 +250,16 @@ def test_fp32_layernorm_matches_fp32_math_for_half_inputs() -> None:
     assert torch.equal(ln(x), expected)
 
 
-def test_rms_norm_variant_builds_and_runs() -> None:
+def test_rms_norm_and_no_qk_norm_variants_build_and_run() -> None:
     model = perturbed_tiny(norm="rms").eval()
     assert "blocks.0.norm1.weight" in model.state_dict() and "blocks.0.norm1.bias" not in model.state_dict()
     with torch.no_grad():
         out = model(**tiny_inputs(model.config))["x"]
     assert torch.isfinite(out).all()
+    model = perturbed_tiny(qk_norm=False).eval()
+    assert not any("q_norm" in k for k in model.state_dict())
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny_inputs(model.config))["x"]).all()
 
 
 def test_config_validation_and_registry() -> None:
@@ -293,7 +297,7 @@ def test_flash_backend_without_flash_attn_says_so() -> None:
 
 
 def test_rope_rotation_and_backward_match_rotate_half() -> None:
-    from pipeline.models import apply_rope, signed_sin
+    from pipeline.models import apply_rope, rope_freqs_cis
 
     g = torch.Generator().manual_seed(0)
     cos, sin = rope_tables(64, 96, head_dim=16)  # (24, 16)
@@ -304,15 +308,18 @@ def test_rope_rotation_and_backward_match_rotate_half() -> None:
         rotated = torch.stack([-imag, real], dim=-1).flatten(3)
         return v * cos[:, None].double() + rotated * sin[:, None].double()
 
-    c, s = cos[:, None].double(), signed_sin(sin.double())[:, None]
-    out = apply_rope(x, c, s)
+    freqs = rope_freqs_cis(cos, sin)
+    out = apply_rope(x, freqs)
     torch.testing.assert_close(out, reference(x))
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
     (got,) = torch.autograd.grad(out, x, upstream)
     (expected,) = torch.autograd.grad(reference(x), x, upstream)
     torch.testing.assert_close(got, expected)
     # bf16 input: computed in fp32, returned in bf16
-    assert apply_rope(x.detach().bfloat16(), cos[:, None], signed_sin(sin)[:, None]).dtype == torch.bfloat16
+    assert apply_rope(x.detach().bfloat16(), freqs).dtype == torch.bfloat16
+    # a strided view (qk_norm=False hands RoPE a slice of the fused qkv output) works too
+    qkv = torch.randn(2, 24, 3, 3, 16, generator=g)
+    torch.testing.assert_close(apply_rope(qkv[:, :, 1], freqs), reference(qkv[:, :, 1].double()).float())
 
 
 def test_half_model_runs_like_float16module() -> None:
