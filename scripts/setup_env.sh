@@ -9,6 +9,9 @@
 #                    or https://download.pytorch.org/whl/cu128 for a CUDA build (default: pip's configured index)
 #   EXTRAS           extras of this package to install (default: test; on GPU machines: test,gpu for flash-attn)
 #   SKIP_INSTALL=1   use the environment as it is (it must already have the project installed)
+#   FORCE_INSTALL=1  run pip even when this environment was installed from the same pyproject.toml and settings
+# The install is editable, so code changes need no re-install; a stamp in the environment skips pip on re-runs until
+# pyproject.toml or the settings above change.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +29,16 @@ fi
 VPY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
 
+STAMP_FILE="$VENV/.hydit-install-stamp"
+STAMP="$(cat pyproject.toml; echo "$TORCH_SPEC|$PIP_TORCH_INDEX|$EXTRAS")"
+if [ "${SKIP_INSTALL:-0}" != "1" ] && [ "${FORCE_INSTALL:-0}" != "1" ] && [ -f "$STAMP_FILE" ] \
+        && [ "$(cat "$STAMP_FILE")" == "$STAMP" ]; then
+    echo "[setup] $VENV is up to date with pyproject.toml (FORCE_INSTALL=1 re-installs)"
+    SKIP_INSTALL=1
+fi
+
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
+    rm -f "$STAMP_FILE"
     t0=$SECONDS
     # --no-compile: byte-compiling all of torch/ray/transformers at install time costs minutes on 2 cores; Python
     # compiles the modules actually imported on first use instead.
@@ -41,4 +53,5 @@ if [ "${SKIP_INSTALL:-0}" != "1" ]; then
     "${PIP[@]}" -e ".[$EXTRAS]"
     echo "[setup] done in $((SECONDS - t0)) s (torch $((t1 - t0)) s, project $((SECONDS - t1)) s):" \
         "$("$VPY" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
+    printf '%s' "$STAMP" > "$STAMP_FILE"
 fi

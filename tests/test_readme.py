@@ -32,7 +32,7 @@ def test_exactly_two_setup_commands_and_their_scripts_exist():
 def test_install_puts_torch_first_and_test_script_fails_on_no_tests():
     setup = (ROOT / "scripts" / "setup_env.sh").read_text()
     assert setup.index('"${torch_args[@]}"') < setup.index('-e ".[$EXTRAS]"')
-    for knob in ("TORCH_SPEC", "PIP_TORCH_INDEX", "EXTRAS", "VENV", "SKIP_INSTALL"):
+    for knob in ("TORCH_SPEC", "PIP_TORCH_INDEX", "EXTRAS", "VENV", "SKIP_INSTALL", "FORCE_INSTALL"):
         assert knob in setup and f"`{knob}`" in README
     test_sh = (ROOT / "scripts" / "test.sh").read_text()
     assert '"$rc" -eq 5' in test_sh and "exit 1" in test_sh
