@@ -444,11 +444,8 @@ class HunYuanDiT(nn.Module):
 
     def _check_conditions(self, image_meta_size: torch.Tensor | None, style: torch.Tensor | None) -> None:
         cfg = self.config
-        if cfg.size_cond != (image_meta_size is not None):
-            raise ValueError(
-                f"size_cond={cfg.size_cond} but image_meta_size is "
-                f"{'missing' if image_meta_size is None else 'given'}; pass it exactly when size_cond is True"
-            )
+        if cfg.size_cond and image_meta_size is None:
+            raise ValueError("size_cond=True but image_meta_size is missing; pass the (B, 6) image meta sizes")
         if cfg.use_style_cond != (style is not None):
             raise ValueError(
                 f"use_style_cond={cfg.use_style_cond} but style is {'missing' if style is None else 'given'}; "
@@ -471,6 +468,8 @@ class HunYuanDiT(nn.Module):
     ) -> dict[str, torch.Tensor] | torch.Tensor:
         """x (B, C, H, W), t (B,), BERT (B, Lc, Dc) + mask, mT5 (B, Lt, Dt) + mask, RoPE (HW/p^2, d) -> {"x"}."""
         cfg = self.config
+        if not cfg.size_cond:
+            image_meta_size = None  # ignored, as the original does, so callers may always pass the cached sizes
         self._check_conditions(image_meta_size, style)
         B, _, H, W = x.shape
         p = cfg.patch_size

@@ -165,8 +165,11 @@ def test_padding_tokens_are_replaced_and_text_values_there_ignored() -> None:
 def test_condition_inputs_must_match_config() -> None:
     model = perturbed_tiny()
     kw = tiny_inputs(model.config)
-    with pytest.raises(ValueError, match="size_cond=False"):
-        model(**kw, image_meta_size=torch.zeros(2, 6))
+    with torch.no_grad():  # like the original, a v1.2 model ignores image sizes it was not built for
+        torch.testing.assert_close(model(**kw, image_meta_size=torch.ones(2, 6))["x"], model(**kw)["x"])
+    v11 = perturbed_tiny(use_style_cond=True, size_cond=True)
+    with pytest.raises(ValueError, match="image_meta_size is missing"):
+        v11(**kw, style=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="use_style_cond=False"):
         model(**kw, style=torch.zeros(2, dtype=torch.long))
     bad = dict(kw, cos_cis_img=kw["cos_cis_img"][:-1])
