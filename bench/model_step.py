@@ -36,7 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="square image side in pixels (latent = /8)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--text-dims", default="256,77,512,256",
-                   help="BERT dim, BERT len, mT5 dim, mT5 len (default small: 256,77,512,256; 'full' = 1024,77,2048,256)")
+                   help="BERT dim, BERT len, mT5 dim, mT5 len (default small: 256,77,512,256; "
+                        "'full' = 1024,77,2048,256)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32 = no autocast)")
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])

@@ -92,7 +92,9 @@ def load_original_state_dict(
         hint = ""
         if "style_embedder.weight" in missing or "style_embedder.weight" in unexpected:
             hint = " (v1.1 weights have style_embedder and size conditioning: use_style_cond/size_cond)"
-        raise ValueError(f"checkpoint does not match the model{hint}: missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(
+            f"checkpoint does not match the model{hint}: missing keys {missing}, unexpected keys {unexpected}"
+        )
     bad_shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in sorted(set(own) & set(state))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -230,22 +230,38 @@ class Mlp(nn.Module):
 #################################################################################
 
 
-def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+class Rope(NamedTuple):
+    """One image bucket's RoPE, prepared once per forward from the (N, d) cos/sin tables."""
+
+    cos: torch.Tensor  # (N, 1, d)
+    sin_signed: torch.Tensor  # (N, 1, d): sin with even dims negated, so a pair swap needs no negation
+    freqs_cis: torch.Tensor  # (N, 1, d/2) complex: cos + i sin of each pair's angle
+
+    @classmethod
+    def from_tables(cls, cos: torch.Tensor, sin: torch.Tensor) -> "Rope":
+        """(N, d) tables with each frequency repeated for a pair of dims (the original's layout)."""
+        cos, sin = cos.float(), sin.float()
+        sign = torch.tensor([-1.0, 1.0], device=sin.device).repeat(sin.shape[-1] // 2)  # (d,)
+        freqs_cis = torch.complex(cos[:, 0::2], sin[:, 0::2])  # (N, d/2)
+        return cls(cos.unsqueeze(1), (sin * sign).unsqueeze(1), freqs_cis.unsqueeze(1))
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) in fp32: out[2i] = x[2i]cos - x[2i+1]sin, out[2i+1] = x[2i+1]cos + x[2i]sin.
 
-    That is the original's ``x*cos + rotate_half(x)*sin``, written as one complex multiplication (same products and
-    sums, about 5x faster forward+backward on CPU than the swap-and-multiply form). The result is cast back to x's
-    dtype, as the original does. x: (B, N, h, d); freqs_cis: (N, 1, d/2) complex (see ``rope_freqs_cis``).
+    That is the original's ``x*cos + rotate_half(x)*sin``. Eager mode writes it as one complex multiplication (same
+    products and sums, ~5x cheaper forward+backward on CPU); under torch.compile the real form is used because
+    inductor generates no code for complex ops. The result is cast back to x's dtype, as the original does.
+    x: (B, N, h, d).
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32, like the original's x.float()
-    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, N, h, d/2, 2) -> (B, N, h, d/2) complex
-    out = torch.view_as_real(xc * freqs_cis.to(xc.dtype)).flatten(-2)  # (B, N, h, d/2, 2) -> (B, N, h, d)
+    if torch.compiler.is_compiling():
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d/2, 2) pairs swapped -> (..., d)
+        out = xf * rope.cos + swapped * rope.sin_signed
+    else:
+        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, N, h, d/2, 2) -> (B, N, h, d/2) complex
+        out = torch.view_as_real(xc * rope.freqs_cis.to(xc.dtype)).flatten(-2)  # -> (B, N, h, d/2, 2) -> (B, N, h, d)
     return out.to(x.dtype)
-
-
-def rope_freqs_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(N, d) real tables, each frequency repeated for a pair of dims (the original's layout) -> (N, 1, d/2) complex."""
-    return torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float()).unsqueeze(1)  # (N, d/2) -> (N, 1, d/2)
 
 
 def _flash_attn_func():
@@ -281,7 +297,7 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.Wqkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
         q, k, v = qkv.unbind(2)  # (B, N, h, d) each
@@ -305,7 +321,7 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor | None
+        self, x: torch.Tensor, context: torch.Tensor, rope: Rope | None
     ) -> torch.Tensor:
         B, N, D = x.shape
         M = context.shape[1]
@@ -351,7 +367,7 @@ class HunYuanDiTBlock(nn.Module):
         x: torch.Tensor,
         c: torch.Tensor,
         text_states: torch.Tensor,
-        rope: torch.Tensor | None,
+        rope: Rope | None,
         skip: torch.Tensor | None,
     ) -> torch.Tensor:
         if self.skip_linear is not None:
@@ -367,7 +383,7 @@ class HunYuanDiTBlock(nn.Module):
         x: torch.Tensor,
         c: torch.Tensor,
         text_states: torch.Tensor,
-        rope: torch.Tensor | None,
+        rope: Rope | None,
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -508,7 +524,7 @@ class HunYuanDiT(nn.Module):
                     f"RoPE tables {tuple(cos_cis_img.shape)}/{tuple(sin_cis_img.shape)} do not fit a {th}x{tw} token "
                     f"grid with head_dim {cfg.head_dim}; expected ({n}, {cfg.head_dim})"
                 )
-            rope = rope_freqs_cis(cos_cis_img, sin_cis_img)  # (N, 1, d/2) complex
+            rope = Rope.from_tables(cos_cis_img, sin_cis_img)
 
         skips: list[torch.Tensor] = []
         half = cfg.depth // 2

@@ -282,7 +282,8 @@ def test_config_validation_and_registry() -> None:
 def test_yaml_presets_equal_registry() -> None:
     yaml = pytest.importorskip("yaml")
     root = Path(__file__).resolve().parents[1] / "configs" / "model"
-    for file, name in [("dit-g-2", "DiT-g/2"), ("dit-xl-2", "DiT-XL/2"), ("dit-s-2", "DiT-S/2"), ("tiny", "DiT-tiny/2")]:
+    presets = [("dit-g-2", "DiT-g/2"), ("dit-xl-2", "DiT-XL/2"), ("dit-s-2", "DiT-S/2"), ("tiny", "DiT-tiny/2")]
+    for file, name in presets:
         data = yaml.safe_load((root / f"{file}.yaml").read_text())
         assert DiTConfig(**data) == DIT_CONFIGS[name], file
 
@@ -300,7 +301,7 @@ def test_flash_backend_without_flash_attn_says_so() -> None:
 
 
 def test_rope_rotation_and_backward_match_rotate_half() -> None:
-    from pipeline.models import apply_rope, rope_freqs_cis
+    from pipeline.models import Rope, apply_rope
 
     g = torch.Generator().manual_seed(0)
     cos, sin = rope_tables(64, 96, head_dim=16)  # (24, 16)
@@ -311,7 +312,7 @@ def test_rope_rotation_and_backward_match_rotate_half() -> None:
         rotated = torch.stack([-imag, real], dim=-1).flatten(3)
         return v * cos[:, None].double() + rotated * sin[:, None].double()
 
-    freqs = rope_freqs_cis(cos, sin)
+    freqs = Rope.from_tables(cos, sin)
     out = apply_rope(x, freqs)
     torch.testing.assert_close(out, reference(x))
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -323,6 +324,9 @@ def test_rope_rotation_and_backward_match_rotate_half() -> None:
     # a strided view (qk_norm=False hands RoPE a slice of the fused qkv output) works too
     qkv = torch.randn(2, 24, 3, 3, 16, generator=g)
     torch.testing.assert_close(apply_rope(qkv[:, :, 1], freqs), reference(qkv[:, :, 1].double()).float())
+    # the real-valued form used under torch.compile (traced here with the eager backend) agrees
+    compiled = torch.compile(lambda v: apply_rope(v, freqs), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), out.detach())
 
 
 def test_half_model_runs_like_float16module() -> None:
