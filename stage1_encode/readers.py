@@ -122,7 +122,9 @@ def plan_partitions(cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
             parts.extend(_plan_source(path, stems[path], cfg, rows_per_shard))
     parts.sort(key=lambda p: (p.source_stem, p.start))
     names = [p.name for p in parts]
-    assert len(set(names)) == len(names), "partition names must be unique"
+    if len(set(names)) != len(names):  # only crafted names can get here, e.g. files "a" and "a-00000000"
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"input.paths: sources give the same shard names {dup[:5]}; rename the files")
     if not parts:
         raise ValueError(f"input.paths: {cfg.paths} hold no rows (format {cfg.format!r})")
     return parts
@@ -197,7 +199,10 @@ def _safe(name: str) -> str:
 
 
 def _source_stems(paths: list[Path]) -> dict[Path, str]:
-    """Key prefix per source: the file stem, with as many parent folder names as it takes to be unique."""
+    """Key prefix per source: the file stem, with as many parent folder names as it takes to be unique.
+
+    Adding a source whose stem is already taken lengthens both stems, so both get new keys (and shard names).
+    """
     def stem_at(p: Path, depth: int) -> str:
         parts = list(p.parent.parts[-(depth - 1):]) if depth > 1 else []
         return "_".join(_safe(x) for x in parts + [p.stem if p.is_file() else p.name])
