@@ -335,7 +335,9 @@ class EncoderActor:
                 part, kind, seq = str(batch["part"][i]), str(batch["kind"][i]), int(batch["seq"][i])
                 payload, meta = batch["payload"][i], json.loads(batch["meta"][i])
                 if kind == "chunk":
+                    t0 = time.time()
                     payload, meta = self.encode_chunk(unpack(payload), meta)
+                    meta["t_encode"] = [t0, time.time()]  # for the steady-state throughput (same clock: one host)
                 elif kind == "empty":
                     payload, meta = self.encode_empty(unpack(payload))
                 rows.append(_out_row(part, kind, seq, payload, meta))
@@ -550,6 +552,9 @@ def build_dataset(cfg: EncodeConfig, partitions: list[Partition]):
         preprocess_udf, fn_kwargs={"cfg_dict": cfg_dict}, batch_size=1, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=r.preprocess_tasks), num_cpus=r.preprocess_num_cpus,
     )
+    # One chunk per block: otherwise a preprocess task's chunks travel as one block, one actor encodes them all
+    # (no balancing across actors) and the driver sees them only when the whole block is done.
+    ds = ds.repartition(target_num_rows_per_block=1)
     # `memory=` also keeps Ray from fusing preprocessing into the actor (fusion needs equal remote args): on CPU a
     # fused actor would preprocess and encode serially.
     ds = ds.map_batches(
@@ -674,7 +679,7 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
     open_: dict[str, ShardAssembler] = {}
     ready: list[ShardAssembler] = []  # complete, held until the encoders' fingerprint has been checked
     out: dict[str, Any] = {"written": 0, "fingerprint": None}
-    timeline: list[tuple[float, int]] = []  # (time, samples written so far) at each encoded chunk
+    span = [float("inf"), 0.0]  # first encode start, last encode end over all chunks
     t_start = time.time()
 
     def finish(asm: ShardAssembler) -> None:
@@ -697,8 +702,8 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
             before = asm.n_written
             settled = asm.add(kind, int(row["seq"]), row["payload"], meta)
             out["written"] += asm.n_written - before
-            if asm.n_written > before:
-                timeline.append((time.time(), out["written"]))
+            if kind == "chunk":
+                span[0], span[1] = min(span[0], meta["t_encode"][0]), max(span[1], meta["t_encode"][1])
             progress.update(asm.n_written - before, settled - (len(meta["keys"]) if kind == "chunk" else 0))
             if asm.complete:
                 del open_[part]
@@ -715,9 +720,11 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
     if open_ or ready or out["fingerprint"] is None:
         raise RuntimeError(f"the encode stream ended early: {len(open_) + len(ready)} partitions incomplete")
     out["seconds"] = time.time() - t_start
-    # Steady state: from the first encoded chunk to the last (excludes Ray start-up and model loading).
-    if len(timeline) >= 2 and timeline[-1][0] > timeline[0][0]:
-        out["steady"] = (timeline[-1][1] - timeline[0][1]) / (timeline[-1][0] - timeline[0][0])
+    # Steady state: samples over [first chunk's encode start, last chunk's encode end] on the actors. Excludes
+    # Ray start-up and model loading; includes every stall of the encoders (waiting for preprocessing or for the
+    # driver to drain the stream). Driver-side arrival times would not do: outputs reach the driver in bursts.
+    if span[1] > span[0]:
+        out["steady"] = out["written"] / (span[1] - span[0])
     logger.info(progress.line())
     return out
 
