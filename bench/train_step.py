@@ -42,12 +42,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", default="bench", choices=["bench", "tiny"])
     p.add_argument("--model", default="DiT-S/2")
-    p.add_argument("--images", type=int, default=48, help="corpus size (demo corpus images, varied sizes)")
+    p.add_argument("--images", type=int, default=16, help="corpus size (demo corpus images, varied sizes)")
     p.add_argument("--image-size", type=int, default=128, help="bucket base size in pixels")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the cache variants")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps (loader start-up, first-call overheads)")
-    p.add_argument("--steps", type=int, default=16, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (loader start-up, first-call overheads)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps of the cache variants")
+    p.add_argument("--online-steps", type=int, default=4,
+                   help="timed steps of the online variant (each runs the VAE on a whole batch: slow on CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default=None, help="keep the encoder suite and caches here (default: a temp dir)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
@@ -157,7 +159,8 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
 
     enc_dims = json.loads((work / "cache_zarr" / "manifest.json").read_text())["spec"]
     fmt = "zarr" if args.variant == "online" else args.variant
-    total = args.warmup + args.steps
+    timed_steps = args.online_steps if args.variant == "online" else args.steps
+    total = args.warmup + timed_steps
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / f'cache_{fmt}'}", f"run_dir={work / 'runs' / args.variant}", f"steps={total}",
         f"data.batch_size={args.batch}", f"data.num_workers={0 if args.variant == 'online' else args.workers}",
@@ -186,7 +189,7 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     recs = [json.loads(line) for line in (work / "runs" / args.variant / "metrics.jsonl").read_text().splitlines()]
-    timed = recs[-args.steps:]
+    timed = recs[-timed_steps:]
     # per step: samples_per_s = batch / step time; data_wait_share = wait / step time (logging.every=1)
     step_times = [args.batch / r["samples_per_s"] for r in timed]
     waits = [r["data_wait_share"] * t for r, t in zip(timed, step_times)]
@@ -215,7 +218,8 @@ def main() -> None:
     results = {}
     for variant in ("online", "zarr", "webdataset"):
         cmd = [sys.executable, __file__, "--variant", variant, "--work-dir", str(work)]
-        for name in ("encoders", "model", "images", "image_size", "batch", "workers", "warmup", "steps", "device"):
+        for name in ("encoders", "model", "images", "image_size", "batch", "workers", "warmup", "steps",
+                     "online_steps", "device"):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         t = time.perf_counter()
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
@@ -227,7 +231,8 @@ def main() -> None:
 
     on = results["online"]
     print(f"\nDiT {args.model}, encoders '{args.encoders}', {args.image_size}px buckets, batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup}, device {args.device}, cache loaders with {args.workers} workers")
+          f"{args.steps} timed steps (online: {args.online_steps}) after {args.warmup}, device {args.device}, "
+          f"cache loaders with {args.workers} workers")
     print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} {'loss step 1':>12}")
     for name, r in results.items():
         print(f"{name:<12} {r['step_s_median']:>10.4f} {r['step_s_median'] / on['step_s_median']:>10.3f} "
