@@ -192,3 +192,20 @@ def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
     assert kept == ["step_0000003", "step_0000004"]
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
     assert set(saved) == set(src.state_dict())  # the original key layout
+
+
+def test_presets_load_and_v12_is_the_released_recipe():
+    from stage2_train.trainer import build_model_config
+
+    demo = load_config(TrainConfig, "configs/train/demo.yaml")
+    assert build_model_config(demo).hidden_size == 64
+    cfg = load_config(TrainConfig, "configs/train/hunyuandit-v1.2.yaml")
+    m = build_model_config(cfg)
+    assert (m.hidden_size, m.depth, m.num_heads, m.learn_sigma, m.text_len, m.text_len_t5) == (1408, 40, 16, True, 77, 256)
+    d, o, s = cfg.diffusion, cfg.optim, cfg.schedule
+    assert (d.noise_schedule, d.beta_start, d.beta_end, d.predict_type) == ("scaled_linear", 0.00085, 0.018,
+                                                                            "v_prediction")
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.grad_clip) == (1e-4, [0.9, 0.999], 1e-8, 0.0, 1.0)
+    assert (s.kind, s.warmup_steps, cfg.data.uncond_p, cfg.data.uncond_p_t5, cfg.data.batch_size) == (
+        "constant", 0, 0.0, 0.0, 1)
+    assert cfg.model.init_from == "ckpts/t2i/model/pytorch_model_distill.pt" and cfg.precision.mode == "bf16"
