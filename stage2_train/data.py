@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -248,6 +249,12 @@ class CacheDataset(torch.utils.data.Dataset):
         return build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
 
 
+def _worker_init(worker_id: int) -> None:
+    # torchrun's SIGTERM reaches the whole process group; the training process decides when to stop (after saving a
+    # checkpoint) and shuts its loader workers down itself, so a worker must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class CacheBatchSource:
     """Batches of one rank read from a stage-1 cache through a DataLoader (workers prefetch ahead of the step)."""
 
@@ -294,5 +301,6 @@ class CacheBatchSource:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            worker_init_fn=_worker_init,
         )
         return iter(loader)

@@ -69,15 +69,19 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
+    import os
+
     run = tmp_path / "term"
-    args = train_cmd(*tiny_overrides(cache, run, steps=10_000))
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = train_cmd(*tiny_overrides(cache, run, steps=10_000, **{"data.num_workers": 1}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # own process group, signalled as a whole like torchrun and schedulers do: loader workers get SIGTERM too
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by SIGTERM" in out
