@@ -80,7 +80,8 @@ def encoder_bound(suite: str, batches: list[dict], threads: int) -> float:
             enc.encode_clip(b["clip_ids"], b["clip_mask"])
             enc.encode_t5(b["t5_ids"], b["t5_mask"])
 
-    step({k: v[:1] for k, v in batches[0].items()})  # warm-up (first-call kernel setup), one sample
+    # Warm-up at the full batch shape: the first call at a new shape builds oneDNN kernels (measured ~2x slower).
+    step(batches[0])
     n, t0 = 0, time.perf_counter()
     for b in batches:
         step(b)
@@ -208,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
           "not in the steady-state number")
     print(f"  note: bound before/after = {bound_before:.4f}/{bound_after:.4f} samples/s; the spread is this box's load "
           "drift (other jobs share its 2 cores)")
+    if ratio > 1:
+        print("  note: ratio > 1 means the encoders ran faster inside the Ray actor than in the bound's fresh process "
+              "over these windows (measured so on a loaded 2-core box); the overhead bound that holds regardless is "
+              "the preprocessing + writing share above")
     print(f"encode_throughput_ratio = {ratio:.2f} (goal >= 0.8)")
 
 
