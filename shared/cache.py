@@ -75,7 +75,9 @@ def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str
             raise ValueError(f"{enc}_states of the empty caption has shape {st.shape}, expected ({L}, {D})")
         t = torch.from_numpy(np.ascontiguousarray(st))
         out[f"{enc}_states"] = t.view(torch.int16).view(torch.bfloat16) if dt == "bfloat16" else t
-    data = save(out, metadata={"caption": "", "spec": json.dumps(spec.to_dict())})
+    # One metadata key: safetensors keeps metadata in a hash map, so two keys come out in a random order and the
+    # file (whose sha256 the manifest records) would differ between identical runs.
+    data = save(out, metadata={"empty_caption": json.dumps({"caption": "", "spec": spec.to_dict()}, sort_keys=True)})
     path = Path(root) / EMPTY_CAPTION_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)

@@ -253,3 +253,13 @@ def test_torch_inputs_and_empty_shards(tmp_path):
         assert got["t5_states"].tobytes() == s["t5_states"].tobytes()
         assert cache.empty_caption()["t5_states"].tobytes() == s["t5_states"].tobytes()
         assert cache.summary()["rejects"] == {"too_small": 2}
+
+
+def test_empty_caption_file_is_byte_deterministic(tmp_path):
+    # The manifest records this file's sha256, so identical runs must write identical bytes (safetensors keeps its
+    # metadata in a hash map: several keys would come out in a random order).
+    spec = CacheSpec(format="zarr", **SMALL)
+    e = synthetic_sample(spec, "e", (64, 64), np.random.default_rng(0))
+    fields = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
+    shas = {write_empty_caption(tmp_path / str(i), spec, **{k: e[k] for k in fields}) for i in range(8)}
+    assert len(shas) == 1
