@@ -255,13 +255,18 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     x: (B, N, h, d).
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32, like the original's x.float()
-    if torch.compiler.is_compiling():
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d/2, 2) pairs swapped -> (..., d)
-        out = xf * rope.cos + swapped * rope.sin_signed
-    else:
-        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, N, h, d/2, 2) -> (B, N, h, d/2) complex
-        out = torch.view_as_real(xc * rope.freqs_cis.to(xc.dtype)).flatten(-2)  # -> (B, N, h, d/2, 2) -> (B, N, h, d)
+    out = _rotate_real(xf, rope) if torch.compiler.is_compiling() else _rotate_complex(xf, rope)
     return out.to(x.dtype)
+
+
+def _rotate_real(xf: torch.Tensor, rope: Rope) -> torch.Tensor:
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., d/2, 2) pairs swapped -> (..., d)
+    return xf * rope.cos + swapped * rope.sin_signed
+
+
+def _rotate_complex(xf: torch.Tensor, rope: Rope) -> torch.Tensor:
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, N, h, d/2, 2) -> (B, N, h, d/2) complex
+    return torch.view_as_real(xc * rope.freqs_cis.to(xc.dtype)).flatten(-2)  # -> (B, N, h, d/2, 2) -> (B, N, h, d)
 
 
 def _flash_attn_func():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import models
 from pipeline.models import (
     DIT_CONFIGS,
     DiTConfig,
@@ -93,8 +94,11 @@ def perturbed_tiny(seed: int = 0, **overrides) -> HunYuanDiT:
     return model
 
 
+@pytest.mark.parametrize("rope_form", ["complex", "real"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_golden_forward_matches_original(case: str) -> None:
+def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if rope_form == "real":  # the form torch.compile traces; run it eagerly on the same golden case
+        monkeypatch.setattr(models, "_rotate_complex", models._rotate_real)
     model, data, inputs = golden_model(case)
     with torch.no_grad():
         out = model(data["x"], data["t"], **inputs)["x"]
@@ -324,9 +328,36 @@ def test_rope_rotation_and_backward_match_rotate_half() -> None:
     # a strided view (qk_norm=False hands RoPE a slice of the fused qkv output) works too
     qkv = torch.randn(2, 24, 3, 3, 16, generator=g)
     torch.testing.assert_close(apply_rope(qkv[:, :, 1], freqs), reference(qkv[:, :, 1].double()).float())
-    # the real-valued form used under torch.compile (traced here with the eager backend) agrees
-    compiled = torch.compile(lambda v: apply_rope(v, freqs), backend="eager", fullgraph=True)
+    # Under torch.compile the traced graph is the real form (no complex op reaches inductor) and agrees.
+    traced_ops: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        traced_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda v: apply_rope(v, freqs), backend=recording_backend, fullgraph=True)
     torch.testing.assert_close(compiled(x.detach()), out.detach())
+    assert traced_ops and not any("complex" in op for op in traced_ops), traced_ops
+
+
+@pytest.mark.parametrize("rope_form", ["complex", "real"])
+def test_rope_under_bf16_autocast_computes_in_fp32(rope_form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The original: (x.float() * cos + rotate_half(x.float()) * sin).type_as(x), whatever autocast says.
+    from pipeline.models import Rope, apply_rope
+
+    if rope_form == "real":
+        monkeypatch.setattr(models, "_rotate_complex", models._rotate_real)
+    cos, sin = rope_tables(64, 96, head_dim=16)  # (24, 16)
+    x = torch.randn(2, 24, 3, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    real, imag = x.float().reshape(2, 24, 3, 8, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)  # rotate_half on adjacent pairs
+    expected = (x.float() * cos[:, None] + rotated * sin[:, None]).bfloat16()
+    in_bf16 = (x * cos[:, None].bfloat16() + rotated.bfloat16() * sin[:, None].bfloat16()).bfloat16()
+    assert not torch.equal(in_bf16, expected)  # the check below can tell fp32 math from bf16 math
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = apply_rope(x, Rope.from_tables(cos, sin))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_half_model_runs_like_float16module() -> None:
