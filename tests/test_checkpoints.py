@@ -19,25 +19,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.models import DiTConfig, HunYuanDiT
 from pipeline.rope import rope_tables
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-def perturbed_tiny(seed: int = 0, **overrides) -> HunYuanDiT:
-    torch.manual_seed(seed)
-    model = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2", **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
 def inputs(cfg: DiTConfig, size: int = 128, B: int = 2) -> dict:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.diffusion import (
     GaussianDiffusion,
@@ -18,30 +15,12 @@ from pipeline.diffusion import (
     make_betas,
     normal_kl,
 )
-from pipeline.models import DiTConfig, HunYuanDiT
-
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+from dit_helpers import CASES, golden_model, single_thread  # noqa: F401 (autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.mark.parametrize(
-    "case,overrides", [("v1.2", {}), ("v1.1_style_size", {"use_style_cond": True, "size_cond": True})]
-)
-def test_golden_training_losses(case: str, overrides: dict) -> None:
-    meta = json.loads((GOLDEN / "golden.json").read_text())["cases"][case]
-    data = load_file(str(GOLDEN / meta["file"]))
-    model = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2", **overrides))
-    model.load_state_dict({k[11:]: v for k, v in data.items() if k.startswith("state_dict.")}, strict=True)
-    kwargs = {k[7:]: v for k, v in data.items() if k.startswith("inputs.")}
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_training_losses(case: str) -> None:
+    model, meta, data, kwargs = golden_model(case)
     d = meta["diffusion"]
     diffusion = create_diffusion(
         noise_schedule=d["noise_schedule"],

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline import models
 from pipeline.models import (
@@ -20,44 +18,7 @@ from pipeline.models import (
     timestep_embedding,
 )
 from pipeline.rope import rope_tables
-
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-CASES = {"v1.2": {}, "v1.1_style_size": {"use_style_cond": True, "size_cond": True}}
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-def load_case(name: str) -> tuple[dict, dict]:
-    meta = json.loads((GOLDEN / "golden.json").read_text())["cases"][name]
-    return meta, load_file(str(GOLDEN / meta["file"]))
-
-
-def golden_model(name: str) -> tuple[HunYuanDiT, dict, dict]:
-    meta, data = load_case(name)
-    mk = meta["model_kwargs"]
-    cfg = DiTConfig.from_name(
-        "DiT-tiny/2",
-        hidden_size=mk["hidden_size"],
-        depth=mk["depth"],
-        num_heads=mk["num_heads"],
-        mlp_ratio=mk["mlp_ratio"],
-        patch_size=mk["patch_size"],
-        in_channels=mk["in_channels"],
-        **CASES[name],
-    )
-    model = HunYuanDiT(cfg)
-    state = {k[len("state_dict.") :]: v for k, v in data.items() if k.startswith("state_dict.")}
-    model.load_state_dict(state, strict=True)
-    inputs = {k[len("inputs.") :]: v for k, v in data.items() if k.startswith("inputs.")}
-    return model.eval(), data, inputs
+from dit_helpers import CASES, golden_model, perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
 def tiny_inputs(cfg: DiTConfig, B: int = 2, h: int = 8, w: int = 12, seed: int = 0) -> dict:
@@ -84,22 +45,12 @@ def tiny_inputs(cfg: DiTConfig, B: int = 2, h: int = 8, w: int = 12, seed: int =
     return kw
 
 
-def perturbed_tiny(seed: int = 0, **overrides) -> HunYuanDiT:
-    """Tiny model with every weight moved off its init, so zero-initialised paths carry signal."""
-    torch.manual_seed(seed)
-    model = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2", **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("rope_form", ["complex", "real"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if rope_form == "real":  # the form torch.compile traces; run it eagerly on the same golden case
         monkeypatch.setattr(models, "_rotate_complex", models._rotate_real)
-    model, data, inputs = golden_model(case)
+    model, _, data, inputs = golden_model(case)
     with torch.no_grad():
         out = model(data["x"], data["t"], **inputs)["x"]
     assert out.shape == data["output"].shape
@@ -110,7 +61,7 @@ def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch:
 
 def test_state_dict_keys_are_the_originals() -> None:
     for case in CASES:
-        model, data, _ = golden_model(case)
+        model, _, data, _ = golden_model(case)
         expected = {k[len("state_dict.") :] for k in data if k.startswith("state_dict.")}
         assert set(model.state_dict()) == expected
 

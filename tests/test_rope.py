@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.rope import RopeCache, fill_resize_and_crop, grid_positions, rope_tables
-
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny: on a shared, loaded machine OpenMP threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from dit_helpers import GOLDEN, single_thread  # noqa: F401 (autouse fixture)
 
 
 def test_1024_base512_table_is_bit_exact() -> None:
