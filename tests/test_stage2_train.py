@@ -102,10 +102,43 @@ def test_loss_goes_down(cache, tmp_path):
                                                      "data.uncond_p_t5": 0.0})
     trainer = Trainer(cfg)
     trainer.train()
-    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    records = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in records] == list(range(1, 41))
+    for m in records:  # what the log line prints, as the trainer measured it
+        assert all(np.isfinite(m[k]) for k in LOGGED), m
+        assert m["grad_norm"] > 0 and 0 < m["lr"] <= 1e-3 and m["samples_per_s"] > 0 and m["memory_gib"] > 0
+        assert 0 <= m["data_wait_share"] <= 1 and m["mse"] + m["vb"] == pytest.approx(m["loss"], rel=1e-5)
+    losses = [m["loss"] for m in records]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"\nmean loss steps 1-10: {first:.4f}, steps 31-40: {last:.4f} ({100 * (1 - last / first):.0f}% lower)")
     assert last < 0.7 * first
+
+
+LOGGED = ("loss", "mse", "vb", "grad_norm", "lr", "samples_per_s", "data_wait_share", "memory_gib")
+
+
+def test_log_line_carries_every_metric(tmp_path):
+    import logging
+
+    from stage2_train.metrics import MetricsLogger, logger
+
+    values = dict(zip(LOGGED, (0.5, 0.375, 0.125, 1.25, 1e-4, 12.5, 0.015, 1.5)), skipped_steps=2)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = MetricsLogger(tmp_path, enabled=True, tensorboard=False, progress_bar=False, total=10, initial=0)
+        metrics.log(7, values)
+        metrics.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert lines == ["step       7 | loss 0.5000 | mse 0.3750 | vb 0.1250 | grad_norm 1.250 | lr 0.0001 | "
+                     "12.50 samples/s | data_wait 1.5% | mem 1.50 GiB | skipped 2"]
+    assert read_metrics(tmp_path) == [{"step": 7, **values}]
 
 
 class _Poisoned:
