@@ -231,6 +231,13 @@ def reject_record(row: dict, reason: str, detail: str) -> dict:
             "detail": detail}
 
 
+def _reject_from(row: dict, err: Exception) -> dict:
+    """A Reject keeps its reason; anything else a row's bytes make PIL or numpy raise is a "preprocess_error"."""
+    if isinstance(err, pp.Reject):
+        return reject_record(row, err.reason, err.detail)
+    return reject_record(row, "preprocess_error", f"{type(err).__name__}: {err}")
+
+
 def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, Any]
                      ) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
     """Yield ("chunk", arrays, meta) per encoder batch of `part`, then ("end", {}, meta) with the rejects.
@@ -244,8 +251,10 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     rejects: list[dict] = []
     groups: dict[tuple[int, int], list[tuple[dict, str, bool]]] = {}
     n_rows = 0
+    seen_rows: set[int] = set()
     for row in read_partition(part, cfg.input):
         n_rows += 1
+        seen_rows.add(int(row["row"]))
         try:
             if row.get("error"):
                 raise pp.Reject("read_error", str(row["error"]))
@@ -254,10 +263,17 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
             img.close()
             pp.check_size(w, h, im.min_size, im.max_aspect_ratio)
             caption, substituted = pp.clean_caption(row["caption"], default)
-        except pp.Reject as rej:
-            rejects.append(reject_record(row, rej.reason, rej.detail))
+            bucket = pp.target_size(w, h, im)
+        except Exception as err:  # one bad row must not take down the partition: it becomes a reject
+            rejects.append(_reject_from(row, err))
             continue
-        groups.setdefault(pp.target_size(w, h, im), []).append((row, caption, substituted))
+        groups.setdefault(bucket, []).append((row, caption, substituted))
+    # A row the plan counted but the reader never returned (the file changed since planning) is recorded, not lost.
+    planned = part.rows if part.rows is not None else range(part.start, part.stop)
+    for r in sorted(set(planned) - seen_rows):
+        rejects.append({"key": None, "source": part.source, "row": r, "reason": "read_error",
+                        "detail": "planned but not returned by the reader (source changed since planning?)"})
+        n_rows += 1
 
     seq = 0
     clip_tok, t5_tok = tokenizers
@@ -267,8 +283,8 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
             for row, caption, substituted in members[start:start + B]:
                 try:
                     cropped = pp.resize_and_crop(pp.decode_image(row["image"], im.max_pixels), row["key"], im)
-                except pp.Reject as rej:
-                    rejects.append(reject_record(row, rej.reason, rej.detail))
+                except Exception as err:
+                    rejects.append(_reject_from(row, err))
                     continue
                 pixels.append(cropped.pixels)
                 metas.append(cropped.image_meta_size)
@@ -406,6 +422,7 @@ class ShardAssembler:
         self.pending: dict[int, tuple[dict, dict]] = {}
         self.next_seq = 0
         self.n_chunks: int | None = None
+        self.n_rows: int | None = None
         self.rejects: list[dict] = []
         self.n_written = 0
         self.n_substituted = 0
@@ -414,6 +431,7 @@ class ShardAssembler:
         """Take one row; returns how many input rows it settled (written or rejected)."""
         if kind == "end":
             self.n_chunks = int(meta["n_chunks"])
+            self.n_rows = int(meta["n_rows"])
             self.rejects.extend(meta["rejects"])
             settled = len(meta["rejects"])
         else:
@@ -441,6 +459,9 @@ class ShardAssembler:
 
     def finish(self) -> ShardInfo:
         """Notes first (atomically), then the shard: a completed shard always has its rejects recorded."""
+        # every input row is accounted for: written or rejected, never silently dropped on the way
+        assert self.n_written + len(self.rejects) == self.n_rows, (self.name, self.n_written, len(self.rejects),
+                                                                    self.n_rows)
         note = {"name": self.name, "written": self.n_written, "substituted_captions": self.n_substituted,
                 "rejects": self.rejects}
         path = self.root / PARTS_DIR / f"{self.name}.json"

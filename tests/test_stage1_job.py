@@ -395,6 +395,37 @@ def test_chunks_are_bucket_pure_in_row_order(suite, corpus):
     assert [m for _, _, m in again] == [m for _, _, m in got]
 
 
+def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
+    """A row the reader drops and rows whose processing raises something other than Reject are recorded."""
+    cfg = load_cfg(overrides(corpus, suite, Path("/nonexistent"), **{"output.rows_per_shard": 12}))
+    from stage1_encode.readers import plan_partitions
+
+    part = plan_partitions(cfg.input, 12)[0]
+    real_read, real_crop = job_mod.read_partition, pp.resize_and_crop
+
+    def lossy_read(p, icfg):
+        for row in real_read(p, icfg):
+            if row["row"] == 3:
+                continue  # lost between planning and reading
+            yield {k: v for k, v in row.items() if k != "caption"} if row["row"] == 5 else row
+
+    def crashing_crop(img, key, im):
+        if key.split("-")[-2] == "00000008":
+            raise RuntimeError("boom")
+        return real_crop(img, key, im)
+
+    monkeypatch.setattr(job_mod, "read_partition", lossy_read)
+    monkeypatch.setattr(pp, "resize_and_crop", crashing_crop)
+    got = list(job_mod.partition_chunks(part, cfg, pp.load_tokenizers(str(suite))))
+    end = got[-1][2]
+    written = [r for _, _, m in got[:-1] for r in m["rows"]]
+    why = {r["row"]: (r["reason"], r["detail"]) for r in end["rejects"]}
+    assert sorted(written + list(why)) == list(range(12)) and end["n_rows"] == 12
+    assert why[3][0] == "read_error" and "planned but not returned" in why[3][1]
+    assert why[5] == ("preprocess_error", "KeyError: 'caption'")
+    assert why[7][0] == "decode_error" and why[8] == ("preprocess_error", "RuntimeError: boom")
+
+
 def test_nonfinite_outputs_are_rejected():
     import torch
 
