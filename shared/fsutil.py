@@ -92,14 +92,15 @@ def atomic_replace(tmp: str | Path, final: str | Path, overwrite: bool = False) 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _hash_file(h: Any, path: str | Path) -> None:
+    with open(path, "rb") as f:
+        while b := f.read(_CHUNK):
+            h.update(b)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
+    _hash_file(h, path)
     return h.hexdigest()
 
 
@@ -121,12 +122,7 @@ def tree_sha256(path: str | Path) -> str:
     for f in tree_files(path):
         rel = f.relative_to(path).as_posix().encode("utf-8")
         h.update(rel + b"\0" + str(f.stat().st_size).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while True:
-                b = fh.read(_CHUNK)
-                if not b:
-                    break
-                h.update(b)
+        _hash_file(h, f)
     return h.hexdigest()
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_json, is_tmp_name
-from .schema import SCHEMA_VERSION, CacheSpec
+from .fsutil import atomic_replace, atomic_write_json, is_tmp_name, remove_path
+from .schema import SCHEMA_VERSION, CacheSpec, check_shard_name
 
 MANIFEST_NAME = "manifest.json"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
@@ -319,3 +319,56 @@ class ShardInfoBuilder:
         return ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
                          keys=self.keys, buckets=self.buckets, clip_lens=self.clip_lens, t5_lens=self.t5_lens,
                          t5_unique=self.t5_unique, field_bytes=self.field_bytes, members=members or {})
+
+
+class ShardWriterBase:
+    """What the zarr and webdataset writers share: the name and target checks, the per-sample index, the
+    `with` block, and the commit order (data renamed into place first, its index written second)."""
+
+    format = ""
+
+    def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
+        if spec.format != self.format:
+            raise ValueError(f"{type(self).__name__} needs spec.format={self.format!r}, got {spec.format!r}")
+        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
+        self.final = shard_data_path(root, name, self.format)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        if self.final.exists() and not overwrite:
+            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
+        self._stats = ShardInfoBuilder(name, self.format)
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._stats.keys)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name!r} is already closed")
+
+    def _publish(self, tmp: Path, info: ShardInfo) -> ShardInfo:
+        """Rename the finished (fsynced) temp shard into place, then write its index; `tmp` is removed on failure."""
+        side = shard_sidecar_path(self.root, self.name)
+        try:
+            if self.overwrite and side.exists():
+                side.unlink()  # never let an old index describe new data
+            atomic_replace(tmp, self.final, overwrite=self.overwrite)
+        except BaseException:
+            remove_path(tmp)
+            raise
+        atomic_write_json(side, info.to_dict())
+        return info
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriterBase":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> ShardInfo:  # pragma: no cover - each format implements it
+        raise NotImplementedError

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .fsutil import atomic_replace, atomic_write_json, file_sha256, remove_path, tmp_path_for
-from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
-from .schema import CacheSpec, CorruptSampleError, check_shard_name, encode_sample, undo_xor_delta_rows, xor_delta_rows
+from .fsutil import file_sha256, remove_path, tmp_path_for
+from .manifest import ShardInfo, ShardWriterBase
+from .schema import CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 
 NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
 ALL_FIELDS = ("caption", "meta") + NPY_FIELDS
@@ -105,31 +105,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-class WdsShardWriter:
+class WdsShardWriter(ShardWriterBase):
     """w.add(sample) ...; info = w.close(). Streams members to shards/.tmp-<name>-..., fsyncs, renames, sidecar."""
 
     format = "webdataset"
 
     def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
-        if spec.format != "webdataset":
-            raise ValueError(f"WdsShardWriter needs spec.format='webdataset', got {spec.format!r}")
-        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
-        self.final = shard_data_path(root, name, "webdataset")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.final.exists() and not overwrite:
-            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
-        self._stats = ShardInfoBuilder(name, "webdataset")
+        super().__init__(root, name, spec, overwrite)
         self.tmp = tmp_path_for(self.final)
         self._f = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._stats.keys)
 
     def add(self, sample: dict) -> None:
-        if self._closed:
-            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._check_open()
         stored = encode_sample(sample, self.spec)
         self._stats.add(stored)  # raises on a duplicate key before anything is written
         for field, payload in encode_members(stored, self.spec):
@@ -137,8 +125,7 @@ class WdsShardWriter:
                               io.BytesIO(payload))
 
     def close(self) -> ShardInfo:
-        if self._closed:
-            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._check_open()
         self._closed = True
         try:
             self._tar.close()
@@ -147,31 +134,17 @@ class WdsShardWriter:
             self._f.close()
             members = index_members(self.tmp, self._stats.keys, self.spec)
             info = self._stats.build(nbytes=self.tmp.stat().st_size, sha256=file_sha256(self.tmp), members=members)
-            side = shard_sidecar_path(self.root, self.name)
-            if self.overwrite and side.exists():
-                side.unlink()
-            atomic_replace(self.tmp, self.final, overwrite=self.overwrite)
         except BaseException:
             self._f.close()
             remove_path(self.tmp)
             raise
-        atomic_write_json(side, info.to_dict())
-        return info
+        return self._publish(self.tmp, info)
 
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
             self._f.close()
             remove_path(self.tmp)
-
-    def __enter__(self) -> "WdsShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def index_members(path: Path, keys: list[str], spec: CacheSpec) -> dict:

@@ -22,11 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .fsutil import atomic_replace, atomic_write_json, fsync_dir, fsync_tree, remove_path, tmp_path_for, tree_bytes, \
-    tree_sha256
-from .manifest import ShardInfo, ShardInfoBuilder, shard_data_path, shard_sidecar_path
-from .schema import (SCHEMA_VERSION, CacheSpec, CorruptSampleError, check_shard_name, encode_sample,
-                     undo_xor_delta_rows, xor_delta_rows)
+from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
+from .manifest import ShardInfo, ShardWriterBase
+from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 
 _SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
           "caption_utf8", "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
@@ -50,29 +48,17 @@ def _offsets(lengths: list[int]) -> np.ndarray:
     return out
 
 
-class ZarrShardWriter:
+class ZarrShardWriter(ShardWriterBase):
     """w.add(sample) ...; info = w.close(). Writes shards/.tmp-<name>-..., fsyncs, renames, then the sidecar."""
 
     format = "zarr"
 
     def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
-        if spec.format != "zarr":
-            raise ValueError(f"ZarrShardWriter needs spec.format='zarr', got {spec.format!r}")
-        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
-        self.final = shard_data_path(root, name, "zarr")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.final.exists() and not overwrite:
-            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
-        self._stats = ShardInfoBuilder(name, "zarr")
+        super().__init__(root, name, spec, overwrite)
         self._samples: list[dict] = []
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._samples)
 
     def add(self, sample: dict) -> None:
-        if self._closed:
-            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._check_open()
         stored = encode_sample(sample, self.spec)
         self._stats.add(stored)
         self._samples.append(stored)
@@ -128,38 +114,22 @@ class ZarrShardWriter:
 
     def close(self) -> ShardInfo:
         """Write the group under a temp name, fsync, rename into place, then write the sidecar index."""
-        if self._closed:
-            raise RuntimeError(f"shard {self.name!r} is already closed")
+        self._check_open()
         self._closed = True
         tmp = tmp_path_for(self.final)
         try:
             self._write_group(tmp)
             fsync_tree(tmp)
             info = self._stats.build(nbytes=tree_bytes(tmp), sha256=tree_sha256(tmp))
-            side = shard_sidecar_path(self.root, self.name)
-            if self.overwrite and side.exists():
-                side.unlink()  # never let an old index describe new data
-            atomic_replace(tmp, self.final, overwrite=self.overwrite)
         except BaseException:
             remove_path(tmp)
             raise
         finally:
             self._samples = []
-        atomic_write_json(side, info.to_dict())
-        fsync_dir(side.parent)
-        return info
+        return self._publish(tmp, info)
 
     def abort(self) -> None:
         self._closed, self._samples = True, []
-
-    def __enter__(self) -> "ZarrShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class ZarrShardReader:
