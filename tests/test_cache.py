@@ -14,6 +14,12 @@ from shared.schema import (CacheSpec, dedup_rows, encode_sample, make_key, synth
 
 SMALL = dict(clip_len=12, clip_dim=16, t5_len=24, t5_dim=20, latent_channels=4, downsample=8)
 BUCKETS = [(64, 64), (64, 32), (32, 96)]
+TEXT_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
+
+
+def _text_of(sample: dict) -> dict:
+    """The fields write_empty_caption takes, from a synthetic sample."""
+    return {k: sample[k] for k in TEXT_FIELDS}
 
 
 def _samples(spec: CacheSpec, n: int, seed: int = 0) -> list[dict]:
@@ -32,9 +38,7 @@ def _write(root, spec: CacheSpec, samples: list[dict], per_shard: int = 4) -> No
         with open_shard_writer(root, f"part-{s // per_shard:03d}", spec) as w:
             for x in samples[s:s + per_shard]:
                 w.add(x)
-    e = samples[0]
-    fields = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
-    sha = write_empty_caption(root, spec, **{k: e[k] for k in fields})
+    sha = write_empty_caption(root, spec, **_text_of(samples[0]))
     write_manifest(root, manifest_from_shards(root, spec, vae_scaling_factor=0.13025, empty_caption_sha256=sha,
                                               encoders={"vae": {"weights": {"a": "1"}}}, rejects={"too_small": 2}))
 
@@ -76,7 +80,8 @@ def test_round_trip_both_formats_identical(tmp_path, views, dtypes, comp):
         _assert_same(cache[samples[4]["key"]], got[4])
         read[fmt] = got
         e = read_empty_caption(root, spec)
-        _assert_same({k: np.asarray(samples[0][k]) for k in e}, e)
+        assert set(e) == set(TEXT_FIELDS)  # all six, dense (padded BERT rows included)
+        _assert_same({k: np.asarray(v) for k, v in _text_of(samples[0]).items()}, e)
         tt = to_torch(got[0], spec)
         if t5 == "bfloat16":
             assert tt["t5_states"].dtype == torch.bfloat16
@@ -205,8 +210,7 @@ def test_unfinished_and_temp_shards_are_never_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="cache is incomplete"):
         open_cache(tmp_path)
     e = synthetic_sample(spec, "e", (64, 64), rng)
-    write_empty_caption(tmp_path, spec, **{k: e[k] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
-                                                              "t5_mask", "t5_states")})
+    write_empty_caption(tmp_path, spec, **_text_of(e))
     write_manifest(tmp_path, manifest_from_shards(tmp_path, spec))
     cache = open_cache(tmp_path)
     assert cache.keys() == ["a-1"]
@@ -242,8 +246,7 @@ def test_torch_inputs_and_empty_shards(tmp_path):
         t["clip_mask"] = t["clip_mask"].long()
         with open_shard_writer(root, "p1", spec) as w:
             w.add(t)
-        write_empty_caption(root, spec, **{k: t[k][None] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
-                                                                   "t5_mask", "t5_states")})
+        write_empty_caption(root, spec, **{k: v[None] for k, v in _text_of(t).items()})
         (root / "rejects.jsonl").write_text('{"key": "a", "reason": "too_small"}\n'
                                             '{"key": "b", "reason": "too_small"}\n')
         write_manifest(root, manifest_from_shards(root, spec, rejects=count_rejects(root)))
@@ -260,6 +263,5 @@ def test_empty_caption_file_is_byte_deterministic(tmp_path):
     # metadata in a hash map: several keys would come out in a random order).
     spec = CacheSpec(format="zarr", **SMALL)
     e = synthetic_sample(spec, "e", (64, 64), np.random.default_rng(0))
-    fields = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
-    shas = {write_empty_caption(tmp_path / str(i), spec, **{k: e[k] for k in fields}) for i in range(8)}
+    shas = {write_empty_caption(tmp_path / str(i), spec, **_text_of(e)) for i in range(8)}
     assert len(shas) == 1
