@@ -27,14 +27,21 @@ def _parse_bucket(s: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydit-cache", description=HELP, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pi = sub.add_parser("inspect", help="summary of a cache (and an optional grid of decoded samples)")
-    pi.add_argument("cache", type=Path)
+    pi = sub.add_parser("inspect", help="summary of a cache (and an optional grid of decoded samples)",
+                        description="Print a summary of a cache; with --grid and --vae also decode samples "
+                        "(posterior mean through the VAE decoder) into a captioned PNG grid. Exit 2 if the cache "
+                        "cannot be opened.")
+    pi.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
     pi.add_argument("--grid", type=Path, default=None, help="write a PNG grid of decoded samples here")
     pi.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder used to decode (needed for --grid)")
     pi.add_argument("-n", "--num", type=int, default=8, help="samples in the grid (default 8)")
     pi.add_argument("--bucket", type=_parse_bucket, default=None, help="only samples of this bucket, HxW")
-    pv = sub.add_parser("verify", help="check every shard and sample; non-zero exit on any problem")
-    pv.add_argument("cache", type=Path)
+    pv = sub.add_parser("verify", help="check every shard and sample; non-zero exit on any problem",
+                        description="Re-read every shard listed in manifest.json: sha256 and size, every sample's "
+                        "crc32 and shapes, the empty-caption file; warn about leftover temp files and unlisted "
+                        "shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is not a "
+                        "folder.")
+    pv.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
     pv.add_argument("--no-progress", action="store_true", help="no progress bar")
     pv.add_argument("--json", action="store_true", help="print the report as JSON")
     return p

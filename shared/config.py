@@ -287,14 +287,14 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None,
+                    example: str = "optim.lr=3e-4 data.num_workers=0") -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=default, required=default is None,
         help="YAML config file (a preset under configs/ or your own); its sections are validated on load",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="override any config key with a dotted path, e.g. optim.lr=3e-4 data.num_workers=0 "
-        "(values are parsed as YAML)",
+        help=f"override any config key with a dotted path, e.g. {example} (values are parsed as YAML)",
     )
     return parser

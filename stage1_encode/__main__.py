@@ -20,6 +20,16 @@ keys) unless --overwrite is given. Bad inputs never stop the job: they are liste
 """
 
 EPILOG = """\
+config sections (see stage1_encode/config.py and configs/encode/*.yaml):
+  input     where the corpus is and its format (arrow | indexkits | parquet | folder | jsonl | csv), column names
+  output    root folder, format (webdataset | zarr), rows_per_shard (= the unit of resume), compression
+  encoders  the ckpts/t2i folder, dtypes, text lengths, encoder batch size
+  image     buckets or single resolution, crop, flip view, size / aspect / pixel-limit filters
+  text      what an empty caption becomes (the original's default caption, or a reject)
+  ray, log  runtime only (actors, GPUs, CPUs, memory, progress); may change between a run and its resume
+
+exit status: 0 done (summary JSON on stdout), 2 bad config / schema / cache conflict, 130 interrupted.
+
 examples:
   python -m stage1_encode --config configs/encode/demo.yaml
   python -m stage1_encode --config configs/encode/demo.yaml output.root=/tmp/cache ray.num_encoder_actors=2
@@ -33,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m stage1_encode", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser)
+    add_config_args(parser, example="output.root=/tmp/cache image.random_flip=true")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to attach to (host:port or 'auto'); default: RAY_ADDRESS if set (ray job "
                              "submit), else an embedded local Ray sized by the config's ray section")
