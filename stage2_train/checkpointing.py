@@ -15,7 +15,6 @@ full_state_dict=True), so DDP, FSDP2 and single-process runs share one format an
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from shared.fsutil import fsync_dir, fsync_tree
 from stage2_train.parallel import DistInfo, barrier
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -58,21 +58,6 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
         raise ValueError(f"checkpoint.resume={resume!r} is not a complete stage-2 checkpoint folder "
                          f"(no {STATE_FILE}){hint}; use checkpoint.resume=auto to pick the latest")
     return path
-
-
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -179,15 +164,11 @@ def save_checkpoint(
     barrier(info)  # every rank's RNG file is in place
     if info.is_main:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        fd = os.open(ckpt_root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(ckpt_root)
         if keep_last > 0:
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
