@@ -134,7 +134,7 @@ def prepare_output(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
 
 
 def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
-    """Latent channels, downsample, scaling factor and text dims from the config.json files (no weights loaded),
+    """Latent channels, downsample and text dims from the config.json files (no weights loaded),
     so shard writers can be opened before the encoder actors report; the actors' values are checked against them."""
     from pipeline.encoders import resolve_encoder_paths
 
@@ -145,19 +145,20 @@ def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
     return {
         "latent_channels": int(vae.get("latent_channels", 4)),
         "downsample": 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "clip_dim": int(clip["hidden_size"]),
         "t5_dim": int(t5["d_model"]),
     }
 
 
 def cache_spec(cfg: EncodeConfig, dims: dict[str, Any]) -> CacheSpec:
+    from pipeline.text import T5_TRAIN_PAD_ID
+
     e = cfg.encoders
     return CacheSpec(
         format=cfg.output.format, views=pp.image_views(cfg.image), clip_len=e.clip_len, clip_dim=dims["clip_dim"],
         t5_len=e.t5_len, t5_dim=dims["t5_dim"], latent_channels=dims["latent_channels"],
         downsample=dims["downsample"], vae_dtype=e.vae_dtype, clip_dtype=e.clip_dtype, t5_dtype=e.t5_dtype,
-        compression=cfg.output.compression,
+        compression=cfg.output.compression, t5_pad_id=T5_TRAIN_PAD_ID,  # clip_pad_id: checked in _accept_encoders
     )
 
 
@@ -756,6 +757,14 @@ def _accept_encoders(root: Path, spec: CacheSpec, dims: dict, arrays: dict, meta
 
     for k in ("latent_channels", "downsample", "clip_dim", "t5_dim"):
         assert meta[k] == dims[k], (k, meta[k], dims[k])
+    # The manifest's pad ids are what stage 2 is told; the empty caption's padded positions show the real ones.
+    for enc in ("clip", "t5"):
+        ids, mask = np.asarray(arrays[f"{enc}_ids"]).reshape(-1), np.asarray(arrays[f"{enc}_mask"]).reshape(-1)
+        pads = set(int(x) for x in ids[~mask.astype(bool)])
+        want = getattr(spec, f"{enc}_pad_id")
+        if pads - {want}:
+            raise ValueError(f"the {enc} tokenizer in encoders.root pads with ids {sorted(pads)} but the cache "
+                             f"records {enc}_pad_id={want} (the original's): use the original tokenizer files")
     fp = meta["fingerprint"]
     fp_path = root / ENCODERS_NAME
     if fp_path.exists():

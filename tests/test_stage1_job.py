@@ -99,8 +99,8 @@ def cache_content(root: Path) -> dict:
         "shards": [(s["name"], s["n_samples"], s["sha256"]) for s in m.shards],
         "samples": samples,
         "rejects": (root / "rejects.jsonl").read_text(),
-        # tensors, not the file's sha256: safetensors writes its metadata map in a random order
         "empty": {k: v.tobytes() for k, v in read_empty_caption(root).items()},
+        "empty_sha256": m.empty_caption_sha256,  # the file is byte-deterministic (one safetensors metadata key)
         "encoders": m.encoders_hash,
         "manifest_rejects": m.rejects,
     }
@@ -424,6 +424,20 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
     assert why[3][0] == "read_error" and "planned but not returned" in why[3][1]
     assert why[5] == ("preprocess_error", "KeyError: 'caption'")
     assert why[7][0] == "decode_error" and why[8] == ("preprocess_error", "RuntimeError: boom")
+
+
+def test_tokenizer_pad_ids_are_checked_against_the_manifest(tmp_path):
+    import torch
+
+    from shared.schema import CacheSpec
+
+    spec = CacheSpec(clip_len=4, clip_dim=2, t5_len=4, t5_dim=2)
+    dims = {"latent_channels": 4, "downsample": 8, "clip_dim": 2, "t5_dim": 2}
+    arrays = {"clip_ids": torch.tensor([[101, 102, 5, 5]]), "clip_mask": torch.tensor([[True, True, False, False]]),
+              "t5_ids": torch.tensor([[1, 1, 1, 1]]), "t5_mask": torch.tensor([[True, False, False, False]])}
+    with pytest.raises(ValueError, match=r"clip tokenizer .* pads with ids \[5\] .* clip_pad_id=0"):
+        job_mod._accept_encoders(tmp_path, spec, dims, arrays, dict(dims))
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_nonfinite_outputs_are_rejected():
