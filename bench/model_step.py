@@ -142,6 +142,17 @@ def peak_cuda(fn, model) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def measure(name: str, run, model, times: list[tuple[float, float]], device: torch.device) -> tuple:
+    """One more step counting saved activations, then the timing report (+ CUDA peak): (saved, wall, cpu)."""
+    saved = SavedBytes()
+    model.zero_grad(set_to_none=True)
+    run(saved)
+    wall, cpu = report(name, times, saved)
+    if device.type == "cuda":
+        print(f"{name} : peak allocated {peak_cuda(run, model) / 2**30:.2f} GiB")
+    return saved, wall, cpu
+
+
 def report(name: str, times: list[tuple[float, float]], saved: SavedBytes) -> tuple[float, float]:
     wall = [w for w, _ in times]
     cpu = [c for _, c in times]
@@ -210,19 +221,9 @@ def main() -> None:
             t_theirs.append(timed(run_theirs, theirs, device))
             t_ours.append(timed(run_ours, ours, device))
 
-    saved_ours = SavedBytes()
-    ours.zero_grad(set_to_none=True)
-    run_ours(saved_ours)
-    m_ours, c_ours = report("ours     ", t_ours, saved_ours)
-    if device.type == "cuda":
-        print(f"ours      : peak allocated {peak_cuda(run_ours, ours) / 2**30:.2f} GiB")
+    saved_ours, m_ours, c_ours = measure("ours     ", run_ours, ours, t_ours, device)
     if theirs is not None:
-        saved_theirs = SavedBytes()
-        theirs.zero_grad(set_to_none=True)
-        run_theirs(saved_theirs)
-        m_theirs, c_theirs = report("diffusers", t_theirs, saved_theirs)
-        if device.type == "cuda":
-            print(f"diffusers : peak allocated {peak_cuda(run_theirs, theirs) / 2**30:.2f} GiB")
+        saved_theirs, m_theirs, c_theirs = measure("diffusers", run_theirs, theirs, t_theirs, device)
         print(f"activation_memory_ratio = {saved_ours.total / saved_theirs.total:.3f}")
         print(f"wall_time_ratio = {m_ours / m_theirs:.3f}")
         # On a CPU shared with other jobs wall time mostly measures the neighbours; with one thread the process's
