@@ -59,14 +59,15 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         return rep
     spec = m.spec
     listed = {s["name"] for s in m.shards}
-    for name in completed_shards(root):
+    complete = completed_shards(root)  # once: it parses every sidecar (each holds its shard's key list)
+    for name in complete:
         if name not in listed:
             rep.warnings.append(f"shard {name!r} is complete on disk but not in {MANIFEST_NAME}: readers ignore it")
     if shards_dir.is_dir():
         for p in sorted(shards_dir.iterdir()):
             if is_tmp_name(p.name) or p.suffix == ".json":
                 continue
-            if p.stem not in listed and p.stem not in completed_shards(root):
+            if p.stem not in listed and p.stem not in complete:
                 rep.warnings.append(f"{p.relative_to(root)} has no shard index (never completed): ignored by readers")
 
     ec = root / EMPTY_CAPTION_NAME

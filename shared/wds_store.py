@@ -201,8 +201,12 @@ class WdsShardReader:
         fd = self._open()
         payloads = {}
         for f in ALL_FIELDS:
-            off, size = self.info.members[f]["offset"][i], self.info.members[f]["size"][i]
-            b = os.pread(fd, size, off)
+            try:
+                off, size = int(self.info.members[f]["offset"][i]), int(self.info.members[f]["size"][i])
+                b = os.pread(fd, size, off)
+            except (KeyError, IndexError, TypeError, ValueError, OSError) as e:  # a damaged shard index
+                raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f}: bad member index in "
+                                         f"{self.path.stem}.json ({type(e).__name__}: {e})") from e
             if len(b) != size:
                 raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
                                          f"({len(b)} of {size} bytes); run `python -m shared.cli verify`")

@@ -101,3 +101,16 @@ def test_cli_verify_exit_code_and_inspect(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "incomplete" in r.stdout
     assert cli_main(["inspect", str(tmp_path)]) == 2
+
+
+def test_damaged_shard_index_is_a_clear_error(tmp_path):
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=2, n_shards=1)
+    side = shard_sidecar_path(tmp_path, "part-000000")
+    info = json.loads(side.read_text())
+    info["members"]["moments"]["size"][1] = -5
+    side.write_text(json.dumps(info))
+    cache = open_cache(tmp_path)
+    with pytest.raises(CorruptSampleError, match="part-000000.*moments: bad member index"):
+        cache[1]
+    cache[0]
