@@ -9,6 +9,7 @@ rounding of encoders run at a different batch size (stage 1 encodes one sample a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -136,8 +137,11 @@ def compare_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Pa
         ordered = [by_key[k] for k in reader.keys()]  # plan indices are cache positions
         buckets = [tuple(int(x) for x in preprocess(s).bucket) for s in ordered]
         assert buckets == [tuple(b) for b in reader.meta["bucket"].tolist()]
+        # Online, the latent scale comes from the VAE itself, as in the original trainer; the cache's comes from
+        # its manifest. Taking both from the cache would hide a wrong factor written by stage 1.
+        settings = dataclasses.replace(cached["src"].source.settings, scaling_factor=enc.scaling_factor)
         online["src"] = Recorder(OnlineBatchSource(ordered, buckets, preprocess, enc, cached["src"].source.plan,
-                                                   cached["src"].source.settings))
+                                                   settings))
         return online["src"]
 
     t_online = Trainer(_cfg(cache, tmp_path / "online_run"), batch_source_factory=online_factory)
