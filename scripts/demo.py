@@ -37,7 +37,6 @@ class Step:
     needs_files: list[str] = field(default_factory=list)  # repository files that must exist for the step to be built
     needs_steps: list[str] = field(default_factory=list)  # steps whose outputs this one reads
     output: str = ""  # what to show the person afterwards
-    late_args: Callable[[], list[str]] | None = None  # arguments known only once earlier steps have run
 
 
 def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
@@ -71,7 +70,6 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             needs_files=["stage2_train/train.py", "configs/train/demo.yaml"],
             needs_steps=["encode"],
             output=str(run),
-            late_args=lambda: model_overrides_from_cache(cache),
         ),
         Step(
             "inspect", "summarise the cache and decode samples into a PNG grid",
@@ -86,16 +84,6 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             needs_steps=["train"],
             output=str(out / "loss.png"),
         ),
-    ]
-
-
-def model_overrides_from_cache(cache: Path) -> list[str]:
-    """DiT text/latent sizes taken from the cache manifest, so the demo model fits whatever stage 1 wrote."""
-    spec = json.loads((cache / "manifest.json").read_text())["spec"]
-    return [
-        f"model.overrides.text_len={spec['clip_len']}", f"model.overrides.text_states_dim={spec['clip_dim']}",
-        f"model.overrides.text_len_t5={spec['t5_len']}", f"model.overrides.text_states_dim_t5={spec['t5_dim']}",
-        f"model.overrides.in_channels={spec['latent_channels']}",
     ]
 
 
@@ -183,13 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped: needs the output of {', '.join(blocked)}")
             continue
         is_command = isinstance(step.command, list)
-        if is_command and step.late_args is not None and not args.dry_run:
-            try:
-                step.command = step.command + step.late_args()
-            except (OSError, ValueError, KeyError) as e:
-                status[step.name] = f"FAILED (could not prepare its arguments: {type(e).__name__}: {e})"
-                print(f"  {status[step.name]}")
-                continue
         print(f"  $ {shlex.join(step.command)}" if is_command else "  (in this process)", flush=True)
         if args.dry_run:
             status[step.name] = "ok (dry run)"
