@@ -115,6 +115,18 @@ def test_padding_tokens_are_replaced_and_text_values_there_ignored() -> None:
         c = model(**kw2)["x"]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(b[1], c[1])
+    # The masked rows get the learned per-position padding vectors (not zeros): moving those vectors moves sample 0,
+    # moving the vector of a position every sample fills with text does not.
+    half = model.config.text_len // 2
+    learned = model.text_embedding_padding.detach().clone()
+    with torch.no_grad():
+        model.text_embedding_padding[half:].add_(1.0)
+        d = model(**kw)["x"]
+        model.text_embedding_padding.copy_(learned)
+        model.text_embedding_padding[0].add_(1.0)
+        e = model(**kw)["x"]
+    assert not torch.allclose(a[0], d[0])
+    torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def test_condition_inputs_must_match_config() -> None:
