@@ -19,6 +19,14 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 RUNTIME_SECTIONS = ("ray", "log")
 
 
+def _at_least(section: object, low: float, *names: str) -> None:
+    """ValueError naming the first field of `section` below `low` (the loader prefixes the section's name)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
 @dataclass
 class OutputConfig:
     root: str = "outputs/cache"  # the cache folder (created; resumed if it holds a partial cache of this config)
@@ -29,8 +37,7 @@ class OutputConfig:
     compression: Literal["none", "zstd"] = "zstd"
 
     def __post_init__(self) -> None:
-        if self.rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _at_least(self, 1, "rows_per_shard")
 
 
 @dataclass
@@ -46,10 +53,8 @@ class EncodersConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.clip_len < 2 or self.t5_len < 2:
-            raise ValueError(f"clip_len and t5_len must be >= 2, got {self.clip_len}, {self.t5_len}")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 2, "clip_len", "t5_len")
 
 
 @dataclass
@@ -76,10 +81,8 @@ class ImageConfig:
                     f"reso_step must be a multiple of 8 in (0, resolution // 2 = {self.resolution // 2}], "
                     f"got {self.reso_step}"
                 )
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if self.max_aspect_ratio < 0:
-            raise ValueError(f"max_aspect_ratio must be >= 0 (0 = off), got {self.max_aspect_ratio}")
+        _at_least(self, 1, "max_pixels")
+        _at_least(self, 0, "max_aspect_ratio", "min_size")  # max_aspect_ratio 0 = off
 
 
 @dataclass
@@ -103,11 +106,8 @@ class RayConfig:
     torch_threads: int = 0  # intra-op threads per encoder actor (0: torch's default)
 
     def __post_init__(self) -> None:
-        if self.num_encoder_actors < 1 or self.preprocess_tasks < 1:
-            raise ValueError(
-                f"num_encoder_actors and preprocess_tasks must be >= 1, got {self.num_encoder_actors}, "
-                f"{self.preprocess_tasks}"
-            )
+        _at_least(self, 1, "num_encoder_actors", "preprocess_tasks")
+        _at_least(self, 0, "num_gpus_per_actor", "num_cpus_per_actor", "preprocess_num_cpus", "torch_threads")
         if self.actor_memory_gb <= 0:
             raise ValueError(f"actor_memory_gb must be > 0, got {self.actor_memory_gb}")
 
