@@ -201,9 +201,10 @@ def unpack(data: bytes) -> dict[str, Any]:
 
 
 def _out_row(part: str, kind: str, seq: int, payload: bytes, meta: dict) -> dict[str, np.ndarray]:
+    # meta as ASCII JSON: a non-UTF-8 file name (lone surrogates in `sources`) must not break Arrow's utf8 column
     return {
         "part": np.array([part]), "kind": np.array([kind]), "seq": np.array([seq], dtype=np.int64),
-        "payload": np.array([payload], dtype=object), "meta": np.array([json.dumps(meta, ensure_ascii=False)]),
+        "payload": np.array([payload], dtype=object), "meta": np.array([json.dumps(meta)]),
     }
 
 
@@ -611,7 +612,8 @@ def _merge_notes(root: Path, partitions: list[Partition]) -> tuple[Counter, int]
         for r in note["rejects"]:
             counts[r["reason"]] += 1
             lines.append(json.dumps(r, ensure_ascii=False) + "\n")
-    atomic_write_bytes(root / REJECTS_NAME, "".join(lines).encode("utf-8"))
+    # backslashreplace: a lone surrogate (a non-UTF-8 file name in `source` or `detail`) becomes its JSON escape
+    atomic_write_bytes(root / REJECTS_NAME, "".join(lines).encode("utf-8", "backslashreplace"))
     return counts, substituted
 
 

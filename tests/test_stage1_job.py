@@ -440,6 +440,23 @@ def test_tokenizer_pad_ids_are_checked_against_the_manifest(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_non_utf8_file_names_travel_and_are_recorded(tmp_path):
+    import pyarrow as pa
+
+    source = "/data/imgs/caf\udce9.jpg"  # a Latin-1 file name as os.listdir returns it (surrogateescape)
+    row = job_mod._out_row("p", "chunk", 0, b"", {"sources": [source], "captions": ["猫"]})
+    pa.array(row["meta"])  # Ray Data carries it in an Arrow utf8 column
+    assert json.loads(row["meta"][0])["sources"] == [source]
+    part = job_mod.Partition(name="p", source=source, source_stem="p", start=0, stop=1)
+    (tmp_path / job_mod.PARTS_DIR).mkdir()
+    note = {"name": "p", "written": 0, "substituted_captions": 0,
+            "rejects": [{"key": None, "source": source, "row": 0, "reason": "read_error", "detail": source}]}
+    (tmp_path / job_mod.PARTS_DIR / "p.json").write_text(json.dumps(note))
+    counts, _ = job_mod._merge_notes(tmp_path, [part])
+    assert counts == {"read_error": 1}
+    assert json.loads((tmp_path / "rejects.jsonl").read_text("utf-8"))["source"] == source
+
+
 def test_nonfinite_outputs_are_rejected():
     import torch
 
