@@ -4,6 +4,26 @@
     python stage2_train/train.py --config configs/train/demo.yaml data.cache=/tmp/cache run_dir=/tmp/run
 
 Any config key can be overridden as key.sub=value (see stage2_train/config.py for every key and its meaning).
+
+config sections (stage2_train/config.py, presets in configs/train/*.yaml):
+  model       preset (DiT-g/2, DiT-XL/2, DiT-S/2, DiT-tiny/2), field overrides, start weights (init_from)
+  data        the stage-1 cache, per-rank batch (or global_batch_size), loader workers, flip view, text dropout
+  diffusion   noise schedule, betas, prediction type, MSE weighting, noise offset
+  optim       AdamW lr, betas, eps, weight decay, gradient clipping
+  schedule    warmup (log as the original, or linear) then constant or cosine
+  ema         decay and storage dtype
+  checkpoint  every N steps, keep last N, resume ("auto" = latest complete)
+  logging     log interval, TensorBoard, progress bar, per-rank sample audit
+  parallel    ddp | fsdp2, activation checkpointing, torch.compile, process-group backend
+  precision   bf16 (default) | fp16 (loss scaling) | fp32
+
+writes, under run_dir: config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoints/step_XXXXXXX/
+(model + EMA safetensors in the original key layout, optimizer, schedule, RNG, data position, config).
+Rank 0 logs one line per logging.every steps:
+  step N | loss | mse | vb | grad_norm | lr | samples/s | data_wait % | mem GiB [| skipped N]
+
+exit status: 0 done or stopped by SIGTERM after saving a checkpoint; 2 bad config, cache that does not fit the
+model, missing checkpoint or other start-up error a user can fix (the message, no traceback); 1 anything else.
 """
 
 from __future__ import annotations
@@ -38,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = load_config(TrainConfig, args.config, overrides)
+    try:
+        cfg = load_config(TrainConfig, args.config, overrides)
 
-    from stage2_train.trainer import Trainer
+        from stage2_train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError; each message says how to fix it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         trainer.train()
     finally:

@@ -211,6 +211,17 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
         Trainer(_cfg(cache, tmp_path / "e", **{"data.uncond_p": 1.5}))
 
 
+def test_cli_start_up_errors_exit_2_with_the_message(cache, tmp_path, capsys):
+    from stage2_train.train import main
+
+    assert main(["--config", "configs/train/demo.yaml", "precision.mode=fp8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: precision.mode") and err.count("\n") == 1
+    assert main(["--config", "configs/train/demo.yaml", *tiny_overrides(cache, tmp_path / "r"),
+                 "model.overrides.text_states_dim=64"]) == 2
+    assert "model.overrides" in capsys.readouterr().err
+
+
 def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
     from pipeline.models import DiTConfig, HunYuanDiT
     from safetensors.torch import load_file
