@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         n = min(args.num, len(cache))
         idx = [int(round(i * (len(cache) - 1) / max(1, n - 1))) for i in range(n)] if n else []
-        cache.grid(idx).save(args.grid)
+        try:
+            cache.grid(idx).save(args.grid)
+        except ValueError as e:  # CorruptSampleError names the shard and sample
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.grid} ({n} samples)")
     return 0
 
