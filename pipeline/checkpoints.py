@@ -38,12 +38,17 @@ ROPE_NOTE = (
 
 
 # --------------------------------------------------------------------------------------------- original layout in
-def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj: Any, source: str, key: str = "auto") -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
-    for key in ("module", "ema"):  # DeepSpeed model_states / client_state["ema"], the original's resume order
-        if key in obj and isinstance(obj[key], Mapping):
-            return dict(obj[key])
+    if key != "auto":
+        if not isinstance(obj.get(key), Mapping):
+            raise ValueError(f"{source}: has no {key!r} state dict (top-level entries {sorted(obj)[:5]}); "
+                             "use key 'auto' for a bare state dict")
+        return dict(obj[key])
+    for wrapper in ("module", "ema"):  # DeepSpeed model_states / client_state["ema"], the original's resume order
+        if isinstance(obj.get(wrapper), Mapping):
+            return dict(obj[wrapper])
     non_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
         raise ValueError(
@@ -52,15 +57,21 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .pt/.pth/.bin (weights_only) or .safetensors file as a flat state dict (unwrapping module/ema)."""
+def read_state_dict(path: str | os.PathLike, key: str = "auto") -> dict[str, torch.Tensor]:
+    """Read a .pt/.pth/.bin (weights_only) or .safetensors file as a flat state dict.
+
+    ``key``: "auto" unwraps a "module" entry, else an "ema" one, else takes the file as a bare state dict; "module"
+    or "ema" takes that entry (a file may hold both).
+    """
+    if key not in ("auto", "module", "ema"):
+        raise ValueError(f"key={key!r} is not supported; choose one of 'auto', 'module', 'ema'")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _unwrap_state_dict(load_file(str(path)), str(path))
+        return _unwrap_state_dict(load_file(str(path)), str(path), key)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -70,7 +81,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{path}: holds objects other than tensors and cannot be read with weights_only=True; extract the "
                 f"state dict once in a trusted environment and save it as .safetensors ({e})"
             ) from e
-        return _unwrap_state_dict(obj, str(path))
+        return _unwrap_state_dict(obj, str(path), key)
     raise ValueError(f"{path}: unknown checkpoint suffix {path.suffix!r}; use .pt/.pth/.bin or .safetensors")
 
 

@@ -54,14 +54,11 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> None:
         )
     if path.is_dir():
         state = import_diffusers(path).state_dict()
-    elif cfg.model.init_key != "auto" and path.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if cfg.model.init_key not in obj:
-            raise ValueError(f"{path} has no {cfg.model.init_key!r} entry (it has {sorted(obj)[:5]}...); "
-                             "use model.init_key=auto for a bare state dict")
-        state = obj[cfg.model.init_key]
     else:
-        state = read_state_dict(path)
+        try:
+            state = read_state_dict(path, key=cfg.model.init_key)
+        except ValueError as err:
+            raise ValueError(f"model.init_from / model.init_key={cfg.model.init_key!r}: {err}") from None
     report = load_original_state_dict(model, state, strict=cfg.model.strict)
     logger.info("initialised from %s (missing %d, unexpected %d keys)", path, len(report["missing"]),
                 len(report["unexpected"]))

@@ -103,6 +103,21 @@ def test_load_pt_wrappers(tmp_path: Path, wrapper: str) -> None:
         assert torch.equal(v, state[k]), k
 
 
+def test_key_picks_module_or_ema(tmp_path: Path) -> None:
+    module, ema = perturbed_tiny(seed=1).state_dict(), perturbed_tiny(seed=2).state_dict()
+    both, bare = tmp_path / "both.pt", tmp_path / "bare.pt"
+    torch.save({"module": module, "ema": ema}, both)
+    torch.save(module, bare)
+    w = "blocks.0.attn1.Wqkv.weight"
+    assert torch.equal(read_state_dict(both)[w], module[w])  # auto: "module" first, as the original resumes
+    assert torch.equal(read_state_dict(both, key="ema")[w], ema[w])
+    assert torch.equal(read_state_dict(both, key="module")[w], module[w])
+    with pytest.raises(ValueError, match="no 'ema' state dict"):
+        read_state_dict(bare, key="ema")
+    with pytest.raises(ValueError, match="key='emma'"):
+        read_state_dict(both, key="emma")
+
+
 def test_load_safetensors_and_in_memory(tmp_path: Path) -> None:
     src = perturbed_tiny(seed=1)
     path = tmp_path / "w.safetensors"

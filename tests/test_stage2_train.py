@@ -240,6 +240,9 @@ def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
     assert kept == ["step_0000003", "step_0000004"]
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
     assert set(saved) == set(src.state_dict())  # the original key layout
+    with pytest.raises(ValueError, match=r"model\.init_key='ema'.*no 'ema' state dict"):
+        Trainer(_cfg(cache, tmp_path / "ema", **{"model.init_from": str(tmp_path / "pytorch_model_module.pt"),
+                                                 "model.init_key": "ema"}))
 
 
 def test_presets_load_and_v12_is_the_released_recipe():
