@@ -48,13 +48,18 @@ def original_t5(tokenizer, text, text_len=256, fill_number=1):
     return ids, mask
 
 
-def test_clip_matches_original_per_item_calls(tokenizers):
-    bert, _ = tokenizers
-    ids, mask = tokenize_clip(bert, SAMPLES, 77)
-    assert ids.shape == mask.shape == (len(SAMPLES), 77)
+@pytest.mark.parametrize("encoder", ["clip", "t5"])
+def test_matches_original_per_item_calls(tokenizers, encoder):
+    bert, mt5 = tokenizers
+    if encoder == "clip":
+        tokenizer, batched, original, length = bert, tokenize_clip, original_clip, 77
+    else:
+        tokenizer, batched, original, length = mt5, tokenize_t5, original_t5, 256
+    ids, mask = batched(tokenizer, SAMPLES, length)
+    assert ids.shape == mask.shape == (len(SAMPLES), length)
     assert ids.dtype == mask.dtype == torch.long
     for row, text in enumerate(SAMPLES):
-        ref_ids, ref_mask = original_clip(bert, text)
+        ref_ids, ref_mask = original(tokenizer, text)
         assert torch.equal(ids[row], ref_ids), text
         assert torch.equal(mask[row], ref_mask), text
 
@@ -76,17 +81,6 @@ def test_clip_layout(tokenizers):
     assert zh == list(SAMPLES[0])
     en = bert.convert_ids_to_tokens(ids[1, 1:4].tolist())
     assert en == ["a", "photo", "of"]
-
-
-def test_t5_matches_original_per_item_calls(tokenizers):
-    _, mt5 = tokenizers
-    ids, mask = tokenize_t5(mt5, SAMPLES, 256)
-    assert ids.shape == mask.shape == (len(SAMPLES), 256)
-    assert ids.dtype == mask.dtype == torch.long
-    for row, text in enumerate(SAMPLES):
-        ref_ids, ref_mask = original_t5(mt5, text)
-        assert torch.equal(ids[row], ref_ids), text
-        assert torch.equal(mask[row], ref_mask), text
 
 
 def test_t5_layout(tokenizers):
