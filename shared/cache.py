@@ -349,21 +349,41 @@ class CacheReader:
         cap_h = 28
         canvas = Image.new("RGB", (cols * cell, max(1, rows) * (cell + cap_h)), "white")
         draw = ImageDraw.Draw(canvas)
+        font = _cjk_font(14)  # None: captions that are not ASCII are labelled by their key instead of by boxes
         for n, i in enumerate(indices):
             im = self.decode(i, vae_path=vae_path)
             im.thumbnail((cell, cell))
             x, y = (n % cols) * cell, (n // cols) * (cell + cap_h)
             canvas.paste(im, (x, y))
             s = self[i]
-            text = s["caption"] if len(s["caption"]) <= 40 else s["caption"][:39] + "..."
-            try:
-                draw.text((x + 2, y + cell + 2), text, fill="black")
-            except UnicodeEncodeError:  # the default bitmap font has no CJK glyphs
-                draw.text((x + 2, y + cell + 2), s["key"], fill="black")
+            label = s["caption"] if font is not None or s["caption"].isascii() else s["key"]
+            label = label if len(label) <= 40 else label[:39] + "..."
+            draw.text((x + 2, y + cell + 2), label, fill="black", font=font)
         return canvas
 
     def __repr__(self) -> str:
         return f"CacheReader({str(self.root)!r}, {len(self)} samples, {self.spec.format})"
+
+
+_CJK_FONT_GLOBS = ("NotoSansCJK*", "NotoSerifCJK*", "wqy-*", "DroidSansFallback*", "SourceHanSans*", "simhei*",
+                   "msyh*", "PingFang*")
+
+
+def _cjk_font(size: int):
+    """A TrueType font with CJK glyphs from the usual system folders, or None (PIL's own font has none)."""
+    from PIL import ImageFont
+
+    for folder in ("/usr/share/fonts", "/usr/local/share/fonts", str(Path.home() / ".fonts"),
+                   "/System/Library/Fonts", "C:/Windows/Fonts"):
+        if not os.path.isdir(folder):
+            continue
+        for pattern in _CJK_FONT_GLOBS:
+            for path in sorted(Path(folder).rglob(pattern)):
+                try:
+                    return ImageFont.truetype(str(path), size)
+                except OSError:
+                    continue
+    return None
 
 
 class _CacheStreamBase:
