@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # CorruptSampleError names the shard and sample
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"wrote {args.grid} ({n} samples)")
+        print(f"wrote {args.grid} ({n} samples):")
+        for i in idx:
+            key, caption = cache.meta["key"][i], cache[i]["caption"]
+            print(f"  {key}  {caption}")
     return 0
 
 
