@@ -10,7 +10,8 @@ of and is deterministic on CPU; on CUDA the peak allocated memory is reported as
 The last line is the headline: ``model_step_time_ratio = <ours / diffusers> (goal <= 0.9)``, from the medians of
 process CPU time on CPU (robust to other jobs on a shared machine; one thread by default) and of synchronised wall
 time on CUDA; the wall-time ratio is printed too. With --no-baseline
-it is ``tokens_per_s = ...`` and MFU needs --peak-tflops (default: H100 SXM dense bf16, 989).
+it is ``mfu = <achieved / peak> (goal >= 0.45 on an H100)``, with the peak from --peak-tflops (default: H100 SXM dense
+bf16, 989) and tokens/s on the line before.
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ def main() -> None:
     flops = counter.get_total_flops()
     tps = tokens / m_ours
     mfu = flops / m_ours / (args.peak_tflops * 1e12)
-    print(f"flops/step {flops / 1e12:.2f} TFLOP | achieved {flops / m_ours / 1e12:.1f} TFLOP/s | MFU {mfu:.3f}")
-    print(f"tokens_per_s = {tps:.0f} (goal: MFU {mfu:.3f} vs peak {args.peak_tflops:.0f} TFLOP/s)")
+    print(f"flops/step {flops / 1e12:.2f} TFLOP | achieved {flops / m_ours / 1e12:.1f} TFLOP/s "
+          f"of {args.peak_tflops:.0f} peak | {tps:.0f} tokens/s")
+    print(f"mfu = {mfu:.3f} (goal >= 0.45 on an H100)")
 
 
 if __name__ == "__main__":
