@@ -41,6 +41,10 @@ class DataSection:
     """Probability of replacing the mT5 caption encoding by the empty caption's (drawn independently)."""
     pin_memory: bool = True
     """Pinned host memory for the batches (CUDA only)."""
+    encoders_hash: str = ""
+    """If set, the sha256 of the cache's encoder fingerprints (`encoders_hash` in manifest.json) must equal it, so a
+    run cannot silently train on features from other encoders. Resuming a checkpoint checks it against the cache the
+    checkpoint was trained on in any case."""
 
 
 @dataclass

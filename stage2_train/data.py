@@ -206,16 +206,19 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 # The cache as a batch source
 
 
-def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str) -> float:
+def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str, encoders_hash: str = "") -> float:
     """Fail fast, saying how to fix it, if the cache cannot feed this model; returns the VAE scaling factor."""
     from shared.manifest import check_manifest
 
+    expected = {
+        "text_len": model_config.text_len, "text_len_t5": model_config.text_len_t5,
+        "text_states_dim": model_config.text_states_dim, "text_states_dim_t5": model_config.text_states_dim_t5,
+        "in_channels": model_config.in_channels,
+    }
+    if encoders_hash:
+        expected["encoder_hash"] = encoders_hash
     try:
-        check_manifest(manifest, {
-            "text_len": model_config.text_len, "text_len_t5": model_config.text_len_t5,
-            "text_states_dim": model_config.text_states_dim, "text_states_dim_t5": model_config.text_states_dim_t5,
-            "in_channels": model_config.in_channels,
-        })
+        check_manifest(manifest, expected)
     except ValueError as err:
         raise ValueError(
             f"data.cache={cache_path!r} does not fit the model: {err}\n"
@@ -273,7 +276,8 @@ class CacheBatchSource:
             reader = open_cache(data.cache)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
-        scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache)
+        scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
+                                                   data.encoders_hash)
         if data.random_flip and "flip" not in reader.spec.views:
             from stage2_train.metrics import logger
 
@@ -293,8 +297,11 @@ class CacheBatchSource:
         )
         plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=trainer.batch_size,
                                world_size=trainer.info.world_size, seed=cfg.seed)
-        return cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
-                   prefetch_factor=data.prefetch_factor, pin_memory=data.pin_memory and trainer.device.type == "cuda")
+        source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
+                     prefetch_factor=data.prefetch_factor,
+                     pin_memory=data.pin_memory and trainer.device.type == "cuda")
+        source.encoders_hash = reader.manifest.encoders_hash
+        return source
 
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:
         sampler = PlanSampler(self.plan, rank=self.rank, start_step=start_micro_step, end_step=end_micro_step)

@@ -169,6 +169,8 @@ class Trainer:
             "seed": cfg.seed,
             # The data position is the micro-step: batches are a pure function of (seed, world, batch, step).
             "data": {"next_micro_step": self.step * cfg.grad_accum},
+            # Which encoders made the features this model has seen (None for sources without a manifest).
+            "cache_encoders_hash": getattr(self.source, "encoders_hash", None),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,6 +182,13 @@ class Trainer:
                 "data order differs from an uninterrupted run",
                 (self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed),
                 (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]))
+        trained_on, now = state.get("cache_encoders_hash"), getattr(self.source, "encoders_hash", None)
+        if trained_on and now and trained_on != now:
+            raise ValueError(
+                f"the checkpoint was trained on a cache made by other encoders (encoders_hash {trained_on[:12]}... "
+                f"vs data.cache's {now[:12]}...): its weights expect other text/latent features. Point data.cache at "
+                "a cache encoded with the same encoders, or start a new run_dir (model.init_from=<checkpoint "
+                "model.safetensors>) to fine-tune on the new features on purpose.")
         self.step = int(state["step"])
         self.consecutive_bad = int(state["consecutive_bad"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -17,7 +17,7 @@ TINY_TEXT = dict(clip_len=8, clip_dim=32, t5_len=12, t5_dim=48)
 
 def write_synthetic_cache(root: Path, *, n: int = 12, buckets=((32, 32), (32, 48)), fmt: str = "zarr",
                           views=("plain", "flip"), seed: int = 0, scaling_factor: float = 0.13025,
-                          shards: int = 2) -> Path:
+                          shards: int = 2, encoders: dict | None = None) -> Path:
     """A small valid cache with structured (learnable) latents; text states random but fixed per sample."""
     from shared.cache import open_shard_writer, write_empty_caption
     from shared.manifest import manifest_from_shards, write_manifest
@@ -60,7 +60,7 @@ def write_synthetic_cache(root: Path, *, n: int = 12, buckets=((32, 32), (32, 48
         t5_states=rng.standard_normal((12, 48)).astype(np.float16),
     )
     m = manifest_from_shards(root, spec, vae_scaling_factor=scaling_factor, buckets=[list(b) for b in buckets],
-                             empty_caption_sha256=sha)
+                             empty_caption_sha256=sha, encoders=encoders or {})
     write_manifest(root, m)
     return root
 

@@ -211,6 +211,25 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
         Trainer(_cfg(cache, tmp_path / "e", **{"data.uncond_p": 1.5}))
 
 
+def test_encoder_identity_is_pinned_and_checked_on_resume(tmp_path):
+    from shared.manifest import encoders_hash
+    from stage2_train.trainer import Trainer
+
+    enc_a, enc_b = {"vae": {"weights": {"a": "1"}}}, {"vae": {"weights": {"a": "2"}}}
+    cache_a = write_synthetic_cache(tmp_path / "a", n=4, encoders=enc_a)
+    cache_b = write_synthetic_cache(tmp_path / "b", n=4, encoders=enc_b)
+    with pytest.raises(ValueError, match="encoders_hash"):
+        Trainer(_cfg(cache_a, tmp_path / "pinned", **{"data.encoders_hash": encoders_hash(enc_b)}))
+    Trainer(_cfg(cache_a, tmp_path / "pinned_ok", **{"data.encoders_hash": encoders_hash(enc_a)})).close()
+
+    _train_in_process(_cfg(cache_a, tmp_path / "run", steps=1, **{"checkpoint.every": 1}))
+    with pytest.raises(ValueError, match="trained on a cache made by other encoders"):
+        Trainer(_cfg(cache_b, tmp_path / "run", steps=2, **{"checkpoint.resume": "auto"}))
+    resumed = Trainer(_cfg(cache_a, tmp_path / "run", steps=2, **{"checkpoint.resume": "auto"}))
+    assert resumed.step == 1
+    resumed.close()
+
+
 def test_cli_start_up_errors_exit_2_with_the_message(cache, tmp_path, capsys):
     from stage2_train.train import main
 
