@@ -10,6 +10,10 @@ Parameter names equal the original's ``state_dict`` keys, so released ``pytorch_
 * blocks: long skips (LayerNorm(2D) then Linear, LIFO), self-attention input shifted by ``c`` (no scale, no gate),
   qk-norm, adjacent-pair RoPE on self-attention q/k and on cross-attention q;
 * fp32 islands (``FP32LayerNorm``, ``FP32SiLU``, RoPE math, sinusoids) that survive bf16/fp16 autocast.
+
+Where this file computes the same values with less work (equal to fp32 rounding, checked against the golden vectors):
+``mlp_t5`` runs only on unpadded mT5 rows and each block projects a padded position's K/V once per batch
+(``TextTokens``); the AttentionPool's single query is reassociated instead of projecting every row to K and V.
 """
 
 from __future__ import annotations
@@ -170,7 +174,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, th, tw) -> (B, th*tw, D)
+        x = self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, th, tw) -> (B, th*tw, D)
+        # Token-major memory: the residual stream inherits this layout through every block's adds, and a
+        # channel-major one makes each LayerNorm and Linear copy its input (forward and backward).
+        return x.contiguous()
 
 
 class TimestepEmbedder(nn.Module):
@@ -201,15 +208,23 @@ class AttentionPool(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's ``q_proj(x0) . k_proj(x)`` and ``softmax . v_proj(x)``, reassociated for its one query.
+
+        Projecting the one query back through ``k_proj`` and pooling x before ``v_proj`` gives the same scores and
+        output (the weights sum to 1, so the value bias passes through) without projecting all L+1 rows twice.
+        """
         B, L, C = x.shape
-        h = self.num_heads
+        h, d = self.num_heads, C // self.num_heads
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, L+1, C): mean token first
         x = x + self.positional_embedding.to(x.dtype)[None]  # (B, L+1, C)
-        q = self.q_proj(x[:, :1]).view(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, C/h)
-        k = self.k_proj(x).view(B, L + 1, h, C // h).transpose(1, 2)  # (B, h, L+1, C/h)
-        v = self.v_proj(x).view(B, L + 1, h, C // h).transpose(1, 2)  # (B, h, L+1, C/h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, C/h)
-        out = out.transpose(1, 2).reshape(B, C)  # (B, C)
+        q = self.q_proj(x[:, 0]).view(B, h, d) * d**-0.5  # (B, C) -> (B, h, d)
+        q_in = torch.einsum("bhd,hdc->bhc", q, self.k_proj.weight.view(h, d, C))  # (B, h, C): query in x's space
+        # The key bias's term is the same for every row; kept so k_proj.bias stays in the graph as in the original.
+        q_bias = (q * self.k_proj.bias.view(h, d)).sum(-1, keepdim=True)  # (B, h, 1)
+        weights = (torch.einsum("bhc,blc->bhl", q_in, x) + q_bias).softmax(dim=-1)  # (B, h, L+1)
+        pooled = torch.einsum("bhl,blc->bhc", weights, x)  # (B, h, C)
+        out = torch.einsum("bhc,hdc->bhd", pooled, self.v_proj.weight.view(h, d, C))  # (B, h, d)
+        out = out.reshape(B, C) + self.v_proj.bias  # (B, h, d) -> (B, C)
         return self.c_proj(out)  # (B, output_dim)
 
 
@@ -244,6 +259,28 @@ class Rope(NamedTuple):
         sign = torch.tensor([-1.0, 1.0], device=sin.device).repeat(sin.shape[-1] // 2)  # (d,)
         freqs_cis = torch.complex(cos[:, 0::2], sin[:, 0::2])  # (N, d/2)
         return cls(cos.unsqueeze(1), (sin * sign).unsqueeze(1), freqs_cis.unsqueeze(1))
+
+
+class TextTokens(NamedTuple):
+    """The cross-attention context of a batch, built once per forward and read by every block.
+
+    A padded text position holds the same learned vector (``text_embedding_padding[l]``) in every sample, so each
+    block's K/V of that position is the same for the whole batch. ``rows`` therefore keeps every distinct row once:
+    the unpadded rows of all samples, then one row per position that is padded somewhere; ``index`` says which row
+    each (sample, position) reads. Where that saves no rows (batch of one, full captions) ``rows`` is the dense
+    batch and ``index`` is None. Same values as the original's dense (B, L, Dc) states, less work.
+    """
+
+    rows: torch.Tensor  # (R, Dc)
+    index: torch.Tensor | None  # (B*L,) long, or None when rows is the dense (B*L, Dc)
+    batch: int
+    length: int
+
+    def expand(self, per_row: torch.Tensor) -> torch.Tensor:
+        """(R, ...) computed once per row -> (B, L, ...) per (sample, position)."""
+        if self.index is not None:
+            per_row = per_row.index_select(0, self.index)  # (R, ...) -> (B*L, ...)
+        return per_row.view(self.batch, self.length, *per_row.shape[1:])  # (B*L, ...) -> (B, L, ...)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -325,15 +362,13 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, rope: Rope | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: TextTokens, rope: Rope | None) -> torch.Tensor:
         B, N, D = x.shape
-        M = context.shape[1]
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim)  # (B, N, h, d)
-        kv = self.kv_proj(context).view(B, M, 2, self.num_heads, self.head_dim)  # (B, M, 2, h, d)
-        k, v = kv.unbind(2)  # (B, M, h, d) each
-        q, k = self.q_norm(q), self.k_norm(k)
+        kv = self.kv_proj(text.rows).view(-1, 2, self.num_heads, self.head_dim)  # (R, 2D) -> (R, 2, h, d)
+        k = text.expand(self.k_norm(kv[:, 0]))  # k_norm is per row: normalise each distinct row once -> (B, M, h, d)
+        v = text.expand(kv[:, 1])  # (B, M, h, d)
+        q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, rope)  # text keys carry no position
         out = attention(q, k, v, self.backend)  # (B, N, h, d)
@@ -371,7 +406,7 @@ class HunYuanDiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        text_states: torch.Tensor,
+        text: TextTokens,
         rope: Rope | None,
         skip: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -379,7 +414,7 @@ class HunYuanDiTBlock(nn.Module):
             x = self.skip_linear(self.skip_norm(torch.cat([x, skip], dim=-1)))  # (B, N, 2D) -> (B, N, D)
         shift_msa = self.default_modulation(c).unsqueeze(1)  # (B, 1, D)
         x = x + self.attn1(self.norm1(x) + shift_msa, rope)
-        x = x + self.attn2(self.norm3(x), text_states, rope)
+        x = x + self.attn2(self.norm3(x), text, rope)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -387,13 +422,13 @@ class HunYuanDiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        text_states: torch.Tensor,
+        text: TextTokens,
         rope: Rope | None,
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, c, text_states, rope, skip, use_reentrant=False)
-        return self._forward(x, c, text_states, rope, skip)
+            return checkpoint(self._forward, x, c, text, rope, skip, use_reentrant=False)
+        return self._forward(x, c, text, rope, skip)
 
 
 class FinalLayer(nn.Module):
@@ -496,14 +531,9 @@ class HunYuanDiT(nn.Module):
         p = cfg.patch_size
         th, tw = H // p, W // p
 
-        # Text tokens: BERT states then projected mT5 states; padded rows -> learned per-position vectors.
-        _, Lt, Ct = encoder_hidden_states_t5.shape
-        t5 = self.mlp_t5(encoder_hidden_states_t5.reshape(-1, Ct)).view(B, Lt, -1)  # (B*Lt, Ct) -> (B, Lt, Dc)
-        text_states = torch.cat([encoder_hidden_states, t5], dim=1)  # (B, Lc+Lt, Dc)
-        mask = torch.cat([text_embedding_mask.bool(), text_embedding_mask_t5.bool()], dim=-1)  # (B, Lc+Lt)
-        text_states = torch.where(
-            mask.unsqueeze(2), text_states, self.text_embedding_padding.to(text_states)
-        )  # (B, Lc+Lt, Dc)
+        text = self.text_tokens(
+            encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5
+        )
 
         t_emb = self.t_embedder(t)  # (B, D)
         x = self.x_embedder(x)  # (B, th*tw, D)
@@ -535,13 +565,48 @@ class HunYuanDiT(nn.Module):
         half = cfg.depth // 2
         for layer, block in enumerate(self.blocks):
             skip = skips.pop() if layer > half else None  # LIFO: the last pushed output feeds the first skip
-            x = block(x, c, text_states, rope, skip)  # (B, N, D)
+            x = block(x, c, text, rope, skip)  # (B, N, D)
             if layer < half - 1:
                 skips.append(x)
 
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         x = self.unpatchify(x, th, tw)  # (B, C_out, H, W)
         return {"x": x} if return_dict else x
+
+    def text_tokens(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        text_embedding_mask: torch.Tensor,
+        encoder_hidden_states_t5: torch.Tensor,
+        text_embedding_mask_t5: torch.Tensor,
+    ) -> TextTokens:
+        """BERT states then ``mlp_t5``(mT5 states), every padded position replaced by its learned padding vector.
+
+        The original projects all mT5 rows and then overwrites the padded ones; only the unpadded rows are projected
+        here, and a padded position's vector is kept once for the batch (see ``TextTokens``).
+        """
+        B, Lc, _ = encoder_hidden_states.shape
+        Lt = encoder_hidden_states_t5.shape[1]
+        L = Lc + Lt
+        clip_mask, t5_mask = text_embedding_mask.bool(), text_embedding_mask_t5.bool()
+        mask = torch.cat([clip_mask, t5_mask], dim=1)  # (B, L)
+        clip = encoder_hidden_states[clip_mask]  # (n_clip, Dc), (sample, position) order
+        t5 = self.mlp_t5(encoder_hidden_states_t5[t5_mask])  # (n_t5, Ct) -> (n_t5, Dc)
+        padded = (~mask).any(dim=0).nonzero().squeeze(1)  # (n_pad,) positions padded in some sample
+        n_clip, n_t5 = clip.shape[0], t5.shape[0]
+        pad = self.text_embedding_padding[padded]  # (n_pad, Dc)
+        rows = torch.cat([clip, t5, pad.to(torch.promote_types(clip.dtype, t5.dtype))], dim=0)  # (R, Dc)
+
+        own = torch.cat(
+            [clip_mask.flatten().cumsum(0).view(B, Lc) - 1, n_clip + t5_mask.flatten().cumsum(0).view(B, Lt) - 1],
+            dim=1,
+        )  # (B, L): row of an unpadded (sample, position)
+        shared = torch.zeros(L, dtype=torch.long, device=mask.device)
+        shared[padded] = n_clip + n_t5 + torch.arange(padded.numel(), device=mask.device)  # (L,): padding row
+        index = torch.where(mask, own, shared).flatten()  # (B*L,)
+        if rows.shape[0] >= B * L:  # nothing shared (one sample, or no padding): the dense states are cheaper
+            return TextTokens(rows.index_select(0, index), None, B, L)
+        return TextTokens(rows, index, B, L)
 
     def unpatchify(self, x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
         """(B, th*tw, p*p*C) with features ordered (p_row, p_col, C) -> (B, C, th*p, tw*p)."""

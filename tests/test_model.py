@@ -59,6 +59,59 @@ def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch:
     assert data["output"].abs().max() > 0.5
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_forward_with_shared_padding_rows(case: str) -> None:
+    # The golden batch (2 samples, 20 text positions) is too small for shared padding rows to pay, so the model takes
+    # the dense path there. Repeating its samples makes a batch where they do pay; each copy must still give the
+    # original's output for its sample.
+    model, _, data, inputs = golden_model(case)
+    order = torch.tensor([0, 1, 0, 1, 0])
+    batch = {k: (v[order] if v.shape[0] == 2 and k not in ("cos_cis_img", "sin_cis_img") else v)
+             for k, v in inputs.items()}
+    text = model.text_tokens(
+        batch["encoder_hidden_states"], batch["text_embedding_mask"],
+        batch["encoder_hidden_states_t5"], batch["text_embedding_mask_t5"],
+    )
+    n_valid = int(batch["text_embedding_mask"].sum() + batch["text_embedding_mask_t5"].sum())
+    assert text.index is not None and text.rows.shape[0] == n_valid + 12 < 5 * 20  # 12 positions padded somewhere
+    with torch.no_grad():
+        out = model(data["x"][order], data["t"][order], **batch)["x"]
+    torch.testing.assert_close(out, data["output"][order], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_padding_rows_give_the_dense_gradients() -> None:
+    # Batched (shared padding rows) vs one sample at a time (dense: a batch of one shares nothing): same outputs and,
+    # for a loss that sums over samples, the same parameter gradients.
+    model = perturbed_tiny()
+    kw = tiny_inputs(model.config, B=2)
+    kw = {k: (torch.cat([v, v.flip(0)]) if v.shape[0] == 2 and "cis" not in k else v) for k, v in kw.items()}
+    kw["t"] = torch.tensor([3.0, 700.0, 250.0, 999.0])
+    text = model.text_tokens(kw["encoder_hidden_states"], kw["text_embedding_mask"],
+                             kw["encoder_hidden_states_t5"], kw["text_embedding_mask_t5"])
+    assert text.index is not None
+
+    def loss_and_grads(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)["x"]
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, grads = loss_and_grads(kw)
+    singles = []
+    total: dict[str, torch.Tensor] = {}
+    for i in range(4):
+        one = {k: (v[i : i + 1] if v.shape[0] == 4 and "cis" not in k else v) for k, v in kw.items()}
+        assert model.text_tokens(one["encoder_hidden_states"], one["text_embedding_mask"],
+                                 one["encoder_hidden_states_t5"], one["text_embedding_mask_t5"]).index is None
+        o, g = loss_and_grads(one)
+        singles.append(o)
+        total = {n: total.get(n, 0) + g[n] for n in g}
+    torch.testing.assert_close(out, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    assert grads["text_embedding_padding"].abs().sum() > 0 and grads["mlp_t5.0.weight"].abs().sum() > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], total[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_state_dict_keys_are_the_originals() -> None:
     for case in CASES:
         model, _, data, _ = golden_model(case)
