@@ -12,6 +12,10 @@ back-to-back pairs of the ratio of process CPU time on CPU (robust to other jobs
 default) or of synchronised wall time on CUDA; the ratio of the medians and the wall-time ratio are printed too. With --no-baseline
 it is ``mfu = <achieved / peak> (goal >= 0.45 on an H100)``, with the peak from --peak-tflops (default: H100 SXM dense
 bf16, 989) and tokens/s on the line before.
+
+Captions: every sample has --caption-tokens unpadded BERT,mT5 positions (default 25,64 of 77,256). This project's
+model skips work on padded positions that diffusers' does (pipeline.models.TextTokens), so the ratio depends on
+them; ``--caption-tokens full`` (no padding at all) is the case least favourable to it.
 """
 
 from __future__ import annotations
