@@ -1,8 +1,9 @@
 """Forward+backward step of this project's HunYuanDiT vs diffusers' HunyuanDiT2DModel, same config and weights.
 
 Both models run in the same process on the same inputs, back to back, many repeats; the per-pair ratios are compared.
-Memory is the bytes autograd saves for backward (deduplicated by storage), which is what activation memory is made
-of and is deterministic on CPU; on CUDA the peak allocated memory is reported as well.
+Memory: the bytes autograd saves for backward (deduplicated by storage), which is what activation memory is made of
+and is deterministic; and the peak, as the growth of the resident set during one step in a forked child on CPU
+(Linux) or the peak allocated memory on CUDA.
 
     python bench/model_step.py                                   # CPU, DiT-S/2 sizes, 256x256 images, batch 4
     python bench/model_step.py --device cuda --config DiT-g/2 --dtype bf16 --image-size 1024 --batch 1 --no-baseline
@@ -154,15 +155,65 @@ def peak_cuda(fn, model) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(run, model) -> int | None:
+    """Bytes the process's resident set grows by at its peak during one step, measured in a forked child.
+
+    The child starts as a copy of this process (models, inputs), returns free heap pages to the kernel, resets the
+    kernel's high-water mark, runs the step and reports VmHWM - VmRSS-at-start. Linux only; None elsewhere.
+    """
+    import os
+
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        grown = -1
+        try:
+            model.zero_grad(set_to_none=True)
+            try:  # hand the heap's free pages (earlier steps' activations) back, or the step would reuse them unseen
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+            start = _proc_status_kib("VmRSS")
+            run()
+            grown = (_proc_status_kib("VmHWM") - start) * 1024
+        finally:
+            os.write(write_end, str(grown).encode())
+            os._exit(0)
+    os.close(write_end)
+    reply = os.read(read_end, 64)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    value = int(reply or -1)
+    return value if value >= 0 else None
+
+
 def measure(name: str, run, model, times: list[tuple[float, float]], device: torch.device) -> tuple:
-    """One more step counting saved activations, then the timing report (+ CUDA peak): (saved, wall, cpu)."""
+    """One more step counting saved activations, then the timing report and peak memory: (saved, wall, cpu, peak)."""
     saved = SavedBytes()
     model.zero_grad(set_to_none=True)
     run(saved)
     wall, cpu = report(name, times, saved)
     if device.type == "cuda":
-        print(f"{name} : peak allocated {peak_cuda(run, model) / 2**30:.2f} GiB")
-    return saved, wall, cpu
+        peak = peak_cuda(run, model)
+        print(f"{name} : peak allocated {peak / 2**30:.2f} GiB")
+    else:
+        peak = peak_rss_growth(run, model)
+        if peak is not None:
+            print(f"{name} : peak resident-set growth during a step {peak / 2**20:7.1f} MiB")
+    return saved, wall, cpu, peak
 
 
 def report(name: str, times: list[tuple[float, float]], saved: SavedBytes) -> tuple[float, float]:
@@ -233,10 +284,12 @@ def main() -> None:
             t_theirs.append(timed(run_theirs, theirs, device))
             t_ours.append(timed(run_ours, ours, device))
 
-    saved_ours, m_ours, c_ours = measure("ours     ", run_ours, ours, t_ours, device)
+    saved_ours, m_ours, c_ours, peak_ours = measure("ours     ", run_ours, ours, t_ours, device)
     if theirs is not None:
-        saved_theirs, m_theirs, c_theirs = measure("diffusers", run_theirs, theirs, t_theirs, device)
+        saved_theirs, m_theirs, c_theirs, peak_theirs = measure("diffusers", run_theirs, theirs, t_theirs, device)
         print(f"activation_memory_ratio = {saved_ours.total / saved_theirs.total:.3f}")
+        if peak_ours and peak_theirs:
+            print(f"peak_memory_ratio = {peak_ours / peak_theirs:.3f}")
         print(f"wall_time_ratio = {m_ours / m_theirs:.3f}")
         # On a CPU shared with other jobs wall time mostly measures the neighbours; with one thread the process's
         # CPU time is the compute itself. On CUDA (synchronised) wall time is the measure.
