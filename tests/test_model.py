@@ -387,3 +387,36 @@ def test_half_model_runs_like_float16module() -> None:
         out = model(**half_kw)["x"]
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.01
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+def test_flash_attn_matches_sdpa_on_gpu() -> None:
+    pytest.importorskip("flash_attn")
+    torch.manual_seed(0)
+    cfg = DiTConfig.from_name("DiT-tiny/2", hidden_size=128, num_heads=2)  # head_dim 64, a flash-attn size
+    sdpa = HunYuanDiT(cfg).cuda()
+    flash = HunYuanDiT(cfg.replace(attn_backend="flash")).cuda()
+    with torch.no_grad():
+        for p in sdpa.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    flash.load_state_dict(sdpa.state_dict())
+    kw = {k: v.cuda() for k, v in tiny_inputs(cfg).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = sdpa(**kw)["x"].float()
+        b = flash(**kw)["x"].float()
+    assert a.abs().max() > 0.1
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
+@gpu
+def test_bf16_autocast_on_gpu_tracks_fp32() -> None:
+    model = perturbed_tiny().cuda()
+    kw = {k: v.cuda() for k, v in tiny_inputs(model.config).items()}
+    with torch.no_grad():
+        ref = model(**kw)["x"]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**kw)["x"].float()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 0.01
