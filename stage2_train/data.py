@@ -159,7 +159,9 @@ def build_item(
     """One logical sample (torch tensors, bf16 already viewed back; see shared.schema.to_torch) -> one training item.
 
     `empty` holds the empty caption's clip_states/clip_mask/t5_states/t5_mask, substituted on text dropout: the
-    original tokenises and encodes "" at that point, which is exactly what stage 1 stored.
+    original tokenises and encodes "" at that point, which is exactly what stage 1 stored. Text states keep the
+    cache's dtype (half the bytes of fp32 through workers, pinned memory and the copy to the device); the trainer
+    widens them to fp32 on the device, which is exact.
     """
     moments = _tensor(sample["moments"])  # (V, 2C, h, w)
     num_views, two_c, h, w = moments.shape
@@ -180,9 +182,9 @@ def build_item(
         "x_start": sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
         "t": d.t,
         "noise": d.noise,
-        "encoder_hidden_states": _tensor(clip["clip_states"]).float(),
+        "encoder_hidden_states": _tensor(clip["clip_states"]),
         "text_embedding_mask": _tensor(clip["clip_mask"]).bool(),
-        "encoder_hidden_states_t5": _tensor(t5["t5_states"]).float(),
+        "encoder_hidden_states_t5": _tensor(t5["t5_states"]),
         "text_embedding_mask_t5": _tensor(t5["t5_mask"]).bool(),
         "image_meta_size": _tensor(sample["image_meta_size"]).float(),
     }

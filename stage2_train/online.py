@@ -80,9 +80,9 @@ class OnlineBatchSource:
                 "x_start": sample_latent(moments[b], d.latent_eps, s.scaling_factor),
                 "t": d.t,
                 "noise": d.noise,
-                "encoder_hidden_states": clip_states[b].float(),
+                "encoder_hidden_states": clip_states[b],
                 "text_embedding_mask": clip_tok["clip_mask"][b].bool(),
-                "encoder_hidden_states_t5": t5_states[b].float(),
+                "encoder_hidden_states_t5": t5_states[b],
                 "text_embedding_mask_t5": t5_tok["t5_mask"][b].bool(),
                 "image_meta_size": torch.as_tensor(np.asarray(p.image_meta_size), dtype=torch.float32),
             })

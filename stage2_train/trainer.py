@@ -219,6 +219,8 @@ class Trainer:
     def forward_backward(self, batch: dict[str, Any], *, sync: bool) -> dict[str, torch.Tensor]:
         """One micro-step; returns the batch means of loss/mse/vb (detached)."""
         b = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_TENSORS}
+        for k in ("encoder_hidden_states", "encoder_hidden_states_t5"):  # sent in the cache's dtype (see build_item)
+            b[k] = b[k].float()
         height, width = batch["bucket"]
         cos, sin = self.rope.get(height, width, self.device)
         kwargs = {
