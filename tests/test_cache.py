@@ -265,3 +265,32 @@ def test_empty_caption_file_is_byte_deterministic(tmp_path):
     e = synthetic_sample(spec, "e", (64, 64), np.random.default_rng(0))
     shas = {write_empty_caption(tmp_path / str(i), spec, **_text_of(e)) for i in range(8)}
     assert len(shas) == 1
+
+
+def test_npy_member_fast_path_equals_np_load():
+    import io
+
+    from shared.wds_store import _npy_bytes, load_npy
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1, 8, 4, 6)).astype(np.float16), rng.integers(0, 9, (77,), dtype=np.int32),
+              rng.random(256) < 0.5, rng.integers(0, 300, (256,)).astype(np.uint16), np.zeros((0, 1024), np.float16),
+              np.float32(3.5).reshape(()), rng.standard_normal((3, 5)).astype(">f4")]
+    for a in arrays:
+        got = load_npy(_npy_bytes(a))
+        ref = np.load(io.BytesIO(_npy_bytes(a)), allow_pickle=False)
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref)
+        assert got.flags.writeable  # torch.from_numpy warns on read-only arrays
+        blob = bytearray(_npy_bytes(a))
+        assert np.shares_memory(load_npy(blob), np.frombuffer(blob, np.uint8)) or a.size == 0  # no copy when writable
+    # Headers it does not recognise go to np.load: Fortran order, and still no pickles.
+    f = np.asfortranarray(rng.standard_normal((3, 4)).astype(np.float32))
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, f)
+    assert np.array_equal(load_npy(buf.getvalue()), f)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        load_npy(buf.getvalue())
+    with pytest.raises(ValueError):  # a payload shorter than its header says is not read past its end
+        load_npy(_npy_bytes(arrays[0])[:-2])
