@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -276,7 +277,7 @@ class TextTokens(NamedTuple):
     batch: int
     length: int
 
-    def expand(self, per_row: torch.Tensor) -> torch.Tensor:
+    def per_position(self, per_row: torch.Tensor) -> torch.Tensor:
         """(R, ...) computed once per row -> (B, L, ...) per (sample, position)."""
         if self.index is not None:
             per_row = per_row.index_select(0, self.index)  # (R, ...) -> (B*L, ...)
@@ -366,8 +367,8 @@ class CrossAttention(nn.Module):
         B, N, D = x.shape
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim)  # (B, N, h, d)
         kv = self.kv_proj(text.rows).view(-1, 2, self.num_heads, self.head_dim)  # (R, 2D) -> (R, 2, h, d)
-        k = text.expand(self.k_norm(kv[:, 0]))  # k_norm is per row: normalise each distinct row once -> (B, M, h, d)
-        v = text.expand(kv[:, 1])  # (B, M, h, d)
+        k = text.per_position(self.k_norm(kv[:, 0]))  # k_norm is per row: each distinct row once -> (B, M, h, d)
+        v = text.per_position(kv[:, 1])  # (B, M, h, d)
         q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, rope)  # text keys carry no position
@@ -588,6 +589,13 @@ class HunYuanDiT(nn.Module):
         B, Lc, _ = encoder_hidden_states.shape
         Lt = encoder_hidden_states_t5.shape[1]
         L = Lc + Lt
+        if (Lc, Lt) != (self.config.text_len, self.config.text_len_t5):
+            # the original's torch.where against text_embedding_padding fails on this too; here it must be explicit,
+            # or padding rows would be looked up at the wrong positions
+            raise ValueError(
+                f"text lengths BERT {Lc}, mT5 {Lt} do not match the model's text_len={self.config.text_len}, "
+                f"text_len_t5={self.config.text_len_t5}"
+            )
         clip_mask, t5_mask = text_embedding_mask.bool(), text_embedding_mask_t5.bool()
         mask = torch.cat([clip_mask, t5_mask], dim=1)  # (B, L)
         clip = encoder_hidden_states[clip_mask]  # (n_clip, Dc), (sample, position) order
@@ -600,11 +608,14 @@ class HunYuanDiT(nn.Module):
         own = torch.cat(
             [clip_mask.flatten().cumsum(0).view(B, Lc) - 1, n_clip + t5_mask.flatten().cumsum(0).view(B, Lt) - 1],
             dim=1,
-        )  # (B, L): row of an unpadded (sample, position)
+        )  # (B, L): row of an unpadded (sample, position); meaningless where padded, and not read there
         shared = torch.zeros(L, dtype=torch.long, device=mask.device)
         shared[padded] = n_clip + n_t5 + torch.arange(padded.numel(), device=mask.device)  # (L,): padding row
         index = torch.where(mask, own, shared).flatten()  # (B*L,)
-        if rows.shape[0] >= B * L:  # nothing shared (one sample, or no padding): the dense states are cheaper
+        if "torch._dynamo" in sys.modules:  # something here compiles (importing dynamo just to check costs ~2 s)
+            # The row count changes from batch to batch: say so up front, or compiled blocks specialise and recompile.
+            torch._dynamo.maybe_mark_dynamic(rows, 0)
+        if rows.shape[0] == B * L:  # R <= B*L; equal when nothing is shared (one sample, no padding): go dense
             return TextTokens(rows.index_select(0, index), None, B, L)
         return TextTokens(rows, index, B, L)
 

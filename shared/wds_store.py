@@ -108,12 +108,16 @@ _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
 
 def load_npy(payload: bytes | bytearray) -> np.ndarray:
     """``np.load(allow_pickle=False)`` of one member, without numpy's literal_eval of the header for the headers this
-    module writes (a quarter of a 1024x1024 sample's read time went there). Anything else goes to np.load."""
+    module writes (a quarter of a 1024x1024 sample's read time went there). A header of another form, a dtype that
+    is not a plain number or bool, or a payload of the wrong size goes to np.load."""
     if payload[:8] == _NPY_MAGIC_V1:
         end = 10 + int.from_bytes(payload[8:10], "little")
         m = _NPY_HEADER.match(payload, 10, end)
-        if m is not None:
-            dtype = np.dtype(m.group(1).decode())
+        try:
+            dtype = np.dtype(m.group(1).decode()) if m is not None else None
+        except TypeError:  # e.g. '<f3'
+            dtype = None
+        if dtype is not None:
             shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
             if dtype.kind in "biuf" and len(payload) - end == dtype.itemsize * math.prod(shape):
                 out = np.frombuffer(payload, dtype=dtype, offset=end).reshape(shape)

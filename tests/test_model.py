@@ -84,8 +84,10 @@ def test_shared_padding_rows_give_the_dense_gradients() -> None:
     # for a loss that sums over samples, the same parameter gradients.
     model = perturbed_tiny()
     kw = tiny_inputs(model.config, B=2)
-    kw = {k: (torch.cat([v, v.flip(0)]) if v.shape[0] == 2 and "cis" not in k else v) for k, v in kw.items()}
-    kw["t"] = torch.tensor([3.0, 700.0, 250.0, 999.0])
+    kw = {k: (torch.cat([v, v.flip(0), v[:1]]) if v.shape[0] == 2 and "cis" not in k else v) for k, v in kw.items()}
+    kw["t"] = torch.tensor([3.0, 700.0, 250.0, 999.0, 40.0])
+    kw["text_embedding_mask"][4] = 0  # a sample whose text is all padding
+    kw["text_embedding_mask_t5"][4] = 0
     text = model.text_tokens(kw["encoder_hidden_states"], kw["text_embedding_mask"],
                              kw["encoder_hidden_states_t5"], kw["text_embedding_mask_t5"])
     assert text.index is not None
@@ -99,8 +101,8 @@ def test_shared_padding_rows_give_the_dense_gradients() -> None:
     out, grads = loss_and_grads(kw)
     singles = []
     total: dict[str, torch.Tensor] = {}
-    for i in range(4):
-        one = {k: (v[i : i + 1] if v.shape[0] == 4 and "cis" not in k else v) for k, v in kw.items()}
+    for i in range(5):
+        one = {k: (v[i : i + 1] if v.shape[0] == 5 and "cis" not in k else v) for k, v in kw.items()}
         assert model.text_tokens(one["encoder_hidden_states"], one["text_embedding_mask"],
                                  one["encoder_hidden_states_t5"], one["text_embedding_mask_t5"]).index is None
         o, g = loss_and_grads(one)
@@ -180,6 +182,19 @@ def test_padding_tokens_are_replaced_and_text_values_there_ignored() -> None:
         e = model(**kw)["x"]
     assert not torch.allclose(a[0], d[0])
     torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_text_of_the_wrong_length_is_refused() -> None:
+    model = perturbed_tiny()
+    for extra_clip, extra_t5 in ((-2, 0), (0, 3), (1, -1)):
+        kw = tiny_inputs(model.config)
+        Lc, Lt = model.config.text_len + extra_clip, model.config.text_len_t5 + extra_t5
+        kw["encoder_hidden_states"] = kw["encoder_hidden_states"][:, :1].expand(-1, Lc, -1)
+        kw["text_embedding_mask"] = torch.ones(2, Lc, dtype=torch.long)
+        kw["encoder_hidden_states_t5"] = kw["encoder_hidden_states_t5"][:, :1].expand(-1, Lt, -1)
+        kw["text_embedding_mask_t5"] = torch.ones(2, Lt, dtype=torch.long)
+        with pytest.raises(ValueError, match=f"BERT {Lc}, mT5 {Lt}"):
+            model(**kw)
 
 
 def test_condition_inputs_must_match_config() -> None:
@@ -420,3 +435,33 @@ def test_bf16_autocast_on_gpu_tracks_fp32() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(**kw)["x"].float()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 0.01
+
+
+def test_compiled_blocks_do_not_recompile_when_the_text_row_count_changes() -> None:
+    # Every batch has its own number of distinct text rows (TextTokens); per-block torch.compile (how stage 2
+    # compiles) must treat that size as dynamic instead of compiling the blocks again for each batch.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = perturbed_tiny()
+    for block in model.blocks:
+        block.compile(backend="aot_eager")  # traces like inductor, generates no code
+    g = torch.Generator().manual_seed(0)
+    rows = set()
+    for step in range(4):
+        kw = tiny_inputs(model.config, B=2)
+        B = 4
+        kw = {k: (torch.cat([v, v]) if v.shape[0] == 2 and "cis" not in k else v) for k, v in kw.items()}
+        kw["t"] = torch.rand(B, generator=g) * 999
+        kw["text_embedding_mask"] = (torch.rand(B, model.config.text_len, generator=g) < 0.6).long()
+        kw["text_embedding_mask_t5"] = (torch.rand(B, model.config.text_len_t5, generator=g) < 0.6).long()
+        text = model.text_tokens(kw["encoder_hidden_states"], kw["text_embedding_mask"],
+                                 kw["encoder_hidden_states_t5"], kw["text_embedding_mask_t5"])
+        assert text.index is not None
+        rows.add(text.rows.shape[0])
+        model(**kw)["x"].square().mean().backward()
+    assert len(rows) >= 3  # the row count really changed
+    # one graph for the blocks without a long skip and one for those with it, whatever the row count
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
