@@ -10,9 +10,9 @@ and is deterministic; and the peak, as the growth of the resident set during one
 
 The last line is the headline: ``model_step_time_ratio = <ours / diffusers> (goal <= 0.9)``, the median over
 back-to-back pairs of the ratio of process CPU time on CPU (robust to other jobs on a shared machine; one thread by
-default) or of synchronised wall time on CUDA; the ratio of the medians and the wall-time ratio are printed too. With --no-baseline
-it is ``mfu = <achieved / peak> (goal >= 0.45 on an H100)``, with the peak from --peak-tflops (default: H100 SXM dense
-bf16, 989) and tokens/s on the line before.
+default) or of synchronised wall time on CUDA; the ratio of the medians and the wall-time ratio are printed too.
+With --no-baseline it is ``mfu = <achieved / peak> (goal >= 0.45 on an H100)``, with the peak from --peak-tflops
+(default: H100 SXM dense bf16, 989) and tokens/s on the line before.
 
 Captions: every sample has --caption-tokens unpadded BERT,mT5 positions (default 25,64 of 77,256). This project's
 model skips work on padded positions that diffusers' does (pipeline.models.TextTokens), so the ratio depends on
@@ -22,6 +22,7 @@ them; ``--caption-tokens full`` (no padding at all) is the case least favourable
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -67,7 +68,10 @@ def parse_args() -> argparse.Namespace:
 def make_inputs(cfg: DiTConfig, args: argparse.Namespace, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     B, h = args.batch, args.image_size // 8
-    n1, n5 = (cfg.text_len, cfg.text_len_t5) if args.caption_tokens == "full" else map(int, args.caption_tokens.split(","))
+    if args.caption_tokens == "full":
+        n1, n5 = cfg.text_len, cfg.text_len_t5
+    else:
+        n1, n5 = (int(v) for v in args.caption_tokens.split(","))
     if not (0 < n1 <= cfg.text_len and 0 < n5 <= cfg.text_len_t5):
         raise ValueError(f"--caption-tokens {args.caption_tokens!r} must fit 1..{cfg.text_len},1..{cfg.text_len_t5}")
     m1 = torch.ones(B, cfg.text_len, dtype=torch.long)
@@ -106,14 +110,14 @@ def step_fns(ours: HunYuanDiT, theirs, kw: dict, rope: tuple, dtype: torch.dtype
     autocast = dtype != torch.float32
 
     def run_ours(hooks: SavedBytes | None = None) -> torch.Tensor:
-        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else _null()
+        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else contextlib.nullcontext()
         with ctx, torch.autocast(device.type, dtype=dtype, enabled=autocast):
             out = ours(**kw, cos_cis_img=rope[0], sin_cis_img=rope[1])["x"]
         out.float().square().mean().backward()
         return out
 
     def run_theirs(hooks: SavedBytes | None = None) -> torch.Tensor:
-        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else _null()
+        ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else contextlib.nullcontext()
         with ctx, torch.autocast(device.type, dtype=dtype, enabled=autocast):
             out = theirs(
                 kw["x"], kw["t"], encoder_hidden_states=kw["encoder_hidden_states"],
@@ -125,14 +129,6 @@ def step_fns(ours: HunYuanDiT, theirs, kw: dict, rope: tuple, dtype: torch.dtype
         return out
 
     return run_ours, run_theirs
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def timed(fn, model, device: torch.device) -> tuple[float, float]:
@@ -231,8 +227,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    if args.text_dims == "full":
-        dims = (1024, 77, 2048, 256)
+    if args.text_dims == "full":  # the real encoders' sizes: DiTConfig's defaults
+        d = DiTConfig()
+        dims = (d.text_states_dim, d.text_len, d.text_states_dim_t5, d.text_len_t5)
     else:
         dims = tuple(int(v) for v in args.text_dims.split(","))
     cfg = DiTConfig.from_name(
@@ -251,7 +248,8 @@ def main() -> None:
     tokens = args.batch * (args.image_size // 8 // cfg.patch_size) ** 2
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config {args.config} hidden {cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} params {n_params:,} "
-          f"| text {dims} caption tokens {args.caption_tokens} | image {args.image_size}^2 batch {args.batch} tokens/step {tokens} | {device} {args.dtype} "
+          f"| text {dims} caption tokens {args.caption_tokens} | image {args.image_size}^2 batch {args.batch} "
+          f"tokens/step {tokens} | {device} {args.dtype} "
           f"| torch {torch.__version__} threads {torch.get_num_threads()}")
 
     theirs = None

@@ -434,6 +434,7 @@ def test_bf16_autocast_on_gpu_tracks_fp32() -> None:
         ref = model(**kw)["x"]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(**kw)["x"].float()
+    assert ref.abs().max() > 0.1 and not torch.equal(out, ref)  # a real output, and autocast really ran in bf16
     assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 0.01
 
 
