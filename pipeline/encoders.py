@@ -184,7 +184,9 @@ class FrozenEncoders:
         f = self.vae_downsample
         if pixels.shape[2] % f or pixels.shape[3] % f:
             raise ValueError(f"image height/width must be multiples of {f}, got {tuple(pixels.shape[2:])}")
-        x = pixels.to(device=self.device, dtype=self.vae.dtype)
+        # Contiguous NCHW whatever the caller's strides, as the original's `to_tensor` batches are: the same values
+        # in channels_last take other CPU kernels, and GroupNorm there loses precision on near-constant groups.
+        x = pixels.to(device=self.device, dtype=self.vae.dtype, memory_format=torch.contiguous_format)
         posterior = self.vae.encode(x).latent_dist
         return torch.cat([posterior.mean, posterior.logvar], dim=1)  # (B, 2C, H/f, W/f)
 
