@@ -34,17 +34,46 @@ class Preprocessed:
 
 
 class OnlineBatchSource:
-    """Batches of one rank, preprocessed and encoded on the fly."""
+    """Batches of one rank, preprocessed and encoded on the fly.
+
+    `per_sample=False` (the original's trainer): one VAE call on the step's chosen views, one BERT and one mT5 call
+    on its (possibly dropped) captions. `per_sample=True`: each sample's views and caption are encoded on their own,
+    and a dropped caption is "" encoded alone; these are the call shapes of stage 1 with `encoders.batch_size: 1` and
+    of the empty-caption file. CPU kernels, and so the last bits of every encoder output, depend on the batch shape;
+    with the same shapes the encoders compute bit-identical values, which is what lets a test compare cache and
+    online training exactly instead of within a tolerance.
+    """
 
     def __init__(
         self, samples: Sequence[RawSample], buckets: Sequence[tuple[int, int]],
         preprocess: Callable[[RawSample], Preprocessed], encoders: Any, plan: BucketBatchPlan,
-        settings: DrawSettings, *, rank: int = 0,
+        settings: DrawSettings, *, rank: int = 0, per_sample: bool = False,
     ) -> None:
         if len(samples) != len(buckets):
             raise ValueError(f"{len(samples)} samples but {len(buckets)} buckets")
         self.samples, self.buckets, self.preprocess = list(samples), list(buckets), preprocess
         self.encoders, self.plan, self.settings, self.rank = encoders, plan, settings, rank
+        self.per_sample = per_sample
+
+    def _encode_images(self, pre: list[Preprocessed], draws: list) -> torch.Tensor:
+        """The chosen view of each sample -> (B, 2C, h, w) moments."""
+        enc = self.encoders
+        if self.per_sample:  # all of a sample's views in one call, as stage 1 encodes them
+            return torch.stack([enc.encode_images(torch.from_numpy(p.views)).cpu()[d.view]
+                                for p, d in zip(pre, draws)])
+        pixels = torch.from_numpy(np.stack([p.views[d.view] for p, d in zip(pre, draws)]))  # (B, 3, H, W)
+        return enc.encode_images(pixels).cpu()
+
+    def _encode_texts(self, texts: list[str], encoder: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids/masks of `texts` and their states: (B, Lc, Dc) for encoder "clip", (B, Lt, Dt) for "t5"."""
+        enc = self.encoders
+        encode = enc.encode_clip if encoder == "clip" else enc.encode_t5
+        toks, states = [], []
+        for part in ([[t] for t in texts] if self.per_sample else [texts]):
+            tok = enc.tokenize(part)
+            toks.append(tok)
+            states.append(encode(tok[f"{encoder}_ids"], tok[f"{encoder}_mask"]).cpu())
+        return {k: torch.cat([t[k] for t in toks]) for k in toks[0]}, torch.cat(states)
 
     def batch(self, micro_step: int) -> dict[str, Any]:
         s, enc = self.settings, self.encoders
@@ -63,14 +92,11 @@ class OnlineBatchSource:
             )
             pre.append(p)
             draws.append(d)
-        pixels = torch.from_numpy(np.stack([p.views[d.view] for p, d in zip(pre, draws)]))  # (B, 3, H, W)
-        moments = enc.encode_images(pixels).cpu()  # (B, 2C, h, w)
+        moments = self._encode_images(pre, draws)  # (B, 2C, h, w)
         clip_texts = ["" if d.drop_clip else self.samples[i].caption for (_, _, i), d in zip(items, draws)]
         t5_texts = ["" if d.drop_t5 else self.samples[i].caption for (_, _, i), d in zip(items, draws)]
-        clip_tok = enc.tokenize(clip_texts)
-        t5_tok = enc.tokenize(t5_texts)
-        clip_states = enc.encode_clip(clip_tok["clip_ids"], clip_tok["clip_mask"]).cpu()  # (B, Lc, Dc)
-        t5_states = enc.encode_t5(t5_tok["t5_ids"], t5_tok["t5_mask"]).cpu()  # (B, Lt, Dt)
+        clip_tok, clip_states = self._encode_texts(clip_texts, "clip")  # (B, Lc, Dc)
+        t5_tok, t5_states = self._encode_texts(t5_texts, "t5")  # (B, Lt, Dt)
         out = []
         for b, ((_, _, index), p, d) in enumerate(zip(items, pre, draws)):
             out.append({
