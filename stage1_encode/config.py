@@ -87,9 +87,14 @@ class ImageConfig:
 
 @dataclass
 class TextConfig:
-    # What an empty or missing caption becomes: the original's default caption, or a reject.
+    # What an empty (or whitespace-only) caption becomes: the original's default caption, or a reject.
     empty_caption: Literal["default", "reject"] = "default"
     default_caption: str = DEFAULT_CAPTION
+    # What a null (missing) caption becomes. "default": the same as an empty caption (above). "reject": a reject
+    # with reason null_caption. "original": the text "None", as the original trainer does (`str(None).strip()` in
+    # arrow_load_stream.py get_text) -- it trains on the word "None"; kept only to reproduce the original exactly.
+    # Null captions are counted in the job summary and the manifest (`null_captions`) whichever the rule.
+    null_caption: Literal["default", "reject", "original"] = "default"
 
 
 @dataclass

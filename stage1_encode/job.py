@@ -264,7 +264,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
             w, h = img.size
             img.close()
             pp.check_size(w, h, im.min_size, im.max_aspect_ratio)
-            caption, substituted = pp.clean_caption(row["caption"], default)
+            caption, substituted = pp.clean_caption(row["caption"], default, cfg.text.null_caption)
             bucket = pp.target_size(w, h, im)
         except Exception as err:  # one bad row must not take down the partition: it becomes a reject
             rejects.append(_reject_from(row, err))
@@ -300,6 +300,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
                 "bucket": list(bucket), "keys": [r["key"] for r, _, _ in keep], "captions": captions,
                 "sources": [r["source"] for r, _, _ in keep], "rows": [int(r["row"]) for r, _, _ in keep],
                 "substituted": [bool(s) for _, _, s in keep],
+                "null": [r["caption"] is None for r, _, _ in keep],
             }
             yield "chunk", arrays, meta | {"seq": seq}
             seq += 1
@@ -393,7 +394,8 @@ class EncoderActor:
                "image_meta_size": a["image_meta_size"][idx]}
         for k in ("clip_ids", "clip_mask", "t5_ids", "t5_mask"):
             out[k] = a[k][idx]
-        keep_meta = {k: [meta[k][b] for b in ok] for k in ("keys", "captions", "sources", "rows", "substituted")}
+        keep_meta = {k: [meta[k][b] for b in ok]
+                     for k in ("keys", "captions", "sources", "rows", "substituted", "null")}
         keep_meta.update({"bucket": meta["bucket"], "rejects": rejects})
         return pack(out), keep_meta
 
@@ -428,6 +430,7 @@ class ShardAssembler:
         self.rejects: list[dict] = []
         self.n_written = 0
         self.n_substituted = 0
+        self.n_null = 0
 
     def add(self, kind: str, seq: int, payload: bytes, meta: dict) -> int:
         """Take one row; returns how many input rows it settled (written or rejected)."""
@@ -452,6 +455,7 @@ class ShardAssembler:
                 })
             self.n_written += len(m["keys"])
             self.n_substituted += sum(m["substituted"])
+            self.n_null += sum(m["null"])
             self.next_seq += 1
         return settled
 
@@ -465,6 +469,7 @@ class ShardAssembler:
         assert self.n_written + len(self.rejects) == self.n_rows, (self.name, self.n_written, len(self.rejects),
                                                                     self.n_rows)
         note = {"name": self.name, "written": self.n_written, "substituted_captions": self.n_substituted,
+                "null_captions": self.n_null,
                 "rejects": self.rejects}
         path = self.root / PARTS_DIR / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,20 +606,23 @@ def _setup_file_log(root: Path) -> logging.Handler:
     return handler
 
 
-def _merge_notes(root: Path, partitions: list[Partition]) -> tuple[Counter, int]:
-    """rejects.jsonl from the per-partition notes (in partition order); returns (rejects by reason, substituted)."""
+def _merge_notes(root: Path, partitions: list[Partition]) -> tuple[Counter, dict[str, int]]:
+    """rejects.jsonl from the per-partition notes (in partition order).
+
+    Returns (rejects by reason, {"substituted_captions": n, "null_captions": n})."""
     counts: Counter = Counter()
-    substituted = 0
+    captions = {"substituted_captions": 0, "null_captions": 0}
     lines = []
     for p in partitions:
         note = json.loads((root / PARTS_DIR / f"{p.name}.json").read_text(encoding="utf-8"))
-        substituted += int(note["substituted_captions"])
+        for name in captions:
+            captions[name] += int(note.get(name, 0))  # notes of partitions from before null counting have none
         for r in note["rejects"]:
             counts[r["reason"]] += 1
             lines.append(json.dumps(r, ensure_ascii=False) + "\n")
     # backslashreplace: a lone surrogate (a non-UTF-8 file name in `source` or `detail`) becomes its JSON escape
     atomic_write_bytes(root / REJECTS_NAME, "".join(lines).encode("utf-8", "backslashreplace"))
-    return counts, substituted
+    return counts, captions
 
 
 def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = False) -> dict:
@@ -664,7 +672,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         missing = [n for n in names if n not in done]
         if missing:
             raise RuntimeError(f"partitions {missing[:5]} did not complete; re-run to resume")
-        rejects, substituted = _merge_notes(root, partitions)
+        rejects, captions = _merge_notes(root, partitions)
         shards = [done[n].entry() for n in names]
         manifest = Manifest(
             spec=spec, shards=shards, encoders=result["fingerprint"], vae_scaling_factor=result["scaling_factor"],
@@ -674,7 +682,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             preprocessing=preprocessing_record(cfg), rejects=dict(sorted(rejects.items())),
             empty_caption_sha256=result["empty_sha256"],
             extra={"input": config_to_dict(cfg.input), "n_inputs": sum(p.num_rows for p in partitions),
-                   "substituted_captions": substituted},
+                   **captions, "null_caption_rule": cfg.text.null_caption},
         )
         write_manifest(root, manifest)
         elapsed = time.time() - t0
@@ -682,7 +690,8 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         summary = {
             "status": "complete", "root": str(root), "samples": manifest.n_samples,
             "written_this_run": result["written"], "rejected": dict(sorted(rejects.items())),
-            "rejected_total": sum(rejects.values()), "substituted_captions": manifest.extra["substituted_captions"],
+            "rejected_total": sum(rejects.values()), "substituted_captions": captions["substituted_captions"],
+            "null_captions": captions["null_captions"], "null_caption_rule": cfg.text.null_caption,
             "shards": len(names), "shards_this_run": len(todo), "bytes": nbytes,
             "seconds": round(elapsed, 2), "encode_seconds": round(result["seconds"], 2),
             "samples_per_s": round(result["written"] / result["seconds"], 3) if result["seconds"] > 0 else None,

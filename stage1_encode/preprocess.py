@@ -41,6 +41,10 @@ if TYPE_CHECKING:  # config imports nothing heavy, but keep this module importab
 VIEW_NAMES = ("plain", "flip")
 
 
+# What a null (missing) caption becomes; see clean_caption. The original trains on the text "None" ("original").
+NULL_CAPTION_RULES = ("default", "reject", "original")
+
+
 class Reject(Exception):
     """A sample that cannot be encoded. `reason` is a short machine word, `detail` a human explanation."""
 
@@ -316,13 +320,23 @@ def apply_size_cond(
 # Captions and tokenisation
 
 
-def clean_caption(value: Any, default_caption: str | None) -> tuple[str, bool]:
+def clean_caption(value: Any, default_caption: str | None, null_caption: str = "default") -> tuple[str, bool]:
     """The original's `str(text).strip()`, empty -> default caption. Returns (caption, substituted).
 
-    None (a missing value) and empty/whitespace strings become `default_caption` (substituted=True); with
-    `default_caption=None` they raise Reject("empty_caption"). UTF-8 bytes are decoded; anything else that is not a
-    string raises Reject("bad_caption").
+    Empty/whitespace strings become `default_caption` (substituted=True); with `default_caption=None` they raise
+    Reject("empty_caption"). A null caption (None, a missing value) follows `null_caption`:
+    - "default": treated as an empty caption (the default caption, or the empty-caption reject);
+    - "reject": Reject("null_caption");
+    - "original": the original trainer's `str(None).strip()`, i.e. the text "None" (substituted=False).
+    UTF-8 bytes are decoded; anything else that is not a string raises Reject("bad_caption").
     """
+    if null_caption not in NULL_CAPTION_RULES:
+        raise ValueError(f"null_caption = {null_caption!r}; allowed: {', '.join(NULL_CAPTION_RULES)}")
+    if value is None:
+        if null_caption == "reject":
+            raise Reject("null_caption", "caption is null (missing) and text.null_caption is 'reject'")
+        if null_caption == "original":
+            return "None", False
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             value = bytes(value).decode("utf-8")

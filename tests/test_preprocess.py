@@ -290,6 +290,20 @@ def test_clean_caption_reject_mode():
     assert e.value.reason == "empty_caption"
 
 
+def test_null_caption_rules():
+    assert pp.clean_caption(None, DEFAULT_CAPTION, "default") == (DEFAULT_CAPTION, True)
+    assert pp.clean_caption(None, DEFAULT_CAPTION, "original") == ("None", False)  # str(None).strip()
+    with pytest.raises(pp.Reject) as e:
+        pp.clean_caption(None, DEFAULT_CAPTION, "reject")
+    assert e.value.reason == "null_caption"
+    with pytest.raises(pp.Reject) as e:  # "default" follows the empty-caption rule, here a reject
+        pp.clean_caption(None, None, "default")
+    assert e.value.reason == "empty_caption"
+    assert pp.clean_caption("", DEFAULT_CAPTION, "original") == (DEFAULT_CAPTION, True)  # only null is "None"
+    with pytest.raises(ValueError, match="null_caption = 'none'; allowed: default, reject, original"):
+        pp.clean_caption(None, DEFAULT_CAPTION, "none")
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizers(tmp_path_factory):
     # the same session folder as tests/test_stage1_job.py's suite: written once per session

@@ -350,10 +350,37 @@ def test_bad_input_battery(cluster, suite, tmp_path):
     assert len(rows) == len(bad)
     assert summary["rejected"] == {r: list(bad.values()).count(r) for r in set(bad.values())}
     assert summary["substituted_captions"] == 2
+    assert summary["null_captions"] == 1 and summary["null_caption_rule"] == "default"
     captions = sorted(cache[i]["caption"] for i in range(len(cache)))
     assert captions.count(DEFAULT_CAPTION) == 2
     m = read_manifest(out)
     assert m.extra["substituted_captions"] == 2 and m.spec.views == ("plain",) and m.format == "zarr"
+    assert m.extra["null_captions"] == 1 and m.preprocessing["text"]["null_caption"] == "default"
+
+
+@pytest.mark.parametrize("rule, null_becomes", [("default", DEFAULT_CAPTION), ("original", "None"),
+                                                ("reject", None)])
+def test_null_caption_rule(suite, tmp_path, rule, null_becomes):
+    """text.null_caption: the default caption (default), the original's text "None", or a reject; always counted."""
+    img = _img_bytes(Image.new("RGB", (64, 64), (200, 30, 30)), "PNG")
+    (tmp_path / "a.png").write_bytes(img)
+    rows = [{"img_path": "a.png", "text_zh": "红色"}, {"img_path": "a.png", "text_zh": None},
+            {"img_path": "a.png", "text_zh": " "}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    cfg = load_cfg(["input.format=jsonl", f"input.paths=[{tmp_path / 'list.jsonl'}]", "input.md5_column=null",
+                    f"encoders.root={suite}", f"output.root={tmp_path / 'c'}", "image.resolution=64",
+                    "image.reso_step=16", f"text.null_caption={rule}"])
+    from stage1_encode.readers import plan_partitions
+
+    got = list(job_mod.partition_chunks(plan_partitions(cfg.input, 10)[0], cfg, pp.load_tokenizers(str(suite))))
+    by_row = {r: (c, n) for _, _, m in got[:-1] for r, c, n in zip(m["rows"], m["captions"], m["null"])}
+    assert by_row[0] == ("红色", False) and by_row[2] == (DEFAULT_CAPTION, False)
+    rejects = got[-1][2]["rejects"]
+    if null_becomes is None:
+        assert 1 not in by_row and [(r["row"], r["reason"]) for r in rejects] == [(1, "null_caption")]
+    else:
+        assert by_row[1] == (null_becomes, True) and not rejects
+    assert job_mod.preprocessing_record(cfg)["text"]["null_caption"] == rule
 
 
 def test_schema_errors_stop_early(suite, tmp_path):
@@ -481,7 +508,7 @@ def test_nonfinite_outputs_are_rejected():
               "clip_ids": torch.zeros(B, 5, dtype=torch.int32), "clip_mask": torch.ones(B, 5, dtype=torch.bool),
               "t5_ids": torch.zeros(B, 6, dtype=torch.int32), "t5_mask": torch.ones(B, 6, dtype=torch.bool)}
     meta = {"bucket": [16, 16], "keys": list("abcd"), "captions": list("ABCD"), "sources": ["s"] * B,
-            "rows": [0, 1, 2, 3], "substituted": [False] * B}
+            "rows": [0, 1, 2, 3], "substituted": [False] * B, "null": [False] * B}
     payload, out_meta = actor.encode_chunk(arrays, meta)
     assert out_meta["keys"] == ["a", "d"]
     assert [(r["key"], r["reason"]) for r in out_meta["rejects"]] == [("b", "nonfinite_output"),

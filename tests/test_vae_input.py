@@ -93,7 +93,7 @@ def test_stage1_flat_images_get_float64_accurate_moments(encoders):
             tok = encoders.tokenize(["一张图片"])
             arrays.update({k: v for k, v in tok.items()})
             meta = {"bucket": list(cropped.bucket), "keys": [name], "captions": ["一张图片"], "sources": ["s"],
-                    "rows": [0], "substituted": [False]}
+                    "rows": [0], "substituted": [False], "null": [False]}
             payload, _ = actor.encode_chunk(arrays, meta)
             moments = job_mod.unpack(payload)["moments"][0]  # (V, 2C, h, w)
             for v, px in enumerate((cropped.pixels, np.ascontiguousarray(cropped.pixels[:, ::-1]))):
