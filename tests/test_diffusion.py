@@ -18,6 +18,7 @@ from pipeline.diffusion import (
 from dit_helpers import CASES, golden_model, single_thread  # noqa: F401 (autouse fixture)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_training_losses(case: str) -> None:
     model, meta, data, kwargs = golden_model(case)

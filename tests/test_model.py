@@ -45,6 +45,7 @@ def tiny_inputs(cfg: DiTConfig, B: int = 2, h: int = 8, w: int = 12, seed: int =
     return kw
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("rope_form", ["complex", "real"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +60,7 @@ def test_golden_forward_matches_original(case: str, rope_form: str, monkeypatch:
     assert data["output"].abs().max() > 0.5
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_forward_with_shared_padding_rows(case: str) -> None:
     # The golden batch (2 samples, 20 text positions) is too small for shared padding rows to pay, so the model takes
@@ -79,6 +81,7 @@ def test_golden_forward_with_shared_padding_rows(case: str) -> None:
     torch.testing.assert_close(out, data["output"][order], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.exact
 def test_shared_padding_rows_give_the_dense_gradients() -> None:
     # Batched (shared padding rows) vs one sample at a time (dense: a batch of one shares nothing): same outputs and,
     # for a loss that sums over samples, the same parameter gradients.
@@ -154,6 +157,7 @@ def test_timestep_embedding_is_cos_first() -> None:
     assert emb[1, 4] == pytest.approx(torch.sin(torch.tensor(5.0)).item())
 
 
+@pytest.mark.exact
 def test_padding_tokens_are_replaced_and_text_values_there_ignored() -> None:
     model = perturbed_tiny().eval()
     kw = tiny_inputs(model.config)
@@ -278,6 +282,7 @@ def test_bf16_autocast_runs_and_keeps_fp32_islands() -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
 
 
+@pytest.mark.exact
 def test_fp32_layernorm_matches_fp32_math_for_half_inputs() -> None:
     ln = FP32LayerNorm(16, eps=1e-6)
     with torch.no_grad():
@@ -371,6 +376,7 @@ def test_rope_rotation_and_backward_match_rotate_half() -> None:
     assert traced_ops and not any("complex" in op for op in traced_ops), traced_ops
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("rope_form", ["complex", "real"])
 def test_rope_under_bf16_autocast_computes_in_fp32(rope_form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The original: (x.float() * cos + rotate_half(x.float()) * sin).type_as(x), whatever autocast says.
@@ -384,11 +390,20 @@ def test_rope_under_bf16_autocast_computes_in_fp32(rope_form: str, monkeypatch: 
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)  # rotate_half on adjacent pairs
     expected = (x.float() * cos[:, None] + rotated * sin[:, None]).bfloat16()
     in_bf16 = (x * cos[:, None].bfloat16() + rotated.bfloat16() * sin[:, None].bfloat16()).bfloat16()
-    assert not torch.equal(in_bf16, expected)  # the check below can tell fp32 math from bf16 math
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = apply_rope(x, Rope.from_tables(cos, sin))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # fp32 math may differ from `expected` by a fused multiply-add (complex multiplication kernels use one on some
+    # CPUs): at most 2 fp32 ulp before the cast, so after rounding to bf16 (16 fewer mantissa bits) an element
+    # changes only when it sits within 2 fp32 ulp of a bf16 rounding midpoint, p ~ 4 / 2**16 per element, i.e.
+    # ~0.14 of these 2304 elements expected; and then by one bf16 ulp. bf16 math changes ~27% of them (630).
+    def mismatches(y: torch.Tensor) -> int:
+        return int((y != expected).sum())
+
+    assert mismatches(in_bf16) > 200  # the check below can tell fp32 math from bf16 math
+    assert mismatches(out) <= 8, mismatches(out)
+    one_ulp = expected.float().abs() * 2.0**-7  # bf16 keeps 8 significant bits
+    assert ((out.float() - expected.float()).abs() <= one_ulp).all()
 
 
 def test_half_model_runs_like_float16module() -> None:

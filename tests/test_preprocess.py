@@ -154,6 +154,7 @@ def test_crop_rng_draw_order_and_determinism():
         [pp.resize_and_crop(wide, f"k{i}", single).image_meta_size[4] for i in range(8)]
 
 
+@pytest.mark.exact
 def test_normalise_is_totensor_normalize_bit_exact():
     px = np.random.default_rng(3).integers(0, 256, (17, 23, 3), dtype=np.uint8)
     ours = pp.to_unit_range(px)

@@ -181,6 +181,7 @@ def reference(corpus, suite, tmp_path_factory) -> Path:
 # tests
 
 
+@pytest.mark.exact
 @pytest.mark.slow
 def test_embedded_local_run(reference, corpus):
     m = read_manifest(reference)
@@ -229,6 +230,7 @@ def test_finished_cache_left_alone_and_conflicts_refused(reference, corpus, suit
     assert (other / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.exact
 @pytest.mark.slow
 def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, tmp_path):
     """`ray job submit` to a `ray start` cluster with 2 encoder actors = the 1-actor embedded run, bit for bit."""
@@ -252,6 +254,7 @@ def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -
     proc.wait()
 
 
+@pytest.mark.exact
 @pytest.mark.slow
 def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     out = tmp_path / "cache"

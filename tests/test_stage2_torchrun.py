@@ -19,6 +19,7 @@ def _torchrun(*overrides: str):
 
 
 @pytest.mark.slow
+@pytest.mark.exact
 def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     from safetensors.torch import load_file
 
@@ -54,7 +55,7 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     # the same DDP checkpoint resumed under FSDP2 (+ activation checkpointing): one checkpoint format for both;
-    # FSDP2 reduces gradients differently (reduce-scatter), so equal up to float rounding
+    # FSDP2 reduces gradients differently (reduce-scatter), so equal up to float rounding (bounds below)
     c = tmp_path / "c"
     (c / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_0000002", c / "checkpoints" / "step_0000002")
@@ -63,9 +64,18 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lc = {m["step"]: m["loss"] for m in read_metrics(c)}
     assert sorted(lc) == [3, 4]
-    torch.testing.assert_close([lc[3], lc[4]], [la[3], la[4]], rtol=1e-5, atol=0)
     wc = load_file(c / "checkpoints" / "step_0000004" / "model.safetensors")
     assert set(wc) == set(wa)
-    assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-6
+    # Loss at step 3 comes from the checkpoint's weights through the same kernels (FSDP2 all-gathers the same fp32
+    # values): exact by construction. The step-3/4 updates differ in rounding only (the sharded grad-norm for
+    # clipping sums in another order, the optimizer runs on shards): measured, 6% of the weights differ, by at most
+    # 3.3e-7 = 1.1e-3 * lr, and the step-4 loss was bit-identical. A real divergence (a lost rank gradient,
+    # unsynchronised replicas, a wrong shard mapping) moves Adam updates by O(lr) on most weights. So: step-4 loss
+    # within 1e-6 relative, weights within 1e-2 * lr per step since the resume (2 steps).
+    assert lc[3] == la[3]
+    torch.testing.assert_close(lc[4], la[4], rtol=1e-6, atol=0)
+    weight_atol = 1e-2 * 3e-4 * 2  # lr of configs/train/demo.yaml
+    worst = max((wa[k] - wc[k]).abs().max().item() for k in wa)
+    assert worst < weight_atol, (worst, weight_atol)
     ema = load_file(c / "checkpoints" / "step_0000004" / "ema.safetensors")
     assert set(ema) == set(wa)

@@ -39,6 +39,7 @@ def _train_in_process(cfg: TrainConfig) -> None:
     Trainer(cfg).train()
 
 
+@pytest.mark.exact
 def test_exact_resume_after_sigkill(cache, tmp_path):
     n = 4
     _train_in_process(_cfg(cache, tmp_path / "full", steps=2 * n))

@@ -48,6 +48,7 @@ def original_t5(tokenizer, text, text_len=256, fill_number=1):
     return ids, mask
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("encoder", ["clip", "t5"])
 def test_matches_original_per_item_calls(tokenizers, encoder):
     bert, mt5 = tokenizers
@@ -109,6 +110,7 @@ def test_other_pad_id_and_lengths(tokenizers):
     assert ids[0, -1] == bert.sep_token_id and mask[0].sum() == 5
 
 
+@pytest.mark.exact
 def test_batch_independence(tokenizers):
     bert, mt5 = tokenizers
     alone = [tokenize_t5(mt5, [t], 256)[0][0] for t in SAMPLES]

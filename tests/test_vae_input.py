@@ -28,6 +28,8 @@ from stage1_encode.config import ImageConfig
 
 REL_TOL = 1e-5
 
+pytestmark = pytest.mark.exact
+
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
