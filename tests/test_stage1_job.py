@@ -233,7 +233,11 @@ def test_finished_cache_left_alone_and_conflicts_refused(reference, corpus, suit
 @pytest.mark.exact
 @pytest.mark.slow
 def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, tmp_path):
-    """`ray job submit` to a `ray start` cluster with 2 encoder actors = the 1-actor embedded run, bit for bit."""
+    """`ray job submit` to a `ray start` cluster with 2 encoder actors = the 1-actor embedded run, bit for bit.
+
+    Exact by construction, not by luck of this CPU: a chunk's samples come from the data alone (bucket, row order,
+    `encoders.batch_size`; see stage1_encode/job.py), every actor runs one torch thread, so both runs make the same
+    encoder calls with the same shapes and contiguous layouts, and the same kernels compute the same bits."""
     out = tmp_path / "cache"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
            "--working-dir", str(REPO), "--", "python", "-m", "stage1_encode", "--config",
