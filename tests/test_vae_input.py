@@ -69,15 +69,19 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class _LayoutSpy:
-    """Records the strides of every tensor that enters the VAE encoder."""
+    """Records whether every tensor that enters the given modules (positional or keyword) is contiguous."""
 
-    def __init__(self, vae):
+    def __init__(self, *modules):
         self.seen: list[bool] = []
-        self.handle = vae.encoder.register_forward_pre_hook(
-            lambda _m, args: self.seen.append(args[0].is_contiguous()))
+
+        def hook(_m, args, kwargs):
+            self.seen.extend(t.is_contiguous() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+        self.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
 
     def close(self):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 def test_stage1_flat_images_get_float64_accurate_moments(encoders):
@@ -86,7 +90,7 @@ def test_stage1_flat_images_get_float64_accurate_moments(encoders):
     actor = object.__new__(job_mod.EncoderActor)
     actor.enc, actor.views = encoders, pp.image_views(cfg)
     vae64 = copy.deepcopy(encoders.vae).double()
-    spy = _LayoutSpy(encoders.vae)
+    spy = _LayoutSpy(encoders.vae.encoder, encoders.clip, encoders.t5)  # the text encoders' ids and masks too
     try:
         for name, data in flat_images().items():
             cropped = pp.resize_and_crop(pp.decode_image(data, 10**8), f"k-{name}", cfg)
@@ -103,7 +107,7 @@ def test_stage1_flat_images_get_float64_accurate_moments(encoders):
                 assert rel < REL_TOL, f"{name} view {v}: moments {rel:.3g} relative off the float64 VAE"
     finally:
         spy.close()
-    assert spy.seen and all(spy.seen), "the VAE got a non-contiguous (channels_last) batch"
+    assert len(spy.seen) >= 6 and all(spy.seen), "an encoder got a non-contiguous input (e.g. a channels_last batch)"
 
 
 def test_views_are_contiguous_nchw():
@@ -120,7 +124,7 @@ def test_encode_images_makes_any_layout_contiguous(encoders):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     cl = x.contiguous(memory_format=torch.channels_last)
     assert not cl.is_contiguous()
-    spy = _LayoutSpy(encoders.vae)
+    spy = _LayoutSpy(encoders.vae.encoder)
     try:
         a, b = encoders.encode_images(x), encoders.encode_images(cl)
     finally:
@@ -146,7 +150,7 @@ def test_online_source_feeds_the_vae_contiguous_batches(encoders):
     settings = DrawSettings(seed=0, random_flip=True, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000,
                             noise_offset=0.0, scaling_factor=encoders.scaling_factor)
     src = OnlineBatchSource(samples, buckets, preprocess, encoders, plan, settings)
-    spy = _LayoutSpy(encoders.vae)
+    spy = _LayoutSpy(encoders.vae.encoder, encoders.clip, encoders.t5)
     try:
         next(iter(src.batches(0, 1)))
     finally:
