@@ -351,6 +351,11 @@ class Trainer:
                     logger.warning("stopped by SIGTERM at step %d; continue with checkpoint.resume=auto", self.step)
                     break
         finally:
+            # Stop the loader workers here, on success and on an error alike: an exception's traceback keeps this
+            # frame (and so the iterator) alive until interpreter exit, where waiting for workers would hang.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
             metrics.close()
             if sample_log is not None:
                 sample_log.close()
