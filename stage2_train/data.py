@@ -238,6 +238,30 @@ def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str,
     return float(manifest.vae_scaling_factor)
 
 
+def check_cache_integrity(reader: Any, mode: str, cache_path: str, info: Any) -> None:
+    """data.verify at start-up: "structure" (every rank, seconds), "full" (rank 0 re-reads every byte first, every
+    rank gets the verdict), "none". Raises ValueError listing the damaged files."""
+    from shared.verify import check_structure, verify_cache
+
+    if mode == "none":
+        return
+    rep = check_structure(reader)
+    if mode == "full" and rep.ok:
+        ok = True
+        if info.is_main:
+            rep = verify_cache(reader.root, progress=False)
+            ok = rep.ok
+        from stage2_train.parallel import any_rank
+
+        if any_rank(not ok, info) and not info.is_main:
+            raise ValueError(f"data.cache={cache_path!r} failed `verify` on rank 0 (see its message)")
+    if not rep.ok:
+        raise ValueError(
+            f"data.cache={cache_path!r} is damaged (data.verify={mode}):\n  " + "\n  ".join(rep.errors[:20])
+            + f"\nRun `python -m shared.cli verify {cache_path}` for the full report; re-encode the named shards "
+            "with stage 1 (resume re-encodes what is missing)")
+
+
 class CorruptCacheError(RuntimeError):
     """More corrupt samples met during training than data.max_corrupt_samples allows."""
 
@@ -400,6 +424,7 @@ class CacheBatchSource:
             raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
         scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
                                                    data.encoders_hash)
+        check_cache_integrity(reader, data.verify, data.cache, trainer.info)
         if data.random_flip and "flip" not in reader.spec.views:
             from stage2_train.metrics import logger
 
