@@ -154,7 +154,7 @@ def _damage_views(c: Path) -> str:
     m = json.loads((c / "manifest.json").read_text())
     m["spec"]["views"] = m["views"] = ["plain"]
     (c / "manifest.json").write_text(json.dumps(m))
-    return "moments"
+    return "first sample"
 
 
 CACHE_DAMAGE = {"deleted shard": _damage_deleted, "truncated shard": _damage_truncated,
