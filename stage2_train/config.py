@@ -107,7 +107,8 @@ class CheckpointSection:
     keep_last: int = 3
     """How many step_XXXXXXX folders to keep (0 = all)."""
     resume: str = ""
-    """"" (fresh run), "auto" (latest complete checkpoint in <run_dir>/checkpoints, fresh if none) or a step folder."""
+    """"" (fresh run), "auto" (newest checkpoint in <run_dir>/checkpoints whose files match their recorded sha256;
+    fresh if there is none, an error if there are some but none verifies) or a step folder (verified)."""
     save_final: bool = True
 
 
