@@ -103,7 +103,8 @@ def _battery_cli(cache: Path, run: Path, **extra) -> tuple[int | None, str, floa
     return run_bounded(args, timeout=BOUND_S)
 
 
-@pytest.mark.parametrize("damage", sorted(CACHE_DAMAGE))
+# Through the CLI: three of the cache damages (test_stage2_reliability checks all of them in-process, faster).
+@pytest.mark.parametrize("damage", ["deleted shard", "swapped shards", "edited vae_scaling_factor"])
 def test_damaged_cache_exits_naming_the_file(cache, tmp_path, damage):
     c = copy_cache(cache, tmp_path / "cache")
     named = CACHE_DAMAGE[damage](c)
@@ -136,22 +137,16 @@ def test_flipped_sample_byte_under_torchrun_exits_on_every_rank(cache, tmp_path)
           "gone), the failing rank names shard and sample |")
 
 
-@pytest.mark.parametrize("what", ["flipped byte in model.safetensors", "truncated optimizer.safetensors",
-                                  "truncated trainer_state.json", "deleted rng file"])
+@pytest.mark.parametrize("what", ["flipped byte in model.safetensors", "truncated trainer_state.json"])
 def test_damaged_checkpoint_falls_back_to_a_verified_one(cache, tmp_path, what):
     run = tmp_path / "run"
     _train(_cfg(cache, run, steps=4, **{"checkpoint.every": 2, "checkpoint.keep_last": 0}))
     newest = run / "checkpoints" / "step_0000004"
     if what.startswith("flipped"):
         flip_byte(newest / "model.safetensors")
-    elif what == "truncated optimizer.safetensors":
-        f = newest / "optimizer.safetensors"
-        f.write_bytes(f.read_bytes()[:50])
-    elif what == "truncated trainer_state.json":
+    else:
         f = newest / "trainer_state.json"
         f.write_text(f.read_text()[:30])
-    else:
-        (newest / "rng" / "rank_00000.safetensors").unlink()
     rc, out, took = _battery_cli(cache, run, **{"checkpoint.resume": "auto", "checkpoint.every": 2})
     assert rc == 0, out[-2000:]
     assert "skipping step_0000004" in out and "resumed from" in out and "step_0000002" in out, out[-2000:]

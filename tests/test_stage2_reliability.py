@@ -256,12 +256,21 @@ def test_checkpoint_index_records_every_file(trained):
     assert all(len(v["sha256"]) == 64 for v in state["files"].values())
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors"])
-def test_resume_auto_skips_a_damaged_checkpoint(cache, trained, tmp_path, file, caplog):
+@pytest.mark.parametrize("damage", ["flipped byte in model", "flipped byte in optimizer", "truncated optimizer",
+                                    "deleted rng file"])
+def test_resume_auto_skips_a_damaged_checkpoint(cache, trained, tmp_path, damage):
     from stage2_train.trainer import Trainer
 
     run = _copy_run(trained, tmp_path / "run")
-    flip_byte(run / "checkpoints" / "step_0000004" / file)
+    step4 = run / "checkpoints" / "step_0000004"
+    if damage == "flipped byte in model":
+        flip_byte(step4 / "model.safetensors")
+    elif damage == "flipped byte in optimizer":
+        flip_byte(step4 / "optimizer.safetensors")
+    elif damage == "truncated optimizer":
+        (step4 / "optimizer.safetensors").write_bytes((step4 / "optimizer.safetensors").read_bytes()[:50])
+    else:
+        (step4 / "rng" / "rank_00000.safetensors").unlink()
     t = Trainer(_cfg(cache, run, steps=4, **{"checkpoint.resume": "auto"}))
     t.close()
     assert t.step == 2  # the newest checkpoint that verifies
