@@ -11,11 +11,9 @@ Each case prints one row of the table "fault | trials | outcome" (run with -s to
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
