@@ -49,7 +49,9 @@ class DataSection:
     "none": only the manifest/index agreement every open does."""
     max_corrupt_samples: int = 10
     """A sample that cannot be read mid-run (damaged bytes) is replaced by another sample of its bucket and counted;
-    the run stops, naming shard and sample, when a rank meets more than this many (0 = stop at the first)."""
+    the run stops, naming shard and sample, when a rank meets more than this many (0 = stop at the first). Counted
+    per rank and per process: a resumed run counts afresh, and a damaged sample met again in a later epoch counts
+    again."""
     encoders_hash: str = ""
     """If set, the sha256 of the cache's encoder fingerprints (`encoders_hash` in manifest.json) must equal it, so a
     run cannot silently train on features from other encoders. Resuming a checkpoint checks it against the cache the
