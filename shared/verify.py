@@ -88,8 +88,10 @@ def check_structure(reader) -> VerifyReport:
                                            "(truncated, grown or swapped with another shard)")
             continue
         for f, where in (info.members or {}).items():
-            ends = [int(o) + int(n) for o, n in zip(where.get("offset", ()), where.get("size", ()))]
-            if len(ends) != info.n_samples or (ends and max(ends) > nbytes):
+            offsets, sizes = where.get("offset", ()), where.get("size", ())
+            ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
+            if (len(ends) != info.n_samples or len(offsets) != len(sizes) or (ends and max(ends) > nbytes)
+                    or any(int(o) < 0 for o in offsets) or any(int(n) < 0 for n in sizes)):
                 _bad_shard(rep, entry["name"], f"{path}: the index's {f!r} offsets do not fit the file")
                 break
     if rep.ok and len(reader) > 0:

@@ -174,6 +174,18 @@ def test_damaged_cache_is_refused_at_start_naming_the_file(cache, tmp_path, dama
     assert "data.cache" in str(err.value)
 
 
+def test_webdataset_index_offsets_past_the_file_are_refused(tmp_path):
+    from stage2_train.trainer import Trainer
+
+    c = write_synthetic_cache(tmp_path / "wds", n=12, fmt="webdataset", encoders=VAE_FP)
+    index = c / "shards" / "part-00001.json"
+    info = json.loads(index.read_text())
+    info["members"]["moments"]["offset"][2] += 10**6
+    index.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"part-00001.*offsets do not fit"):
+        Trainer(_cfg(c, tmp_path / "run"))
+
+
 def test_verify_compares_the_scaling_factor_with_the_vae_config(cache, tmp_path):
     from shared.verify import verify_cache
 
