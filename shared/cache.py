@@ -228,6 +228,16 @@ class CacheReader:
             self._pos_in_view = {int(g): p for p, g in enumerate(self._idx)}
         return self._pos_in_view
 
+    def locate(self, i: int | str) -> tuple[str, str]:
+        """(shard name, key) of sample i, from the shard indexes (no shard is opened)."""
+        g = self._global(i)
+        return self.infos[int(self._all["shard"][g])].name, str(self._all["key"][g])
+
+    def bucket_of(self, i: int | str) -> tuple[int, int]:
+        """(H, W) bucket of sample i, from the shard indexes."""
+        h, w = self._all["bucket"][self._global(i)].tolist()
+        return int(h), int(w)
+
     def read_stored(self, i: int | str) -> dict:
         g = self._global(i)
         s, loc = int(self._all["shard"][g]), int(self._all["local"][g])

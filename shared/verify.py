@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,70 @@ def _bad_shard(rep: VerifyReport, name: str, msg: str) -> None:
         rep.bad_shards.append(name)
 
 
+def scaling_factor_problem(m) -> str | None:
+    """The manifest's vae_scaling_factor against the VAE config its encoder fingerprint records (None = agree or
+    nothing recorded). The factor multiplies every latent in training, so an edited one trains on wrong scales."""
+    recorded = ((m.encoders or {}).get("vae") or {}).get("config", {}).get("scaling_factor")
+    if recorded is None:
+        return None
+    have = m.vae_scaling_factor
+    if have is None or not math.isclose(float(have), float(recorded), rel_tol=1e-6, abs_tol=0.0):
+        return (f"{MANIFEST_NAME}: vae_scaling_factor={have!r} but the VAE config recorded in encoders.vae.config says "
+                f"scaling_factor={recorded!r} (manifest edited?)")
+    return None
+
+
+def check_structure(reader) -> VerifyReport:
+    """What stage 2 checks at start-up, in seconds whatever the cache size: every listed shard exists with the byte
+    count the manifest records (webdataset: every member inside the file), the empty caption matches its recorded
+    sha256 and the spec, the scaling factor matches the VAE config, and the first sample reads back (catches a
+    manifest spec edit: dtypes and views apply to every shard). Sample bytes are checked as they are read (crc)."""
+    from .cache import read_empty_caption
+
+    root, m, spec = reader.root, reader.manifest, reader.spec
+    rep = VerifyReport(str(root))
+    problem = scaling_factor_problem(m)
+    if problem:
+        rep.errors.append(problem)
+    ec = root / EMPTY_CAPTION_NAME
+    if not ec.is_file():
+        rep.errors.append(f"{ec} is missing (needed for CFG text dropout)")
+    else:
+        if m.empty_caption_sha256 and file_sha256(ec) != m.empty_caption_sha256:
+            rep.errors.append(f"{ec}: sha256 differs from the manifest's empty_caption.sha256 (corrupt or replaced)")
+        else:
+            try:
+                read_empty_caption(root, spec)
+            except Exception as e:  # safetensors-level garbage raises several types
+                rep.errors.append(f"{ec}: {e}")
+    for entry, info in zip(m.shards, reader.infos):
+        rep.shards_checked += 1
+        path = shard_data_path(root, entry["name"], spec.format)
+        if not path.exists():
+            _bad_shard(rep, entry["name"], f"{path} is missing")
+            continue
+        nbytes = tree_bytes(path)
+        if nbytes != entry["bytes"]:
+            _bad_shard(rep, entry["name"], f"{path} has {nbytes} bytes, the manifest says {entry['bytes']} "
+                                           "(truncated, grown or swapped with another shard)")
+            continue
+        for f, where in (info.members or {}).items():
+            offsets, sizes = where.get("offset", ()), where.get("size", ())
+            ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
+            if (len(ends) != info.n_samples or len(offsets) != len(sizes) or (ends and max(ends) > nbytes)
+                    or any(int(o) < 0 for o in offsets) or any(int(n) < 0 for n in sizes)):
+                _bad_shard(rep, entry["name"], f"{path}: the index's {f!r} offsets do not fit the file")
+                break
+    if rep.ok and len(reader) > 0:
+        name, key = reader.locate(0)
+        try:
+            check_stored(reader.read_stored(0), spec, f"shard {name!r}")
+        except Exception as e:  # any failure to read the very first sample
+            rep.errors.append(f"shard {name!r}: first sample {key!r} does not read back with the manifest's spec "
+                              f"({type(e).__name__}: {e})")
+    return rep
+
+
 def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = True) -> VerifyReport:
     """Check everything; never raises for a problem in the cache (it is reported), only for a bad argument."""
     from .cache import _open_shard_reader, read_empty_caption
@@ -70,6 +135,9 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
             if p.stem not in listed and p.stem not in complete:
                 rep.warnings.append(f"{p.relative_to(root)} has no shard index (never completed): ignored by readers")
 
+    problem = scaling_factor_problem(m)
+    if problem:
+        rep.errors.append(problem)
     ec = root / EMPTY_CAPTION_NAME
     if not ec.exists():
         rep.errors.append(f"{EMPTY_CAPTION_NAME} is missing (needed for CFG text dropout)")

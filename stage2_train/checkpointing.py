@@ -6,7 +6,11 @@ A step folder holds:
   optimizer.safetensors  AdamW state keyed by parameter name (+ param groups as JSON metadata); no pickle anywhere
   rng/rank_XXXXX.safetensors  each rank's torch (and CUDA) RNG state
   config.yaml            the resolved training config
-  trainer_state.json     step, LR schedule, loss scale, counters, data position; written last
+  trainer_state.json     step, LR schedule, loss scale, counters, data position, and "files": the size and sha256
+                         of every other file of the folder; written last
+
+Resuming verifies every file against that index first (`verify_checkpoint`); `resume=auto` falls back to the newest
+checkpoint that verifies, saying which ones it skipped and why.
 
 Under FSDP2 the full state is gathered to rank 0 (get_model_state_dict / get_optimizer_state_dict with
 full_state_dict=True), so DDP, FSDP2 and single-process runs share one format and any world size can resume.
@@ -15,6 +19,7 @@ full_state_dict=True), so DDP, FSDP2 and single-process runs share one format an
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shared.fsutil import fsync_dir, fsync_tree
+from shared.fsutil import file_sha256, fsync_dir, fsync_tree
 from stage2_train.parallel import DistInfo, barrier
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -45,18 +50,98 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used: the message names the file and what is wrong with it."""
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of a step folder; CheckpointError naming the file if it is unreadable."""
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file} is missing (the checkpoint was never completed)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_file} is not valid JSON (truncated or damaged: {err})") from None
+    missing = [k for k in ("step", "schedule", "world_size", "batch_size", "grad_accum", "seed") if
+               not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file} lacks {missing}: not a stage-2 trainer state")
+    return state
+
+
+def _file_index(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of every file below `folder` except trainer_state.json."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            f = Path(dirpath) / name
+            rel = f.relative_to(folder).as_posix()
+            if rel != STATE_FILE:
+                out[rel] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    return dict(sorted(out.items()))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file of a step folder against the index in its trainer_state.json; returns the trainer state.
+
+    Raises CheckpointError naming the first bad file. Sizes are compared before any hashing, so a truncated file is
+    caught without reading the rest; a checkpoint written before the index existed is accepted as it is.
+    """
+    state = read_trainer_state(path)
+    files = state.get("files")
+    if files is None:
+        from stage2_train.metrics import logger
+
+        logger.warning("%s has no file checksums (written by an older version): used unverified", path)
+        return state
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, the checkpoint index says {want['bytes']} (truncated?)")
+    for rel, want in files.items():
+        got = file_sha256(path / rel)
+        if got != want["sha256"]:
+            raise CheckpointError(f"{path / rel}: sha256 {got[:12]}... differs from the checkpoint index's "
+                                  f"{want['sha256'][:12]}... (damaged)")
+    return state
+
+
 def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """"" -> None; "auto" -> latest complete checkpoint or None; a path -> that folder (checked)."""
+    """"" -> None; "auto" -> newest checkpoint that verifies, or None if there is none; a path -> that folder,
+    verified. Raises CheckpointError when checkpoints exist but none verifies (starting fresh would silently throw
+    the training away)."""
+    from stage2_train.metrics import logger
+
     if not resume:
         return None
     if resume == "auto":
         found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
+        skipped = []
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                logger.warning("checkpoint.resume=auto: skipping %s: %s", path.name, err)
+                skipped.append(str(err))
+                continue
+            if skipped:
+                logger.warning("checkpoint.resume=auto: resuming from %s, the newest checkpoint that verifies "
+                               "(skipped %d damaged)", path.name, len(skipped))
+            return path
+        if skipped:
+            raise CheckpointError(f"checkpoint.resume=auto: no checkpoint in {ckpt_root} verifies:\n  "
+                                  + "\n  ".join(skipped) + "\nDelete them to start fresh, or restore a good copy")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         hint = f"; complete ones in {ckpt_root}: {[p.name for p in list_checkpoints(ckpt_root)]}"
-        raise ValueError(f"checkpoint.resume={resume!r} is not a complete stage-2 checkpoint folder "
-                         f"(no {STATE_FILE}){hint}; use checkpoint.resume=auto to pick the latest")
+        raise CheckpointError(f"checkpoint.resume={resume!r} is not a complete stage-2 checkpoint folder "
+                              f"(no {STATE_FILE}){hint}; use checkpoint.resume=auto to pick the latest")
+    verify_checkpoint(path)
     return path
 
 
@@ -122,7 +207,7 @@ def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
 
 def _unflatten_optimizer(path: Path) -> dict[str, Any]:
     state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(path).items():
+    for key, value in _load_safetensors(path).items():
         fqn, name = key.rsplit("::", 1)
         state.setdefault(fqn, {})[name] = value
     with safe_open(path, "pt") as f:
@@ -163,7 +248,9 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     barrier(info)  # every rank's RNG file is in place
     if info.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        # Hashing re-reads what was just written (from the page cache): seconds per 10 GB, paid once per save.
+        state = {**trainer_state, "files": _file_index(tmp)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -176,24 +263,47 @@ def save_checkpoint(
     return final
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
 def load_checkpoint(
     path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, info: DistInfo,
 ) -> dict:
-    """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state for the caller."""
-    load_full_state(model, optimizer, load_file(path / "model.safetensors"),
-                    _unflatten_optimizer(path / "optimizer.safetensors"))
+    """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state for the caller.
+
+    The folder should have passed `verify_checkpoint` (resolve_resume does that); a file that still cannot be read
+    or does not fit the model raises CheckpointError naming it.
+    """
+    state = read_trainer_state(path)
+    model_file, optim_file = path / "model.safetensors", path / "optimizer.safetensors"
+    model_sd = _load_safetensors(model_file)
+    try:
+        optim_sd = _unflatten_optimizer(optim_file)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{optim_file} is not a stage-2 optimizer state ({type(err).__name__}: {err})") from None
+    try:
+        load_full_state(model, optimizer, model_sd, optim_sd)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: model.safetensors / optimizer.safetensors do not fit this model "
+                              f"({type(err).__name__}: {err})") from None
     if ema is not None:
         ema_file = path / "ema.safetensors"
         if ema_file.is_file():
-            ema.load_state_dict(load_file(ema_file))
+            ema.load_state_dict(_load_safetensors(ema_file))
         else:
             from stage2_train.metrics import logger
 
             logger.warning("%s has no EMA weights: the EMA starts from the resumed weights", path)
     rng_file = path / "rng" / f"rank_{info.rank:05d}.safetensors"
     if rng_file.is_file():
-        rng = load_file(rng_file)
+        rng = _load_safetensors(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and info.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], info.device)
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +42,16 @@ class DataSection:
     """Probability of replacing the mT5 caption encoding by the empty caption's (drawn independently)."""
     pin_memory: bool = True
     """Pinned host memory for the batches (CUDA only)."""
+    verify: Literal["structure", "full", "none"] = "structure"
+    """Cache check at start-up. "structure": every shard exists with the size its index records, the small files
+    (empty caption) match their recorded sha256, the scaling factor matches the VAE config the manifest records
+    (seconds even for a large cache). "full": `python -m shared.cli verify` first (rank 0 re-reads every byte).
+    "none": only the manifest/index agreement every open does."""
+    max_corrupt_samples: int = 10
+    """A sample that cannot be read mid-run (damaged bytes) is replaced by another sample of its bucket and counted;
+    the run stops, naming shard and sample, when a rank meets more than this many (0 = stop at the first). Counted
+    per rank and per process: a resumed run counts afresh, and a damaged sample met again in a later epoch counts
+    again."""
     encoders_hash: str = ""
     """If set, the sha256 of the cache's encoder fingerprints (`encoders_hash` in manifest.json) must equal it, so a
     run cannot silently train on features from other encoders. Resuming a checkpoint checks it against the cache the
@@ -98,7 +109,8 @@ class CheckpointSection:
     keep_last: int = 3
     """How many step_XXXXXXX folders to keep (0 = all)."""
     resume: str = ""
-    """"" (fresh run), "auto" (latest complete checkpoint in <run_dir>/checkpoints, fresh if none) or a step folder."""
+    """"" (fresh run), "auto" (newest checkpoint in <run_dir>/checkpoints whose files match their recorded sha256;
+    fresh if there is none, an error if there are some but none verifies) or a step folder (verified)."""
     save_final: bool = True
 
 
@@ -173,12 +185,37 @@ def validate_config(cfg: TrainConfig) -> None:
         raise bad("data.batch_size", cfg.data.batch_size, "must be >= 1")
     for key in ("uncond_p", "uncond_p_t5"):
         value = getattr(cfg.data, key)
-        if not 0.0 <= value <= 1.0:
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
             raise bad(f"data.{key}", value, "must be a probability in [0, 1]")
     if len(cfg.optim.betas) != 2:
         raise bad("optim.betas", cfg.optim.betas, "must be two numbers [beta1, beta2]")
-    if cfg.optim.lr <= 0:
+    # NaN compares false with everything, so every range check below is written "not (ok)" to refuse it too.
+    for key in ("lr", "eps", "weight_decay", "grad_clip"):
+        value = getattr(cfg.optim, key)
+        if not math.isfinite(value):
+            raise bad(f"optim.{key}", value, "must be a finite number")
+    if not cfg.optim.lr > 0:
         raise bad("optim.lr", cfg.optim.lr, "must be > 0")
+    if not cfg.optim.eps > 0:
+        raise bad("optim.eps", cfg.optim.eps, "must be > 0")
+    if not cfg.optim.weight_decay >= 0:
+        raise bad("optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
+    if not cfg.optim.grad_clip >= 0:
+        raise bad("optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 disables clipping)")
+    if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise bad("optim.betas", cfg.optim.betas, "each must be in [0, 1)")
+    if cfg.data.num_workers < 0:
+        raise bad("data.num_workers", cfg.data.num_workers, "must be >= 0 (0 = load in the training process)")
+    if cfg.data.prefetch_factor < 1:
+        raise bad("data.prefetch_factor", cfg.data.prefetch_factor, "must be >= 1 (batches each worker loads ahead)")
+    if cfg.data.max_corrupt_samples < 0:
+        raise bad("data.max_corrupt_samples", cfg.data.max_corrupt_samples, "must be >= 0")
+    if cfg.max_bad_steps < 0:
+        raise bad("max_bad_steps", cfg.max_bad_steps, "must be >= 0")
+    for key in ("warmup_min_lr", "min_lr"):
+        value = getattr(cfg.schedule, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise bad(f"schedule.{key}", value, "must be a finite number >= 0")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise bad("ema.decay", cfg.ema.decay, "must be in (0, 1)")
     mse = cfg.diffusion.mse_loss_weight_type

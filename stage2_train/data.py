@@ -9,8 +9,12 @@ makes.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import math
+import multiprocessing
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -201,6 +205,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
                  "text_embedding_mask_t5", "image_meta_size"):
         batch[name] = torch.stack([it[name] for it in items])
     batch["style"] = torch.zeros(len(items), dtype=torch.long)  # the original only ever uses style 0
+    batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]
     return batch
 
 
@@ -233,11 +238,49 @@ def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str,
     return float(manifest.vae_scaling_factor)
 
 
-class CacheDataset(torch.utils.data.Dataset):
-    """Map-style over (micro_step, slot, index) triples from PlanSampler; picklable for DataLoader workers."""
+def check_cache_integrity(reader: Any, mode: str, cache_path: str, info: Any) -> None:
+    """data.verify at start-up: "structure" (every rank, seconds), "full" (rank 0 re-reads every byte first, every
+    rank gets the verdict), "none". Raises ValueError listing the damaged files."""
+    from shared.verify import check_structure, verify_cache
 
-    def __init__(self, reader: Any, settings: DrawSettings) -> None:
-        self.reader, self.settings = reader, settings
+    if mode == "none":
+        return
+    rep = check_structure(reader)
+    if mode == "full" and rep.ok:
+        ok = True
+        if info.is_main:
+            rep = verify_cache(reader.root, progress=False)
+            ok = rep.ok
+        from stage2_train.parallel import any_rank
+
+        if any_rank(not ok, info) and not info.is_main:
+            raise ValueError(f"data.cache={cache_path!r} failed `verify` on rank 0 (see its message)")
+    if not rep.ok:
+        raise ValueError(
+            f"data.cache={cache_path!r} is damaged (data.verify={mode}):\n  " + "\n  ".join(rep.errors[:20])
+            + f"\nRun `python -m shared.cli verify {cache_path}` for the full report; re-encode the named shards "
+            "with stage 1 (resume re-encodes what is missing)")
+
+
+class CorruptCacheError(RuntimeError):
+    """More corrupt samples met during training than data.max_corrupt_samples allows."""
+
+
+# What reading one stored sample may raise when its bytes are damaged: the schema's CorruptSampleError (crc, shape,
+# dtype), the codecs' errors on garbage (zstd raises RuntimeError), truncated or missing files (OSError, EOFError),
+# bad offsets (IndexError, KeyError). Only the read is guarded: an error in the training code itself still raises.
+_READ_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError, KeyError)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Map-style over (micro_step, slot, index) triples from PlanSampler; picklable for DataLoader workers.
+
+    A sample that cannot be read is replaced by a substitute from the same bucket (see `_substitute`) and reported
+    in the item's "corrupt" list; CacheBatchSource counts them against data.max_corrupt_samples.
+    """
+
+    def __init__(self, reader: Any, settings: DrawSettings, plan: "BucketBatchPlan | None" = None) -> None:
+        self.reader, self.settings, self.plan = reader, settings, plan
         self._empty: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -248,26 +291,127 @@ class CacheDataset(torch.utils.data.Dataset):
             self._empty = self.reader.to_torch(self.reader.empty_caption())
         return self._empty
 
+    def _read(self, index: int) -> dict[str, Any]:
+        return self.reader.to_torch(self.reader[index])
+
+    def _substitute(self, micro_step: int, slot: int, index: int, bad: set[int]) -> Iterator[int]:
+        """Candidates replacing unreadable sample `index`: the other members of its bucket, walked from a start that
+        depends only on (seed, micro_step, slot).
+
+        Substituting (rather than dropping the sample) keeps every batch bucket-pure and of the configured size on
+        every rank, so all ranks run the same shapes and the same collectives, the loss keeps its normalisation, and
+        the choice is a pure function of the plan position and of which samples are damaged: a resumed run picks the
+        same substitutes.
+        """
+        if self.plan is None:
+            return
+        bucket = tuple(int(v) for v in self.reader.bucket_of(index))
+        members = self.plan.members[self.plan.buckets.index(bucket)]
+        start = sample_seed(self.settings.seed, micro_step, slot, "substitute") % len(members)
+        for k in range(len(members)):
+            candidate = int(members[(start + k) % len(members)])
+            if candidate != index and candidate not in bad:
+                yield candidate
+
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
         micro_step, slot, index = item
-        sample = self.reader.to_torch(self.reader[index])
-        return build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
+        corrupt: list[tuple[str, str, str]] = []
+        try:
+            sample = self._read(index)
+        except _READ_ERRORS as err:
+            shard, key = self.reader.locate(index)
+            corrupt.append((shard, key, f"{type(err).__name__}: {err}"))
+            sample, bad = None, {index}
+            for candidate in self._substitute(micro_step, slot, index, bad):
+                try:
+                    sample = self._read(candidate)
+                    break
+                except _READ_ERRORS as err2:
+                    bad.add(candidate)
+                    shard, key = self.reader.locate(candidate)
+                    corrupt.append((shard, key, f"{type(err2).__name__}: {err2}"))
+            if sample is None:
+                raise CorruptCacheError(
+                    f"no readable sample left in bucket {tuple(self.reader.bucket_of(index))}: "
+                    + "; ".join(f"shard {s!r} sample {k!r}: {r}" for s, k, r in corrupt[:5])
+                    + f". Check the cache with `python -m shared.cli verify {self.reader.root}`") from None
+        out = build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
+        out["corrupt"] = corrupt
+        return out
 
 
-def _worker_init(worker_id: int) -> None:
-    # torchrun's SIGTERM reaches the whole process group; the training process decides when to stop (after saving a
-    # checkpoint) and shuts its loader workers down itself, so a worker must not die first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_init(release: Any, worker_id: int) -> None:
+    """SIGTERM in a loader worker: ignored while the training process runs, fatal once it has released its workers.
+
+    torchrun's (and schedulers') SIGTERM reaches the whole process group: the training process decides when to stop
+    (after saving a checkpoint) and shuts its workers down itself, so a worker must not die first. But once the
+    training process is exiting, on success or on an error, it sets `release`: multiprocessing's exit handler then
+    SIGTERMs and joins daemonic children with no timeout, and a worker still ignoring SIGTERM would hang the exit
+    forever.
+    """
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if release.value:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _set_flag(flag: Any) -> None:
+    flag.value = 1
+
+
+class _Batches:
+    """The batch iterator of one CacheBatchSource.batches() call: counts corrupt samples, closes its workers."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, release: Any, max_corrupt: int, cache: str) -> None:
+        self._it: Any = iter(loader)
+        self._release, self.max_corrupt, self.cache = release, max_corrupt, cache
+        self.corrupt_seen = 0
+
+    def __iter__(self) -> "_Batches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            raise StopIteration
+        batch = next(self._it)
+        for shard, key, reason in batch.get("corrupt", ()):
+            self.corrupt_seen += 1
+            from stage2_train.metrics import logger
+
+            logger.warning("corrupt sample %r in shard %r (%s): replaced by another sample of its bucket "
+                           "(%d of at most data.max_corrupt_samples=%d)", key, shard, reason, self.corrupt_seen,
+                           self.max_corrupt)
+            if self.corrupt_seen > self.max_corrupt:
+                raise CorruptCacheError(
+                    f"data.cache={self.cache!r}: shard {shard!r} sample {key!r} is corrupt ({reason}); "
+                    f"{self.corrupt_seen} corrupt samples so far, more than data.max_corrupt_samples="
+                    f"{self.max_corrupt}. Check the cache with `python -m shared.cli verify {self.cache}` and "
+                    "re-encode the bad shards (or raise data.max_corrupt_samples)")
+        return batch
+
+    def close(self) -> None:
+        """Stop the loader workers now (also on an error path, where the iterator may outlive the loop)."""
+        self._release.value = 1
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly shutdown of its worker processes
+        if shutdown is not None:
+            shutdown()
 
 
 class CacheBatchSource:
     """Batches of one rank read from a stage-1 cache through a DataLoader (workers prefetch ahead of the step)."""
 
     def __init__(self, reader: Any, plan: BucketBatchPlan, settings: DrawSettings, *, rank: int, num_workers: int,
-                 prefetch_factor: int, pin_memory: bool) -> None:
+                 prefetch_factor: int, pin_memory: bool, max_corrupt_samples: int = 0) -> None:
         self.reader, self.plan, self.settings, self.rank = reader, plan, settings, rank
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
-        self.dataset = CacheDataset(reader, settings)
+        self.max_corrupt_samples = max_corrupt_samples
+        self.dataset = CacheDataset(reader, settings, plan)
+        # Shared with the workers (see _worker_init); set at interpreter exit at the latest. atexit runs handlers
+        # last-in first-out, so this one runs before multiprocessing's, which terminates and joins the workers.
+        self._release = multiprocessing.RawValue("b", 0)
+        atexit.register(_set_flag, self._release)
 
     @classmethod
     def from_config(cls, trainer: Any) -> "CacheBatchSource":
@@ -280,6 +424,7 @@ class CacheBatchSource:
             raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
         scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
                                                    data.encoders_hash)
+        check_cache_integrity(reader, data.verify, data.cache, trainer.info)
         if data.random_flip and "flip" not in reader.spec.views:
             from stage2_train.metrics import logger
 
@@ -301,7 +446,8 @@ class CacheBatchSource:
                                world_size=trainer.info.world_size, seed=cfg.seed)
         source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,
-                     pin_memory=data.pin_memory and trainer.device.type == "cuda")
+                     pin_memory=data.pin_memory and trainer.device.type == "cuda",
+                     max_corrupt_samples=data.max_corrupt_samples)
         source.encoders_hash = reader.manifest.encoders_hash
         return source
 
@@ -310,6 +456,7 @@ class CacheBatchSource:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-            worker_init_fn=_worker_init,
+            worker_init_fn=functools.partial(_worker_init, self._release),
         )
-        return iter(loader)
+        self._release.value = 0
+        return _Batches(loader, self._release, self.max_corrupt_samples, str(self.reader.root))

@@ -40,6 +40,34 @@ def memory_gib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records after `last_step` (and a torn last line) from metrics.jsonl; returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps that the resumed run trains again: without this they would
+    appear twice. Rewritten atomically, so a kill here leaves the old file or the new one.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1  # a line torn by the kill
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from shared.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        logger.info("%s: dropped %d records after step %d (logged by the run that was interrupted)", path, dropped,
+                    last_step)
+    return dropped
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a no-op."""
 
@@ -49,11 +77,14 @@ class MetricsLogger:
         self.jsonl = self.tb = self.bar = None
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        truncate_metrics(path, initial)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events a killed run logged after the checkpoint it resumes from
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=initial + 1 if initial else None)
         if progress_bar:
             from tqdm import tqdm
 

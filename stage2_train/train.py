@@ -7,12 +7,13 @@ Any config key can be overridden as key.sub=value (see stage2_train/config.py fo
 
 config sections (stage2_train/config.py, presets in configs/train/*.yaml):
   model       preset (DiT-g/2, DiT-XL/2, DiT-S/2, DiT-tiny/2), field overrides, start weights (init_from)
-  data        the stage-1 cache, per-rank batch (or global_batch_size), loader workers, flip view, text dropout
+  data        the stage-1 cache, per-rank batch (or global_batch_size), loader workers, flip view, text dropout,
+              start-up cache check (verify), corrupt-sample limit
   diffusion   noise schedule, betas, prediction type, MSE weighting, noise offset
   optim       AdamW lr, betas, eps, weight decay, gradient clipping
   schedule    warmup (log as the original, or linear) then constant or cosine
   ema         decay and storage dtype
-  checkpoint  every N steps, keep last N, resume ("auto" = latest complete)
+  checkpoint  every N steps, keep last N, resume ("auto" = newest checkpoint that verifies)
   logging     log interval, TensorBoard, progress bar, per-rank sample audit
   parallel    ddp | fsdp2, activation checkpointing, torch.compile, process-group backend
   precision   bf16 (default) | fp16 (loss scaling) | fp32

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from shared.config import dump_config
-from stage2_train.checkpointing import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from stage2_train.checkpointing import (
+    CheckpointError, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+)
 from stage2_train.config import TrainConfig, validate_config
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
@@ -52,14 +54,23 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> None:
             f"model.init_from={str(path)!r} does not exist; give an original ckpts/t2i/model/pytorch_model_*.pt, a "
             "diffusers HunyuanDiT2DModel folder, or model.init_from='' to train from scratch"
         )
-    if path.is_dir():
-        state = import_diffusers(path).state_dict()
-    else:
-        try:
+    # A damaged or foreign file fails inside safetensors / torch / diffusers with their own error types: every such
+    # failure becomes one ValueError naming the file (train.py prints it and exits 2).
+    try:
+        if path.is_dir():
+            state = import_diffusers(path).state_dict()
+        else:
             state = read_state_dict(path, key=cfg.model.init_key)
-        except ValueError as err:
-            raise ValueError(f"model.init_from / model.init_key={cfg.model.init_key!r}: {err}") from None
-    report = load_original_state_dict(model, state, strict=cfg.model.strict)
+    except ValueError as err:
+        raise ValueError(f"model.init_from={str(path)!r} / model.init_key={cfg.model.init_key!r}: {err}") from None
+    except Exception as err:
+        raise ValueError(f"model.init_from={str(path)!r} cannot be read as weights ({type(err).__name__}: {err}); "
+                         "is it damaged, or not a HunyuanDiT checkpoint?") from None
+    try:
+        report = load_original_state_dict(model, state, strict=cfg.model.strict)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"model.init_from={str(path)!r} does not fit model.preset={cfg.model.preset!r}: "
+                         f"{err}") from None
     logger.info("initialised from %s (missing %d, unexpected %d keys)", path, len(report["missing"]),
                 len(report["unexpected"]))
 
@@ -95,7 +106,7 @@ class Trainer:
         else:
             self.source = batch_source_factory(self)
 
-        resume_from = resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        resume_from = self._resolve_resume()
         from pipeline.models import HunYuanDiT
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
@@ -133,6 +144,25 @@ class Trainer:
         self._stop_requested = False
 
     # ------------------------------------------------------------------------------------------------ setup helpers
+    def _resolve_resume(self) -> Path | None:
+        """Which checkpoint to resume (verified); rank 0 decides and hashes, every rank gets its answer or error."""
+        if not self.info.distributed:
+            return resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        if self.info.is_main:
+            try:
+                found = resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+                box = [("ok", None if found is None else str(found))]
+            except ValueError as err:
+                box = [("error", str(err))]
+        dist.broadcast_object_list(box, src=0)  # a tuple of strings between this job's own ranks
+        kind, value = box[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return None if value is None else Path(value)
+
     def _per_rank_batch(self) -> int:
         g, world, accum = self.cfg.data.global_batch_size, self.info.world_size, self.cfg.grad_accum
         if g <= 0:
@@ -351,6 +381,11 @@ class Trainer:
                     logger.warning("stopped by SIGTERM at step %d; continue with checkpoint.resume=auto", self.step)
                     break
         finally:
+            # Stop the loader workers here, on success and on an error alike: an exception's traceback keeps this
+            # frame (and so the iterator) alive until interpreter exit, where waiting for workers would hang.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
             metrics.close()
             if sample_log is not None:
                 sample_log.close()
