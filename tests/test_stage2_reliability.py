@@ -206,6 +206,7 @@ def test_full_verify_option_catches_a_flipped_sample_byte_before_training(cache,
         Trainer(_cfg(c, tmp_path / "b", **{"data.verify": "full"}))
 
 
+@pytest.mark.exact
 def test_corrupt_sample_mid_run_is_replaced_counted_then_stops(cache, tmp_path):
     c = copy_cache(cache, tmp_path / "cache")
     flip_byte(biggest_chunk(c / "shards" / "part-00001.zarr"))
