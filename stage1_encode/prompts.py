@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoders", required=True, help="the ckpts/t2i folder stage 1 encoded the cache with")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="a text file, one prompt a line ('#' lines and blank lines skipped)")
+    ap.add_argument("--max-prompts", type=int, default=0, help="keep only the first N prompts (0 = all)")
     ap.add_argument("--negative", default=None, help="negative prompt (default: the original's NEGATIVE_PROMPT)")
     ap.add_argument("--name", default="validation", help="writes CACHE/prompts/<name>.safetensors")
     ap.add_argument("--out", default=None, help="write here instead of CACHE/prompts/<name>.safetensors")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     prompts = list(args.prompt) + (read_prompt_lines(args.prompts) if args.prompts else [])
+    if args.max_prompts > 0:
+        prompts = prompts[: args.max_prompts]
     try:
         path = encode_prompt_file(args.cache, args.encoders, prompts, negative_prompt=args.negative, name=args.name,
                                   out=args.out, device=args.device)
