@@ -49,10 +49,7 @@ class Validator:
     """Built by the Trainer on every rank (cheap off rank 0); `maybe_run` is called after each optimizer step."""
 
     def __init__(self, trainer: Any) -> None:
-        from pipeline.models import HunYuanDiT
-        from pipeline.sampler import DiffusionSettings, PromptEmbeds
-        from shared.manifest import read_manifest
-        from shared.prompts import prompt_file_path, read_prompt_file
+        from pipeline.sampler import DiffusionSettings
 
         cfg: TrainConfig = trainer.cfg
         self.v = cfg.validation
@@ -61,8 +58,26 @@ class Validator:
         self.out_dir = Path(cfg.run_dir) / "validation"
         self.diffusion = DiffusionSettings.from_section(cfg.diffusion)
         self.model = None
-        if not self.info.is_main:
-            return
+        # Set-up reads files on rank 0 only; all ranks agree on its outcome, or a rank-0 failure would leave the
+        # others waiting in their first collective.
+        error: BaseException | None = None
+        if self.info.is_main:
+            try:
+                self._setup_main(trainer)
+            except Exception as err:
+                error = err
+        if any_rank(error is not None, self.info):
+            if error is not None:
+                raise error
+            raise RuntimeError("validation set-up failed on rank 0 (see its log)")
+
+    def _setup_main(self, trainer: Any) -> None:
+        from pipeline.models import HunYuanDiT
+        from pipeline.sampler import PromptEmbeds
+        from shared.manifest import read_manifest
+        from shared.prompts import prompt_file_path, read_prompt_file
+
+        cfg: TrainConfig = trainer.cfg
         manifest = read_manifest(cfg.data.cache)
         name = self.v.prompts
         path = Path(name) if name.endswith(".safetensors") else prompt_file_path(cfg.data.cache, name)
