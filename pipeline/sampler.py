@@ -262,6 +262,9 @@ def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cols
     """A PIL grid of uint8 (B, H, W, 3) images, each with its caption (truncated) in a strip underneath."""
     from PIL import Image, ImageDraw
 
+    from shared.cache import _cjk_font  # the cache grid's font finder: PIL's own font has no CJK glyphs
+
+    font = _cjk_font(12) if captions else None
     B, H, W, _ = images.shape
     cols = cols or min(B, 4)
     rows = -(-B // cols)
@@ -272,8 +275,9 @@ def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cols
         x, y = (i % cols) * W, (i // cols) * (H + strip)
         grid.paste(Image.fromarray(images[i].numpy()), (x, y))
         if captions:
-            text = captions[i]
+            # without a CJK font a non-ASCII caption would be a row of boxes: label it by its number instead
+            text = captions[i] if font is not None or captions[i].isascii() else f"prompt {i}"
             max_chars = max(4, W // 6)
             text = text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-            draw.text((x + 2, y + H + 1), text, fill="black")
+            draw.text((x + 2, y + H + 1), text, fill="black", font=font)
     return grid

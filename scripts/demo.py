@@ -76,7 +76,7 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             "train", f"stage 2: train DiT-tiny/2 for {args.steps} steps from the cache, validation grid at the end",
             [PY, "stage2_train/train.py", "--config", "configs/train/demo.yaml",
              f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}", "logging.every=5",
-             f"validation.every={args.steps}", f"validation.vae={ckpts}", "validation.sizes=[[256,256]]"],
+             f"validation.every={args.steps}", f"validation.vae={ckpts}", "validation.sizes=[[128,128]]"],
             needs_files=["stage2_train/train.py", "configs/train/demo.yaml", "stage2_train/validation.py"],
             needs_steps=["encode", "prompts"],
             output=str(run / "validation"),
@@ -97,7 +97,7 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
         Step(
             "sample", "sample the cached validation prompts with the trained model's EMA weights (captioned grid)",
             [PY, "-m", "stage2_train.sample", "--run", str(run), "--ema", "--prompt-file", "validation",
-             "--vae", str(ckpts), "--sampler", "ddim", "--steps", "20", "--size", "256x256",
+             "--vae", str(ckpts), "--sampler", "ddim", "--steps", "20", "--size", "128x128",
              "--out", str(out / "generated")],
             needs_files=["stage2_train/sample.py"], needs_steps=["train", "prompts"],
             output=str(out / "generated" / "grid.png"),
