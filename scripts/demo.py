@@ -3,9 +3,11 @@
     corpus   procedurally drawn images + captions, the original Arrow IPC format (+ Parquet, IndexKits index)
     models   a tiny random-init ckpts/t2i folder (real VAE/BERT/mT5 classes, tokenizers trained on the captions)
     encode   stage 1 on an embedded local Ray: VAE moments + BERT/mT5 states into a sharded cache
-    train    stage 2 for a short run from the cache
+    prompts  validation prompt encodings beside the cache (python -m stage1_encode.prompts)
+    train    stage 2 for a short run from the cache, with a validation grid at its last step
     inspect  cache summary and a PNG grid of decoded samples
     loss     the stage-2 loss curve as a PNG
+    sample   images of the trained model for the cached validation prompts (python -m stage2_train.sample)
 
 Each step is one command in STEPS below; a step whose code is not in the repository yet is reported as NOT BUILT and
 the steps that need its output are skipped, so the demo always says exactly how far the project goes.
@@ -64,12 +66,20 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             output=str(cache),
         ),
         Step(
-            "train", f"stage 2: train DiT-tiny/2 for {args.steps} steps from the cache",
+            "prompts", "encode 4 demo captions + the negative prompt beside the cache (validation prompts)",
+            [PY, "-m", "stage1_encode.prompts", "--cache", str(cache), "--encoders", str(ckpts),
+             "--prompts", str(corpus / "captions.txt"), "--max-prompts", "4"],
+            needs_files=["stage1_encode/prompts.py"], needs_steps=["encode"],
+            output=str(cache / "prompts" / "validation.safetensors"),
+        ),
+        Step(
+            "train", f"stage 2: train DiT-tiny/2 for {args.steps} steps from the cache, validation grid at the end",
             [PY, "stage2_train/train.py", "--config", "configs/train/demo.yaml",
-             f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}", "logging.every=5"],
-            needs_files=["stage2_train/train.py", "configs/train/demo.yaml"],
-            needs_steps=["encode"],
-            output=str(run),
+             f"data.cache={cache}", f"run_dir={run}", f"steps={args.steps}", "logging.every=5",
+             f"validation.every={args.steps}", f"validation.vae={ckpts}", "validation.sizes=[[128,128]]"],
+            needs_files=["stage2_train/train.py", "configs/train/demo.yaml", "stage2_train/validation.py"],
+            needs_steps=["encode", "prompts"],
+            output=str(run / "validation"),
         ),
         Step(
             "inspect", "summarise the cache and decode samples into a PNG grid",
@@ -83,6 +93,14 @@ def build_steps(out: Path, args: argparse.Namespace) -> list[Step]:
             lambda: plot_loss(run / "metrics.jsonl", out / "loss.png"),
             needs_steps=["train"],
             output=str(out / "loss.png"),
+        ),
+        Step(
+            "sample", "sample the cached validation prompts with the trained model's EMA weights (captioned grid)",
+            [PY, "-m", "stage2_train.sample", "--run", str(run), "--ema", "--prompt-file", "validation",
+             "--vae", str(ckpts), "--sampler", "ddim", "--steps", "20", "--size", "128x128",
+             "--out", str(out / "generated")],
+            needs_files=["stage2_train/sample.py"], needs_steps=["train", "prompts"],
+            output=str(out / "generated" / "grid.png"),
         ),
     ]
 

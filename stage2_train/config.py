@@ -148,6 +148,28 @@ class PrecisionSection:
 
 
 @dataclass
+class ValidationSection:
+    """Sample images from cached prompt encodings during training (rank 0; stage2_train/validation.py)."""
+
+    every: int = 0
+    """Sample every N optimizer steps (0 = never)."""
+    prompts: str = "validation"
+    """A name in <data.cache>/prompts/ (written by `python -m stage1_encode.prompts`) or a .safetensors path."""
+    vae: str = ""
+    """The VAE to decode with: a ckpts/t2i folder or an AutoencoderKL folder (the one stage 1 encoded with)."""
+    weights: Literal["auto", "ema", "live"] = "auto"
+    """Which weights sample: auto = EMA when ema.enable, else the live ones."""
+    sizes: list[list[int]] = field(default_factory=list)
+    """Buckets [[H, W], ...] to sample at; [] = the cache's first bucket."""
+    sampler: Literal["ddpm", "ddim", "dpmms"] = "ddim"
+    steps: int = 20
+    guidance_scale: float = 6.0
+    seed: int = 0
+    """Image i of the list uses seed + i at every validation, so grids of different steps compare."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/train"
     """Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
@@ -170,6 +192,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -225,5 +248,14 @@ def validate_config(cfg: TrainConfig) -> None:
         raise bad("checkpoint.every/keep_last", (cfg.checkpoint.every, cfg.checkpoint.keep_last), "must be >= 0")
     if cfg.logging.every < 1:
         raise bad("logging.every", cfg.logging.every, "must be >= 1")
+    v = cfg.validation
+    if v.every < 0 or v.steps < 1:
+        raise bad("validation.every/steps", (v.every, v.steps), "every must be >= 0 and steps >= 1")
+    if v.every > 0 and not v.vae:
+        raise bad("validation.vae", v.vae, "set it to the VAE (ckpts/t2i or AutoencoderKL folder) to decode with")
+    if v.every > 0 and v.weights == "ema" and not cfg.ema.enable:
+        raise bad("validation.weights", v.weights, "needs ema.enable=true (or use auto / live)")
+    if any(len(s) != 2 or min(s) <= 0 for s in v.sizes):
+        raise bad("validation.sizes", v.sizes, "a list of [H, W] pairs of positive pixel sizes")
     if not cfg.data.cache:
         raise bad("data.cache", cfg.data.cache, "set it to a stage-1 cache folder (the one holding manifest.json)")

@@ -142,6 +142,9 @@ class Trainer:
                     "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
                     self.batch_size, cfg.grad_accum, cfg.precision.mode, self.device)
         self._stop_requested = False
+        from stage2_train.validation import Validator  # validation images (rank 0); off when validation.every=0
+
+        self.validator = Validator(self) if cfg.validation.every > 0 else None
 
     # ------------------------------------------------------------------------------------------------ setup helpers
     def _resolve_resume(self) -> Path | None:
@@ -371,6 +374,8 @@ class Trainer:
                     })
                     window = {k: 0.0 for k in window}
 
+                if self.validator is not None:
+                    self.validator.maybe_run(self, self.step, metrics.tb)
                 stop = any_rank(self._stop_requested, self.info) if self.info.distributed else self._stop_requested
                 due = cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0
                 if stop or due or (self.step == cfg.steps and cfg.checkpoint.save_final):
