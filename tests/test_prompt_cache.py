@@ -31,6 +31,7 @@ def encoders(suite):
     return load_encoders(suite, EncoderDtypes(vae="float32", clip="float32", t5="float16"), clip_len=8, t5_len=12)
 
 
+@pytest.mark.exact
 def test_cached_prompts_sample_bit_identical_to_encoded_ones(tmp_path, suite, encoders, capsys):
     """Exact by construction: both paths run encode_prompts with the same encoders on the same prompts, the file
     stores the states losslessly in their own dtypes (fp16 mT5 stays fp16), and the sampler casts both to fp32."""

@@ -65,6 +65,7 @@ def _theirs(pipe, embeds, size, steps, cfg):
     return out.images
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("sampler,steps,overrides", [
     ("ddpm", 50, {}),  # the original's sampler and cfg 6 (its 100 steps cost twice the time for the same check)
     ("ddim", 25, {}),
@@ -83,6 +84,7 @@ def test_square_final_latents_equal_diffusers_pipeline(tmp_path, encoders, embed
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.exact
 def test_seed_fixes_the_image_whatever_the_batch(embeds):
     """Per-image generators: image 1 of a two-prompt batch is image 0 of the one-prompt batch with its seed.
     Equal to fp32 rounding only (batch size changes GEMM blocking), hence the tolerance."""
@@ -103,6 +105,7 @@ def test_dpmms_runs_and_bf16_autocast_is_close(embeds):
     assert 0 < (a - b).abs().max() < 0.25 * a.abs().max()
 
 
+@pytest.mark.exact
 def test_non_square_differs_from_diffusers_only_by_its_rope_grid(tmp_path, encoders, embeds, monkeypatch):
     """128x192 (8x12 tokens, base512 crop rows 6..27 of 32): diffusers' pipeline builds its RoPE grid with
     linspace(start, stop*(n-1)/n) where the original uses linspace(start, stop, endpoint=False); the sampler uses

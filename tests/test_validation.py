@@ -54,6 +54,7 @@ def _losses(run_dir: Path) -> dict[int, tuple]:
     return {m["step"]: (m["loss"], m["mse"], m["vb"], m["grad_norm"]) for m in read_metrics(run_dir)}
 
 
+@pytest.mark.exact
 def test_validation_on_off_same_losses_and_exact_resume(cache, tmp_path):
     _train(_cfg(cache, tmp_path / "off", steps=4))
     _train(_cfg(cache, tmp_path / "on", steps=4, **VAL_ON))
