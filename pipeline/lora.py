@@ -85,7 +85,11 @@ def inject_lora(model: nn.Module, config) -> nn.Module:
     from peft import inject_adapter_in_model
 
     check_config(config)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as err:  # peft's "Target modules {...} not found in the base model"
+        raise ValueError(f"lora.target_modules={sorted(config.target_modules)} matched no linear layer of the DiT "
+                         f"({err}); the original's are {list(DEFAULT_TARGETS)}") from None
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_key(name) and not _unused(name))
     if not any(p.requires_grad for p in model.parameters()):
@@ -124,22 +128,26 @@ def expected_adapter_params(model: nn.Module, rank: int, targets: Iterable[str] 
     return total
 
 
+KEEP_FP32 = ("pooler.",)
+"""Modules whose weights enter einsums and additions directly (AttentionPool), where autocast would not round
+them as a linear layer does: kept fp32 so a bf16 base computes exactly as the fp32 one (58 MB for DiT-g/2)."""
+
+
 def cast_base(model: nn.Module, dtype: torch.dtype) -> int:
     """Hold the frozen weights of linear/conv layers in ``dtype`` (bf16 on GPU); norms, embeddings and the adapter
     stay fp32. Under bf16 autocast each linear casts its fp32 weight to bf16 anyway, so the forward is unchanged.
     Returns the number of elements cast."""
     n = 0
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            for p in m.parameters(recurse=False):
-                if not p.requires_grad and not any(p is q for q in _adapter_params(m)):
-                    p.data = p.data.to(dtype)
-                    n += p.numel()
+    for mname, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or is_adapter_key(mname + "."):  # lora_A/B are Linears too
+            continue
+        if mname.startswith(KEEP_FP32):
+            continue
+        for p in m.parameters(recurse=False):
+            assert not p.requires_grad, f"{mname} is trainable: cast_base is for LoRA's frozen base only"
+            p.data = p.data.to(dtype)
+            n += p.numel()
     return n
-
-
-def _adapter_params(m: nn.Module) -> list[torch.Tensor]:
-    return [p for n, p in m.named_parameters() if is_adapter_key("." + n)]
 
 
 # ------------------------------------------------------------------------------------------------ the file format
