@@ -298,3 +298,19 @@ def test_two_ranks_with_lora(setup, tmp_path, strategy):
         name = k.rsplit(".", 1)
         key = f"{name[0]}.base_layer.{name[1]}" if f"{name[0]}.base_layer.{name[1]}" in merged_base else k
         assert torch.equal(merged_base[key], v), k
+
+
+def test_porcelain_preset_is_the_original_lora_recipe():
+    from stage2_train.config import validate_config
+    from stage2_train.trainer import build_model_config
+
+    cfg = load_config(TrainConfig, "configs/train/lora-porcelain.yaml")
+    validate_config(cfg)
+    m = build_model_config(cfg)
+    assert (m.hidden_size, m.depth) == (1408, 40)
+    assert (cfg.training.parts, cfg.lora.rank, sorted(cfg.lora.target_modules)) == (
+        "lora", 128, sorted(lora.DEFAULT_TARGETS))
+    assert (cfg.optim.lr, cfg.steps, cfg.data.batch_size, cfg.checkpoint.every, cfg.seed) == (1e-4, 2000, 2, 100, 999)
+    assert (cfg.diffusion.beta_end, cfg.data.uncond_p, cfg.data.uncond_p_t5, cfg.data.random_flip) == (
+        0.018, 0.0, 0.0, True)
+    assert cfg.parallel.activation_checkpointing and not cfg.ema.enable
