@@ -314,3 +314,22 @@ def test_porcelain_preset_is_the_original_lora_recipe():
     assert (cfg.diffusion.beta_end, cfg.data.uncond_p, cfg.data.uncond_p_t5, cfg.data.random_flip) == (
         0.018, 0.0, 0.0, True)
     assert cfg.parallel.activation_checkpointing and not cfg.ema.enable
+
+
+def test_pooler_bypasses_its_adapter_as_the_original():
+    """The original's AttentionPool passes q_proj.weight to F.multi_head_attention_forward, so a LoRA on pooler.q_proj
+    (matched by the q_proj suffix) takes no part in the forward: no gradient reaches it, the blocks' adapters get one."""
+    model = perturbed_tiny()
+    lora.inject_lora(model, lora.lora_config(4))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _randomise_adapter(model)
+    with torch.no_grad():
+        model.pooler.q_proj.lora_B["default"].weight.normal_()
+    kw = _tiny_inputs(model.config)
+    x, t = kw.pop("x"), kw.pop("t")
+    model(x, t, **kw)["x"].square().mean().backward()
+    assert model.pooler.q_proj.lora_A["default"].weight.grad is None
+    assert model.pooler.q_proj.lora_B["default"].weight.grad is None
+    assert model.pooler.q_proj.base_layer.weight.grad.abs().max() > 0
+    assert model.blocks[0].attn1.Wqkv.lora_B["default"].weight.grad.abs().max() > 0
