@@ -167,9 +167,11 @@ def static_accounting(rank: int) -> dict:
     }
 
 
-def _saved_bytes(depth: int, rank: int, ac: bool, size: int) -> dict:
-    """Real bf16 forward of full-width DiT-g/2 at `depth`: bytes saved for backward (unique storages, no params)
-    and bytes of every block's inputs."""
+def _measure_saved(rank: int, size: int, depth: int = 4) -> dict:
+    """Real bf16 forwards of full-width DiT-g/2 at `depth` (blocks 0-1 push a skip, 2 is the middle one, 3 takes a
+    skip), without and with activation checkpointing. Bytes saved for backward (unique storages, parameters
+    excluded) are attributed to the block during whose forward they were first saved, or to "outside"; block inputs
+    (what checkpointing keeps for the recompute) likewise per block."""
     from pipeline import lora
     from pipeline.models import DiTConfig, HunYuanDiT, apply_activation_checkpointing
     from pipeline.rope import RopeCache
@@ -179,70 +181,80 @@ def _saved_bytes(depth: int, rank: int, ac: bool, size: int) -> dict:
     model = HunYuanDiT(cfg)
     lora.inject_lora(model, lora.lora_config(rank))
     lora.cast_base(model, torch.bfloat16)
-    if ac:
-        apply_activation_checkpointing(model, 1.0)
+    assert [b.skip_linear is None for b in model.blocks] == [True, True, True, False]
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    current: list = [None]
+    seen: set[int] = set()
+    saved: dict = {}
+    inputs: dict = {}
+
+    def tag(store: dict, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        if s.data_ptr() in param_ptrs or s.data_ptr() in seen:
+            return
+        seen.add(s.data_ptr())
+        store[current[0]] = store.get(current[0], 0) + s.nbytes()
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            saved[s.data_ptr()] = s.nbytes()
+        tag(saved, t)
         return t
 
-    inputs: dict[int, int] = {}
+    def pre(i):
+        def hook(module, args, kwargs):
+            current[0] = i
+            for a in list(args) + list(kwargs.values()):
+                for t in (a if isinstance(a, tuple) else (a,)):
+                    if isinstance(t, torch.Tensor):
+                        s = t.untyped_storage()
+                        if s.data_ptr() not in inputs.setdefault("_ptrs", set()):
+                            inputs["_ptrs"].add(s.data_ptr())
+                            inputs[i] = inputs.get(i, 0) + s.nbytes()
+        return hook
 
-    def pre_hook(module, args, kwargs):
-        for a in list(args) + list(kwargs.values()):
-            for t in (a if isinstance(a, tuple) else (a,)):
-                if isinstance(t, torch.Tensor):
-                    inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    def post(module, args, out):
+        current[0] = None
 
-    hooks = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in model.blocks]
+    for i, b in enumerate(model.blocks):
+        b.register_forward_pre_hook(pre(i), with_kwargs=True)
+        b.register_forward_hook(post)
     h = w = size // 8
     cos, sin = RopeCache(cfg.head_dim, cfg.patch_size, cfg.rope_img).get(size, size, torch.device("cpu"))
-    x = torch.randn(1, 4, h, w)
     kw = dict(encoder_hidden_states=torch.randn(1, cfg.text_len, cfg.text_states_dim),
               text_embedding_mask=torch.ones(1, cfg.text_len, dtype=torch.bool),
               encoder_hidden_states_t5=torch.randn(1, cfg.text_len_t5, cfg.text_states_dim_t5),
               text_embedding_mask_t5=torch.ones(1, cfg.text_len_t5, dtype=torch.bool),
               cos_cis_img=cos, sin_cis_img=sin)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, torch.tensor([500.0]), **kw)["x"]
-    for hk in hooks:
-        hk.remove()
-    del out
-    n_plain = sum(1 for b in model.blocks if b.skip_linear is None)
-    return {"depth": depth, "plain": n_plain, "skip": depth - n_plain, "saved": sum(saved.values()),
-            "inputs": sum(inputs.values())}
-
-
-def _fit(rows: list[dict], key: str) -> tuple[float, float, float]:
-    """key = F + P * plain + K * skip through three depths (exact solve)."""
-    import numpy as np
-
-    a = np.array([[1.0, r["plain"], r["skip"]] for r in rows])
-    y = np.array([float(r[key]) for r in rows])
-    f, p, k = np.linalg.solve(a, y)
-    return float(f), float(p), float(k)
+    x = torch.randn(1, 4, h, w)
+    out = {}
+    for ac in (False, True):
+        apply_activation_checkpointing(model, 1.0 if ac else 0.0)
+        seen.clear()
+        saved.clear()
+        inputs.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x, torch.tensor([500.0]), **kw)["x"]
+        del y
+        inputs.pop("_ptrs", None)
+        out[ac] = {"saved": dict(saved), "inputs": dict(inputs)}
+    return out
 
 
 def part_g(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     st = static_accounting(args.rank)
     print(f"\npart 2 (accounted): DiT-g/2 1024x1024 batch 1, bf16 base, LoRA rank {args.rank}, AdamW "
-          f"[meta-device tree in {time.perf_counter() - t0:.0f}s]")
-    depths, size = (2, 3, 4), 1024
+          f"[meta-device tree in {time.perf_counter() - t0:.0f}s]", flush=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = {ac: [_saved_bytes(d, args.rank, ac, size) for d in depths] for ac in (False, True)}
-    f0, p0, k0 = _fit(rows[False], "saved")
-    fa, pa, ka = _fit(rows[True], "saved")
-    fi, pi, ki = _fit(rows[True], "inputs")
-    n_plain, n_skip = 21, 19  # DiT-g/2: blocks i > depth // 2 = 20 carry the long skip
-    act_noac = f0 + p0 * n_plain + k0 * n_skip
-    # AC: what is saved outside blocks + every block's inputs (kept for the recompute) + one block's activations
-    # alive while it is recomputed in backward
-    act_ac = fa + pa * n_plain + ka * n_skip + fi + pi * n_plain + ki * n_skip + max(p0, k0)
+    m = _measure_saved(args.rank, 1024)
+    n_plain, n_skip, depth = 21, 19, 40  # DiT-g/2: blocks i > depth // 2 = 20 take the long skip
+    s0 = m[False]["saved"]
+    plain, skip, outside = s0.get(0, 0), s0.get(3, 0), s0.get(None, 0)
+    act_noac = outside + plain * n_plain + skip * n_skip
+    sa, ia = m[True]["saved"], m[True]["inputs"]
+    outside_ac = sum(v for k, v in sa.items())  # nothing inside a checkpointed block is saved
+    # block 0's inputs include what all blocks share (c, text, rope); each later block adds its own x (and skip)
+    inputs_ac = ia.get(0, 0) + ia.get(1, 0) * (depth - 1)
+    act_ac = outside_ac + inputs_ac + max(plain, skip)
     weights = st["base_bf16_bytes"] + st["base_fp32_bytes"]
     static = weights + st["adapter_bytes"] + st["grad_bytes"] + st["adam_bytes"]
     print(f"  base weights       {st['base_params']:>13,} params: bf16 {st['base_bf16_bytes'] / GIB:7.3f} GiB + "
@@ -251,16 +263,15 @@ def part_g(args: argparse.Namespace) -> dict:
           f"{st['adapter_bytes'] / GIB:7.3f} GiB")
     print(f"  adapter gradients                        {st['grad_bytes'] / GIB:7.3f} GiB")
     print(f"  AdamW state (m, v)                       {st['adam_bytes'] / GIB:7.3f} GiB")
-    print(f"  saved activations per block (measured at depths {depths}): plain {p0 / GIB:.3f} GiB, skip "
-          f"{k0 / GIB:.3f} GiB, outside blocks {f0 / GIB:.3f} GiB")
-    print(f"  activations, no checkpointing (21 plain + 19 skip blocks): {act_noac / GIB:7.3f} GiB")
-    print(f"  activations, checkpointing: outside {(fa + pa * n_plain + ka * n_skip) / GIB:.3f} + block inputs "
-          f"{(fi + pi * n_plain + ki * n_skip) / GIB:.3f} + one block recomputed {max(p0, k0) / GIB:.3f} = "
-          f"{act_ac / GIB:7.3f} GiB")
+    print(f"  saved for backward, measured at 4096 tokens: plain block {plain / GIB:.3f} GiB, skip block "
+          f"{skip / GIB:.3f} GiB, outside the blocks {outside / GIB:.3f} GiB (per-block detail {s0})")
+    print(f"  activations, no checkpointing (21 plain + 19 skip blocks):      {act_noac / GIB:7.3f} GiB")
+    print(f"  activations, checkpointing: saved outside {outside_ac / GIB:.3f} + 40 blocks' inputs "
+          f"{inputs_ac / GIB:.3f} + one block recomputed {max(plain, skip) / GIB:.3f} = {act_ac / GIB:7.3f} GiB")
     total_noac, total_ac = (static + act_noac) / GIB, (static + act_ac) / GIB
     print(f"  total without activation checkpointing: {total_noac:.2f} GiB")
     print(f"  total with activation checkpointing:    {total_ac:.2f} GiB   (+ CUDA context/workspaces, not counted)")
-    print(f"  [forwards measured in {time.perf_counter() - t0:.0f}s]")
+    print(f"  [measured in {time.perf_counter() - t0:.0f}s]")
     return {"static": st, "total_noac_gib": total_noac, "total_ac_gib": total_ac}
 
 
