@@ -167,14 +167,13 @@ def static_accounting(rank: int) -> dict:
     }
 
 
-def _measure_saved(rank: int, size: int, depth: int = 4) -> dict:
+def _measure_saved(rank: int, sizes: tuple[int, ...], depth: int = 4) -> dict:
     """Real bf16 forwards of full-width DiT-g/2 at `depth` (blocks 0-1 push a skip, 2 is the middle one, 3 takes a
     skip), without and with activation checkpointing. Bytes saved for backward (unique storages, parameters
     excluded) are attributed to the block during whose forward they were first saved, or to "outside"; block inputs
     (what checkpointing keeps for the recompute) likewise per block."""
     from pipeline import lora
-    from pipeline.models import DiTConfig, HunYuanDiT, apply_activation_checkpointing
-    from pipeline.rope import RopeCache
+    from pipeline.models import DiTConfig, HunYuanDiT
 
     torch.manual_seed(0)
     cfg = DiTConfig.from_name("DiT-g/2", depth=depth, attn_backend="sdpa")
@@ -217,6 +216,16 @@ def _measure_saved(rank: int, size: int, depth: int = 4) -> dict:
     for i, b in enumerate(model.blocks):
         b.register_forward_pre_hook(pre(i), with_kwargs=True)
         b.register_forward_hook(post)
+    results = {}
+    for size in sizes:
+        results[size] = _forwards(model, cfg, size, saved, inputs, seen, pack)
+    return results
+
+
+def _forwards(model, cfg, size, saved, inputs, seen, pack) -> dict:
+    from pipeline.models import apply_activation_checkpointing
+    from pipeline.rope import RopeCache
+
     h = w = size // 8
     cos, sin = RopeCache(cfg.head_dim, cfg.patch_size, cfg.rope_img).get(size, size, torch.device("cpu"))
     kw = dict(encoder_hidden_states=torch.randn(1, cfg.text_len, cfg.text_states_dim),
@@ -245,15 +254,27 @@ def part_g(args: argparse.Namespace) -> dict:
     print(f"\npart 2 (accounted): DiT-g/2 1024x1024 batch 1, bf16 base, LoRA rank {args.rank}, AdamW "
           f"[meta-device tree in {time.perf_counter() - t0:.0f}s]", flush=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    m = _measure_saved(args.rank, 1024)
+    sizes = (256, 512)
+    ms = _measure_saved(args.rank, sizes)
+    n1, n2 = ((s // 16) ** 2 for s in sizes)  # image tokens (8x VAE, patch 2)
+    target = (1024 // 16) ** 2
+
+    def at_1024(get) -> float:
+        """Linear in the image tokens through the two measured sizes (every saved tensor is (tokens x width) or
+        text-sized; CPU sdpa is the flash kernel, which saves O(tokens)), extrapolated to 4096 tokens."""
+        y1, y2 = float(get(ms[sizes[0]])), float(get(ms[sizes[1]]))
+        slope = (y2 - y1) / (n2 - n1)
+        return y1 + slope * (target - n1)
+
     n_plain, n_skip, depth = 21, 19, 40  # DiT-g/2: blocks i > depth // 2 = 20 take the long skip
-    s0 = m[False]["saved"]
-    plain, skip, outside = s0.get(0, 0), s0.get(3, 0), s0.get(None, 0)
+    plain = at_1024(lambda m: m[False]["saved"].get(0, 0))
+    skip = at_1024(lambda m: m[False]["saved"].get(3, 0))
+    outside = at_1024(lambda m: m[False]["saved"].get(None, 0))
     act_noac = outside + plain * n_plain + skip * n_skip
-    sa, ia = m[True]["saved"], m[True]["inputs"]
-    outside_ac = sum(v for k, v in sa.items())  # nothing inside a checkpointed block is saved
+    outside_ac = at_1024(lambda m: sum(m[True]["saved"].values()))  # nothing inside a checkpointed block is saved
     # block 0's inputs include what all blocks share (c, text, rope); each later block adds its own x (and skip)
-    inputs_ac = ia.get(0, 0) + ia.get(1, 0) * (depth - 1)
+    inputs_ac = at_1024(lambda m: m[True]["inputs"].get(0, 0) + m[True]["inputs"].get(1, 0) * (depth - 1))
+    s0 = {sz: {str(k): v for k, v in ms[sz][False]["saved"].items()} for sz in sizes}
     act_ac = outside_ac + inputs_ac + max(plain, skip)
     weights = st["base_bf16_bytes"] + st["base_fp32_bytes"]
     static = weights + st["adapter_bytes"] + st["grad_bytes"] + st["adam_bytes"]
@@ -263,8 +284,9 @@ def part_g(args: argparse.Namespace) -> dict:
           f"{st['adapter_bytes'] / GIB:7.3f} GiB")
     print(f"  adapter gradients                        {st['grad_bytes'] / GIB:7.3f} GiB")
     print(f"  AdamW state (m, v)                       {st['adam_bytes'] / GIB:7.3f} GiB")
-    print(f"  saved for backward, measured at 4096 tokens: plain block {plain / GIB:.3f} GiB, skip block "
-          f"{skip / GIB:.3f} GiB, outside the blocks {outside / GIB:.3f} GiB (per-block detail {s0})")
+    print(f"  saved for backward (bytes per block, measured at {sizes} px = {n1}/{n2} tokens): {s0}")
+    print(f"  -> at 4096 tokens: plain block {plain / GIB:.3f} GiB, skip block {skip / GIB:.3f} GiB, outside the "
+          f"blocks {outside / GIB:.3f} GiB")
     print(f"  activations, no checkpointing (21 plain + 19 skip blocks):      {act_noac / GIB:7.3f} GiB")
     print(f"  activations, checkpointing: saved outside {outside_ac / GIB:.3f} + 40 blocks' inputs "
           f"{inputs_ac / GIB:.3f} + one block recomputed {max(plain, skip) / GIB:.3f} = {act_ac / GIB:7.3f} GiB")
