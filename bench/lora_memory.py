@@ -267,7 +267,8 @@ def part_g(args: argparse.Namespace) -> dict:
         return y1 + slope * (target - n1)
 
     n_plain, n_skip, depth = 21, 19, 40  # DiT-g/2: blocks i > depth // 2 = 20 take the long skip
-    plain = at_1024(lambda m: m[False]["saved"].get(0, 0))
+    # block 1, not 0: block 0's input was already saved outside (by the embedding), block 1's is first seen there
+    plain = at_1024(lambda m: m[False]["saved"].get(1, 0))
     skip = at_1024(lambda m: m[False]["saved"].get(3, 0))
     outside = at_1024(lambda m: m[False]["saved"].get(None, 0))
     act_noac = outside + plain * n_plain + skip * n_skip
