@@ -8,12 +8,16 @@ step, encoders resident) and "cache" (zarr cache, same draws). Peak = ru_maxrss 
 Part 2, accounted tensor by tensor: DiT-g/2, 1024x1024 (4096 image tokens), batch 1, bf16 autocast, frozen base held
 in bf16 (lora.base_dtype=bfloat16; norms, embeddings, pooler stay fp32), LoRA rank 64 on the original's targets,
 AdamW. Weights, adapter, its gradient and AdamW state are counted from the real module tree built on the meta device
-(exact). Activations saved for backward are measured on a real bf16 forward of the full-width DiT-g/2 at 1024x1024
-at depths 2, 3 and 4 (saved_tensors_hooks, unique storages, parameters excluded), fitted as fixed + per plain block
-+ per skip block, and scaled to the 21 plain + 19 skip blocks of depth 40. With activation checkpointing the saved
-set is what is saved outside the checkpointed blocks (measured the same way) plus each block's inputs (measured
-with forward pre-hooks) plus one block's activations alive during its recompute. Not counted: the CUDA context and
-kernels' workspaces (~0.5-1 GiB), allocator fragmentation, the transient gradient of one activation in backward.
+(exact). Activations saved for backward are measured on real bf16-autocast forwards of the full-width DiT-g/2 at
+depth 4 (blocks 0-1 push a long skip, 2 is the middle one, 3 takes a skip) with saved_tensors_hooks (unique
+storages, parameters excluded), attributed to the block whose forward saved them first; measured at 256 and 512 px
+(256 / 1024 image tokens) and extrapolated linearly in the tokens to 1024 px (4096), since bf16 matmuls on a CPU
+without bf16 units are too slow for 4096 tokens (every saved tensor is tokens x width or text-sized; CPU sdpa is the
+flash kernel, O(tokens)). Scaled to DiT-g/2's 21 plain + 19 skip blocks. With activation checkpointing: what is
+saved outside the checkpointed blocks (measured the same way) + every block's inputs (forward pre-hooks) + one
+block's activations alive during its recompute. Not counted: the CUDA context and kernel workspaces (~0.5-1 GiB),
+allocator fragmentation, the transient gradient of one activation in backward. Where a GPU is lent, run part 1 with
+--device cuda for max_memory_allocated.
 
     python bench/lora_memory.py                 # both parts (part 2 runs a few DiT-g/2 blocks at 4096 tokens on CPU)
     python bench/lora_memory.py --part g        # only the DiT-g/2 accounting
