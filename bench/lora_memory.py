@@ -13,8 +13,8 @@ depth 4 (blocks 0-1 push a long skip, 2 is the middle one, 3 takes a skip) with 
 storages, parameters excluded), attributed to the block whose forward saved them first; measured at 256 and 512 px
 (256 / 1024 image tokens) and extrapolated linearly in the tokens to 1024 px (4096), since bf16 matmuls on a CPU
 without bf16 units are too slow for 4096 tokens (every saved tensor is tokens x width or text-sized; CPU sdpa is the
-flash kernel, O(tokens): checked, it saves q, k, v, out and the (B, h, N) logsumexp). Scaled to DiT-g/2's 21 plain + 19 skip blocks. With activation checkpointing: what is
-saved outside the checkpointed blocks (measured the same way) + every block's inputs (forward pre-hooks) + one
+flash kernel, O(tokens): checked, it saves q, k, v, out and the (B, h, N) logsumexp). Scaled to DiT-g/2's
+21 plain + 19 skip blocks. With activation checkpointing: what is saved outside the checkpointed blocks (measured the same way) + every block's inputs (forward pre-hooks) + one
 block's activations alive during its recompute. Not counted: the CUDA context and kernel workspaces (~0.5-1 GiB),
 allocator fragmentation, the transient gradient of one activation in backward. Where a GPU is lent, run part 1 with
 --device cuda for max_memory_allocated.
