@@ -14,7 +14,8 @@ storages, parameters excluded), attributed to the block whose forward saved them
 (256 / 1024 image tokens) and extrapolated linearly in the tokens to 1024 px (4096), since bf16 matmuls on a CPU
 without bf16 units are too slow for 4096 tokens (every saved tensor is tokens x width or text-sized; CPU sdpa is the
 flash kernel, O(tokens): checked, it saves q, k, v, out and the (B, h, N) logsumexp). Scaled to DiT-g/2's
-21 plain + 19 skip blocks. With activation checkpointing: what is saved outside the checkpointed blocks (measured the same way) + every block's inputs (forward pre-hooks) + one
+21 plain + 19 skip blocks. With activation checkpointing: what is saved outside the checkpointed blocks
+(measured the same way) + every block's inputs (forward pre-hooks) + one
 block's activations alive during its recompute. Not counted: the CUDA context and kernel workspaces (~0.5-1 GiB),
 allocator fragmentation, the transient gradient of one activation in backward. Where a GPU is lent, run part 1 with
 --device cuda for max_memory_allocated.

@@ -63,7 +63,8 @@ def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora.dropout={dropout} is invalid: must be in [0, 1)")
     if not target_modules:
-        raise ValueError("lora.target_modules is empty: give module name suffixes, e.g. [Wqkv, q_proj, kv_proj, out_proj]")
+        raise ValueError("lora.target_modules is empty: give module name suffixes, e.g. "
+                         "[Wqkv, q_proj, kv_proj, out_proj]")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       bias="none")
 

@@ -20,7 +20,9 @@ from pipeline import lora
 from pipeline.models import DiTConfig, HunYuanDiT
 from shared.config import load_config
 from stage2_train.config import TrainConfig
-from test_stage2_common import ROOT, TINY_TEXT, read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
+from test_stage2_common import (
+    ROOT, TINY_TEXT, read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lora" / "comfyui_hydit_keys_tiny_d2_r4.json"
 MODEL_TEXT = dict(text_len=TINY_TEXT["clip_len"], text_states_dim=TINY_TEXT["clip_dim"],
@@ -268,7 +270,8 @@ def test_merge_cli_writes_original_layout_and_diffusers(setup, tmp_path):
     torch.set_num_threads(1)
     Trainer(_cfg(setup, tmp_path / "run", steps=2)).train()
     out = tmp_path / "merged"
-    res = run_script([sys.executable, "-m", "stage2_train.merge_lora", "--config", str(tmp_path / "run" / "config.yaml"),
+    res = run_script([sys.executable, "-m", "stage2_train.merge_lora",
+                      "--config", str(tmp_path / "run" / "config.yaml"),
                       "--adapter", str(tmp_path / "run" / "adapters" / "step_0000002"), "--out", str(out),
                       "--diffusers"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -317,7 +320,8 @@ def test_porcelain_preset_is_the_original_lora_recipe():
 
 def test_pooler_bypasses_its_adapter_as_the_original():
     """The original's AttentionPool passes q_proj.weight to F.multi_head_attention_forward, so a LoRA on pooler.q_proj
-    (matched by the q_proj suffix) takes no part in the forward: no gradient reaches it, the blocks' adapters get one."""
+    (matched by the q_proj suffix) takes no part in the forward: no gradient reaches it; the blocks' adapters get
+    one."""
     model = perturbed_tiny()
     lora.inject_lora(model, lora.lora_config(4))
     for p in model.parameters():
