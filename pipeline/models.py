@@ -218,7 +218,9 @@ class AttentionPool(nn.Module):
         h, d = self.num_heads, C // self.num_heads
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, L+1, C): mean token first
         x = x + self.positional_embedding.to(x.dtype)[None]  # (B, L+1, C)
-        q = self.q_proj(x[:, 0]).view(B, h, d) * d**-0.5  # (B, C) -> (B, h, d)
+        # The weight is read directly, as the original's F.multi_head_attention_forward(q_proj_weight=...) does:
+        # a LoRA on q_proj (peft's "q_proj" target matches it) is then bypassed here exactly as in the original.
+        q = F.linear(x[:, 0], self.q_proj.weight, self.q_proj.bias).view(B, h, d) * d**-0.5  # (B, C) -> (B, h, d)
         q_in = torch.einsum("bhd,hdc->bhc", q, self.k_proj.weight.view(h, d, C))  # (B, h, C): query in x's space
         # The key bias's term is the same for every row; kept so k_proj.bias stays in the graph as in the original.
         q_bias = (q * self.k_proj.bias.view(h, d)).sum(-1, keepdim=True)  # (B, h, 1)

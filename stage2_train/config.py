@@ -170,6 +170,31 @@ class ValidationSection:
 
 
 @dataclass
+class TrainingSection:
+    parts: Literal["all", "lora"] = "all"
+    """What trains: every DiT weight, or only a LoRA adapter on frozen base weights (the original's
+    --training-parts; see the lora section and pipeline/lora.py)."""
+
+
+@dataclass
+class LoraSection:
+    """Used when training.parts=lora. Defaults as the original (hydit/config.py, train_deepspeed.py)."""
+    rank: int = 64
+    alpha: float = 0.0
+    """lora_alpha; 0 = rank (the original). Any other value is refused: the official file has no alpha key, so
+    ComfyUI applies the adapter with scale 1, which equals peft's alpha/rank only when alpha = rank."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["Wqkv", "q_proj", "kv_proj", "out_proj"])
+    """Module-name suffixes peft adapts (so pooler.q_proj matches q_proj, as in the original)."""
+    init_adapter: str = ""
+    """An existing adapter folder (adapter_model.safetensors + adapter_config.json, official layout, e.g. one the
+    original trained) to continue from; its rank/alpha/targets must equal the ones above. Ignored on resume."""
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage of the frozen linear weights. bfloat16 halves their memory and, under precision.mode=bf16, computes
+    the same (autocast casts them to bf16 in every matmul anyway); not with fp32/fp16 precision or FSDP2."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/train"
     """Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
@@ -193,6 +218,8 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -257,5 +284,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise bad("validation.weights", v.weights, "needs ema.enable=true (or use auto / live)")
     if any(len(s) != 2 or min(s) <= 0 for s in v.sizes):
         raise bad("validation.sizes", v.sizes, "a list of [H, W] pairs of positive pixel sizes")
+    if cfg.training.parts == "lora":
+        from stage2_train.lora import validate_lora
+
+        validate_lora(cfg)
     if not cfg.data.cache:
         raise bad("data.cache", cfg.data.cache, "set it to a stage-1 cache folder (the one holding manifest.json)")

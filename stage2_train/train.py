@@ -17,9 +17,12 @@ config sections (stage2_train/config.py, presets in configs/train/*.yaml):
   logging     log interval, TensorBoard, progress bar, per-rank sample audit
   parallel    ddp | fsdp2, activation checkpointing, torch.compile, process-group backend
   precision   bf16 (default) | fp16 (loss scaling) | fp32
+  training    parts: all (default) | lora (only a peft LoRA adapter trains, docs/lora.md)
+  lora        rank, alpha (= rank), dropout, target_modules, init_adapter, base_dtype
 
 writes, under run_dir: config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoints/step_XXXXXXX/
-(model + EMA safetensors in the original key layout, optimizer, schedule, RNG, data position, config).
+(model + EMA safetensors in the original key layout, optimizer, schedule, RNG, data position, config);
+with training.parts=lora also adapters/step_XXXXXXX/ (adapter_model.safetensors + adapter_config.json, official layout).
 Rank 0 logs one line per logging.every steps:
   step N | loss | mse | vb | grad_norm | lr | samples/s | data_wait % | mem GiB [| skipped N]
 

@@ -113,6 +113,11 @@ class Trainer:
         model = HunYuanDiT(self.model_config)
         if resume_from is None and cfg.model.init_from:
             load_init_weights(model, cfg)
+        self.lora = cfg.training.parts == "lora"
+        if self.lora:  # before parallelism: FSDP2/DDP/checkpointing then see the adapter like any other weight
+            from stage2_train.lora import setup_lora
+
+            setup_lora(model, cfg, resuming=resume_from is not None)
         model.to(self.device).train()
         self.model = apply_parallelism(model, cfg.parallel, self.info)
         self.inner = unwrap(self.model)  # what state dicts and the EMA see (original key names)
@@ -121,7 +126,9 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.init_scale,
                                             growth_interval=cfg.precision.growth_interval)
                        if cfg.precision.mode == "fp16" else None)
-        self.ema = EMA(self.inner, cfg.ema) if cfg.ema.enable else None
+        if self.lora and cfg.ema.enable:
+            logger.warning("ema.enable=true ignored: EMA is off for training.parts=lora, as in the original")
+        self.ema = EMA(self.inner, cfg.ema) if cfg.ema.enable and not self.lora else None
 
         self.step = 0
         self.consecutive_bad = 0
@@ -138,6 +145,11 @@ class Trainer:
             logger.info("checkpoint.resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
 
         n_params = sum(p.numel() for p in self.inner.parameters())
+        if self.lora:
+            from stage2_train.lora import trainable_summary
+
+            logger.info("LoRA rank %d on %s: %s params", cfg.lora.rank, cfg.lora.target_modules,
+                        trainable_summary(self.inner))
         logger.info("model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, "
                     "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
                     self.batch_size, cfg.grad_accum, cfg.precision.mode, self.device)
@@ -236,6 +248,10 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
         )
         logger.info("saved checkpoint %s", path)
+        if self.lora:
+            from stage2_train.lora import export_adapter
+
+            export_adapter(self, self.step)
         return path
 
     # ------------------------------------------------------------------------------------------------ the step
