@@ -72,6 +72,7 @@ class Validator:
             raise RuntimeError("validation set-up failed on rank 0 (see its log)")
 
     def _setup_main(self, trainer: Any) -> None:
+        from pipeline.lora import adapter_config, has_lora, inject_lora
         from pipeline.models import HunYuanDiT
         from pipeline.sampler import PromptEmbeds
         from shared.manifest import read_manifest
@@ -95,6 +96,11 @@ class Validator:
         with torch.device("meta"):
             model = HunYuanDiT(trainer.model_config)
         self.model = model.to_empty(device=trainer.device).eval().requires_grad_(False)
+        if has_lora(trainer.inner):
+            # The same adapter layers as the trained model, so its state (frozen base + adapter) loads key for key
+            # and every image is sampled with the adapter applied (peft's forward; eval mode: no dropout).
+            inject_lora(self.model, adapter_config(trainer.inner))
+            self.model.requires_grad_(False)
         self.device = trainer.device
         self.tb = None
         logger.info("validation: %d prompts from %s at %s every %d steps (%s weights, %s %d steps, cfg %.1f)",

@@ -93,6 +93,34 @@ def test_validation_touches_no_training_state(cache, tmp_path):
     assert t.validator.use_ema  # weights: auto with ema.enable -> the EMA weights sample
 
 
+def test_lora_run_validates_with_the_adapter_applied(cache, tmp_path):
+    """training.parts=lora: the validation copy carries the same adapter, so it computes the trained model's output
+    (a non-zero adapter changes it), and sampling runs."""
+    from stage2_train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    t = Trainer(_cfg(cache, tmp_path / "run", steps=1, **{**VAL_ON, "validation.every": 1, "training.parts": "lora",
+                                                           "lora.rank": 4, "ema.enable": False}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a non-zero adapter (B starts at 0) and output layer (zero at init), as after training
+        for name, p in t.inner.named_parameters():
+            if ".lora_B." in name or name.startswith("final_layer.") or "default_modulation" in name:
+                p.normal_(std=0.1, generator=g)
+    assert t.validator.maybe_run(t, 1) is not None
+    from pipeline.lora import base_state_dict
+    from pipeline.models import HunYuanDiT
+    from test_model import tiny_inputs
+
+    kw = tiny_inputs(t.model_config, B=2, h=4, w=4)
+    base = HunYuanDiT(t.model_config).eval()
+    base.load_state_dict(base_state_dict(t.inner))
+    t.inner.eval()
+    with torch.no_grad():
+        want = t.inner(**kw)["x"]
+        assert torch.equal(t.validator.model(**kw)["x"], want)
+        assert not torch.allclose(base(**kw)["x"], want)  # the adapter matters, and the copy applied it
+
+
 def test_validation_config_errors_say_how_to_fix(cache, tmp_path):
     from stage2_train.config import validate_config
 
