@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
-from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, completed_shards, read_manifest,
-                       read_shard_info, shard_data_path)
+from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, LegacyIndexError, completed_shards,
+                       read_manifest, read_shard_info, shard_data_path)
+from .shard_index import INDEX_SUFFIX, ShardIndex
 from .schema import CorruptSampleError, check_stored
 
 MAX_SAMPLE_ERRORS_PER_SHARD = 20
@@ -59,13 +60,17 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         return rep
     spec = m.spec
     listed = {s["name"] for s in m.shards}
-    complete = completed_shards(root)  # once: it parses every sidecar (each holds its shard's key list)
+    try:
+        complete = completed_shards(root)
+    except LegacyIndexError as e:
+        rep.errors.append(str(e))
+        return rep
     for name in complete:
         if name not in listed:
             rep.warnings.append(f"shard {name!r} is complete on disk but not in {MANIFEST_NAME}: readers ignore it")
     if shards_dir.is_dir():
         for p in sorted(shards_dir.iterdir()):
-            if is_tmp_name(p.name) or p.suffix == ".json":
+            if is_tmp_name(p.name) or p.suffix in (".json", INDEX_SUFFIX):
                 continue
             if p.stem not in listed and p.stem not in complete:
                 rep.warnings.append(f"{p.relative_to(root)} has no shard index (never completed): ignored by readers")
@@ -106,8 +111,22 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         if sha != entry["sha256"]:
             _bad_shard(rep, name, f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
                                   "(corrupt or rewritten); checking its samples")
-        if info.sha256 != entry["sha256"] or info.n_samples != entry["n_samples"]:
-            _bad_shard(rep, name, "its index (shards/<name>.json) disagrees with the manifest")
+        if info.entry() != {k: entry.get(k) for k in info.entry()}:
+            _bad_shard(rep, name, "its sidecar (shards/<name>.json) disagrees with the manifest")
+        shard = ShardIndex(root, info)
+        ipath = shard.index_path
+        if not ipath.exists():
+            _bad_shard(rep, name, f"{ipath.relative_to(root)} (its index file) is missing")
+            continue
+        if file_sha256(ipath) != info.index.get("sha256"):
+            _bad_shard(rep, name, f"{ipath.relative_to(root)}: sha256 differs from its sidecar's (corrupt or "
+                                  "rewritten)")
+            continue
+        try:
+            keys = shard.keys()
+        except CorruptSampleError as e:
+            _bad_shard(rep, name, str(e))
+            continue
         if not check_samples:
             continue
         if spec.format == "zarr":
@@ -115,19 +134,19 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
                 import zarr
 
                 attrs_keys = zarr.open_group(str(path), mode="r").attrs.get("keys")
-                if attrs_keys != info.keys:
+                if attrs_keys != keys:
                     _bad_shard(rep, name, "keys in the zarr group differ from its index")
             except Exception as e:
                 _bad_shard(rep, name, f"cannot open the zarr group ({type(e).__name__}: {e})")
                 continue
-        rd = _open_shard_reader(root, spec, info)
+        rd = _open_shard_reader(root, spec, shard)
         n_err = 0
         for i in range(info.n_samples):
             try:
                 check_stored(rd.read_stored(i), spec, f"shard {name!r}")
             except CorruptSampleError as e:
                 n_err += 1
-                rep.bad_samples.append((name, info.keys[i]))
+                rep.bad_samples.append((name, keys[i]))
                 if name not in rep.bad_shards:
                     rep.bad_shards.append(name)
                 if n_err <= MAX_SAMPLE_ERRORS_PER_SHARD:
@@ -140,7 +159,7 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         if spec.format == "webdataset" and n_err == 0:
             # the random-access path skips tar headers; a sequential pass checks what streaming readers see
             try:
-                for _ in iter_tar_stored(path, spec, info.keys):
+                for _ in iter_tar_stored(path, spec, keys):
                     pass
             except CorruptSampleError as e:
                 _bad_shard(rep, name, f"sequential read failed: {e}")

@@ -78,40 +78,52 @@ class BucketBatchPlan:
     batch (as the original's MultiResolutionBucketIndexV2 does), cut global batches, shuffle the batch order. Rank r
     reads slots [r*B, (r+1)*B) of every global batch. The position is just the global micro-step, so resuming needs
     nothing but the step count.
+
+    Built in numpy (an (N, 2) bucket array in, no per-sample Python objects); only the current epoch's plan is held,
+    as two arrays. The random draws and their order are those of the original per-sample loop (kept in
+    tests/test_stage2_data.py as the reference), so existing runs resume to the same batches.
     """
 
-    def __init__(self, buckets: Sequence[tuple[int, int]], *, batch_size: int, world_size: int, seed: int) -> None:
-        if len(buckets) == 0:
+    def __init__(self, buckets: Any, *, batch_size: int, world_size: int, seed: int) -> None:
+        from shared.cache import group_by_bucket
+
+        b = np.asarray(buckets, dtype=np.int64).reshape(-1, 2) if len(buckets) else np.zeros((0, 2), np.int64)
+        if b.shape[0] == 0:
             raise ValueError("the cache holds no samples: run stage 1 on a non-empty corpus (see its rejects.jsonl)")
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
         self.global_batch = batch_size * world_size
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            by_bucket.setdefault((int(bucket[0]), int(bucket[1])), []).append(index)
-        self.buckets = sorted(by_bucket)
-        self.members = [np.asarray(by_bucket[b], dtype=np.int64) for b in self.buckets]
+        uniq, self.members = group_by_bucket(b)
+        self.buckets = [(int(h), int(w)) for h, w in uniq.tolist()]
         self.batches_per_epoch = sum(math.ceil(len(m) / self.global_batch) for m in self.members)
-        self._epoch_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """[(bucket id, (global_batch,) sample indices)] for one epoch."""
+    def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """((batches,) bucket ids, (batches, global_batch) sample indices) for one epoch, in batch order."""
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
+            return self._epoch_cache[1], self._epoch_cache[2]
+        self._epoch_cache = None  # free the previous epoch's plan before building this one
         rng = np.random.default_rng([self.seed, epoch])
-        batches = []
+        ids, rows = [], []
         for bucket_id, members in enumerate(self.members):
             order = rng.permutation(members)
             n = math.ceil(len(order) / self.global_batch) * self.global_batch
             order = np.resize(order, n)  # repeats from the start to fill the last global batch
-            batches.extend((bucket_id, chunk) for chunk in order.reshape(-1, self.global_batch))
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        self._epoch_cache = (epoch, batches)
-        return batches
+            rows.append(order.reshape(-1, self.global_batch))
+            ids.append(np.full(rows[-1].shape[0], bucket_id, dtype=np.int64))
+        perm = rng.permutation(self.batches_per_epoch)
+        bucket_ids, indices = np.concatenate(ids)[perm], np.concatenate(rows)[perm]
+        self._epoch_cache = (epoch, bucket_ids, indices)
+        return bucket_ids, indices
+
+    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """[(bucket id, (global_batch,) sample indices)] for one epoch (a list view of `epoch_arrays`)."""
+        bucket_ids, indices = self.epoch_arrays(epoch)
+        return [(int(b), row) for b, row in zip(bucket_ids.tolist(), indices)]
 
     def global_batch_at(self, micro_step: int) -> tuple[tuple[int, int], np.ndarray]:
         epoch, position = divmod(micro_step, self.batches_per_epoch)
-        bucket_id, indices = self.epoch_batches(epoch)[position]
-        return self.buckets[bucket_id], indices
+        bucket_ids, indices = self.epoch_arrays(epoch)
+        return self.buckets[int(bucket_ids[position])], indices[position]
 
     def rank_items(self, micro_step: int, rank: int) -> list[tuple[int, int, int]]:
         """[(micro_step, slot in the global batch, sample index)] that `rank` reads at `micro_step`."""
@@ -297,7 +309,7 @@ class CacheBatchSource:
             num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,
             noise_offset=cfg.diffusion.noise_offset,
         )
-        plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=trainer.batch_size,
+        plan = BucketBatchPlan(reader.buckets(), batch_size=trainer.batch_size,
                                world_size=trainer.info.world_size, seed=cfg.seed)
         source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption, write_synthetic_cache
+from shared.shard_index import ShardIndex
 from shared.manifest import completed_shards, manifest_from_shards, read_manifest, write_manifest
 from shared.schema import (CacheSpec, dedup_rows, encode_sample, make_key, synthetic_sample, to_torch,
                            undo_xor_delta_rows, xor_delta_rows)
@@ -227,7 +228,7 @@ def test_overwrite_replaces_a_shard_atomically(tmp_path):
             w.add(synthetic_sample(spec, "a-1", (64, 64), rng))
         with open_shard_writer(root, "p", spec, overwrite=True) as w:
             w.add(synthetic_sample(spec, "a-2", (64, 64), rng))
-        assert completed_shards(root)["p"].keys == ["a-2"]
+        assert ShardIndex(root, completed_shards(root)["p"]).keys() == ["a-2"]
         assert not [p for p in (root / "shards").iterdir() if p.name.startswith(".tmp-")]
 
 
