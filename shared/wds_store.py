@@ -231,13 +231,16 @@ class WdsShardReader:
             self._pid = os.getpid()
         return self._fd
 
-    def read_stored(self, i: int) -> dict:
+    def members(self, i: int) -> tuple[str, list[int], list[int]]:
+        """(key, member data offsets, member sizes) of sample i, in ALL_FIELDS order, from the mapped index."""
         m = self.shard.mapped
-        key = m.key(i)
         if m.fields != list(ALL_FIELDS) or "member_offset" not in m.columns:
             raise CorruptSampleError(f"shard {self.path}: its index {self.shard.index_path.name} has no member "
                                      f"offsets for {list(ALL_FIELDS)}; run `python -m shared.cli verify`")
-        offs, sizes = m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+        return m.key(i), m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+
+    def read_stored(self, i: int) -> dict:
+        key, offs, sizes = self.members(i)
         fd = self._open()
         bad = [f for f, o, n in zip(ALL_FIELDS, offs, sizes) if o < 0 or n < 0]
         if bad:
