@@ -161,23 +161,51 @@ def _stats(x: np.ndarray) -> dict:
 _OPEN_SHARDS = {"webdataset": 1024, "zarr": 32}
 
 
-def _bucket_codes(b: np.ndarray) -> np.ndarray:
-    """(N, 2) non-negative (H, W) -> (N,) int64 codes whose order is the (H, W) tuple order."""
-    b = np.asarray(b, dtype=np.int64).reshape(-1, 2)
-    if b.size and (b.min() < 0 or b.max() >= 1 << 31):
-        raise ValueError(f"bucket sizes must lie in [0, 2**31), got {b.min()}..{b.max()}")
-    return (b[:, 0] << 32) | b[:, 1]
+def group_by_bucket(buckets: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """((K, 2) distinct buckets in (H, W) order, [positions of bucket k, ascending]) for an (N, 2) bucket array.
 
-
-def group_by_bucket(buckets: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """((K, 2) distinct buckets in (H, W) order, [positions of bucket k in input order]) in numpy, no per-sample
-    Python objects."""
-    b = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
-    codes = _bucket_codes(b)
-    uniq, first, inv = np.unique(codes, return_index=True, return_inverse=True)
+    O(N) numpy, no per-sample Python objects and no N-element sort: buckets sit on a grid (multiples of some step),
+    so a bincount over grid cells finds the distinct ones already in (H, W) order, a lookup table maps every sample
+    to its bucket number (a small integer), and a stable argsort of those small integers (numpy's radix sort) lists
+    each bucket's positions in input order. Falls back to np.unique when the grid is too sparse.
+    """
+    b = np.asarray(buckets).reshape(-1, 2)
+    n = b.shape[0]
+    if n == 0:
+        return np.zeros((0, 2), dtype=np.int64), []
+    h, w = b[:, 0].astype(np.int64), b[:, 1].astype(np.int64)  # contiguous: reductions over (N, 2) columns crawl
+    lo = np.array([h.min(), w.min()])
+    if lo.min() < 0 or max(h.max(), w.max()) >= 1 << 31:
+        raise ValueError(f"bucket sizes must lie in [0, 2**31), got {lo.min()}..{max(h.max(), w.max())}")
+    h -= lo[0]
+    w -= lo[1]
+    step = int(np.gcd.reduce(np.concatenate([np.gcd.reduce(h, keepdims=True), np.gcd.reduce(w, keepdims=True)]))) or 1
+    if step > 1:
+        h //= step
+        w //= step
+    width = int(w.max()) + 1
+    cells = (int(h.max()) + 1) * width
+    if cells <= 1 << 22:
+        codes = h
+        codes *= width
+        codes += w  # in place: codes is h's buffer
+        del w
+        counts = np.bincount(codes, minlength=cells)
+        present = np.flatnonzero(counts)
+        table = np.stack([present // width * step + lo[0], present % width * step + lo[1]], axis=1)
+        lut = np.zeros(cells, dtype=np.int16 if present.size < 1 << 15 else np.int64)
+        lut[present] = np.arange(present.size)
+        inv = lut[codes]
+        del codes, lut
+        sizes = counts[present]
+    else:  # a sparse grid (odd sizes): sort instead
+        codes = (b[:, 0].astype(np.int64) << 32) | b[:, 1].astype(np.int64)
+        uniq, first, inv, sizes = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+        table = b[first].astype(np.int64)
     order = np.argsort(inv, kind="stable")  # stable: positions stay in input order inside each bucket
-    bounds = np.cumsum(np.bincount(inv, minlength=uniq.size))[:-1]
-    return b[first], np.split(order.astype(np.int64, copy=False), bounds)
+    dt = np.int32 if n < 1 << 31 else np.int64
+    order = order.astype(dt, copy=False)
+    return table.astype(np.int64), np.split(order, np.cumsum(sizes)[:-1])
 
 
 class CacheReader:
@@ -344,8 +372,9 @@ class CacheReader:
         return [self.shards[a].key(b) for a, b in zip(s.tolist(), loc.tolist())]
 
     def buckets(self) -> np.ndarray:
-        """(len(self), 2) int32 (H, W) of this view's samples; the cache-wide column is kept (8 bytes/sample)."""
-        return self._view_column("bucket", cache=True)
+        """(len(self), 2) int32 (H, W) of this view's samples, read from the index files now (8 bytes per sample,
+        not kept: the plan keeps what it needs)."""
+        return self._view_column("bucket")
 
     @property
     def meta(self) -> dict[str, np.ndarray]:

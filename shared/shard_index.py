@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 from pathlib import Path
@@ -96,7 +97,7 @@ def _parse_header(head: bytes, path: Path, file_size: int) -> tuple[dict, int]:
         for name, c in header["columns"].items():
             if name not in _COLUMN_DTYPES or c["dtype"] != _COLUMN_DTYPES[name]:
                 raise ValueError(f"unknown column {name!r} of {c.get('dtype')!r}")
-            end = start + int(c["offset"]) + np.dtype(c["dtype"]).itemsize * int(np.prod(c["shape"]))
+            end = start + int(c["offset"]) + np.dtype(c["dtype"]).itemsize * math.prod(c["shape"])
             if end > file_size:
                 raise ValueError(f"column {name} ends at byte {end}, past the end of the file ({file_size} bytes)")
     except (ValueError, KeyError, TypeError) as e:
@@ -120,12 +121,20 @@ def read_index_header(path: str | Path) -> tuple[dict, int]:
 
 
 def read_index_column(path: str | Path, name: str) -> np.ndarray:
-    """One column read into memory (one read, no mapping kept: the reader builds cache-wide columns from these)."""
-    header, start = read_index_header(path)
-    c = header["columns"][name]
-    count = int(np.prod(c["shape"]))
-    a = np.fromfile(path, dtype=c["dtype"], count=count, offset=start + int(c["offset"]))
-    if a.size != count:
+    """One column read into memory (one open, no mapping kept: the reader builds cache-wide columns from these)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if len(head) >= 16 and head[:8] == _MAGIC and 16 + int.from_bytes(head[8:16], "little") > len(head):
+            head += f.read(16 + int.from_bytes(head[8:16], "little") - len(head))
+        header, start = _parse_header(head, path, os.fstat(f.fileno()).st_size)
+        if name not in header["columns"]:
+            raise CorruptSampleError(f"shard index {path} has no column {name!r}")
+        c = header["columns"][name]
+        count = math.prod(c["shape"])
+        f.seek(start + int(c["offset"]))
+        a = np.empty(count, dtype=c["dtype"])
+        got = f.readinto(memoryview(a).cast("B"))
+    if got != a.nbytes:
         raise CorruptSampleError(f"shard index {path}: column {name} is truncated")
     return a.reshape(c["shape"])
 
@@ -149,7 +158,7 @@ class MappedIndex:
         self.fields: list[str] = list(self.header["fields"])
         self.columns: dict[str, np.ndarray] = {}
         for name, c in self.header["columns"].items():
-            count = int(np.prod(c["shape"]))
+            count = math.prod(c["shape"])
             self.columns[name] = np.frombuffer(self._mm, dtype=c["dtype"], count=count,
                                                offset=start + int(c["offset"])).reshape(c["shape"])
 

@@ -103,15 +103,23 @@ class BucketBatchPlan:
             return self._epoch_cache[1], self._epoch_cache[2]
         self._epoch_cache = None  # free the previous epoch's plan before building this one
         rng = np.random.default_rng([self.seed, epoch])
-        ids, rows = [], []
-        for bucket_id, members in enumerate(self.members):
-            order = rng.permutation(members)
-            n = math.ceil(len(order) / self.global_batch) * self.global_batch
-            order = np.resize(order, n)  # repeats from the start to fill the last global batch
-            rows.append(order.reshape(-1, self.global_batch))
-            ids.append(np.full(rows[-1].shape[0], bucket_id, dtype=np.int64))
+        # The draws of the original loop, in its order: one permutation per bucket, then one of the batch order.
+        # Each bucket's batches are written straight to their shuffled rows, so the epoch is built in one array.
+        orders = []
+        for members in self.members:
+            orders.append(rng.permutation(members))  # int32 or int64 members: the same draws, the same values
         perm = rng.permutation(self.batches_per_epoch)
-        bucket_ids, indices = np.concatenate(ids)[perm], np.concatenate(rows)[perm]
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(perm.size)  # row of the shuffled plan that unshuffled batch j goes to
+        indices = np.empty((self.batches_per_epoch, self.global_batch), dtype=np.int64)
+        bucket_ids = np.empty(self.batches_per_epoch, dtype=np.int64)
+        first = 0
+        for bucket_id, order in enumerate(orders):
+            n = math.ceil(len(order) / self.global_batch) * self.global_batch
+            k = n // self.global_batch
+            indices[dest[first:first + k]] = np.resize(order, n).reshape(k, self.global_batch)  # repeats from the start
+            bucket_ids[dest[first:first + k]] = bucket_id
+            first += k
         self._epoch_cache = (epoch, bucket_ids, indices)
         return bucket_ids, indices
 
@@ -297,8 +305,11 @@ class CacheBatchSource:
 
             logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
                            "(encode with flip views in stage 1 to get them)")
+        # one pass over the cache-wide bucket column (8 bytes per sample, freed once the plan is built)
+        plan = BucketBatchPlan(reader.buckets(), batch_size=trainer.batch_size,
+                               world_size=trainer.info.world_size, seed=cfg.seed)
         step = reader.spec.downsample * trainer.model_config.patch_size
-        for height, width in reader.bucket_indices():
+        for height, width in plan.buckets:
             if height % step or width % step:
                 raise ValueError(
                     f"data.cache={data.cache!r} has bucket {height}x{width}, which is not a multiple of "
@@ -309,8 +320,6 @@ class CacheBatchSource:
             num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,
             noise_offset=cfg.diffusion.noise_offset,
         )
-        plan = BucketBatchPlan(reader.buckets(), batch_size=trainer.batch_size,
-                               world_size=trainer.info.world_size, seed=cfg.seed)
         source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,
                      pin_memory=data.pin_memory and trainer.device.type == "cuda")
