@@ -156,9 +156,12 @@ def _stats(x: np.ndarray) -> dict:
             "p90": int(np.percentile(x, 90)), "max": int(x.max())}
 
 
-# Shards whose index mapping and data file (or zarr group, with its small arrays in memory) a process keeps open at
-# once: bounded so that 10^5 shards never exhaust file descriptors or vm.max_map_count, least recently used first out.
-_OPEN_SHARDS = {"webdataset": 1024, "zarr": 32}
+# Shards whose index mapping and data file a process keeps open at once: bounded so that 10^5 shards never exhaust
+# file descriptors or vm.max_map_count, least recently used first out. A zarr shard reader holds its small arrays
+# (ids, masks, offsets: ~2 KB per sample) in memory and reopening one costs a whole-shard read, so with random access
+# any bound would thrash; zarr keeps every shard it touched open, as before (the fix is reading zarr through stored
+# offsets, issue 13 part 3).
+_OPEN_SHARDS = {"webdataset": 1024, "zarr": None}
 
 
 def group_by_bucket(buckets: Any) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -336,8 +339,8 @@ class CacheReader:
         rd = self._readers.pop(s, None)
         if rd is None:
             rd = _open_shard_reader(self.root, self.spec, self.shards[s])
-            limit = _OPEN_SHARDS.get(self.spec.format, 64)
-            while len(self._readers) >= limit:
+            limit = _OPEN_SHARDS.get(self.spec.format)
+            while limit is not None and len(self._readers) >= limit:
                 old = next(iter(self._readers))
                 closing = self._readers.pop(old)
                 getattr(closing, "close", lambda: None)()

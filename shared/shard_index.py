@@ -220,7 +220,7 @@ class ShardIndex:
     def column(self, name: str) -> np.ndarray:
         """A column read into memory without keeping a mapping (for cache-wide columns)."""
         a = read_index_column(self.index_path, name)
-        if a.shape[0] != self.n_samples + (name == "key_offsets"):
+        if name != "key_blob" and a.shape[0] != self.n_samples + (name == "key_offsets"):
             raise CorruptSampleError(f"shard index {self.index_path}: column {name} has {a.shape[0]} rows, the "
                                      f"sidecar says {self.n_samples} samples")
         return a
@@ -229,7 +229,9 @@ class ShardIndex:
         return self.mapped.key(i)
 
     def keys(self) -> list[str]:
-        return self.mapped.keys()
+        """Every key of the shard (read, not mapped: bulk listings must not pin mappings)."""
+        blob, o = self.column("key_blob").tobytes(), self.column("key_offsets").tolist()
+        return [blob[o[i]:o[i + 1]].decode("utf-8") for i in range(self.n_samples)]
 
     def __repr__(self) -> str:
         return f"ShardIndex({self.name!r}, {self.n_samples} samples)"

@@ -382,3 +382,18 @@ def test_duplicate_keys_across_shards_are_refused_at_the_manifest(tmp_path):
             w.add(synthetic_sample(spec, "twice", (64, 64), rng))
     with pytest.raises(ValueError, match="duplicate keys across shards.*twice"):
         write_manifest(tmp_path, manifest_from_shards(tmp_path, spec))
+
+
+def test_open_shards_are_bounded(tmp_path, monkeypatch):
+    """A process keeps at most _OPEN_SHARDS webdataset shards (fd + index mapping) open; evicted ones reopen."""
+    import shared.cache as cache_mod
+
+    monkeypatch.setitem(cache_mod._OPEN_SHARDS, "webdataset", 2)
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=8, n_shards=4)
+    cache = open_cache(tmp_path)
+    keys = cache.keys()
+    for i in (0, 2, 4, 6, 1, 7, 3, 5, 0):
+        assert cache[i]["key"] == keys[i]
+        assert len(cache._readers) <= 2
+        assert sum(sh._mapped is not None for sh in cache.shards) <= 2
