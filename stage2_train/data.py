@@ -98,7 +98,8 @@ class BucketBatchPlan:
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """((batches,) bucket ids, (batches, global_batch) sample indices) for one epoch, in batch order."""
+        """((batches,) bucket ids, (batches, global_batch) sample indices, int32 below 2**31 samples) for one epoch,
+        in batch order."""
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1], self._epoch_cache[2]
         self._epoch_cache = None  # free the previous epoch's plan before building this one
@@ -111,7 +112,9 @@ class BucketBatchPlan:
         perm = rng.permutation(self.batches_per_epoch)
         dest = np.empty_like(perm)
         dest[perm] = np.arange(perm.size)  # row of the shuffled plan that unshuffled batch j goes to
-        indices = np.empty((self.batches_per_epoch, self.global_batch), dtype=np.int64)
+        # int32 while positions fit (4 bytes per sample per epoch); callers get int64 rows, as before
+        dt = np.int32 if sum(len(m) for m in self.members) < 1 << 31 else np.int64
+        indices = np.empty((self.batches_per_epoch, self.global_batch), dtype=dt)
         bucket_ids = np.empty(self.batches_per_epoch, dtype=np.int64)
         first = 0
         for bucket_id, order in enumerate(orders):
@@ -126,12 +129,12 @@ class BucketBatchPlan:
     def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """[(bucket id, (global_batch,) sample indices)] for one epoch (a list view of `epoch_arrays`)."""
         bucket_ids, indices = self.epoch_arrays(epoch)
-        return [(int(b), row) for b, row in zip(bucket_ids.tolist(), indices)]
+        return [(int(b), row.astype(np.int64)) for b, row in zip(bucket_ids.tolist(), indices)]
 
     def global_batch_at(self, micro_step: int) -> tuple[tuple[int, int], np.ndarray]:
         epoch, position = divmod(micro_step, self.batches_per_epoch)
         bucket_ids, indices = self.epoch_arrays(epoch)
-        return self.buckets[int(bucket_ids[position])], indices[position]
+        return self.buckets[int(bucket_ids[position])], indices[position].astype(np.int64)
 
     def rank_items(self, micro_step: int, rank: int) -> list[tuple[int, int, int]]:
         """[(micro_step, slot in the global batch, sample index)] that `rank` reads at `micro_step`."""
