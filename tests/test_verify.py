@@ -114,3 +114,21 @@ def test_damaged_shard_index_is_a_clear_error(tmp_path):
     with pytest.raises(CorruptSampleError, match="part-000000.*moments: bad member index"):
         cache[1]
     cache[0]
+
+
+def test_damaged_index_file_is_named(tmp_path):
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=4, n_shards=2)
+    path = shard_index_path(tmp_path, "part-000001")
+    path.write_bytes(path.read_bytes()[:-64])  # the last column loses its tail
+    cache = open_cache(tmp_path)
+    cache[0]  # the good shard still reads
+    with pytest.raises(CorruptSampleError, match=r"part-000001\.index.*past the end"):
+        cache[3]
+    with pytest.raises(CorruptSampleError, match=r"part-000001\.index"):
+        cache.buckets()
+    rep = verify_cache(tmp_path, progress=False)
+    assert rep.bad_shards == ["part-000001"] and any("part-000001.index" in e for e in rep.errors)
+    path.write_bytes(b"not an index")
+    with pytest.raises(CorruptSampleError, match="bad magic"):
+        open_cache(tmp_path)[3]
