@@ -300,6 +300,13 @@ class CacheReader:
     def __len__(self) -> int:
         return self.n_total if self._idx is None else int(self._idx.size)
 
+    def _key_at(self, s: int, loc: int) -> str:
+        """Key of one sample; a shard mapped only for this is let go again (no reader holds it in the LRU)."""
+        k = self.shards[s].key(loc)
+        if s not in self._readers:
+            self.shards[s].release()
+        return k
+
     def _find_key(self, key: str) -> int | None:
         """Global position of a key: binary search over the sorted 64-bit key hashes (built once per process, 16
         bytes per sample), then an exact comparison, so a hash collision can never return the wrong sample."""
@@ -313,7 +320,7 @@ class CacheReader:
         for j in range(int(lo), int(hi)):
             g = int(order[j])
             s, loc = self.locate(g)
-            if self.shards[int(s)].key(int(loc)) == key:
+            if self._key_at(int(s), int(loc)) == key:
                 return g
         return None
 
@@ -365,14 +372,19 @@ class CacheReader:
 
     def key(self, i: int) -> str:
         s, loc = self.locate(self._global(i))
-        return self.shards[int(s)].key(int(loc))
+        return self._key_at(int(s), int(loc))
 
     def keys(self) -> list[str]:
         """Every key of this view, in order (a list: for people and tests, not for the training loop)."""
         if self._idx is None:
             return [k for sh in self.shards for k in sh.keys()]
         s, loc = self.locate(self._idx)
-        return [self.shards[a].key(b) for a, b in zip(s.tolist(), loc.tolist())]
+        out, keys_of = [], {}
+        for a, b in zip(s.tolist(), loc.tolist()):  # one shard's key list at a time, read without mapping
+            if a not in keys_of:
+                keys_of = {a: self.shards[a].keys()}
+            out.append(keys_of[a][b])
+        return out
 
     def buckets(self) -> np.ndarray:
         """(len(self), 2) int32 (H, W) of this view's samples, read from the index files now (8 bytes per sample,
@@ -407,7 +419,7 @@ class CacheReader:
             view = self._view()
             for p in np.flatnonzero(sel).tolist():  # only the hash matches: an exact check guards collisions
                 s, loc = self.locate(int(view[p]))
-                if self.shards[int(s)].key(int(loc)) not in want:
+                if self._key_at(int(s), int(loc)) not in want:
                     sel[p] = False
         return CacheReader(self.root, self._vae, _parent=self, _indices=self._view()[sel])
 

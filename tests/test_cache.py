@@ -394,6 +394,7 @@ def test_open_shards_are_bounded(tmp_path, monkeypatch):
     cache = open_cache(tmp_path)
     keys = cache.keys()
     for i in (0, 2, 4, 6, 1, 7, 3, 5, 0):
-        assert cache[i]["key"] == keys[i]
+        assert cache[i]["key"] == keys[i] and cache[keys[7 - i]]["key"] == keys[7 - i]
+        assert cache.filter(keys=keys[i:]).keys() == keys[i:]
         assert len(cache._readers) <= 2
         assert sum(sh._mapped is not None for sh in cache.shards) <= 2
