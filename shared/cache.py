@@ -20,7 +20,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .fsutil import atomic_write_bytes, file_sha256
-from .manifest import (EMPTY_CAPTION_NAME, Manifest, ShardInfo, read_manifest, read_shard_info, shard_data_path)
+from .manifest import (EMPTY_CAPTION_NAME, LEGACY_INDEX_FIX, LegacyIndexError, Manifest, ShardInfo, read_manifest,
+                       read_shard_info, shard_data_path)
+from .shard_index import ShardIndex, key_hash, key_hashes
 from .schema import STORAGE_DTYPE, CacheSpec, check_stored, decode_sample, to_torch
 from .wds_store import WdsShardReader, WdsShardWriter, iter_tar_stored
 from .zarr_store import ZarrShardReader, ZarrShardWriter
@@ -35,11 +37,11 @@ def open_shard_writer(root: str | Path, shard_name: str, spec: CacheSpec, overwr
     return WdsShardWriter(root, shard_name, spec, overwrite=overwrite)
 
 
-def _open_shard_reader(root: Path, spec: CacheSpec, info: ShardInfo):
-    path = shard_data_path(root, info.name, spec.format)
+def _open_shard_reader(root: Path, spec: CacheSpec, shard: ShardIndex):
+    path = shard_data_path(root, shard.name, spec.format)
     if spec.format == "zarr":
-        return ZarrShardReader(path, spec, info)
-    return WdsShardReader(path, spec, info)
+        return ZarrShardReader(path, spec, shard)
+    return WdsShardReader(path, spec, shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,11 +156,69 @@ def _stats(x: np.ndarray) -> dict:
             "p90": int(np.percentile(x, 90)), "max": int(x.max())}
 
 
+# Shards whose index mapping and data file a process keeps open at once: bounded so that 10^5 shards never exhaust
+# file descriptors or vm.max_map_count, least recently used first out. A zarr shard reader holds its small arrays
+# (ids, masks, offsets: ~2 KB per sample) in memory and reopening one costs a whole-shard read, so with random access
+# any bound would thrash; zarr keeps every shard it touched open, as before (the fix is reading zarr through stored
+# offsets, issue 13 part 3).
+_OPEN_SHARDS = {"webdataset": 1024, "zarr": None}
+
+
+def group_by_bucket(buckets: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """((K, 2) distinct buckets in (H, W) order, [positions of bucket k, ascending]) for an (N, 2) bucket array.
+
+    O(N) numpy, no per-sample Python objects and no N-element sort: buckets sit on a grid (multiples of some step),
+    so a bincount over grid cells finds the distinct ones already in (H, W) order, a lookup table maps every sample
+    to its bucket number (a small integer), and a stable argsort of those small integers (numpy's radix sort) lists
+    each bucket's positions in input order. Falls back to np.unique when the grid is too sparse.
+    """
+    b = np.asarray(buckets).reshape(-1, 2)
+    n = b.shape[0]
+    if n == 0:
+        return np.zeros((0, 2), dtype=np.int64), []
+    h, w = b[:, 0].astype(np.int64), b[:, 1].astype(np.int64)  # contiguous: reductions over (N, 2) columns crawl
+    lo = np.array([h.min(), w.min()])
+    if lo.min() < 0 or max(h.max(), w.max()) >= 1 << 31:
+        raise ValueError(f"bucket sizes must lie in [0, 2**31), got {lo.min()}..{max(h.max(), w.max())}")
+    h -= lo[0]
+    w -= lo[1]
+    step = int(np.gcd.reduce(np.concatenate([np.gcd.reduce(h, keepdims=True), np.gcd.reduce(w, keepdims=True)]))) or 1
+    if step > 1:
+        h //= step
+        w //= step
+    width = int(w.max()) + 1
+    cells = (int(h.max()) + 1) * width
+    if cells <= 1 << 22:
+        codes = h
+        codes *= width
+        codes += w  # in place: codes is h's buffer
+        del w
+        counts = np.bincount(codes, minlength=cells)
+        present = np.flatnonzero(counts)
+        table = np.stack([present // width * step + lo[0], present % width * step + lo[1]], axis=1)
+        lut = np.zeros(cells, dtype=np.int16 if present.size < 1 << 15 else np.int64)
+        lut[present] = np.arange(present.size)
+        inv = lut[codes]
+        del codes, lut
+        sizes = counts[present]
+    else:  # a sparse grid (odd sizes): sort instead
+        codes = (b[:, 0].astype(np.int64) << 32) | b[:, 1].astype(np.int64)
+        uniq, first, inv, sizes = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+        table = b[first].astype(np.int64)
+    order = np.argsort(inv, kind="stable")  # stable: positions stay in input order inside each bucket
+    dt = np.int32 if n < 1 << 31 else np.int64
+    order = order.astype(dt, copy=False)
+    return table.astype(np.int64), np.split(order, np.cumsum(sizes)[:-1])
+
+
 class CacheReader:
     """Map-style reader over every shard listed in the manifest (and nothing else).
 
-    `meta` (numpy columns: key, bucket, clip_len, t5_len, shard) comes from the shard indexes, so bucket-pure
-    batching never opens a shard. Picklable: files open lazily in each process (DataLoader workers).
+    Per-sample facts (keys, buckets, token lengths, member offsets) stay in the shards' columnar index files
+    (shared.shard_index): each shard's file is mapped on first use in each process, so ranks and DataLoader workers
+    share its pages, and cache-wide columns (`buckets()`, `meta`) are built on demand with numpy. What lives in
+    steady state is per shard (a ShardIndex and a cumulative count), never per sample. Picklable and small: files
+    open lazily in each process (DataLoader workers). Views (`filter`) hold a sorted array of global positions.
     """
 
     def __init__(self, root: str | Path, vae: Any = None, *, _parent: "CacheReader | None" = None,
@@ -168,81 +228,148 @@ class CacheReader:
         if _parent is None:
             self.manifest: Manifest = read_manifest(self.root)
             self.spec: CacheSpec = self.manifest.spec
+            legacy = [e["name"] for e in self.manifest.shards if not e.get("index_sha256")]
+            if legacy:
+                raise LegacyIndexError(f"cache {self.root}: shard {legacy[0]!r} and {len(legacy) - 1} more have no "
+                                       f"columnar index: {LEGACY_INDEX_FIX}")
             self.infos: list[ShardInfo] = []
             for entry in self.manifest.shards:
                 info = read_shard_info(self.root, entry["name"])
-                if info.sha256 != entry["sha256"] or info.n_samples != entry["n_samples"]:
+                if info.entry() != {k: entry.get(k) for k in info.entry()}:
                     raise ValueError(f"shard {entry['name']!r}: its index disagrees with manifest.json "
                                      "(rewritten after the manifest?); run `python -m shared.cli verify`")
                 self.infos.append(info)
-            self._readers = [_open_shard_reader(self.root, self.spec, i) for i in self.infos]
-            n = sum(i.n_samples for i in self.infos)
-            shard = np.concatenate([np.full(i.n_samples, s, np.int32) for s, i in enumerate(self.infos)] or
-                                   [np.zeros(0, np.int32)])
-            local = np.concatenate([np.arange(i.n_samples, dtype=np.int64) for i in self.infos] or
-                                   [np.zeros(0, np.int64)])
-            keys = [k for i in self.infos for k in i.keys]
-            self._all = {
-                "key": np.asarray(keys, dtype=object),
-                "bucket": np.asarray([b for i in self.infos for b in i.buckets], dtype=np.int32).reshape(n, 2),
-                "clip_len": np.asarray([x for i in self.infos for x in i.clip_lens], dtype=np.int32),
-                "t5_len": np.asarray([x for i in self.infos for x in i.t5_lens], dtype=np.int32),
-                "t5_unique": np.asarray([x for i in self.infos for x in i.t5_unique], dtype=np.int32),
-                "shard": shard, "local": local,
-            }
-            if len(set(keys)) != len(keys):
-                dup = [k for k, c in Counter(keys).items() if c > 1][:5]
-                raise ValueError(f"cache {self.root} has duplicate keys across shards, e.g. {dup}")
-            self._key_pos = {k: i for i, k in enumerate(keys)}
-            self._idx = np.arange(n, dtype=np.int64)
+            self.shards: list[ShardIndex] = [ShardIndex(self.root, i) for i in self.infos]
+            self._starts = np.zeros(len(self.shards) + 1, dtype=np.int64)  # global position of each shard's first
+            np.cumsum([s.n_samples for s in self.shards], out=self._starts[1:])
+            self._idx: np.ndarray | None = None  # None: every sample, in cache order
         else:
             self.manifest, self.spec, self.infos = _parent.manifest, _parent.spec, _parent.infos
-            self._readers, self._all, self._key_pos = _parent._readers, _parent._all, _parent._key_pos
-            self._idx = _indices
-        self._pos_in_view: dict[int, int] | None = None
+            self.shards, self._starts = _parent.shards, _parent._starts
+            self._idx = np.asarray(_indices, dtype=np.int64)
+        self._local_state()
+
+    def _local_state(self) -> None:
+        """What each process builds for itself on demand and never pickles."""
+        self._cols: dict[str, np.ndarray] = {}      # cache-wide columns (8 bytes per sample for buckets)
+        self._readers: dict[int, Any] = {}          # open shard readers, least recently used first
+        self._key_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
+        for k in ("_cols", "_readers", "_key_lookup"):
+            d.pop(k, None)
         if not isinstance(d.get("_vae"), (str, Path, type(None))):
             d["_vae"] = None  # never ship a loaded VAE to DataLoader workers
         return d
 
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._local_state()
+
+    # -- positions ----------------------------------------------------------------------------------------------
+    @property
+    def n_total(self) -> int:
+        """Samples in the whole cache (not only this view)."""
+        return int(self._starts[-1])
+
+    def _view(self) -> np.ndarray:
+        return np.arange(self.n_total, dtype=np.int64) if self._idx is None else self._idx
+
+    def locate(self, g: int | np.ndarray) -> tuple[Any, Any]:
+        """Global position(s) -> (shard number, position inside that shard)."""
+        s = np.searchsorted(self._starts, g, side="right") - 1
+        return s, g - self._starts[s]
+
+    def _column(self, name: str, cache: bool = False) -> np.ndarray:
+        """A cache-wide column (all samples, cache order), concatenated from the shards' index files."""
+        if name in self._cols:
+            return self._cols[name]
+        parts = [sh.column(name) for sh in self.shards]
+        shape = (0, 2) if name == "bucket" else (0,)
+        out = np.concatenate(parts) if parts else np.zeros(shape, dtype=np.int64)
+        if cache:
+            self._cols[name] = out
+        return out
+
+    def _view_column(self, name: str, cache: bool = False) -> np.ndarray:
+        col = self._column(name, cache)
+        return col if self._idx is None else col[self._idx]
+
     # -- map-style access -------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self._idx.size)
+        return self.n_total if self._idx is None else int(self._idx.size)
+
+    def _key_at(self, s: int, loc: int) -> str:
+        """Key of one sample; a shard mapped only for this is let go again (no reader holds it in the LRU)."""
+        k = self.shards[s].key(loc)
+        if s not in self._readers:
+            self.shards[s].release()
+        return k
+
+    def _find_key(self, key: str) -> int | None:
+        """Global position of a key: binary search over the sorted 64-bit key hashes (built once per process, 16
+        bytes per sample), then an exact comparison, so a hash collision can never return the wrong sample."""
+        if self._key_lookup is None:
+            h = self._column("key_hash")
+            order = np.argsort(h, kind="stable")
+            self._key_lookup = (h[order], order)
+        sorted_h, order = self._key_lookup
+        kh = np.uint64(key_hash(key))
+        lo, hi = np.searchsorted(sorted_h, kh, side="left"), np.searchsorted(sorted_h, kh, side="right")
+        for j in range(int(lo), int(hi)):
+            g = int(order[j])
+            s, loc = self.locate(g)
+            if self._key_at(int(s), int(loc)) == key:
+                return g
+        return None
 
     def _global(self, i: int | str) -> int:
         if isinstance(i, str):
-            g = self._key_pos.get(i)
-            if g is None or (self._idx.size != len(self._key_pos) and g not in self._view_set()):
+            g = self._find_key(i)
+            if g is not None and self._idx is not None:
+                p = int(np.searchsorted(self._idx, g))
+                g = g if p < self._idx.size and int(self._idx[p]) == g else None
+            if g is None:
                 raise KeyError(f"no sample with key {i!r} in this cache view")
             return g
         n = len(self)
         i = int(i)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
+        if self._idx is None:
+            return i % n if i < 0 else i
         return int(self._idx[i])
 
-    def _view_set(self) -> dict[int, int]:
-        if self._pos_in_view is None:
-            self._pos_in_view = {int(g): p for p, g in enumerate(self._idx)}
-        return self._pos_in_view
+    def _reader(self, s: int):
+        """The open reader of shard s (opened on first use in this process; the least recently used ones close)."""
+        rd = self._readers.pop(s, None)
+        if rd is None:
+            rd = _open_shard_reader(self.root, self.spec, self.shards[s])
+            limit = _OPEN_SHARDS.get(self.spec.format)
+            while limit is not None and len(self._readers) >= limit:
+                old = next(iter(self._readers))
+                closing = self._readers.pop(old)
+                getattr(closing, "close", lambda: None)()
+                self.shards[old].release()
+        self._readers[s] = rd  # most recently used last
+        return rd
 
-    def locate(self, i: int | str) -> tuple[str, str]:
-        """(shard name, key) of sample i, from the shard indexes (no shard is opened)."""
-        g = self._global(i)
-        return self.infos[int(self._all["shard"][g])].name, str(self._all["key"][g])
+    def origin(self, i: int | str) -> tuple[str, str]:
+        """(shard name, key) of sample i, from its shard's index file (the shard itself is not opened)."""
+        s, loc = self.locate(self._global(i))
+        return self.shards[int(s)].name, self.shards[int(s)].key(int(loc))
 
     def bucket_of(self, i: int | str) -> tuple[int, int]:
-        """(H, W) bucket of sample i, from the shard indexes."""
-        h, w = self._all["bucket"][self._global(i)].tolist()
+        """(H, W) bucket of sample i, from its shard's index file."""
+        s, loc = self.locate(self._global(i))
+        h, w = self.shards[int(s)].mapped.columns["bucket"][int(loc)].tolist()
         return int(h), int(w)
 
     def read_stored(self, i: int | str) -> dict:
-        g = self._global(i)
-        s, loc = int(self._all["shard"][g]), int(self._all["local"][g])
-        rd = self._readers[s]
-        stored = rd.read_stored(loc)
+        s, loc = self.locate(self._global(i))
+        rd = self._reader(int(s))
+        stored = rd.read_stored(int(loc))
         check_stored(stored, self.spec, f"shard {rd.path}")
         return stored
 
@@ -254,33 +381,58 @@ class CacheReader:
         for i in range(len(self)):
             yield self[i]
 
+    def key(self, i: int) -> str:
+        s, loc = self.locate(self._global(i))
+        return self._key_at(int(s), int(loc))
+
     def keys(self) -> list[str]:
-        return [str(k) for k in self._all["key"][self._idx]]
+        """Every key of this view, in order (a list: for people and tests, not for the training loop)."""
+        if self._idx is None:
+            return [k for sh in self.shards for k in sh.keys()]
+        s, loc = self.locate(self._idx)
+        out, keys_of = [], {}
+        for a, b in zip(s.tolist(), loc.tolist()):  # one shard's key list at a time, read without mapping
+            if a not in keys_of:
+                keys_of = {a: self.shards[a].keys()}
+            out.append(keys_of[a][b])
+        return out
+
+    def buckets(self) -> np.ndarray:
+        """(len(self), 2) int32 (H, W) of this view's samples, read from the index files now (8 bytes per sample,
+        not kept: the plan keeps what it needs)."""
+        return self._view_column("bucket")
 
     @property
     def meta(self) -> dict[str, np.ndarray]:
-        """Per-sample metadata columns for this view (no big array is read)."""
-        return {k: v[self._idx] for k, v in self._all.items() if k != "local"}
+        """Per-sample metadata columns for this view, built now (no big array is read): key, bucket, clip_len,
+        t5_len, shard."""
+        out = {"key": np.asarray(self.keys(), dtype=str), "bucket": self.buckets()}
+        for name in ("clip_len", "t5_len", "t5_unique"):
+            out[name] = self._view_column(name)
+        out["shard"] = self.locate(self._view())[0].astype(np.int32)
+        return out
 
     def bucket_indices(self) -> dict[tuple[int, int], np.ndarray]:
         """{(H, W): positions in this view}, for bucket-pure batch samplers."""
-        b = self._all["bucket"][self._idx]
-        out: dict[tuple[int, int], list[int]] = {}
-        for p, (h, w) in enumerate(b.tolist()):
-            out.setdefault((h, w), []).append(p)
-        return {k: np.asarray(v, dtype=np.int64) for k, v in sorted(out.items())}
+        uniq, members = group_by_bucket(self.buckets())
+        return {(int(h), int(w)): m for (h, w), m in zip(uniq.tolist(), members)}
 
     def filter(self, bucket: tuple[int, int] | None = None, keys: Sequence[str] | None = None) -> "CacheReader":
         """A view with only the samples of one bucket (H, W) and/or the given keys (in cache order)."""
         sel = np.ones(len(self), dtype=bool)
         if bucket is not None:
             h, w = (int(x) for x in bucket)
-            b = self._all["bucket"][self._idx]
+            b = self.buckets()
             sel &= (b[:, 0] == h) & (b[:, 1] == w)
         if keys is not None:
-            ks = set(keys)
-            sel &= np.fromiter((k in ks for k in self._all["key"][self._idx]), dtype=bool, count=len(self))
-        return CacheReader(self.root, self._vae, _parent=self, _indices=self._idx[sel])
+            want = set(keys)
+            sel &= np.isin(self._view_column("key_hash"), key_hashes(list(want)))
+            view = self._view()
+            for p in np.flatnonzero(sel).tolist():  # only the hash matches: an exact check guards collisions
+                s, loc = self.locate(int(view[p]))
+                if self._key_at(int(s), int(loc)) not in want:
+                    sel[p] = False
+        return CacheReader(self.root, self._vae, _parent=self, _indices=self._view()[sel])
 
     def to_torch(self, sample: dict) -> dict:
         return to_torch(sample, self.spec)
@@ -297,22 +449,23 @@ class CacheReader:
 
     # -- people -----------------------------------------------------------------------------------------------
     def summary(self) -> CacheSummary:
-        m, spec, idx = self.manifest, self.spec, self._idx
-        shards_in_view = sorted(set(int(s) for s in self._all["shard"][idx]))
+        m, spec = self.manifest, self.spec
+        shards_in_view = np.unique(self.locate(self._view())[0])
         on_disk = sum(self.infos[s].bytes for s in range(len(self.infos)))
-        n_all = max(1, sum(i.n_samples for i in self.infos))
+        n_all = max(1, self.n_total)
         fb: Counter = Counter()
         for info in self.infos:
             fb.update(info.field_bytes)
-        buckets = Counter(f"{h}x{w}" for h, w in self._all["bucket"][idx].tolist())
+        uniq, members = group_by_bucket(self.buckets())
+        buckets = {f"{h}x{w}": len(mm) for (h, w), mm in zip(uniq.tolist(), members)}
         return CacheSummary(
             root=str(self.root), format=spec.format, schema_version=m.schema_version, samples=len(self),
-            shards=len(shards_in_view), bytes_on_disk=on_disk, bytes_per_sample_on_disk=on_disk / n_all,
+            shards=int(shards_in_view.size), bytes_on_disk=on_disk, bytes_per_sample_on_disk=on_disk / n_all,
             views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
             scaling_factor=m.vae_scaling_factor,
             buckets=dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-            tokens={"clip_len": _stats(self._all["clip_len"][idx]), "t5_len": _stats(self._all["t5_len"][idx]),
-                    "t5_unique_rows": _stats(self._all["t5_unique"][idx])},
+            tokens={"clip_len": _stats(self._view_column("clip_len")), "t5_len": _stats(self._view_column("t5_len")),
+                    "t5_unique_rows": _stats(self._view_column("t5_unique"))},
             bytes_per_sample_by_field={k: v / n_all for k, v in sorted(fb.items(), key=lambda kv: -kv[1])},
             rejects=dict(m.rejects),
         )
@@ -412,7 +565,7 @@ class _CacheStreamBase:
 
     def shard_plan(self) -> list[int]:
         r = self.reader
-        shards = sorted(set(int(s) for s in r._all["shard"][r._idx]))
+        shards = np.unique(r.locate(r._view())[0]).tolist()
         if self.shuffle_shards:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
         import torch.utils.data
@@ -424,16 +577,19 @@ class _CacheStreamBase:
 
     def __iter__(self) -> Iterator[dict]:
         r = self.reader
-        in_view = None if r._idx.size == len(r._all["shard"]) else set(r._idx.tolist())
         for s in self.shard_plan():
-            info, rd = r.infos[s], r._readers[s]
-            first = int(np.searchsorted(r._all["shard"], s))
+            sh, rd = r.shards[s], r._reader(s)
+            first = int(r._starts[s])
+            in_view = None
+            if r._idx is not None:  # this shard's positions in the view, as a set (one shard's worth)
+                lo, hi = np.searchsorted(r._idx, [first, first + sh.n_samples])
+                in_view = set((r._idx[lo:hi] - first).tolist())
             if r.spec.format == "webdataset":
-                it = iter_tar_stored(rd.path, r.spec, info.keys)
+                it = iter_tar_stored(rd.path, r.spec, sh.keys())
             else:
-                it = (rd.read_stored(j) for j in range(info.n_samples))
+                it = (rd.read_stored(j) for j in range(sh.n_samples))
             for j, stored in enumerate(it):
-                if in_view is not None and first + j not in in_view:
+                if in_view is not None and j not in in_view:
                     continue
                 check_stored(stored, r.spec, f"shard {rd.path}")
                 yield decode_sample(stored, r.spec)

@@ -1,4 +1,4 @@
-"""`python -m shared.cli inspect|verify CACHE` (installed as `hydit-cache`)."""
+"""`python -m shared.cli inspect|verify|upgrade-index CACHE` (installed as `hydit-cache`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,9 @@ HELP = """Inspect or verify a feature cache written by stage 1 (a folder with ma
   verify CACHE                       re-read every shard: sha256 against the manifest, every sample's crc32 and
                                      schema, the empty-caption file, leftover temp files; exits 1 naming the bad
                                      shard and sample, 0 if all is well
+  upgrade-index CACHE                convert a cache written before the columnar index (per-sample JSON sidecars)
+                                     in place: writes shards/<name>.index, slims the sidecars, updates the
+                                     manifest; shards are not touched; safe to re-run after an interruption
 """
 
 
@@ -44,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
     pv.add_argument("--no-progress", action="store_true", help="no progress bar")
     pv.add_argument("--json", action="store_true", help="print the report as JSON")
+    pu = sub.add_parser("upgrade-index", help="convert an old-layout cache (per-sample JSON sidecars) in place",
+                        description="Write each shard's columnar index file from its old JSON sidecar, replace the "
+                        "sidecar by the per-shard one, and add index_sha256 to the manifest's entries. Shards are "
+                        "not read or changed. Exit 0 when done, 2 if CACHE is not a cache folder.")
+    pu.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
     return p
 
 
@@ -59,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report_json(rep) if args.json else str(rep))
         return 0 if rep.ok else 1
+
+    if args.cmd == "upgrade-index":
+        from .upgrade_index import upgrade_index
+
+        try:
+            upgrade_index(args.cache)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     from .cache import open_cache
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_replace, atomic_write_json, is_tmp_name, remove_path
+from .fsutil import atomic_replace, atomic_write_bytes, atomic_write_json, is_tmp_name, remove_path
 from .schema import SCHEMA_VERSION, CacheSpec, check_shard_name
+from .shard_index import INDEX_SUFFIX, INDEX_VERSION, encode_index, index_columns
 
 MANIFEST_NAME = "manifest.json"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
@@ -33,23 +34,31 @@ def shard_sidecar_path(root: str | Path, name: str) -> Path:
     return Path(root) / SHARDS_DIR / f"{name}.json"
 
 
+LEGACY_INDEX_FIX = ("it was written by an older version with per-sample JSON sidecars; convert it in place (the "
+                    "shards stay as they are) with `python -m shared.cli upgrade-index CACHE`")
+
+
+class LegacyIndexError(ValueError):
+    """A sidecar of the old layout (per-sample lists in JSON, no columnar index file)."""
+
+
+def shard_index_path(root: str | Path, name: str) -> Path:
+    return Path(root) / SHARDS_DIR / f"{name}{INDEX_SUFFIX}"
+
+
 @dataclass
 class ShardInfo:
-    """One completed shard: what shards/<name>.json holds. Per-sample lists let stage 2 build bucket-pure
-    batches without opening the shard."""
+    """One completed shard: what shards/<name>.json holds. Per-shard facts only: the per-sample columns (keys,
+    buckets, token lengths, member offsets) are in shards/<name>.index (see shared.shard_index), described by
+    `index`."""
 
     name: str
     format: str
     n_samples: int
     bytes: int
     sha256: str
-    keys: list[str] = field(default_factory=list)
-    buckets: list[list[int]] = field(default_factory=list)       # (H, W) per sample
-    clip_lens: list[int] = field(default_factory=list)           # masked-in BERT tokens per sample
-    t5_lens: list[int] = field(default_factory=list)             # masked-in mT5 tokens per sample
-    t5_unique: list[int] = field(default_factory=list)           # distinct stored mT5 rows per sample
     field_bytes: dict[str, int] = field(default_factory=dict)    # raw stored bytes per field, summed over samples
-    members: dict[str, Any] = field(default_factory=dict)        # webdataset: {field: {"offset": [...], "size": [...]}}
+    index: dict[str, Any] = field(default_factory=dict)          # {"file", "bytes", "sha256", "version"}
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -57,12 +66,15 @@ class ShardInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardInfo":
+        if "keys" in d and not d.get("index"):
+            raise LegacyIndexError(f"shard {d.get('name')!r}: {LEGACY_INDEX_FIX}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def entry(self) -> dict:
         """The manifest's short line for this shard."""
-        return {"name": self.name, "n_samples": self.n_samples, "bytes": self.bytes, "sha256": self.sha256}
+        return {"name": self.name, "n_samples": self.n_samples, "bytes": self.bytes, "sha256": self.sha256,
+                "index_sha256": self.index.get("sha256")}
 
 
 def read_shard_info(root: str | Path, name: str) -> ShardInfo:
@@ -71,14 +83,17 @@ def read_shard_info(root: str | Path, name: str) -> ShardInfo:
         return ShardInfo.from_dict(json.loads(p.read_text("utf-8")))
     except FileNotFoundError:
         raise FileNotFoundError(f"shard index {p} is missing: shard {name!r} was never completed") from None
+    except LegacyIndexError as e:
+        raise LegacyIndexError(f"{p}: {e}") from None
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"shard index {p} is unreadable ({e}); delete the shard and its .json to re-encode it") from e
 
 
 def completed_shards(root: str | Path) -> dict[str, ShardInfo]:
-    """Shards whose data and sidecar both exist (temp `.tmp-*` leftovers are ignored), by name, sorted.
+    """Shards whose data, index file and sidecar all exist (temp `.tmp-*` leftovers are ignored), by name, sorted.
 
-    Stage 1 skips partitions whose shard name is in here when it resumes.
+    Stage 1 skips partitions whose shard name is in here when it resumes. A sidecar of the old layout raises
+    LegacyIndexError (naming the upgrade command) rather than being silently re-encoded or ignored.
     """
     d = Path(root) / SHARDS_DIR
     out: dict[str, ShardInfo] = {}
@@ -89,11 +104,13 @@ def completed_shards(root: str | Path) -> dict[str, ShardInfo]:
             continue
         try:
             info = ShardInfo.from_dict(json.loads(p.read_text("utf-8")))
+        except LegacyIndexError as e:
+            raise LegacyIndexError(f"{p}: {e}") from None
         except (json.JSONDecodeError, TypeError, OSError):
             continue
         if info.name != p.stem or info.format not in SHARD_SUFFIX:
             continue
-        if shard_data_path(root, info.name, info.format).exists():
+        if shard_data_path(root, info.name, info.format).exists() and shard_index_path(root, info.name).exists():
             out[info.name] = info
     return out
 
@@ -201,13 +218,48 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
         info = done.get(s["name"])
         if info is None:
             raise ValueError(f"manifest lists shard {s['name']!r} but it is not complete under {root / SHARDS_DIR}")
-        if info.sha256 != s["sha256"] or info.n_samples != s["n_samples"]:
+        if info.entry() != {k: s.get(k) for k in info.entry()}:
             raise ValueError(f"manifest entry for shard {s['name']!r} disagrees with its sidecar")
+    check_unique_keys(root, [done[s["name"]] for s in manifest.shards])
     if not manifest.created_utc:
         manifest.created_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path = root / MANIFEST_NAME
     atomic_write_json(path, manifest.to_dict())
     return path
+
+
+def check_unique_keys(root: str | Path, infos: list[ShardInfo]) -> None:
+    """Raise ValueError if two shards hold the same key: sorts the 64-bit key hashes of the index files (8 bytes per
+    sample, numpy) and compares the actual keys only where hashes collide."""
+    import numpy as np
+
+    from .shard_index import ShardIndex
+
+    shards = [ShardIndex(root, i) for i in infos]
+    if not shards:
+        return
+    h = np.concatenate([s.column("key_hash") for s in shards])
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = np.flatnonzero(hs[1:] == hs[:-1])
+    if same.size == 0:
+        return
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    np.cumsum([s.n_samples for s in shards], out=starts[1:])
+
+    def key(g: int) -> str:
+        s = int(np.searchsorted(starts, g, side="right") - 1)
+        return shards[s].key(g - int(starts[s]))
+
+    groups: dict[int, set[int]] = {}
+    for j in same.tolist():
+        groups.setdefault(int(hs[j]), set()).update((int(order[j]), int(order[j + 1])))
+    dup = []
+    for members in groups.values():
+        ks = [key(g) for g in sorted(members)]
+        dup += sorted({k for k in ks if ks.count(k) > 1})
+    if dup:
+        raise ValueError(f"cache {root} has duplicate keys across shards, e.g. {dup[:5]}")
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -288,7 +340,7 @@ def check_manifest(manifest: Manifest, expected: dict) -> None:
 
 
 class ShardInfoBuilder:
-    """Collects the per-sample index of a shard while its writer runs."""
+    """Collects the per-sample index of a shard while its writer runs (one shard's worth: temporary)."""
 
     def __init__(self, name: str, fmt: str) -> None:
         self.name, self.format = name, fmt
@@ -315,15 +367,23 @@ class ShardInfoBuilder:
         for k, v in stored_nbytes(stored).items():
             self.field_bytes[k] = self.field_bytes.get(k, 0) + v
 
-    def build(self, nbytes: int, sha256: str, members: dict | None = None) -> ShardInfo:
-        return ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
-                         keys=self.keys, buckets=self.buckets, clip_lens=self.clip_lens, t5_lens=self.t5_lens,
-                         t5_unique=self.t5_unique, field_bytes=self.field_bytes, members=members or {})
+    def build(self, nbytes: int, sha256: str, members: tuple[list[str], Any, Any] | None = None
+              ) -> tuple[ShardInfo, bytes]:
+        """(the sidecar, the index file's bytes). `members`: webdataset (fields, (N, F) offsets, (N, F) sizes)."""
+        fields, off, size = members if members is not None else ([], None, None)
+        cols = index_columns(self.keys, self.buckets, self.clip_lens, self.t5_lens, self.t5_unique, off, size)
+        data = encode_index(len(self.keys), cols, fields)
+        index = {"file": f"{self.name}{INDEX_SUFFIX}", "bytes": len(data),
+                 "sha256": hashlib.sha256(data).hexdigest(), "version": INDEX_VERSION}
+        info = ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
+                         field_bytes=self.field_bytes, index=index)
+        return info, data
 
 
 class ShardWriterBase:
     """What the zarr and webdataset writers share: the name and target checks, the per-sample index, the
-    `with` block, and the commit order (data renamed into place first, its index written second)."""
+    `with` block, and the commit order (data renamed into place first, its index file second, its sidecar last:
+    the sidecar's presence means the shard is complete)."""
 
     format = ""
 
@@ -345,8 +405,10 @@ class ShardWriterBase:
         if self._closed:
             raise RuntimeError(f"shard {self.name!r} is already closed")
 
-    def _publish(self, tmp: Path, info: ShardInfo) -> ShardInfo:
-        """Rename the finished (fsynced) temp shard into place, then write its index; `tmp` is removed on failure."""
+    def _publish(self, tmp: Path, built: tuple[ShardInfo, bytes]) -> ShardInfo:
+        """Rename the finished (fsynced) temp shard into place, then write its index file and its sidecar; `tmp` is
+        removed on failure."""
+        info, index_bytes = built
         side = shard_sidecar_path(self.root, self.name)
         try:
             if self.overwrite and side.exists():
@@ -355,6 +417,7 @@ class ShardWriterBase:
         except BaseException:
             remove_path(tmp)
             raise
+        atomic_write_bytes(shard_index_path(self.root, self.name), index_bytes)
         atomic_write_json(side, info.to_dict())
         return info
 

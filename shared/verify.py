@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
-from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, completed_shards, read_manifest,
-                       read_shard_info, shard_data_path)
+from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, LegacyIndexError, completed_shards,
+                       read_manifest, read_shard_info, shard_data_path)
+from .shard_index import INDEX_SUFFIX, ShardIndex
 from .schema import CorruptSampleError, check_stored
 
 MAX_SAMPLE_ERRORS_PER_SHARD = 20
@@ -53,6 +54,28 @@ def scaling_factor_problem(m) -> str | None:
     return None
 
 
+def _index_problem(shard, data_nbytes: int) -> str | None:
+    """What is wrong with a shard's index file, from its size and header (a stat and one small read), and for
+    webdataset from its member offsets: each member must lie inside the tar (the offset columns are read through
+    the shared mapping, 160 bytes per sample)."""
+    path = shard.index_path
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if shard.index_nbytes_expected >= 0 and size != shard.index_nbytes_expected:
+        return (f"{path} has {size} bytes, its sidecar says {shard.index_nbytes_expected} (truncated, grown or "
+                "swapped with another shard's)")
+    try:
+        cols = shard.mapped.columns
+        if shard.format == "webdataset":
+            off, n = cols["member_offset"], cols["member_size"]
+            if off.size and (int(off.min()) < 0 or int(n.min()) < 0 or int((off + n).max()) > data_nbytes):
+                return f"{shard.data_path}: the index's member offsets do not fit the file ({data_nbytes} bytes)"
+    except (CorruptSampleError, KeyError) as e:
+        return f"{path}: {e}"
+    return None
+
+
 def check_structure(reader) -> VerifyReport:
     """What stage 2 checks at start-up, in seconds whatever the cache size: every listed shard exists with the byte
     count the manifest records (webdataset: every member inside the file), the empty caption matches its recorded
@@ -76,7 +99,7 @@ def check_structure(reader) -> VerifyReport:
                 read_empty_caption(root, spec)
             except Exception as e:  # safetensors-level garbage raises several types
                 rep.errors.append(f"{ec}: {e}")
-    for entry, info in zip(m.shards, reader.infos):
+    for entry, shard in zip(m.shards, reader.shards):
         rep.shards_checked += 1
         path = shard_data_path(root, entry["name"], spec.format)
         if not path.exists():
@@ -87,15 +110,11 @@ def check_structure(reader) -> VerifyReport:
             _bad_shard(rep, entry["name"], f"{path} has {nbytes} bytes, the manifest says {entry['bytes']} "
                                            "(truncated, grown or swapped with another shard)")
             continue
-        for f, where in (info.members or {}).items():
-            offsets, sizes = where.get("offset", ()), where.get("size", ())
-            ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
-            if (len(ends) != info.n_samples or len(offsets) != len(sizes) or (ends and max(ends) > nbytes)
-                    or any(int(o) < 0 for o in offsets) or any(int(n) < 0 for n in sizes)):
-                _bad_shard(rep, entry["name"], f"{path}: the index's {f!r} offsets do not fit the file")
-                break
+        problem = _index_problem(shard, nbytes)
+        if problem:
+            _bad_shard(rep, entry["name"], problem)
     if rep.ok and len(reader) > 0:
-        name, key = reader.locate(0)
+        name, key = reader.origin(0)
         try:
             check_stored(reader.read_stored(0), spec, f"shard {name!r}")
         except Exception as e:  # any failure to read the very first sample
@@ -124,13 +143,17 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         return rep
     spec = m.spec
     listed = {s["name"] for s in m.shards}
-    complete = completed_shards(root)  # once: it parses every sidecar (each holds its shard's key list)
+    try:
+        complete = completed_shards(root)
+    except LegacyIndexError as e:
+        rep.errors.append(str(e))
+        return rep
     for name in complete:
         if name not in listed:
             rep.warnings.append(f"shard {name!r} is complete on disk but not in {MANIFEST_NAME}: readers ignore it")
     if shards_dir.is_dir():
         for p in sorted(shards_dir.iterdir()):
-            if is_tmp_name(p.name) or p.suffix == ".json":
+            if is_tmp_name(p.name) or p.suffix in (".json", INDEX_SUFFIX):
                 continue
             if p.stem not in listed and p.stem not in complete:
                 rep.warnings.append(f"{p.relative_to(root)} has no shard index (never completed): ignored by readers")
@@ -174,8 +197,22 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         if sha != entry["sha256"]:
             _bad_shard(rep, name, f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
                                   "(corrupt or rewritten); checking its samples")
-        if info.sha256 != entry["sha256"] or info.n_samples != entry["n_samples"]:
-            _bad_shard(rep, name, "its index (shards/<name>.json) disagrees with the manifest")
+        if info.entry() != {k: entry.get(k) for k in info.entry()}:
+            _bad_shard(rep, name, "its sidecar (shards/<name>.json) disagrees with the manifest")
+        shard = ShardIndex(root, info)
+        ipath = shard.index_path
+        if not ipath.exists():
+            _bad_shard(rep, name, f"{ipath.relative_to(root)} (its index file) is missing")
+            continue
+        if file_sha256(ipath) != info.index.get("sha256"):
+            _bad_shard(rep, name, f"{ipath.relative_to(root)}: sha256 differs from its sidecar's (corrupt or "
+                                  "rewritten)")
+            continue
+        try:
+            keys = shard.keys()
+        except CorruptSampleError as e:
+            _bad_shard(rep, name, str(e))
+            continue
         if not check_samples:
             continue
         if spec.format == "zarr":
@@ -183,19 +220,19 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
                 import zarr
 
                 attrs_keys = zarr.open_group(str(path), mode="r").attrs.get("keys")
-                if attrs_keys != info.keys:
+                if attrs_keys != keys:
                     _bad_shard(rep, name, "keys in the zarr group differ from its index")
             except Exception as e:
                 _bad_shard(rep, name, f"cannot open the zarr group ({type(e).__name__}: {e})")
                 continue
-        rd = _open_shard_reader(root, spec, info)
+        rd = _open_shard_reader(root, spec, shard)
         n_err = 0
         for i in range(info.n_samples):
             try:
                 check_stored(rd.read_stored(i), spec, f"shard {name!r}")
             except CorruptSampleError as e:
                 n_err += 1
-                rep.bad_samples.append((name, info.keys[i]))
+                rep.bad_samples.append((name, keys[i]))
                 if name not in rep.bad_shards:
                     rep.bad_shards.append(name)
                 if n_err <= MAX_SAMPLE_ERRORS_PER_SHARD:
@@ -208,7 +245,7 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         if spec.format == "webdataset" and n_err == 0:
             # the random-access path skips tar headers; a sequential pass checks what streaming readers see
             try:
-                for _ in iter_tar_stored(path, spec, info.keys):
+                for _ in iter_tar_stored(path, spec, keys):
                     pass
             except CorruptSampleError as e:
                 _bad_shard(rep, name, f"sequential read failed: {e}")

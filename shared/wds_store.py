@@ -8,8 +8,8 @@ Members of a sample (webdataset groups them by the key before the first "."):
                             shuffle); t5_rows XOR-delta coded first, see schema.xor_delta_rows)
 Plain .npy (never pickle; read with np.load(allow_pickle=False)), so `wds.WebDataset(url).decode()` can read a shard
 too. Member headers have fixed mtime/owner, so the same samples give the same bytes and the same sha256.
-The sidecar shards/<name>.json also records each member's data offset and size, which gives random access with one
-pread per field and no tar scan.
+The shard's index file shards/<name>.index (shared.shard_index) records each member's data offset and size, which
+gives random access with one pread per sample and no tar scan.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from .fsutil import file_sha256, remove_path, tmp_path_for
 from .manifest import ShardInfo, ShardWriterBase
+from .shard_index import ShardIndex
 from .schema import CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 
 NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
@@ -159,12 +160,12 @@ class WdsShardWriter(ShardWriterBase):
             os.fsync(self._f.fileno())
             self._f.close()
             members = index_members(self.tmp, self._stats.keys, self.spec)
-            info = self._stats.build(nbytes=self.tmp.stat().st_size, sha256=file_sha256(self.tmp), members=members)
+            built = self._stats.build(nbytes=self.tmp.stat().st_size, sha256=file_sha256(self.tmp), members=members)
         except BaseException:
             self._f.close()
             remove_path(self.tmp)
             raise
-        return self._publish(self.tmp, info)
+        return self._publish(self.tmp, built)
 
     def abort(self) -> None:
         if not self._closed:
@@ -173,36 +174,40 @@ class WdsShardWriter(ShardWriterBase):
             remove_path(self.tmp)
 
 
-def index_members(path: Path, keys: list[str], spec: CacheSpec) -> dict:
-    """{field: {"offset": [...], "size": [...]}} in key order, from the tar headers."""
+def index_members(path: Path, keys: list[str], spec: CacheSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ALL_FIELDS, (N, F) member data offsets, (N, F) member sizes) in key order, from the tar headers."""
     pos = {k: i for i, k in enumerate(keys)}
+    col = {f: j for j, f in enumerate(ALL_FIELDS)}
     n = len(keys)
-    out = {f: {"offset": [-1] * n, "size": [-1] * n} for f in ALL_FIELDS}
+    offset = np.full((n, len(ALL_FIELDS)), -1, dtype="<i8")
+    size = np.full((n, len(ALL_FIELDS)), -1, dtype="<i8")
     with tarfile.open(path, mode="r") as tf:
         for m in tf:
             key, _, rest = m.name.partition(".")
             field = rest.split(".", 1)[0]
-            i = pos.get(key)
-            if i is None or field not in out:
+            i, j = pos.get(key), col.get(field)
+            if i is None or j is None:
                 raise AssertionError(f"unexpected member {m.name} in {path}")
-            out[field]["offset"][i] = m.offset_data
-            out[field]["size"][i] = m.size
-    assert all(o >= 0 for f in out.values() for o in f["offset"]), "a member is missing from the tar just written"
-    return out
+            offset[i, j], size[i, j] = m.offset_data, m.size
+    assert (offset >= 0).all(), "a member is missing from the tar just written"
+    return list(ALL_FIELDS), offset, size
+
+
+# A sample's members sit back to back in the tar, each after a 512-byte header (a PAX name record adds a few more
+# blocks): one pread covers them all unless the index says they are further apart than that.
+_MAX_HEADER_GAP = 4 * 512
 
 
 class WdsShardReader:
-    """Random access into a completed tar via the sidecar's member offsets (one pread per field)."""
+    """Random access into a completed tar via the shard's index file (member offsets): one pread per sample."""
 
-    def __init__(self, path: str | Path, spec: CacheSpec, info: ShardInfo) -> None:
-        self.path, self.spec, self.info = Path(path), spec, info
-        if not info.members:
-            raise ValueError(f"shard index for {path} has no member offsets; re-write the shard")
+    def __init__(self, path: str | Path, spec: CacheSpec, shard: ShardIndex) -> None:
+        self.path, self.spec, self.shard = Path(path), spec, shard
         self._fd = -1
         self._pid = -1
 
     def __len__(self) -> int:
-        return self.info.n_samples
+        return self.shard.n_samples
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -210,11 +215,15 @@ class WdsShardReader:
         return d
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._fd >= 0 and self._pid == os.getpid():
             try:
                 os.close(self._fd)
             except OSError:
                 pass
+        self._fd, self._pid = -1, -1
 
     def _open(self) -> int:
         if self._fd < 0 or self._pid != os.getpid():
@@ -222,21 +231,46 @@ class WdsShardReader:
             self._pid = os.getpid()
         return self._fd
 
+    def members(self, i: int) -> tuple[str, list[int], list[int]]:
+        """(key, member data offsets, member sizes) of sample i, in ALL_FIELDS order, from the mapped index."""
+        m = self.shard.mapped
+        if m.fields != list(ALL_FIELDS) or "member_offset" not in m.columns:
+            raise CorruptSampleError(f"shard {self.path}: its index {self.shard.index_path.name} has no member "
+                                     f"offsets for {list(ALL_FIELDS)}; run `python -m shared.cli verify`")
+        return m.key(i), m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+
     def read_stored(self, i: int) -> dict:
-        key = self.info.keys[i]
+        key, offs, sizes = self.members(i)
         fd = self._open()
+        bad = [f for f, o, n in zip(ALL_FIELDS, offs, sizes) if o < 0 or n < 0]
+        if bad:
+            raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {bad[0]}: bad member index in "
+                                     f"{self.shard.index_path.name} (offset/size < 0)")
+        lo, hi = min(offs), max(o + n for o, n in zip(offs, sizes))
         payloads = {}
-        for f in ALL_FIELDS:
+        if hi - lo <= sum(sizes) + _MAX_HEADER_GAP * len(offs):
             try:
-                off, size = int(self.info.members[f]["offset"][i]), int(self.info.members[f]["size"][i])
-                b = os.pread(fd, size, off)
-            except (KeyError, IndexError, TypeError, ValueError, OSError) as e:  # a damaged shard index
-                raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f}: bad member index in "
-                                         f"{self.path.stem}.json ({type(e).__name__}: {e})") from e
-            if len(b) != size:
-                raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
-                                         f"({len(b)} of {size} bytes); run `python -m shared.cli verify`")
-            payloads[f] = b
+                span = os.pread(fd, hi - lo, lo)
+            except (OSError, ValueError, OverflowError) as e:
+                raise CorruptSampleError(f"shard {self.path}: sample {key!r}: bad member index in "
+                                         f"{self.shard.index_path.name} ({type(e).__name__}: {e})") from e
+            for f, o, n in zip(ALL_FIELDS, offs, sizes):
+                b = span[o - lo:o - lo + n]
+                if len(b) != n:
+                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
+                                             f"({len(b)} of {n} bytes); run `python -m shared.cli verify`")
+                payloads[f] = b
+        else:  # members far apart: the index is odd, read field by field so that no huge read happens
+            for f, o, n in zip(ALL_FIELDS, offs, sizes):
+                try:
+                    b = os.pread(fd, n, o)
+                except (OSError, ValueError, OverflowError) as e:
+                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f}: bad member index in "
+                                             f"{self.shard.index_path.name} ({type(e).__name__}: {e})") from e
+                if len(b) != n:
+                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
+                                             f"({len(b)} of {n} bytes); run `python -m shared.cli verify`")
+                payloads[f] = b
         return decode_members(key, payloads, self.spec, f"shard {self.path}")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
 from .manifest import ShardInfo, ShardWriterBase
+from .shard_index import ShardIndex
 from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 
 _SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
@@ -120,13 +121,13 @@ class ZarrShardWriter(ShardWriterBase):
         try:
             self._write_group(tmp)
             fsync_tree(tmp)
-            info = self._stats.build(nbytes=tree_bytes(tmp), sha256=tree_sha256(tmp))
+            built = self._stats.build(nbytes=tree_bytes(tmp), sha256=tree_sha256(tmp))
         except BaseException:
             remove_path(tmp)
             raise
         finally:
             self._samples = []
-        return self._publish(tmp, info)
+        return self._publish(tmp, built)
 
     def abort(self) -> None:
         self._closed, self._samples = True, []
@@ -135,14 +136,14 @@ class ZarrShardWriter(ShardWriterBase):
 class ZarrShardReader:
     """Random access into one completed zarr shard. Opens lazily (per process) so it pickles to DataLoader workers."""
 
-    def __init__(self, path: str | Path, spec: CacheSpec, info: ShardInfo) -> None:
-        self.path, self.spec, self.info = Path(path), spec, info
+    def __init__(self, path: str | Path, spec: CacheSpec, shard: ShardIndex) -> None:
+        self.path, self.spec, self.shard = Path(path), spec, shard
         self._g: Any = None
         self._small: dict[str, np.ndarray] = {}
         self._pid = -1
 
     def __len__(self) -> int:
-        return self.info.n_samples
+        return self.shard.n_samples
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -178,7 +179,7 @@ class ZarrShardReader:
             return [np.asarray(self._g[n][sl]) for n, sl in reads]
 
     def read_stored(self, i: int) -> dict:
-        key = self.info.keys[i] if i < len(self.info.keys) else "?"
+        key = self.shard.key(i) if 0 <= i < self.shard.n_samples else "?"
         self._open()
         try:
             sm = self._small

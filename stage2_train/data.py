@@ -82,40 +82,63 @@ class BucketBatchPlan:
     batch (as the original's MultiResolutionBucketIndexV2 does), cut global batches, shuffle the batch order. Rank r
     reads slots [r*B, (r+1)*B) of every global batch. The position is just the global micro-step, so resuming needs
     nothing but the step count.
+
+    Built in numpy (an (N, 2) bucket array in, no per-sample Python objects); only the current epoch's plan is held,
+    as two arrays. The random draws and their order are those of the original per-sample loop (kept in
+    tests/test_stage2_data.py as the reference), so existing runs resume to the same batches.
     """
 
-    def __init__(self, buckets: Sequence[tuple[int, int]], *, batch_size: int, world_size: int, seed: int) -> None:
-        if len(buckets) == 0:
+    def __init__(self, buckets: Any, *, batch_size: int, world_size: int, seed: int) -> None:
+        from shared.cache import group_by_bucket
+
+        b = np.asarray(buckets, dtype=np.int64).reshape(-1, 2) if len(buckets) else np.zeros((0, 2), np.int64)
+        if b.shape[0] == 0:
             raise ValueError("the cache holds no samples: run stage 1 on a non-empty corpus (see its rejects.jsonl)")
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
         self.global_batch = batch_size * world_size
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            by_bucket.setdefault((int(bucket[0]), int(bucket[1])), []).append(index)
-        self.buckets = sorted(by_bucket)
-        self.members = [np.asarray(by_bucket[b], dtype=np.int64) for b in self.buckets]
+        uniq, self.members = group_by_bucket(b)
+        self.buckets = [(int(h), int(w)) for h, w in uniq.tolist()]
         self.batches_per_epoch = sum(math.ceil(len(m) / self.global_batch) for m in self.members)
-        self._epoch_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """((batches,) bucket ids, (batches, global_batch) sample indices, int32 below 2**31 samples) for one epoch,
+        in batch order."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1], self._epoch_cache[2]
+        self._epoch_cache = None  # free the previous epoch's plan before building this one
+        rng = np.random.default_rng([self.seed, epoch])
+        # The draws of the original loop, in its order: one permutation per bucket, then one of the batch order.
+        # Each bucket's batches are written straight to their shuffled rows, so the epoch is built in one array.
+        orders = []
+        for members in self.members:
+            orders.append(rng.permutation(members))  # int32 or int64 members: the same draws, the same values
+        perm = rng.permutation(self.batches_per_epoch)
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(perm.size)  # row of the shuffled plan that unshuffled batch j goes to
+        # int32 while positions fit (4 bytes per sample per epoch); callers get int64 rows, as before
+        dt = np.int32 if sum(len(m) for m in self.members) < 1 << 31 else np.int64
+        indices = np.empty((self.batches_per_epoch, self.global_batch), dtype=dt)
+        bucket_ids = np.empty(self.batches_per_epoch, dtype=np.int64)
+        first = 0
+        for bucket_id, order in enumerate(orders):
+            n = math.ceil(len(order) / self.global_batch) * self.global_batch
+            k = n // self.global_batch
+            indices[dest[first:first + k]] = np.resize(order, n).reshape(k, self.global_batch)  # repeats from the start
+            bucket_ids[dest[first:first + k]] = bucket_id
+            first += k
+        self._epoch_cache = (epoch, bucket_ids, indices)
+        return bucket_ids, indices
 
     def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """[(bucket id, (global_batch,) sample indices)] for one epoch."""
-        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for bucket_id, members in enumerate(self.members):
-            order = rng.permutation(members)
-            n = math.ceil(len(order) / self.global_batch) * self.global_batch
-            order = np.resize(order, n)  # repeats from the start to fill the last global batch
-            batches.extend((bucket_id, chunk) for chunk in order.reshape(-1, self.global_batch))
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        self._epoch_cache = (epoch, batches)
-        return batches
+        """[(bucket id, (global_batch,) sample indices)] for one epoch (a list view of `epoch_arrays`)."""
+        bucket_ids, indices = self.epoch_arrays(epoch)
+        return [(int(b), row.astype(np.int64)) for b, row in zip(bucket_ids.tolist(), indices)]
 
     def global_batch_at(self, micro_step: int) -> tuple[tuple[int, int], np.ndarray]:
         epoch, position = divmod(micro_step, self.batches_per_epoch)
-        bucket_id, indices = self.epoch_batches(epoch)[position]
-        return self.buckets[bucket_id], indices
+        bucket_ids, indices = self.epoch_arrays(epoch)
+        return self.buckets[int(bucket_ids[position])], indices[position].astype(np.int64)
 
     def rank_items(self, micro_step: int, rank: int) -> list[tuple[int, int, int]]:
         """[(micro_step, slot in the global batch, sample index)] that `rank` reads at `micro_step`."""
@@ -319,7 +342,7 @@ class CacheDataset(torch.utils.data.Dataset):
         try:
             sample = self._read(index)
         except _READ_ERRORS as err:
-            shard, key = self.reader.locate(index)
+            shard, key = self.reader.origin(index)
             corrupt.append((shard, key, f"{type(err).__name__}: {err}"))
             sample, bad = None, {index}
             for candidate in self._substitute(micro_step, slot, index, bad):
@@ -328,7 +351,7 @@ class CacheDataset(torch.utils.data.Dataset):
                     break
                 except _READ_ERRORS as err2:
                     bad.add(candidate)
-                    shard, key = self.reader.locate(candidate)
+                    shard, key = self.reader.origin(candidate)
                     corrupt.append((shard, key, f"{type(err2).__name__}: {err2}"))
             if sample is None:
                 raise CorruptCacheError(
@@ -430,8 +453,11 @@ class CacheBatchSource:
 
             logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
                            "(encode with flip views in stage 1 to get them)")
+        # one pass over the cache-wide bucket column (8 bytes per sample, freed once the plan is built)
+        plan = BucketBatchPlan(reader.buckets(), batch_size=trainer.batch_size,
+                               world_size=trainer.info.world_size, seed=cfg.seed)
         step = reader.spec.downsample * trainer.model_config.patch_size
-        for height, width in reader.bucket_indices():
+        for height, width in plan.buckets:
             if height % step or width % step:
                 raise ValueError(
                     f"data.cache={data.cache!r} has bucket {height}x{width}, which is not a multiple of "
@@ -442,8 +468,6 @@ class CacheBatchSource:
             num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,
             noise_offset=cfg.diffusion.noise_offset,
         )
-        plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=trainer.batch_size,
-                               world_size=trainer.info.world_size, seed=cfg.seed)
         source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,
                      pin_memory=data.pin_memory and trainer.device.type == "cuda",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption, write_synthetic_cache
+from shared.shard_index import ShardIndex
 from shared.manifest import completed_shards, manifest_from_shards, read_manifest, write_manifest
 from shared.schema import (CacheSpec, dedup_rows, encode_sample, make_key, synthetic_sample, to_torch,
                            undo_xor_delta_rows, xor_delta_rows)
@@ -227,7 +228,7 @@ def test_overwrite_replaces_a_shard_atomically(tmp_path):
             w.add(synthetic_sample(spec, "a-1", (64, 64), rng))
         with open_shard_writer(root, "p", spec, overwrite=True) as w:
             w.add(synthetic_sample(spec, "a-2", (64, 64), rng))
-        assert completed_shards(root)["p"].keys == ["a-2"]
+        assert ShardIndex(root, completed_shards(root)["p"]).keys() == ["a-2"]
         assert not [p for p in (root / "shards").iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -294,3 +295,106 @@ def test_npy_member_fast_path_equals_np_load():
         load_npy(buf.getvalue())
     with pytest.raises(ValueError):  # a payload shorter than its header says is not read past its end
         load_npy(_npy_bytes(arrays[0])[:-2])
+
+
+def _to_legacy_layout(root) -> None:
+    """Rewrite a cache as the layout before the columnar index wrote it: per-sample lists (and webdataset member
+    offsets) in each sidecar, no .index files, manifest entries without index_sha256."""
+    import json
+
+    from shared.manifest import shard_index_path, shard_sidecar_path
+    from shared.shard_index import read_index_columns
+
+    m = json.loads((root / "manifest.json").read_text())
+    for e in m["shards"]:
+        side = shard_sidecar_path(root, e["name"])
+        d = json.loads(side.read_text())
+        header, cols = read_index_columns(shard_index_path(root, e["name"]))
+        blob, offs = cols["key_blob"].tobytes(), cols["key_offsets"].tolist()
+        old = {"name": d["name"], "format": d["format"], "n_samples": d["n_samples"], "bytes": d["bytes"],
+               "sha256": d["sha256"], "keys": [blob[a:b].decode() for a, b in zip(offs, offs[1:])],
+               "buckets": cols["bucket"].tolist(), "clip_lens": cols["clip_len"].tolist(),
+               "t5_lens": cols["t5_len"].tolist(), "t5_unique": cols["t5_unique"].tolist(),
+               "field_bytes": d["field_bytes"], "schema_version": d["schema_version"],
+               "members": {f: {"offset": cols["member_offset"][:, j].tolist(), "size": cols["member_size"][:, j].tolist()}
+                           for j, f in enumerate(header["fields"])}}
+        side.write_text(json.dumps(old, indent=1))
+        shard_index_path(root, e["name"]).unlink()
+        del e["index_sha256"]
+    (root / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_old_layout_is_refused_by_name_and_upgrade_index_converts_it(tmp_path, fmt):
+    from shared.cli import main as cli_main
+    from shared.manifest import LegacyIndexError
+
+    spec = CacheSpec(format=fmt, **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=5, n_shards=2)
+    before = {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and "zarr" not in str(p)}
+    want = [open_cache(tmp_path)[i] for i in range(5)]
+    _to_legacy_layout(tmp_path)
+    with pytest.raises(LegacyIndexError, match="upgrade-index"):
+        open_cache(tmp_path)
+    assert cli_main(["upgrade-index", str(tmp_path)]) == 0
+    after = {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and "zarr" not in str(p)}
+    assert after == before  # sidecars, index files and manifest: byte-identical to what the writers produce
+    cache = open_cache(tmp_path)
+    for i, w in enumerate(want):
+        got = cache[i]
+        assert got["key"] == w["key"] and all(np.array_equal(got[k], w[k]) for k in w if isinstance(w[k], np.ndarray))
+    assert cli_main(["upgrade-index", str(tmp_path)]) == 0  # idempotent
+    assert cli_main(["verify", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_key_lookup_views_and_a_small_pickle(tmp_path, monkeypatch):
+    """Keys are found by binary search over hashes (no dict of keys), exactly even when hashes collide; views and
+    pickles carry positions and paths, never the per-sample columns."""
+    import shared.cache as cache_mod
+
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=12, n_shards=3, buckets=BUCKETS)
+    cache = open_cache(tmp_path)
+    keys = cache.keys()
+    assert [cache[k]["key"] for k in keys[::-1]] == keys[::-1]
+    with pytest.raises(KeyError):
+        cache["no-such-key"]
+    sub = cache.filter(keys=[keys[7], keys[2], "missing"])
+    assert sub.keys() == [keys[2], keys[7]] and sub[keys[7]]["key"] == keys[7]
+    assert cache.filter(bucket=(64, 32)).filter(keys=keys).keys() == [k for k, b in zip(keys, cache.buckets().tolist())
+                                                                       if tuple(b) == (64, 32)]
+    cache.buckets(), cache[0]  # build the cache-wide column and open a shard: neither may travel in a pickle
+    blob = pickle.dumps(cache)
+    assert len(blob) < 8192 and b"synthetic-00000005" not in blob
+    # every key hashing alike: the exact comparison still picks the right sample
+    monkeypatch.setattr(cache_mod, "key_hash", lambda k: 7)
+    fresh = open_cache(tmp_path)
+    fresh._key_lookup = (np.full(12, 7, dtype=np.uint64), np.arange(12))
+    assert fresh[keys[9]]["key"] == keys[9]
+
+
+def test_duplicate_keys_across_shards_are_refused_at_the_manifest(tmp_path):
+    spec = CacheSpec(format="zarr", **SMALL)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        with open_shard_writer(tmp_path, name, spec) as w:
+            w.add(synthetic_sample(spec, f"only-{name}", (64, 64), rng))
+            w.add(synthetic_sample(spec, "twice", (64, 64), rng))
+    with pytest.raises(ValueError, match="duplicate keys across shards.*twice"):
+        write_manifest(tmp_path, manifest_from_shards(tmp_path, spec))
+
+
+def test_open_shards_are_bounded(tmp_path, monkeypatch):
+    """A process keeps at most _OPEN_SHARDS webdataset shards (fd + index mapping) open; evicted ones reopen."""
+    import shared.cache as cache_mod
+
+    monkeypatch.setitem(cache_mod._OPEN_SHARDS, "webdataset", 2)
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=8, n_shards=4)
+    cache = open_cache(tmp_path)
+    keys = cache.keys()
+    for i in (0, 2, 4, 6, 1, 7, 3, 5, 0):
+        assert cache[i]["key"] == keys[i] and cache[keys[7 - i]]["key"] == keys[7 - i]
+        assert cache.filter(keys=keys[i:]).keys() == keys[i:]
+        assert len(cache._readers) <= 2
+        assert sum(sh._mapped is not None for sh in cache.shards) <= 2

@@ -96,7 +96,7 @@ def cache_content(root: Path) -> dict:
         samples[s["key"]] = {k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v
                              for k, v in s.items()}
     return {
-        "shards": [(s["name"], s["n_samples"], s["sha256"]) for s in m.shards],
+        "shards": [(s["name"], s["n_samples"], s["sha256"], s["index_sha256"]) for s in m.shards],
         "samples": samples,
         "rejects": (root / "rejects.jsonl").read_text(),
         "empty": {k: v.tobytes() for k, v in read_empty_caption(root).items()},

@@ -39,6 +39,49 @@ def test_plan_is_deterministic_and_reshuffles_per_epoch():
     assert [[i for _, _, i in f] for f in first] != second
 
 
+def _reference_epoch_batches(buckets, global_batch, seed, epoch):
+    """The per-sample Python loop BucketBatchPlan used before it was vectorised, kept verbatim as the reference:
+    runs resume by step count, so the numpy plan must give these exact batches forever."""
+    import math
+
+    by_bucket = {}
+    for index, bucket in enumerate(buckets):
+        by_bucket.setdefault((int(bucket[0]), int(bucket[1])), []).append(index)
+    members = [np.asarray(by_bucket[b], dtype=np.int64) for b in sorted(by_bucket)]
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for bucket_id, m in enumerate(members):
+        order = rng.permutation(m)
+        n = math.ceil(len(order) / global_batch) * global_batch
+        order = np.resize(order, n)
+        batches.extend((bucket_id, chunk) for chunk in order.reshape(-1, global_batch))
+    return sorted(by_bucket), [batches[i] for i in rng.permutation(len(batches))]
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_numpy_plan_equals_the_reference_loop(trial):
+    rng = np.random.default_rng(trial)
+    n = int(rng.integers(1, 3000))
+    shapes = rng.choice([256, 512, 768, 1024, 1280], size=(int(rng.integers(1, 9)), 2))
+    buckets = shapes[rng.integers(0, len(shapes), size=n)].astype(np.int32)  # (N, 2), as CacheReader.buckets()
+    batch, world, seed = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 2**31))
+    plan = BucketBatchPlan(buckets, batch_size=batch, world_size=world, seed=seed)
+    ref_buckets, _ = _reference_epoch_batches(buckets.tolist(), batch * world, seed, 0)
+    assert plan.buckets == ref_buckets
+    for epoch in (0, 1, 7):
+        _, want = _reference_epoch_batches([tuple(b) for b in buckets.tolist()], batch * world, seed, epoch)
+        got = plan.epoch_batches(epoch)
+        assert len(got) == len(want) == plan.batches_per_epoch
+        for (gb, gi), (wb, wi) in zip(got, want):
+            assert gb == wb and gi.dtype == wi.dtype and np.array_equal(gi, wi)
+        for step in (0, plan.batches_per_epoch - 1):
+            bucket, idx = plan.global_batch_at(epoch * plan.batches_per_epoch + step)
+            assert bucket == ref_buckets[want[step][0]] and np.array_equal(idx, want[step][1])
+    # a list of tuples (what callers passed before) gives the same plan as the array
+    again = BucketBatchPlan([tuple(b) for b in buckets.tolist()], batch_size=batch, world_size=world, seed=seed)
+    assert again.rank_items(3, world - 1) == plan.rank_items(3, world - 1)
+
+
 def test_empty_cache_is_a_clear_error():
     with pytest.raises(ValueError, match="no samples"):
         BucketBatchPlan([], batch_size=1, world_size=1, seed=0)

@@ -1,7 +1,6 @@
 """Corruption is caught: verify names the shard and sample (CLI exits non-zero), the reader raises, never garbage."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ import pytest
 
 from shared.cache import open_cache, write_synthetic_cache
 from shared.cli import main as cli_main
-from shared.manifest import shard_sidecar_path
+from shared.manifest import shard_index_path
+from shared.shard_index import encode_index, read_index_columns
 from shared.schema import CacheSpec, CorruptSampleError
 from shared.verify import verify_cache
 
@@ -28,9 +28,9 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 
 def _moments_offset_wds(root: Path, shard: str, i: int) -> int:
-    info = json.loads(shard_sidecar_path(root, shard).read_text())
-    m = info["members"]["moments"]
-    return m["offset"][i] + m["size"][i] - 7  # inside the array data, past the .npy header
+    header, cols = read_index_columns(shard_index_path(root, shard))
+    j = header["fields"].index("moments")
+    return int(cols["member_offset"][i, j] + cols["member_size"][i, j]) - 7  # inside the array data, past the header
 
 
 @pytest.mark.parametrize("fmt, comp", [("webdataset", "none"), ("webdataset", "zstd"), ("zarr", "none"),
@@ -106,11 +106,29 @@ def test_cli_verify_exit_code_and_inspect(tmp_path):
 def test_damaged_shard_index_is_a_clear_error(tmp_path):
     spec = CacheSpec(format="webdataset", **SMALL)
     write_synthetic_cache(tmp_path, spec, n_samples=2, n_shards=1)
-    side = shard_sidecar_path(tmp_path, "part-000000")
-    info = json.loads(side.read_text())
-    info["members"]["moments"]["size"][1] = -5
-    side.write_text(json.dumps(info))
+    path = shard_index_path(tmp_path, "part-000000")
+    header, cols = read_index_columns(path)
+    cols["member_size"][1, header["fields"].index("moments")] = -5
+    path.write_bytes(encode_index(header["n_samples"], cols, header["fields"]))
     cache = open_cache(tmp_path)
     with pytest.raises(CorruptSampleError, match="part-000000.*moments: bad member index"):
         cache[1]
     cache[0]
+
+
+def test_damaged_index_file_is_named(tmp_path):
+    spec = CacheSpec(format="webdataset", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=4, n_shards=2)
+    path = shard_index_path(tmp_path, "part-000001")
+    path.write_bytes(path.read_bytes()[:-64])  # the last column loses its tail
+    cache = open_cache(tmp_path)
+    cache[0]  # the good shard still reads
+    with pytest.raises(CorruptSampleError, match=r"part-000001\.index.*past the end"):
+        cache[3]
+    with pytest.raises(CorruptSampleError, match=r"part-000001\.index"):
+        cache.buckets()
+    rep = verify_cache(tmp_path, progress=False)
+    assert rep.bad_shards == ["part-000001"] and any("part-000001.index" in e for e in rep.errors)
+    path.write_bytes(b"not an index")
+    with pytest.raises(CorruptSampleError, match="bad magic"):
+        open_cache(tmp_path)[3]
