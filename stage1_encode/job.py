@@ -259,7 +259,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
         seen_rows.add(int(row["row"]))
         try:
             if row.get("error"):
-                raise pp.Reject("read_error", str(row["error"]))
+                raise pp.Reject(row.get("error_reason") or "read_error", str(row["error"]))
             img = pp.open_image(row["image"], im.max_pixels)
             w, h = img.size
             img.close()
