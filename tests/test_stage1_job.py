@@ -64,6 +64,7 @@ def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
     base = {
         "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(out),
         "output.rows_per_shard": 6, "encoders.batch_size": 4, "image.resolution": 64, "image.reso_step": 16,
+        "image.min_size": 32,  # scaled down with the resolution (demo.yaml: 64 for base 256); the corpus' least is 38
         "ray.num_cpus": 3, "ray.preprocess_tasks": 1, "ray.preprocess_num_cpus": 0.25,
         "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1, "ray.object_store_memory_gb": 0.3,
         "ray.actor_memory_gb": 0.2, "log.interval_s": 2,
