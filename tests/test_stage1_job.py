@@ -284,6 +284,75 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow
+def test_copied_cache_resumes_in_its_new_place(reference, corpus, suite, tmp_path):
+    """Where a cache (or the encoder folder) is stored is not what it holds: a copy resumes there, encoding only the
+    missing shards, and the rerun removes the .tmp leftovers of the killed run."""
+    from shared.manifest import shard_data_path, shard_sidecar_path
+
+    moved = tmp_path / "moved"
+    shutil.copytree(reference, moved)
+    assert job_mod.run(load_cfg(overrides(corpus, suite, moved)))["status"] == "already complete"
+
+    partial = tmp_path / "partial"
+    shutil.copytree(reference, partial)
+    for name in ("manifest.json", "rejects.jsonl"):
+        (partial / name).unlink()
+    fmt = read_manifest(reference).format
+    names = sorted(completed_shards(partial))
+    dropped = names[1:3]
+    for n in dropped:
+        shard_data_path(partial, n, fmt).unlink()
+        shard_sidecar_path(partial, n).unlink()
+    leftover = partial / "shards" / f".tmp-{shard_data_path(partial, dropped[0], fmt).name}-4242-0badf00d"
+    leftover.write_bytes(b"half a shard from a killed run")
+    kept = {n: shard_data_path(partial, n, fmt).stat().st_mtime_ns for n in names if n not in dropped}
+    suite_copy = tmp_path / "encoders" / "t2i"
+    shutil.copytree(suite, suite_copy)
+    r = cli(overrides(corpus, suite_copy, partial))
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "complete" and summary["shards_this_run"] == len(dropped)
+    assert {n: shard_data_path(partial, n, fmt).stat().st_mtime_ns for n in kept} == kept  # not re-encoded
+    assert not leftover.exists() and not list((partial / "shards").glob(".tmp-*"))
+    assert_same_cache(reference, partial)
+
+
+def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
+    root = tmp_path / "cache"
+    cfg = load_cfg([f"output.root={root}"])
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    assert state == "fresh"
+    with pytest.raises(job_mod.CacheConflictError, match="another stage-1 job is writing"):
+        job_mod.prepare_output(root, cfg, False)
+    lock.release()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    (root / "shards").mkdir()
+    (root / "partitions").mkdir()
+    ours = [root / "shards" / ".tmp-00000-00000000.tar-4242-0123abcd", root / ".tmp-manifest.json-17-89abcdef",
+            root / "partitions" / ".tmp-00000-00000000.json-3-00000000", root / ".encode_config.yaml.tmp"]
+    for p in ours:
+        p.write_bytes(b"half")
+    zarr_tmp = root / "shards" / ".tmp-00000-00000006.zarr-99-deadbeef"
+    (zarr_tmp / "moments" / "c").mkdir(parents=True)
+    (zarr_tmp / "moments" / "c" / "0").write_bytes(b"chunk")
+    link = root / "shards" / ".tmp-00000-00000012.zarr-5-abcdef01"
+    link.symlink_to(outside, target_is_directory=True)  # unlinked, never followed
+    others = [root / "shards" / ".tmp-made-by-hand", root / "shards" / "notes.txt", tmp_path / ".tmp-x.tar-1-00000000"]
+    for p in others:
+        p.write_bytes(b"not ours")
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    try:
+        assert state == "resume"
+        assert sorted(job_mod.remove_leftovers(root)) == sorted(ours + [zarr_tmp, link])
+    finally:
+        lock.release()
+    assert not any(p.exists() or p.is_symlink() for p in ours + [zarr_tmp, link])
+    assert all(p.exists() for p in others) and (outside / "precious").read_text() == "keep"
+
+
 def _img_bytes(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
