@@ -54,6 +54,8 @@ from shared.manifest import (
 from shared.schema import CacheSpec
 from stage1_encode import preprocess as pp
 from stage1_encode.config import LOCATION_FIELDS, RUNTIME_SECTIONS, EncodeConfig
+from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
+from stage1_encode.ray_reaper import RayReaper
 from stage1_encode.readers import Partition, plan_partitions, read_partition
 
 logger = logging.getLogger("stage1_encode")
@@ -196,8 +198,9 @@ def _prepare_locked(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
 def remove_leftovers(root: Path) -> list[Path]:
     """Delete the temp files and folders that writes killed mid-way left in the cache (caller holds the lock).
 
-    Only this job's own temp names (`.tmp-<name>-<pid>-<hex>` from shared.fsutil, the config's `.encode_config.yaml.tmp`),
-    only directly in the cache folder, shards/ and partitions/; symlinks are unlinked, never followed.
+    Only this job's own temp names (`.tmp-<name>-<pid>-<hex>` from shared.fsutil, the config's
+    `.encode_config.yaml.tmp`), only directly in the cache folder, shards/ and partitions/; symlinks are unlinked,
+    never followed.
     """
     removed = []
     for folder in (root, root / SHARDS_DIR, root / PARTS_DIR):
@@ -601,28 +604,46 @@ class Progress:
 # Ray
 
 
-def init_ray(cfg: EncodeConfig, address: str | None) -> bool:
-    """Attach to a cluster (--address, ray.address, RAY_ADDRESS) or start an embedded local one. True if started."""
+def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | None]:
+    """Attach to a cluster (--address, ray.address, RAY_ADDRESS) or start an embedded local one.
+
+    Returns (started: this call started Ray, reaper): an embedded Ray gets a reaper (stage1_encode/ray_reaper.py)
+    that takes its processes down when the driver ends, SIGKILL included; close it after ray.shutdown().
+    """
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     env = {"TOKENIZERS_PARALLELISM": "false"}
     address = address or cfg.ray.address
     if os.environ.get("RAY_ADDRESS") and not address:
         ray.init()  # under `ray job submit`: the job's runtime env (working_dir) already carries the code
-        return True
+        return True, None
     # Workers do not inherit this process's sys.path: give them the repository (same machine or shared FS).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
+        return True, None
+    reaper = RayReaper.start()
+    previous = os.environ.get(REAPER_ENV_VAR)
+    if reaper is not None:  # inherited by every process Ray starts now, and by the workers the raylet starts later
+        os.environ[REAPER_ENV_VAR] = reaper.token
+    try:
         ray.init(
             address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(),
             object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3), include_dashboard=False,
             runtime_env={"env_vars": env}, log_to_driver=True,
         )
-    return True
+    except BaseException:
+        if reaper is not None:
+            reaper.close()  # a start that failed half-way leaves processes too
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(REAPER_ENV_VAR, None)
+        else:
+            os.environ[REAPER_ENV_VAR] = previous
+    return True, reaper
 
 
 def _check_resources(cfg: EncodeConfig) -> None:
@@ -728,7 +749,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
                     f"complete, {len(todo)} to encode ({total} input rows)")
         logger.info("config:\n" + dump_config(cfg))
 
-        started = init_ray(cfg, address)
+        started, reaper = init_ray(cfg, address)
         try:
             import ray
 
@@ -738,8 +759,12 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             _check_resources(cfg)
             result = _execute(cfg, root, spec, dims, todo, total)
         finally:
-            if started:
-                ray.shutdown()
+            try:
+                if started:
+                    ray.shutdown()
+            finally:
+                if reaper is not None:
+                    reaper.close()
 
         done = completed_shards(root)
         missing = [n for n in names if n not in done]

@@ -10,9 +10,10 @@
 
 Nothing here decodes images or judges captions: stage 1's preprocessing does, so that a bad row becomes a recorded
 reject instead of vanishing here. `image` is None (and `error` says why, `error_reason` the reject reason) only when
-the bytes could not or must not be read, e.g. a list names a missing file. Keys are `{source_stem}-{row:08d}-{md5[:12]}`:
-they depend on the input alone, never on the order of partitions or on the worker that reads them. A JSONL row number
-counts records (non-blank lines), in the planner and the reader alike, so blank lines shift nothing.
+the bytes could not or must not be read, e.g. a list names a missing file. Keys are
+`{source_stem}-{row:08d}-{md5[:12]}`: they depend on the input alone, never on the order of partitions or on the worker
+that reads them. A JSONL row number counts records (non-blank lines), in the planner and the reader alike, so blank
+lines shift nothing.
 
 Image files named by jsonl/csv lists and found in image folders are read only when they are regular files (a FIFO
 would block the job, a device would never end) that resolve, symlinks followed, inside the list's folder (folder
@@ -181,8 +182,8 @@ def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int,
     if cfg.format == "folder":
         files = _list_images(path, cfg)
         return [
-            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)), files=tuple(files[s : s + rows_per_shard]),
-                       roots=roots)
+            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)),
+                       files=tuple(files[s : s + rows_per_shard]), roots=roots)
             for s in range(0, len(files), rows_per_shard)
         ]
     if cfg.format == "jsonl":
@@ -202,7 +203,8 @@ def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int,
     if n == 0:
         logger.warning("%s has no rows", path)
     roots = roots if cfg.format == "csv" else None  # arrow / parquet rows carry their bytes
-    return [_partition(str(path), stem, s, min(s + rows_per_shard, n), roots=roots) for s in range(0, n, rows_per_shard)]
+    return [_partition(str(path), stem, s, min(s + rows_per_shard, n), roots=roots)
+            for s in range(0, n, rows_per_shard)]
 
 
 def _expand_paths(cfg: InputConfig) -> list[Path]:
@@ -608,9 +610,10 @@ def _read_folder(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
                 caption = _safe_read(sidecar, part.roots, "caption").decode("utf-8")
             except (_Refused, UnicodeDecodeError) as e:
                 # caption stays None: the row is a reject, with the sidecar's reason unless the image already failed
-                if error is None:
-                    reason = e.reason if isinstance(e, _Refused) else "read_error"
-                    error = str(e) if isinstance(e, _Refused) else f"cannot read caption file {sidecar}: {type(e).__name__}"
+                if error is None and isinstance(e, _Refused):
+                    error, reason = str(e), e.reason
+                elif error is None:
+                    error, reason = f"cannot read caption file {sidecar}: {type(e).__name__}", "read_error"
         yield _row(part, row, image, caption, None, error, source=str(image_path), reason=reason)
 
 

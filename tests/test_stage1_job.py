@@ -340,7 +340,8 @@ def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
     (zarr_tmp / "moments" / "c" / "0").write_bytes(b"chunk")
     link = root / "shards" / ".tmp-00000-00000012.zarr-5-abcdef01"
     link.symlink_to(outside, target_is_directory=True)  # unlinked, never followed
-    others = [root / "shards" / ".tmp-made-by-hand", root / "shards" / "notes.txt", tmp_path / ".tmp-x.tar-1-00000000"]
+    others = [root / "shards" / ".tmp-made-by-hand", root / "shards" / "notes.txt",
+              tmp_path / ".tmp-x.tar-1-00000000"]  # not a temp name of ours / not in the cache folder
     for p in others:
         p.write_bytes(b"not ours")
     state, lock = job_mod.prepare_output(root, cfg, False)
@@ -387,12 +388,26 @@ def test_bad_input_battery(cluster, suite, tmp_path):
         ("int_caption", _img_bytes(noise(48, 48), "PNG"), 12345, "bad_caption"),
         ("list_caption", _img_bytes(noise(48, 48), "PNG"), ["a", "b"], "bad_caption"),
         ("missing_file", None, "x", "read_error"),
+        # never read, whatever they hold: outside the list's folder, or not a regular file
+        ("outside_relative", None, "x", "outside_roots"),
+        ("outside_absolute", None, "x", "outside_roots"),
+        ("symlink_out", None, "x", "outside_roots"),
+        ("broken_symlink", None, "x", "broken_symlink"),
+        ("fifo", None, "x", "not_regular_file"),
     ]
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_img_bytes(noise(64, 64), "PNG"))  # a good image: read, it would be encoded
+    (folder / "symlink_out.bin").symlink_to(outside / "secret.png")
+    (folder / "broken_symlink.bin").symlink_to(folder / "gone.bin")
+    os.mkfifo(folder / "fifo.bin")  # opening it for reading would block the job forever
+    special = {"outside_relative": f"../{outside.name}/secret.png", "outside_absolute": str(outside / "secret.png")}
     lines = []
     for name, data, caption, _ in cases:
         if data is not None:
             (folder / f"{name}.bin").write_bytes(data)
-        lines.append(json.dumps({"img_path": f"imgs/{name}.bin", "text_zh": caption}, ensure_ascii=False))
+        img_path = special.get(name, f"imgs/{name}.bin")
+        lines.append(json.dumps({"img_path": img_path, "text_zh": caption}, ensure_ascii=False))
     (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "cache"
     cfg = load_cfg([

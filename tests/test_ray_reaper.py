@@ -1,0 +1,68 @@
+"""The embedded Ray's reaper (stage1_encode/ray_reaper.py) with real processes and a real SIGKILL, no Ray: a driver
+killed with orphaned descendants (as the raylet's agents and workers are when the driver dies) takes exactly the
+processes that carry its run's token with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+DRIVER = r"""
+import os, subprocess, sys, time
+from stage1_encode.ray_reaper import ENV_VAR, RayReaper
+
+reaper = RayReaper.start()
+os.environ[ENV_VAR] = reaper.token
+sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+# a child that starts a grandchild and exits: the grandchild is an orphan at once, like an agent whose raylet died
+quiet = "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"  # an inherited pipe would keep run() waiting
+spawner = subprocess.run([sys.executable, "-c", "import subprocess, sys; "
+                          f"print(subprocess.Popen({sleep!r}, start_new_session=True, {quiet}).pid)"],
+                         capture_output=True, text=True, check=True)
+orphan = int(spawner.stdout)
+# a direct child in its own session (a killpg of the driver's group misses it)
+child = subprocess.Popen(sleep, start_new_session=True, stdout=subprocess.DEVNULL)
+del os.environ[ENV_VAR]
+other = subprocess.Popen(sleep, start_new_session=True, stdout=subprocess.DEVNULL)  # no token: must survive
+print(orphan, child.pid, other.pid, reaper.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie nobody reaps (PID 1 of a container may not) is dead
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc")
+def test_killed_driver_takes_its_tokened_processes_down(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    other = None
+    try:
+        orphan, child, other, reaper = (int(x) for x in driver.stdout.readline().split())
+        assert all(_alive(p) for p in (orphan, child, other, reaper))
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 30
+        while (_alive(orphan) or _alive(child) or _alive(reaper)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(orphan) and not _alive(child), "processes of the killed driver's run outlived it"
+        assert not _alive(reaper)
+        assert _alive(other)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if other is not None and _alive(other):
+            os.kill(other, signal.SIGKILL)
