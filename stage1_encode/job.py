@@ -28,6 +28,7 @@ into rejects.jsonl at the end, then the manifest is written last.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -112,6 +113,10 @@ def _load_saved_identity(root: Path) -> dict:
     import yaml
 
     data = yaml.safe_load((root / CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    try:  # keys added to the config since this cache was made compare as their defaults
+        data = config_to_dict(from_dict(EncodeConfig, data))
+    except (ValueError, TypeError):  # no longer a valid config (ConfigError is a ValueError): compared as written
+        pass
     return _content_part(data)
 
 
@@ -132,7 +137,12 @@ class CacheLock:
         self.fd: int | None = None
         if fcntl is None:  # pragma: no cover - no flock (Windows): one job per cache is then the user's to keep
             return
-        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return  # a folder nobody may write needs no lock (a finished cache on read-only storage)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -353,6 +353,16 @@ def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
     assert not any(p.exists() or p.is_symlink() for p in ours + [zarr_tmp, link])
     assert all(p.exists() for p in others) and (outside / "precious").read_text() == "keep"
 
+    # a cache written before input.allowed_roots existed (its saved config lacks the key) still resumes
+    import yaml
+
+    saved = yaml.safe_load((root / "encode_config.yaml").read_text())
+    del saved["input"]["allowed_roots"], saved["input"]["allow_outside_paths"]
+    (root / "encode_config.yaml").write_text(yaml.safe_dump(saved))
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    lock.release()
+    assert state == "resume"
+
 
 def _img_bytes(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
