@@ -2,24 +2,28 @@
 
 Ray ties the processes it starts from the driver (gcs_server, raylet, dashboard, ...) to it with PR_SET_PDEATHSIG,
 but not what the raylet starts in turn (the dashboard and runtime-env agents, the workers): when the driver is
-SIGKILLed those are orphaned and may live on (seen: 2 Ray processes after 1 of 10 kills). Nothing inside a SIGKILLed
-process can clean up, so a separate, tiny process does:
+SIGKILLed those are orphaned and may live on (seen: the two agents, after 1 of 10 kills in the issue and after a
+kill here). Nothing inside a SIGKILLed process can clean up, so a separate, tiny process does:
 
 - the driver starts `python -m stage1_encode.ray_reaper TOKEN DRIVER_PID` in its own session (a signal to the
   driver's process group does not reach it) and keeps the write end of its stdin;
-- the driver starts Ray with `HYDIT_STAGE1_RAY_TOKEN=TOKEN` in the environment, which every Ray process inherits
-  (workers included: the raylet passes its environment on), a token unique to this run;
-- when the reaper's stdin reaches end of file (the driver closed it after `ray.shutdown()`, or the kernel did when
-  the driver died), it sends SIGTERM to every process of this user whose initial environment carries the token,
-  then SIGKILL to any still there after a grace period, and exits.
+- the driver starts Ray with `HYDIT_STAGE1_RAY_TOKEN=TOKEN` in the environment, a token unique to this run, which
+  the processes Ray starts inherit;
+- while it waits, the reaper notes every second the processes that carry the token and all their descendants
+  (pid and start time). The descendants matter: the agents rewrite their process title over their environment
+  block (`/proc/PID/environ` then no longer shows the token), and once the raylet is dead they are children of init;
+- when its stdin reaches end of file (the driver closed it after `ray.shutdown()`, or the kernel did when the driver
+  died), it sends SIGTERM to the noted processes that still run (same pid and start time: never a reused pid), to
+  the processes that carry the token and to their descendants, SIGKILL to any left after a grace period, and exits.
 
-Only processes carrying this run's token are signalled: never another job's Ray, never the driver itself.
+Only processes of this run's Ray are signalled: never another job's Ray, never the driver itself.
 Linux only (it reads /proc); elsewhere `start` returns None and Ray's own clean-up is all there is.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,6 +33,22 @@ from pathlib import Path
 
 ENV_VAR = "HYDIT_STAGE1_RAY_TOKEN"
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
+POLL_S = 1.0  # how often the reaper notes the run's processes while the driver lives
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks) of every process."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    rest = fh.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+            except OSError:
+                continue
+            if rest[0] not in (b"Z", b"X"):  # a zombie is dead already
+                out[int(entry.name)] = (int(rest[1]), int(rest[19]))
+    return out
 
 
 def token_processes(token: str, exclude: tuple[int, ...] = ()) -> list[int]:
@@ -51,19 +71,41 @@ def token_processes(token: str, exclude: tuple[int, ...] = ()) -> list[int]:
     return out
 
 
-def reap(token: str, exclude: tuple[int, ...] = (), grace_s: float = GRACE_S) -> int:
-    """SIGTERM, then after `grace_s` SIGKILL, every process carrying `token`; returns how many were signalled."""
+def ray_tree(token: str, exclude: tuple[int, ...], noted: dict[int, int]) -> dict[int, int]:
+    """pid -> start time of this run's Ray now: the token's processes, the still running noted ones (same start
+    time), and all their descendants."""
+    table = _proc_table()
+    roots = {p for p in token_processes(token, exclude) if p in table}
+    roots |= {p for p, t in noted.items() if p in table and table[p][1] == t}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in tree or pid in exclude:
+            continue
+        tree.add(pid)
+        todo.extend(children.get(pid, ()))
+    return {p: table[p][1] for p in tree}
+
+
+def reap(token: str, exclude: tuple[int, ...] = (), noted: dict[int, int] | None = None,
+         grace_s: float = GRACE_S) -> int:
+    """SIGTERM, then after `grace_s` SIGKILL, this run's Ray (see ray_tree); returns how many were signalled."""
     exclude = (*exclude, os.getpid())
+    noted = dict(noted or {})
     seen: set[int] = set()
     deadline = time.monotonic() + grace_s
     sig = signal.SIGTERM
     while True:
-        pids = token_processes(token, exclude)
-        if not pids:
+        tree = ray_tree(token, exclude, noted)
+        if not tree:
             return len(seen)
+        noted.update(tree)  # a child seen once stays a target after its parent is gone
         if time.monotonic() > deadline:
             sig = signal.SIGKILL
-        for pid in pids:
+        for pid in tree:
             seen.add(pid)
             try:
                 os.kill(pid, sig)
@@ -111,12 +153,23 @@ class RayReaper:
 def main(argv: list[str]) -> int:
     token, driver = argv[0], int(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only end of file on stdin ends the wait
-    try:
-        while sys.stdin.buffer.read(65536):  # the driver never writes; EOF = it closed us or it died
-            pass
-    except OSError:
-        pass
-    reap(token, exclude=(driver,))
+    exclude = (driver, os.getpid())
+    noted: dict[int, int] = {}
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], POLL_S)
+            if ready and not os.read(fd, 65536):  # the driver never writes; EOF = it closed us or it died
+                break
+        except OSError:
+            break
+        if not ready:
+            try:
+                live = ray_tree(token, exclude, noted)
+            except OSError:
+                continue
+            noted = live  # the noted set stays as large as the run's Ray, not as all it ever started
+    reap(token, exclude=(driver,), noted=noted)
     return 0
 
 

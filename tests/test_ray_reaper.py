@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = r"""
 import os, subprocess, sys, time
-from stage1_encode.ray_reaper import ENV_VAR, RayReaper
+from stage1_encode.ray_reaper import ENV_VAR, POLL_S, RayReaper
 
 reaper = RayReaper.start()
 os.environ[ENV_VAR] = reaper.token
@@ -30,9 +30,21 @@ spawner = subprocess.run([sys.executable, "-c", "import subprocess, sys; "
 orphan = int(spawner.stdout)
 # a direct child in its own session (a killpg of the driver's group misses it)
 child = subprocess.Popen(sleep, start_new_session=True, stdout=subprocess.DEVNULL)
+# like the raylet: dies with the driver (PR_SET_PDEATHSIG), and its child (like an agent, which rewrites its title
+# over its environment) shows no token, so only the reaper's notes of the run's process tree find it
+agent_code = "import time; time.sleep(600)"
+raylet_code = (
+    "import ctypes, os, signal, subprocess, sys, time; ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0); "
+    f"env = {{k: v for k, v in os.environ.items() if k != {ENV_VAR!r}}}; "
+    f"a = subprocess.Popen([sys.executable, '-c', {agent_code!r}], env=env, stdout=subprocess.DEVNULL); "
+    "print(a.pid, flush=True); time.sleep(600)"
+)
+raylet = subprocess.Popen([sys.executable, "-c", raylet_code], stdout=subprocess.PIPE, text=True)
+agent = int(raylet.stdout.readline())
 del os.environ[ENV_VAR]
 other = subprocess.Popen(sleep, start_new_session=True, stdout=subprocess.DEVNULL)  # no token: must survive
-print(orphan, child.pid, other.pid, reaper.proc.pid, flush=True)
+time.sleep(3 * POLL_S)  # the reaper has noted the tree
+print(orphan, child.pid, raylet.pid, agent, other.pid, reaper.proc.pid, flush=True)
 time.sleep(600)
 """
 
@@ -51,14 +63,15 @@ def test_killed_driver_takes_its_tokened_processes_down(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     other = None
     try:
-        orphan, child, other, reaper = (int(x) for x in driver.stdout.readline().split())
-        assert all(_alive(p) for p in (orphan, child, other, reaper))
+        orphan, child, raylet, agent, other, reaper = (int(x) for x in driver.stdout.readline().split())
+        ours = (orphan, child, raylet, agent)
+        assert all(_alive(p) for p in (*ours, other, reaper))
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         deadline = time.time() + 30
-        while (_alive(orphan) or _alive(child) or _alive(reaper)) and time.time() < deadline:
+        while any(_alive(p) for p in (*ours, reaper)) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _alive(orphan) and not _alive(child), "processes of the killed driver's run outlived it"
+        assert [p for p in ours if _alive(p)] == [], "processes of the killed driver's run outlived it"
         assert not _alive(reaper)
         assert _alive(other)
     finally:
