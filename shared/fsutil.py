@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -25,6 +26,30 @@ def tmp_path_for(final: str | Path) -> Path:
 
 def is_tmp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
+
+
+_TMP_RE = re.compile(r"^\.tmp-.+-\d+-[0-9a-f]{8}$")  # exactly what tmp_path_for makes
+
+
+def remove_tmp_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the entries directly in `folder` named as tmp_path_for names them (debris of writes that died) and
+    return them. Not recursive; a symlink is unlinked, never followed; any other name is kept.
+
+    Only safe where no other process is writing into `folder` (stage 1 holds its cache's lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not _TMP_RE.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
 
 
 def fsync_file(path: str | Path) -> None:

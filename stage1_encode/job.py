@@ -18,15 +18,17 @@ worker can never leave a half-written shard that looks complete (writers rename 
 Writing costs the driver a memcpy and a file write per sample, far below encoder time; if it ever is the bottleneck,
 raise rows_per_shard or use several driver processes on disjoint inputs.
 
-Resume. `encode_config.yaml` is written first; a re-run with an equal config (runtime sections `ray`/`log` may
-differ) skips completed shards, and a finished cache (manifest.json present) is left alone. Per-partition rejects
-are written next to the shard (rejects_parts/<name>.jsonl, before the shard is closed), merged into rejects.jsonl at
-the end, then the manifest is written last.
+Resume. `encode_config.yaml` is written first; a re-run with an equal config (runtime sections `ray`/`log` and the
+locations `output.root`/`encoders.root` may differ: a copied cache resumes) skips completed shards, and a finished
+cache (manifest.json present) is left alone. `.tmp-*` leftovers of a killed run are removed before a resume encodes.
+Per-partition rejects are written next to the shard (rejects_parts/<name>.jsonl, before the shard is closed), merged
+into rejects.jsonl at the end, then the manifest is written last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -39,15 +41,22 @@ from typing import Any, Iterator
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 from shared.config import config_to_dict, dump_config, from_dict, save_config
-from shared.fsutil import atomic_write_bytes, atomic_write_json
+from shared.fsutil import atomic_write_bytes, atomic_write_json, remove_tmp_leftovers
 from shared.manifest import (
     EMPTY_CAPTION_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, completed_shards,
     read_manifest, write_manifest,
 )
 from shared.schema import CacheSpec
 from stage1_encode import preprocess as pp
-from stage1_encode.config import RUNTIME_SECTIONS, EncodeConfig
+from stage1_encode.config import LOCATION_FIELDS, RUNTIME_SECTIONS, EncodeConfig
+from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
+from stage1_encode.ray_reaper import RayReaper
 from stage1_encode.readers import Partition, plan_partitions, read_partition
 
 logger = logging.getLogger("stage1_encode")
@@ -56,6 +65,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAME = "encode_config.yaml"
 LOG_NAME = "encode.log"
 ENCODERS_NAME = "encoders.json"
+LOCK_NAME = "encode.lock"  # flock: one job per cache (see CacheLock)
 PARTS_DIR = "partitions"  # per-partition notes: rejects, substituted captions
 COLUMNS = ("part", "kind", "seq", "payload", "meta")
 
@@ -68,10 +78,19 @@ class CacheConflictError(ValueError):
 # Config identity and the output folder
 
 
+def _content_part(d: dict) -> dict:
+    """`d` (a config as a dict) without the runtime sections and the location fields."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in RUNTIME_SECTIONS}
+    for section, key in LOCATION_FIELDS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
 def identity(cfg: EncodeConfig) -> dict:
-    """The part of the config that defines the cache's content (everything but the runtime sections)."""
-    d = config_to_dict(cfg)
-    return {k: v for k, v in d.items() if k not in RUNTIME_SECTIONS}
+    """The part of the config that defines the cache's content: not the runtime sections, not where the cache and
+    the encoders are stored (a copied cache resumes in its new place; the encoders are checked by fingerprint)."""
+    return _content_part(config_to_dict(cfg))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -94,19 +113,79 @@ def _load_saved_identity(root: Path) -> dict:
     import yaml
 
     data = yaml.safe_load((root / CONFIG_NAME).read_text(encoding="utf-8")) or {}
-    return {k: v for k, v in data.items() if k not in RUNTIME_SECTIONS}
+    try:  # keys added to the config since this cache was made compare as their defaults
+        data = config_to_dict(from_dict(EncodeConfig, data))
+    except (ValueError, TypeError):  # no longer a valid config (ConfigError is a ValueError): compared as written
+        pass
+    return _content_part(data)
 
 
 _CACHE_ENTRIES = (CONFIG_NAME, MANIFEST_NAME, EMPTY_CAPTION_NAME, REJECTS_NAME, SHARDS_DIR, PARTS_DIR,
                   ENCODERS_NAME, LOG_NAME)
+# What may be in a folder without a config that is still ours (a fresh run killed before it wrote its config).
+_OURS_WITHOUT_CONFIG = (LOG_NAME, LOCK_NAME)
 
 
-def prepare_output(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
-    """Decide what to do with the output folder: "fresh", "resume" or "complete". Raises CacheConflictError."""
+class CacheLock:
+    """An exclusive flock on `<root>/encode.lock`, held for the whole run.
+
+    Two jobs never write one cache, so a job may delete the `.tmp-*` leftovers it finds: no live writer owns them.
+    The kernel drops the lock when the process ends, SIGKILL included; the empty file stays (copying it is harmless).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.fd: int | None = None
+        if fcntl is None:  # pragma: no cover - no flock (Windows): one job per cache is then the user's to keep
+            return
+        try:
+            fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return  # a folder nobody may write needs no lock (a finished cache on read-only storage)
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CacheConflictError(
+                f"{root}: another stage-1 job is writing this cache (it holds {LOCK_NAME}); wait for it to end or "
+                "choose another output.root"
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+
+def _refuse_foreign(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise CacheConflictError(f"output.root {root} exists and is not a folder")
-    has_config = (root / CONFIG_NAME).is_file()
-    if has_config:
+    if root.is_dir() and not (root / CONFIG_NAME).is_file() and any(
+            p.name not in _OURS_WITHOUT_CONFIG for p in root.iterdir()):
+        raise CacheConflictError(
+            f"output.root {root} is not empty and is not a stage-1 cache (no {CONFIG_NAME}); refusing to write "
+            "into it. Choose an empty or new folder."
+        )
+
+
+def prepare_output(root: Path, cfg: EncodeConfig, overwrite: bool) -> tuple[str, CacheLock]:
+    """Decide what to do with the output folder: "fresh", "resume" or "complete", under the cache's lock (returned,
+    held: release it when the run ends). Raises CacheConflictError."""
+    _refuse_foreign(root)  # before anything is created in it, not even the lock file
+    root.mkdir(parents=True, exist_ok=True)
+    lock = CacheLock(root)
+    try:
+        return _prepare_locked(root, cfg, overwrite), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _prepare_locked(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
+    _refuse_foreign(root)  # again: the folder may have changed before the lock was ours
+    if (root / CONFIG_NAME).is_file():
         diff = config_diff(_load_saved_identity(root), identity(cfg))
         if not diff:
             return "complete" if (root / MANIFEST_NAME).is_file() else "resume"
@@ -116,21 +195,31 @@ def prepare_output(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
                 + "\nRe-run with the original config to resume, choose another output.root, or pass --overwrite "
                 "to delete that cache and start over."
             )
-    elif root.is_dir() and any(p.name not in (LOG_NAME,) for p in root.iterdir()):
-        raise CacheConflictError(
-            f"output.root {root} is not empty and is not a stage-1 cache (no {CONFIG_NAME}); refusing to write "
-            "into it. Choose an empty or new folder."
-        )
-    if root.is_dir():
-        for name in _CACHE_ENTRIES:  # only what this job writes; never an unknown file
-            p = root / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
+    for name in _CACHE_ENTRIES:  # only what this job writes; never an unknown file
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.is_symlink() or p.exists():
+            p.unlink()
     save_config(cfg, root / CONFIG_NAME)
     return "fresh"
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete the temp files and folders that writes killed mid-way left in the cache (caller holds the lock).
+
+    Only this job's own temp names (`.tmp-<name>-<pid>-<hex>` from shared.fsutil, the config's
+    `.encode_config.yaml.tmp`), only directly in the cache folder, shards/ and partitions/; symlinks are unlinked,
+    never followed.
+    """
+    removed = []
+    for folder in (root, root / SHARDS_DIR, root / PARTS_DIR):
+        removed += remove_tmp_leftovers(folder)
+    config_tmp = root / f".{CONFIG_NAME}.tmp"  # save_config's temp name
+    if config_tmp.is_symlink() or config_tmp.is_file():
+        config_tmp.unlink()
+        removed.append(config_tmp)
+    return removed
 
 
 def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
@@ -259,7 +348,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
         seen_rows.add(int(row["row"]))
         try:
             if row.get("error"):
-                raise pp.Reject("read_error", str(row["error"]))
+                raise pp.Reject(row.get("error_reason") or "read_error", str(row["error"]))
             img = pp.open_image(row["image"], im.max_pixels)
             w, h = img.size
             img.close()
@@ -530,28 +619,46 @@ class Progress:
 # Ray
 
 
-def init_ray(cfg: EncodeConfig, address: str | None) -> bool:
-    """Attach to a cluster (--address, ray.address, RAY_ADDRESS) or start an embedded local one. True if started."""
+def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | None]:
+    """Attach to a cluster (--address, ray.address, RAY_ADDRESS) or start an embedded local one.
+
+    Returns (started: this call started Ray, reaper): an embedded Ray gets a reaper (stage1_encode/ray_reaper.py)
+    that takes its processes down when the driver ends, SIGKILL included; close it after ray.shutdown().
+    """
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     env = {"TOKENIZERS_PARALLELISM": "false"}
     address = address or cfg.ray.address
     if os.environ.get("RAY_ADDRESS") and not address:
         ray.init()  # under `ray job submit`: the job's runtime env (working_dir) already carries the code
-        return True
+        return True, None
     # Workers do not inherit this process's sys.path: give them the repository (same machine or shared FS).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
+        return True, None
+    reaper = RayReaper.start()
+    previous = os.environ.get(REAPER_ENV_VAR)
+    if reaper is not None:  # inherited by every process Ray starts now, and by the workers the raylet starts later
+        os.environ[REAPER_ENV_VAR] = reaper.token
+    try:
         ray.init(
             address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(),
             object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3), include_dashboard=False,
             runtime_env={"env_vars": env}, log_to_driver=True,
         )
-    return True
+    except BaseException:
+        if reaper is not None:
+            reaper.close()  # a start that failed half-way leaves processes too
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(REAPER_ENV_VAR, None)
+        else:
+            os.environ[REAPER_ENV_VAR] = previous
+    return True, reaper
 
 
 def _check_resources(cfg: EncodeConfig) -> None:
@@ -639,9 +746,14 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     names = [p.name for p in partitions]
     assert len(set(names)) == len(names), "partition names must be unique"
 
-    state = prepare_output(root, cfg, overwrite)
+    state, lock = prepare_output(root, cfg, overwrite)
     handler = _setup_file_log(root)
     try:
+        leftovers = remove_leftovers(root)
+        if leftovers:
+            logger.info(f"removed {len(leftovers)} temp leftovers of interrupted writes: "
+                        + ", ".join(str(p.relative_to(root)) for p in leftovers[:5])
+                        + (" ..." if len(leftovers) > 5 else ""))
         if state == "complete":
             m = read_manifest(root)
             summary = {"status": "already complete", "root": str(root), "samples": m.n_samples,
@@ -655,7 +767,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
                     f"complete, {len(todo)} to encode ({total} input rows)")
         logger.info("config:\n" + dump_config(cfg))
 
-        started = init_ray(cfg, address)
+        started, reaper = init_ray(cfg, address)
         try:
             import ray
 
@@ -665,8 +777,12 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             _check_resources(cfg)
             result = _execute(cfg, root, spec, dims, todo, total)
         finally:
-            if started:
-                ray.shutdown()
+            try:
+                if started:
+                    ray.shutdown()
+            finally:
+                if reaper is not None:
+                    reaper.close()
 
         done = completed_shards(root)
         missing = [n for n in names if n not in done]
@@ -702,6 +818,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     finally:
         logger.removeHandler(handler)
         handler.close()
+        lock.release()
 
 
 def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: list[Partition], total: int) -> dict:

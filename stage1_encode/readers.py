@@ -5,23 +5,35 @@
 `read_partition` runs in a Ray task and yields one raw row dict per input row, in row order:
 
     {"key": "00000-00000042-3f2a9c1b0d4e", "source": "/data/00000.arrow", "row": 42,
-     "image": b"...encoded bytes..." | None, "caption": <raw value, any type>, "md5": "3f2a...", "error": None | str}
+     "image": b"...encoded bytes..." | None, "caption": <raw value, any type>, "md5": "3f2a...", "error": None | str,
+     "error_reason": None | str}
 
 Nothing here decodes images or judges captions: stage 1's preprocessing does, so that a bad row becomes a recorded
-reject instead of vanishing here. `image` is None (and `error` says why) only when the bytes could not be read at all,
-e.g. a list names a missing file. Keys are `{source_stem}-{row:08d}-{md5[:12]}`: they depend on the input alone, never
-on the order of partitions or on the worker that reads them.
+reject instead of vanishing here. `image` is None (and `error` says why, `error_reason` the reject reason) only when
+the bytes could not or must not be read, e.g. a list names a missing file. Keys are
+`{source_stem}-{row:08d}-{md5[:12]}`: they depend on the input alone, never on the order of partitions or on the worker
+that reads them. A JSONL row number counts records (non-blank lines), in the planner and the reader alike, so blank
+lines shift nothing.
+
+Image files named by jsonl/csv lists and found in image folders are read only when they are regular files (a FIFO
+would block the job, a device would never end) that resolve, symlinks followed, inside the list's folder (folder
+corpora: the image folder) or one of `input.allowed_roots`; `input.allow_outside_paths: true` lifts the containment
+for trusted lists. A refused file becomes a reject with its reason ("outside_roots", "not_regular_file",
+"broken_symlink"), never an encoded sample.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import glob
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +77,12 @@ class InputConfig:
     caption_extension: str = ".txt"
     # folder: which files are images.
     image_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
+    # jsonl / csv / folder: folders that image (and caption sidecar) files may resolve into, besides the list's own
+    # folder (folder corpora: the image folder). Symlinks are followed before the check.
+    allowed_roots: list[str] = field(default_factory=list)
+    # jsonl / csv / folder: true reads image paths wherever they point (absolute paths, `..`, symlinks out of the
+    # folder). Only for lists you trust: a list could otherwise read any file the job can.
+    allow_outside_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -78,6 +96,11 @@ class InputConfig:
         if self.md5_column == "":
             self.md5_column = None
         self.image_extensions = [e.lower() if e.startswith(".") else "." + e.lower() for e in self.image_extensions]
+        if isinstance(self.allowed_roots, (str, Path)):
+            self.allowed_roots = [str(self.allowed_roots)]
+        self.allowed_roots = [str(p) for p in self.allowed_roots]
+        if not isinstance(self.allow_outside_paths, bool):
+            raise ValueError(f"input.allow_outside_paths: must be true or false, got {self.allow_outside_paths!r}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,9 @@ class Partition:
     rows: tuple[int, ...] | None = None  # indexkits: the selected rows (sorted, in [start, stop)); None = all
     files: tuple[str, ...] | None = None  # folder: the image files of rows start..stop-1, relative to `source`
     offset: int = 0  # jsonl: byte offset of row `start` (rows count non-blank lines)
+    # jsonl / csv / folder: the resolved folders every file read must stay inside; None = no containment
+    # (input.allow_outside_paths, or a format whose rows carry their bytes)
+    roots: tuple[str, ...] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -117,9 +143,10 @@ def plan_partitions(cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
                 parts.append(_partition(str(path), stems[path], chunk[0], chunk[-1] + 1, rows=chunk))
     else:
         stems = _source_stems(sources)
+        extra_roots = _allowed_roots(cfg)
         parts = []
         for path in sources:
-            parts.extend(_plan_source(path, stems[path], cfg, rows_per_shard))
+            parts.extend(_plan_source(path, stems[path], cfg, rows_per_shard, extra_roots))
     parts.sort(key=lambda p: (p.source_stem, p.start))
     names = [p.name for p in parts]
     if len(set(names)) != len(names):  # only crafted names can get here, e.g. files "a" and "a-00000000"
@@ -134,17 +161,35 @@ def _partition(source: str, stem: str, start: int, stop: int, **extra: Any) -> P
     return Partition(name=f"{stem}-{start:08d}", source=source, source_stem=stem, start=start, stop=stop, **extra)
 
 
-def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
+def _allowed_roots(cfg: InputConfig) -> tuple[str, ...] | None:
+    """input.allowed_roots resolved on the driver (workers may run elsewhere, in another working directory)."""
+    if cfg.allow_outside_paths:
+        return None
+    out = []
+    for r in cfg.allowed_roots:
+        p = Path(r).expanduser()
+        if not p.is_dir():
+            raise ValueError(f"input.allowed_roots: {r!r} is not a folder")
+        out.append(str(p.resolve()))
+    return tuple(out)
+
+
+def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int,
+                 extra_roots: tuple[str, ...] | None) -> list[Partition]:
+    # reads stay under the list's folder (or the image folder itself) and the configured roots
+    base = path if cfg.format == "folder" else path.parent
+    roots = None if extra_roots is None else (str(base), *extra_roots)
     if cfg.format == "folder":
         files = _list_images(path, cfg)
         return [
-            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)), files=tuple(files[s : s + rows_per_shard]))
+            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)),
+                       files=tuple(files[s : s + rows_per_shard]), roots=roots)
             for s in range(0, len(files), rows_per_shard)
         ]
     if cfg.format == "jsonl":
         offsets = _jsonl_offsets(path, cfg)
         return [
-            _partition(str(path), stem, s, min(s + rows_per_shard, len(offsets)), offset=offsets[s])
+            _partition(str(path), stem, s, min(s + rows_per_shard, len(offsets)), offset=offsets[s], roots=roots)
             for s in range(0, len(offsets), rows_per_shard)
         ]
     if cfg.format == "arrow":
@@ -157,7 +202,9 @@ def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int) -
         raise AssertionError(cfg.format)
     if n == 0:
         logger.warning("%s has no rows", path)
-    return [_partition(str(path), stem, s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
+    roots = roots if cfg.format == "csv" else None  # arrow / parquet rows carry their bytes
+    return [_partition(str(path), stem, s, min(s + rows_per_shard, n), roots=roots)
+            for s in range(0, n, rows_per_shard)]
 
 
 def _expand_paths(cfg: InputConfig) -> list[Path]:
@@ -278,8 +325,11 @@ def _parquet_num_rows(path: Path, cfg: InputConfig) -> int:
 
 
 def _list_images(folder: Path, cfg: InputConfig) -> list[str]:
+    """Everything with an image extension that is not a folder: symlinks (broken ones too), FIFOs and devices are
+    listed so that the reader records them as rejects instead of skipping them unseen."""
     exts = set(cfg.image_extensions)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix.lower() in exts and (p.is_symlink() or not p.is_dir()))
     if not files:
         raise ValueError(f"{folder}: no image files (input.image_extensions: {', '.join(cfg.image_extensions)})")
     return files
@@ -418,7 +468,7 @@ def read_partition(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]
 
 
 def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any, error: str | None = None,
-         source: str | None = None) -> dict[str, Any]:
+         source: str | None = None, reason: str | None = None) -> dict[str, Any]:
     if not (isinstance(md5, str) and _MD5_RE.match(md5)):
         md5 = hashlib.md5(image or b"").hexdigest()
     md5 = md5.lower()
@@ -430,6 +480,7 @@ def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any,
         "caption": caption,
         "md5": md5,
         "error": error,
+        "error_reason": (reason or "read_error") if error else None,
     }
 
 
@@ -488,11 +539,58 @@ def _read_table_rows(part: Partition, cfg: InputConfig, batches: Iterator[tuple[
             yield _row(part, row, image, caption, md5)
 
 
-def _read_file(path: Path) -> tuple[bytes | None, str | None]:
+class _Refused(Exception):
+    """A file that is not read: `reason` is the reject reason, the message the detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _safe_read(path: Path, roots: tuple[str, ...] | None, what: str = "image") -> bytes:
+    """The bytes of `path` if it is, symlinks followed, a regular file inside one of `roots` (None: anywhere).
+
+    Raises _Refused otherwise. The type is checked before opening (a FIFO would block open(), a device read forever)
+    and again on the open descriptor (O_NONBLOCK, O_NOFOLLOW on the resolved path), so a file swapped in between
+    is caught as well.
+    """
+    # Containment first, on the path as far as it resolves: an outside path is refused whether or not it exists.
+    real = os.path.realpath(path)
+    if roots is not None and not any(Path(real).is_relative_to(r) for r in roots):
+        where = f" (resolves to {real})" if real != os.path.abspath(path) else ""
+        raise _Refused("outside_roots", f"{what} file {path}{where} is outside the allowed folders {list(roots)} "
+                       "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)")
+    if not os.path.lexists(path):
+        raise _Refused("read_error", f"cannot read {what} file {path}: FileNotFoundError: no such file")
     try:
-        return path.read_bytes(), None
+        real = os.path.realpath(path, strict=True)
     except OSError as e:
-        return None, f"cannot read image file {path}: {type(e).__name__}: {e.strerror or e}"
+        # it exists, so not found means a symlink on the way points to nothing; ELOOP a symlink loop
+        reason = "broken_symlink" if isinstance(e, FileNotFoundError) or e.errno == errno.ELOOP else "read_error"
+        raise _Refused(reason, f"cannot resolve {what} file {path}: {type(e).__name__}: {e.strerror or e}") from None
+    try:
+        mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):
+            raise _Refused("not_regular_file", f"{what} file {path} is {_kind(mode)}; only regular files are read")
+        fd = os.open(real, _O_FLAGS)
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise _Refused("not_regular_file", f"{what} file {path} is {_kind(mode)}; only regular files are read")
+            return fh.read()
+    except OSError as e:
+        raise _Refused("read_error", f"cannot read {what} file {path}: {type(e).__name__}: {e.strerror or e}") from None
 
 
 def _read_folder(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
@@ -500,25 +598,36 @@ def _read_folder(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
     folder = Path(part.source)
     for row, rel in zip(range(part.start, part.stop), part.files):
         image_path = folder / rel
-        image, error = _read_file(image_path)
+        image, error, reason = None, None, None
+        try:
+            image = _safe_read(image_path, part.roots)
+        except _Refused as e:
+            error, reason = str(e), e.reason
         sidecar = image_path.with_suffix(cfg.caption_extension)
         caption = None
-        if sidecar.exists():
+        if os.path.lexists(sidecar):
             try:
-                caption = sidecar.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                # caption stays None: stage 1 then applies its rule for a missing caption; the reason is kept
-                error = error or f"cannot read caption file {sidecar}: {type(e).__name__}"
-        yield _row(part, row, image, caption, None, error, source=str(image_path))
+                caption = _safe_read(sidecar, part.roots, "caption").decode("utf-8")
+            except (_Refused, UnicodeDecodeError) as e:
+                # caption stays None: the row is a reject, with the sidecar's reason unless the image already failed
+                if error is None and isinstance(e, _Refused):
+                    error, reason = str(e), e.reason
+                elif error is None:
+                    error, reason = f"cannot read caption file {sidecar}: {type(e).__name__}", "read_error"
+        yield _row(part, row, image, caption, None, error, source=str(image_path), reason=reason)
 
 
-def _list_image(list_path: Path, value: Any) -> tuple[bytes | None, str | None]:
+def _list_image(part: Partition, value: Any) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, error, reason) of the image a list row names; paths are relative to the list's folder."""
     if not isinstance(value, str) or not value:
-        return None, f"image path is {value!r}, expected a non-empty string"
+        return None, f"image path is {value!r}, expected a non-empty string", "read_error"
     p = Path(value)
     if not p.is_absolute():
-        p = list_path.parent / p
-    return _read_file(p)
+        p = Path(part.source).parent / p
+    try:
+        return _safe_read(p, part.roots), None, None
+    except _Refused as e:
+        return None, str(e), e.reason
 
 
 def _read_jsonl(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
@@ -530,16 +639,18 @@ def _read_jsonl(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
             line = fh.readline()
             if not line:
                 break
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"a JSON {type(rec).__name__}, expected an object")
-                except ValueError as e:
-                    yield _row(part, row, None, None, None, f"record {row} is not a JSON object: {e}")
-                else:
-                    image, error = _list_image(path, rec.get(cfg.image_path_column))
-                    yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error)
+            if not line.strip():  # not a record: rows count records, exactly as _jsonl_offsets does
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, expected an object")
+            except ValueError as e:
+                yield _row(part, row, None, None, None, f"record {row} is not a JSON object: {e}")
+            else:
+                image, error, reason = _list_image(part, rec.get(cfg.image_path_column))
+                yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
+                           reason=reason)
             row += 1
 
 
@@ -551,8 +662,9 @@ def _read_csv(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
                 continue
             if row >= part.stop:
                 break
-            image, error = _list_image(path, rec.get(cfg.image_path_column))
-            yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error)
+            image, error, reason = _list_image(part, rec.get(cfg.image_path_column))
+            yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
+                       reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,25 @@ def test_size_filters():
     pp.resize_and_crop(_noise(400, 100), "k", cfg)  # exactly 4:1 is allowed
 
 
+@pytest.mark.parametrize("preset", ["demo", "hunyuandit-v1.2"])
+def test_presets_refuse_tiny_images(preset):
+    """A 16x16 image would be upscaled to a bucket and trained on: every encode preset sets a minimum size, and the
+    demo's still keeps most of the demo corpus (whose multi-resolution index uses the same minimum)."""
+    from pathlib import Path
+
+    from shared.config import load_config
+    from stage1_encode.config import EncodeConfig
+    from stage1_encode.demo_corpus import demo_row
+
+    im = load_config(EncodeConfig, Path(__file__).resolve().parents[1] / f"configs/encode/{preset}.yaml").image
+    with pytest.raises(pp.Reject) as e:
+        pp.check_size(16, 16, im.min_size, im.max_aspect_ratio)
+    assert e.value.reason == "too_small"
+    if preset == "demo":
+        kept = sum(min(demo_row(i, 0).width, demo_row(i, 0).height) >= im.min_size for i in range(300))
+        assert kept >= 240, kept
+
+
 def test_size_cond_options():
     meta = np.array([800, 1200, 1024, 1024, 3, 0])
     assert pp.apply_size_cond(meta, random_shrink_size_cond=True).tolist() == [1024, 1200, 1024, 1024, 3, 0]

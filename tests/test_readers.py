@@ -1,4 +1,5 @@
 import hashlib
+import os
 import json
 import pickle
 import re
@@ -235,3 +236,97 @@ def test_unsafe_file_names_give_safe_distinct_stems(tmp_path, corpus):
     stems = [p.source_stem for p in parts]
     assert len(set(stems)) == 3 and "my_data" in stems
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", p.name) for p in parts)
+
+
+def test_jsonl_blank_lines_lose_no_record_and_keys_ignore_rows_per_shard(tmp_path):
+    """8 records and 2 blank lines inside partitions: 8 rows, numbered by record, whatever rows_per_shard is."""
+    loose = write_demo_image_list(tmp_path / "loose", n=8)
+    lines = loose["jsonl"].read_text().splitlines()
+    loose["jsonl"].write_text("\n".join(lines[:2] + [""] + lines[2:5] + ["   "] + lines[5:]) + "\n")
+    cfg = InputConfig(format="jsonl", paths=[str(loose["jsonl"])])
+    by_rps = {}
+    for rps in (1, 3, 4, 100):
+        parts, rows = _read_all(cfg, rps)
+        assert sum(p.num_rows for p in parts) == 8
+        assert [r["row"] for r in rows] == list(range(8)) and all(r["error"] is None for r in rows), rps
+        by_rps[rps] = [r["key"] for r in rows]
+    want = [f"list-{i:08d}-{r['md5'][:12]}" for i, r in enumerate(demo_records(8, bad_rows=False))]
+    assert all(keys == want for keys in by_rps.values())
+
+
+def _png(path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(path, "PNG")
+    return path.read_bytes()
+
+
+def _reasons(cfg, rows_per_shard=100):
+    return [(r["error_reason"], r["image"] is not None) for r in _read_all(cfg, rows_per_shard)[1]]
+
+
+def test_list_paths_stay_inside_the_list_folder_unless_allowed(tmp_path):
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    (corpus / "images").mkdir(parents=True)
+    outside.mkdir()
+    ok = _png(corpus / "images" / "ok.png")
+    _png(outside / "secret.png")
+    (corpus / "images" / "link_out.png").symlink_to(outside / "secret.png")  # a symlink out of the folder
+    (corpus / "images" / "link_in.png").symlink_to(corpus / "images" / "ok.png")
+    paths = ["images/ok.png", "../outside/secret.png", "../../../../../../etc/passwd", str(outside / "secret.png"),
+             "/etc/passwd", "images/link_out.png", "images/link_in.png", "images/../images/ok.png",
+             str(corpus / "images" / "ok.png")]
+    (corpus / "list.jsonl").write_text("".join(json.dumps({"img_path": p, "text_zh": "x"}) + "\n" for p in paths))
+    with (corpus / "list.csv").open("w") as fh:
+        fh.write("img_path,text_zh\n" + "".join(f"{p},x\n" for p in paths))
+    inside = [(None, True)]
+    want = inside + [("outside_roots", False)] * 5 + inside * 3
+    for fmt in ("jsonl", "csv"):
+        cfg = InputConfig(format=fmt, paths=[str(corpus / f"list.{fmt}")])
+        assert _reasons(cfg) == want, fmt
+        rows = _read_all(cfg, 100)[1]
+        assert "outside the allowed folders" in rows[1]["error"] and rows[0]["image"] == ok
+        assert "resolves to" in rows[5]["error"]  # the symlink names where it points
+        # configured roots extend the list's folder; the explicit option reads anywhere
+        extra = InputConfig(format=fmt, paths=[str(corpus / f"list.{fmt}")], allowed_roots=[str(outside)])
+        refused = [("outside_roots", False)]
+        assert _reasons(extra) == inside * 2 + refused + inside + refused + inside * 4
+        anywhere = InputConfig(format=fmt, paths=[str(corpus / f"list.{fmt}")], allow_outside_paths=True)
+        got = _reasons(anywhere)
+        assert got == [(None, True)] * len(paths)  # /etc/passwd included: that is what the option means
+    with pytest.raises(ValueError, match=r"input.allowed_roots: '.*nowhere' is not a folder"):
+        plan_partitions(InputConfig(format="jsonl", paths=[str(corpus / "list.jsonl")],
+                                    allowed_roots=[str(tmp_path / "nowhere")]), 10)
+
+
+def test_only_regular_files_are_opened_and_refusals_are_rows(tmp_path):
+    import threading
+
+    folder, outside = tmp_path / "images", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    _png(folder / "a_ok.png")
+    _png(outside / "secret.png")
+    (folder / "b_broken.png").symlink_to(folder / "gone.png")
+    os.mkfifo(folder / "c_fifo.png")
+    (folder / "d_out.png").symlink_to(outside / "secret.png")
+    _png(folder / "e_caption_fifo.png")
+    os.mkfifo(folder / "e_caption_fifo.txt")  # a FIFO sidecar must not block either
+    (folder / "f_dir.png").mkdir()  # a folder named like an image is no row (nor a reject)
+    want = [(None, True), ("broken_symlink", False), ("not_regular_file", False), ("outside_roots", False),
+            ("not_regular_file", True)]
+    (folder / "list.jsonl").write_text("".join(  # inside the folder: outside/ is outside the list's folder too
+        json.dumps({"img_path": n, "text_zh": "x"}) + "\n"
+        for n in ("a_ok.png", "b_broken.png", "c_fifo.png", "d_out.png", "e_caption_fifo.png")))
+    got = {}
+
+    def read():
+        got["folder"] = _reasons(InputConfig(format="folder", paths=[str(folder)]), 2)
+        got["jsonl"] = _reasons(InputConfig(format="jsonl", paths=[str(folder / "list.jsonl")]), 2)
+
+    t = threading.Thread(target=read, daemon=True)  # a blocked open() must fail the test, not hang it
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert got["folder"] == want
+    assert got["jsonl"] == want[:4] + [(None, True)]  # lists have no sidecars

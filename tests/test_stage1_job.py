@@ -64,6 +64,7 @@ def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
     base = {
         "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(out),
         "output.rows_per_shard": 6, "encoders.batch_size": 4, "image.resolution": 64, "image.reso_step": 16,
+        "image.min_size": 32,  # scaled down with the resolution (demo.yaml: 64 for base 256); the corpus' least is 38
         "ray.num_cpus": 3, "ray.preprocess_tasks": 1, "ray.preprocess_num_cpus": 0.25,
         "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1, "ray.object_store_memory_gb": 0.3,
         "ray.actor_memory_gb": 0.2, "log.interval_s": 2,
@@ -290,6 +291,86 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     assert_same_cache(reference, out)
 
 
+@pytest.mark.slow
+def test_copied_cache_resumes_in_its_new_place(reference, corpus, suite, tmp_path):
+    """Where a cache (or the encoder folder) is stored is not what it holds: a copy resumes there, encoding only the
+    missing shards, and the rerun removes the .tmp leftovers of the killed run."""
+    from shared.manifest import shard_data_path, shard_sidecar_path
+
+    moved = tmp_path / "moved"
+    shutil.copytree(reference, moved)
+    assert job_mod.run(load_cfg(overrides(corpus, suite, moved)))["status"] == "already complete"
+
+    partial = tmp_path / "partial"
+    shutil.copytree(reference, partial)
+    for name in ("manifest.json", "rejects.jsonl"):
+        (partial / name).unlink()
+    fmt = read_manifest(reference).format
+    names = sorted(completed_shards(partial))
+    dropped = names[1:3]
+    for n in dropped:
+        shard_data_path(partial, n, fmt).unlink()
+        shard_sidecar_path(partial, n).unlink()
+    leftover = partial / "shards" / f".tmp-{shard_data_path(partial, dropped[0], fmt).name}-4242-0badf00d"
+    leftover.write_bytes(b"half a shard from a killed run")
+    kept = {n: shard_data_path(partial, n, fmt).stat().st_mtime_ns for n in names if n not in dropped}
+    suite_copy = tmp_path / "encoders" / "t2i"
+    shutil.copytree(suite, suite_copy)
+    r = cli(overrides(corpus, suite_copy, partial))
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "complete" and summary["shards_this_run"] == len(dropped)
+    assert {n: shard_data_path(partial, n, fmt).stat().st_mtime_ns for n in kept} == kept  # not re-encoded
+    assert not leftover.exists() and not list((partial / "shards").glob(".tmp-*"))
+    assert_same_cache(reference, partial)
+
+
+def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
+    root = tmp_path / "cache"
+    cfg = load_cfg([f"output.root={root}"])
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    assert state == "fresh"
+    with pytest.raises(job_mod.CacheConflictError, match="another stage-1 job is writing"):
+        job_mod.prepare_output(root, cfg, False)
+    lock.release()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    (root / "shards").mkdir()
+    (root / "partitions").mkdir()
+    ours = [root / "shards" / ".tmp-00000-00000000.tar-4242-0123abcd", root / ".tmp-manifest.json-17-89abcdef",
+            root / "partitions" / ".tmp-00000-00000000.json-3-00000000", root / ".encode_config.yaml.tmp"]
+    for p in ours:
+        p.write_bytes(b"half")
+    zarr_tmp = root / "shards" / ".tmp-00000-00000006.zarr-99-deadbeef"
+    (zarr_tmp / "moments" / "c").mkdir(parents=True)
+    (zarr_tmp / "moments" / "c" / "0").write_bytes(b"chunk")
+    link = root / "shards" / ".tmp-00000-00000012.zarr-5-abcdef01"
+    link.symlink_to(outside, target_is_directory=True)  # unlinked, never followed
+    others = [root / "shards" / ".tmp-made-by-hand", root / "shards" / "notes.txt",
+              tmp_path / ".tmp-x.tar-1-00000000"]  # not a temp name of ours / not in the cache folder
+    for p in others:
+        p.write_bytes(b"not ours")
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    try:
+        assert state == "resume"
+        assert sorted(job_mod.remove_leftovers(root)) == sorted(ours + [zarr_tmp, link])
+    finally:
+        lock.release()
+    assert not any(p.exists() or p.is_symlink() for p in ours + [zarr_tmp, link])
+    assert all(p.exists() for p in others) and (outside / "precious").read_text() == "keep"
+
+    # a cache written before input.allowed_roots existed (its saved config lacks the key) still resumes
+    import yaml
+
+    saved = yaml.safe_load((root / "encode_config.yaml").read_text())
+    del saved["input"]["allowed_roots"], saved["input"]["allow_outside_paths"]
+    (root / "encode_config.yaml").write_text(yaml.safe_dump(saved))
+    state, lock = job_mod.prepare_output(root, cfg, False)
+    lock.release()
+    assert state == "resume"
+
+
 def _img_bytes(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
@@ -324,12 +405,26 @@ def test_bad_input_battery(cluster, suite, tmp_path):
         ("int_caption", _img_bytes(noise(48, 48), "PNG"), 12345, "bad_caption"),
         ("list_caption", _img_bytes(noise(48, 48), "PNG"), ["a", "b"], "bad_caption"),
         ("missing_file", None, "x", "read_error"),
+        # never read, whatever they hold: outside the list's folder, or not a regular file
+        ("outside_relative", None, "x", "outside_roots"),
+        ("outside_absolute", None, "x", "outside_roots"),
+        ("symlink_out", None, "x", "outside_roots"),
+        ("broken_symlink", None, "x", "broken_symlink"),
+        ("fifo", None, "x", "not_regular_file"),
     ]
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_img_bytes(noise(64, 64), "PNG"))  # a good image: read, it would be encoded
+    (folder / "symlink_out.bin").symlink_to(outside / "secret.png")
+    (folder / "broken_symlink.bin").symlink_to(folder / "gone.bin")
+    os.mkfifo(folder / "fifo.bin")  # opening it for reading would block the job forever
+    special = {"outside_relative": f"../{outside.name}/secret.png", "outside_absolute": str(outside / "secret.png")}
     lines = []
     for name, data, caption, _ in cases:
         if data is not None:
             (folder / f"{name}.bin").write_bytes(data)
-        lines.append(json.dumps({"img_path": f"imgs/{name}.bin", "text_zh": caption}, ensure_ascii=False))
+        img_path = special.get(name, f"imgs/{name}.bin")
+        lines.append(json.dumps({"img_path": img_path, "text_zh": caption}, ensure_ascii=False))
     (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "cache"
     cfg = load_cfg([
