@@ -197,9 +197,19 @@ class CacheReader:
             self._idx = np.arange(n, dtype=np.int64)
         else:
             self.manifest, self.spec, self.infos = _parent.manifest, _parent.spec, _parent.infos
+            self._source = _parent._source
             self._readers, self._all, self._key_pos = _parent._readers, _parent._all, _parent._key_pos
             self._idx = _indices
         self._pos_in_view: dict[int, int] | None = None
+        if _parent is None:
+            self._source = None  # a RemoteCacheMirror when the cache lives on object storage (see open_cache)
+
+    def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
+        """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`."""
+        if self._source is not None:
+            self._source.ensure(self.infos[s].name)
+            if ahead:
+                self._source.prefetch([self.infos[a].name for a in ahead])
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -231,6 +241,7 @@ class CacheReader:
     def read_stored(self, i: int | str) -> dict:
         g = self._global(i)
         s, loc = int(self._all["shard"][g]), int(self._all["local"][g])
+        self._fetch(s)
         rd = self._readers[s]
         stored = rd.read_stored(loc)
         check_stored(stored, self.spec, f"shard {rd.path}")
@@ -415,7 +426,10 @@ class _CacheStreamBase:
     def __iter__(self) -> Iterator[dict]:
         r = self.reader
         in_view = None if r._idx.size == len(r._all["shard"]) else set(r._idx.tolist())
-        for s in self.shard_plan():
+        plan = self.shard_plan()
+        ahead = r._source.cfg.prefetch_shards if r._source is not None else 0
+        for pos, s in enumerate(plan):
+            r._fetch(s, plan[pos + 1:pos + 1 + ahead])
             info, rd = r.infos[s], r._readers[s]
             first = int(np.searchsorted(r._all["shard"], s))
             if r.spec.format == "webdataset":
@@ -445,8 +459,21 @@ def __getattr__(name: str) -> Any:  # `from shared.cache import CacheStream` and
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_cache(path: str | Path, vae: Any = None) -> CacheReader:
-    """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode()."""
+def open_cache(path: str | Path, vae: Any = None, storage: Any = None) -> CacheReader:
+    """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode().
+
+    `path` may be an object-storage URL (s3://bucket/prefix): the small files are mirrored locally and shard data
+    is fetched whole, on first use, into a bounded local shard cache (`storage`: a shared.storage.StorageConfig)."""
+    from .storage import is_remote
+
+    if is_remote(path):
+        from .remote_cache import RemoteCacheMirror
+
+        mirror = RemoteCacheMirror(str(path), storage)
+        reader = CacheReader(mirror.prepare(), vae=vae)
+        reader._source = mirror
+        reader.url = mirror.url
+        return reader
     return CacheReader(path, vae=vae)
 
 

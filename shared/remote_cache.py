@@ -204,3 +204,39 @@ class _Prefetcher:
                 self.mirror.ensure(name)
             except Exception:  # noqa: BLE001 - the reader's own ensure reports it
                 pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing: stage 1 stages a shard locally, then publishes its files in the order that keeps readers safe
+
+
+def shard_files(root: Path, name: str, fmt: str) -> tuple[Path, list[Path], Path]:
+    """(data, other small files such as an index, sidecar) of one local shard: every `shards/<name>.*` entry."""
+    from .manifest import shard_sidecar_path
+
+    data, side = shard_data_path(root, name, fmt), shard_sidecar_path(root, name)
+    others = sorted(p for p in (root / SHARDS_DIR).glob(f"{name}.*")
+                    if p not in (data, side) and not is_tmp_name(p.name))
+    return data, others, side
+
+
+def publish_shard(store: RemoteStore, root: Path, name: str, fmt: str) -> int:
+    """Upload one completed local shard: its data, then its other files, then its sidecar (what marks it
+    complete), so a shard whose sidecar is visible is whole. A zarr shard (a folder) is first deleted remotely: a
+    run that died mid-upload may have left some of its objects. Returns bytes uploaded."""
+    data, others, side = shard_files(root, name, fmt)
+    rel = lambda p: f"{SHARDS_DIR}/{p.name}"  # noqa: E731
+    if fmt == "zarr":
+        store.remove(rel(data))
+    n = store.upload(data, rel(data))
+    for p in others:
+        n += store.upload(p, rel(p))
+    store.upload_file(side, rel(side))
+    return n + side.stat().st_size
+
+
+def remote_completed(store: RemoteStore, fmt: str) -> list[str]:
+    """Names of the shards whose sidecar and data both exist on the store (one LIST)."""
+    entries = set(store.listdir(SHARDS_DIR))
+    return sorted(e[:-5] for e in entries if e.endswith(".json") and not is_tmp_name(e)
+                  and e[:-5] + SHARD_SUFFIX[fmt] in entries)

@@ -1,8 +1,8 @@
 """EncodeConfig: the typed `configs/encode/*.yaml` of the stage-1 job, one section per component.
 
-Everything except `ray:` and `log:` defines the cache's content: a resumed job must see the same values (the job
-refuses to mix two configs in one cache, naming the keys that changed). `ray:` and `log:` only say how fast and
-where it runs, so they may differ between a run and its resume.
+Everything except `ray:`, `log:` and `storage:` defines the cache's content: a resumed job must see the same values
+(the job refuses to mix two configs in one cache, naming the keys that changed). `ray:`, `log:` and `storage:` only
+say how fast and where it runs, so they may differ between a run and its resume.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.text import DEFAULT_CAPTION
+from shared.storage import StorageConfig
 from stage1_encode.readers import InputConfig
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 # Sections that do not change what is written (see module docstring).
-RUNTIME_SECTIONS = ("ray", "log")
+RUNTIME_SECTIONS = ("ray", "log", "storage")
 
 
 def _at_least(section: object, low: float, *names: str) -> None:
@@ -132,3 +133,5 @@ class EncodeConfig:
     text: TextConfig = field(default_factory=TextConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # object storage (output.root=s3://...): endpoint, retries, the local staging folder; never credentials
+    storage: StorageConfig = field(default_factory=StorageConfig)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.storage import StorageConfig
+
 
 @dataclass
 class ModelSection:
@@ -24,7 +26,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     cache: str = ""
-    """Cache folder written by stage 1 (the one holding manifest.json)."""
+    """Cache folder written by stage 1 (the one holding manifest.json), or its s3://bucket/prefix URL."""
     batch_size: int = 1
     """Samples per rank per micro-step."""
     global_batch_size: int = 0
@@ -158,6 +160,9 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object storage (data.cache=s3://...): endpoint, retries, the local shard cache's folder and size limit;
+    credentials only from the standard AWS variables."""
 
 
 def validate_config(cfg: TrainConfig) -> None:

@@ -275,7 +275,7 @@ class CacheBatchSource:
 
         cfg, data = trainer.cfg, trainer.cfg.data
         try:
-            reader = open_cache(data.cache)
+            reader = open_cache(data.cache, storage=cfg.storage)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
         scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
