@@ -240,3 +240,27 @@ def remote_completed(store: RemoteStore, fmt: str) -> list[str]:
     entries = set(store.listdir(SHARDS_DIR))
     return sorted(e[:-5] for e in entries if e.endswith(".json") and not is_tmp_name(e)
                   and e[:-5] + SHARD_SUFFIX[fmt] in entries)
+
+
+def publish_cache(root: str | Path, url: str, cfg: StorageConfig | None = None) -> RemoteStore:
+    """Upload a complete local cache to object storage in the order that keeps readers safe: every shard
+    (publish_shard), then the other files and folders, the manifest last."""
+    from .manifest import read_manifest
+
+    root = Path(root)
+    m = read_manifest(root)
+    store = RemoteStore(url, cfg)
+    for s in m.shards:
+        publish_shard(store, root, s["name"], m.format)
+    for p in sorted(root.iterdir()):
+        if p.name not in (MANIFEST_NAME, SHARDS_DIR, LOCKS_DIR) and not is_tmp_name(p.name):
+            store.upload(p, p.name)
+    store.upload_file(root / MANIFEST_NAME, MANIFEST_NAME)
+    return store
+
+
+def download_cache(url: str, local: str | Path, cfg: StorageConfig | None = None) -> Path:
+    """Every object of a remote cache into the folder `local` (created; renamed into place when complete)."""
+    store = RemoteStore(url, cfg)
+    store.download("", Path(local), is_dir=True)
+    return Path(local)
