@@ -207,9 +207,9 @@ class CacheReader:
     def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
         """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`."""
         if self._source is not None:
-            self._source.ensure(self.infos[s].name)
-            if ahead:
+            if ahead:  # queued first: the next shards download while this one does
                 self._source.prefetch([self.infos[a].name for a in ahead])
+            self._source.ensure(self.infos[s].name)
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
