@@ -198,6 +198,8 @@ class CacheReader:
         else:
             self.manifest, self.spec, self.infos = _parent.manifest, _parent.spec, _parent.infos
             self._source = _parent._source
+            if hasattr(_parent, "url"):
+                self.url = _parent.url
             self._readers, self._all, self._key_pos = _parent._readers, _parent._all, _parent._key_pos
             self._idx = _indices
         self._pos_in_view: dict[int, int] | None = None
@@ -307,7 +309,7 @@ class CacheReader:
             fb.update(info.field_bytes)
         buckets = Counter(f"{h}x{w}" for h, w in self._all["bucket"][idx].tolist())
         return CacheSummary(
-            root=str(self.root), format=spec.format, schema_version=m.schema_version, samples=len(self),
+            root=getattr(self, "url", None) or str(self.root), format=spec.format, schema_version=m.schema_version, samples=len(self),
             shards=len(shards_in_view), bytes_on_disk=on_disk, bytes_per_sample_on_disk=on_disk / n_all,
             views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
             scaling_factor=m.vae_scaling_factor,

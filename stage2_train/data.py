@@ -312,4 +312,31 @@ class CacheBatchSource:
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             worker_init_fn=_worker_init,
         )
-        return iter(loader)
+        source = getattr(self.reader, "_source", None)
+        if source is None:
+            return iter(loader)
+        return self._prefetching(iter(loader), source, start_micro_step, end_micro_step)
+
+    def _prefetching(self, it: Iterator[dict[str, Any]], source: Any, start: int, end: int
+                     ) -> Iterator[dict[str, Any]]:
+        """A cache on object storage: the plan says which shards this rank reads in the coming micro-steps; they are
+        queued for download (into the node's shared shard cache) ahead of the DataLoader workers that read them."""
+        reader, ahead = self.reader, max(1, self.num_workers) * self.prefetch_factor + 1
+        queued = start
+
+        def queue_until(step: int) -> None:
+            nonlocal queued
+            names: list[str] = []
+            for m in range(queued, min(step, end)):
+                for _, _, index in self.plan.rank_items(m, self.rank):
+                    name = reader.infos[int(reader._all["shard"][reader._idx[index]])].name
+                    if name not in names:
+                        names.append(name)
+            queued = max(queued, min(step, end))
+            if names:
+                source.prefetch(names)
+
+        queue_until(start + ahead)
+        for step, batch in enumerate(it, start):
+            queue_until(step + 1 + ahead)
+            yield batch

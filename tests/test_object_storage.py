@@ -46,6 +46,10 @@ def test_remote_cache_reads_like_local(s3, tmp_path, fmt):
     assert data_objects == (3 if fmt == "webdataset" else data_objects) and data_objects >= 3
     assert remote._source.store.gets == 2 + 3 + data_objects
     assert verify_cache(url, progress=False).ok
+    from shared.cli import main as cache_cli
+
+    assert cache_cli(["inspect", url]) == 0 and cache_cli(["verify", url, "--no-progress"]) == 0
+    assert remote.summary()["root"] == url
 
     # LRU: a limit below two shards keeps at most the one just read plus those used within min_idle_s
     mirror = RemoteCacheMirror(url, cfg)
