@@ -96,8 +96,9 @@ class RemoteCacheMirror:
             listing = self.store.listdir(SHARDS_DIR)
             want = set(names)
             for entry in listing:
-                name = entry.split(".", 1)[0]
-                if name not in want or is_tmp_name(entry) or entry == name + SHARD_SUFFIX[fmt]:
+                # shard names may contain dots: the longest listed name that is followed by a '.' owns the file
+                owners = [entry[:i] for i, c in enumerate(entry) if c == "." and entry[:i] in want]
+                if not owners or is_tmp_name(entry) or entry == owners[-1] + SHARD_SUFFIX[fmt]:
                     continue
                 self.store.download_file(f"{SHARDS_DIR}/{entry}", self.root / SHARDS_DIR / entry)
             missing = sorted(n for n in names if not (self.root / SHARDS_DIR / f"{n}.json").exists())

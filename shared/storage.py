@@ -131,22 +131,14 @@ class RemoteStore:
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():
-            import s3fs
-
-            c = self.cfg
-            client_kwargs: dict[str, Any] = {}
-            if _endpoint(c):
-                client_kwargs["endpoint_url"] = _endpoint(c)
-            if c.region:
-                client_kwargs["region_name"] = c.region
-            # botocore's own retries off: ours name the object and back off the same way for every operation
-            config_kwargs = {"connect_timeout": c.connect_timeout_s, "read_timeout": c.read_timeout_s,
-                             "retries": {"max_attempts": 1, "mode": "standard"}}
-            fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
-                                   skip_instance_cache=True, use_listings_cache=False)
-            fs.retries = 1  # s3fs's internal retry loop as well
-            self._fs, self._pid = fs, os.getpid()
+            self._fs, self._pid = _filesystem(self.cfg), os.getpid()
         return self._fs
+
+    def _drop_fs(self) -> None:
+        """After a failure: the next attempt gets a new connection pool (a dead one is not reused)."""
+        _FILESYSTEMS.pop(_fs_key(self.cfg), None)
+        self._fs = None
+
 
     def path(self, rel: str = "") -> str:
         rel = str(rel).strip("/")
@@ -172,7 +164,7 @@ class RemoteStore:
                 if _is_permanent(err):
                     raise StorageError(f"{what} {self.url_of(rel)} failed: {type(err).__name__}: {err}") from err
                 last = err
-                self._fs = None  # a dead connection pool is not reused
+                self._drop_fs()
                 if attempt + 1 < cfg.retries:
                     delay = cfg.backoff_s * (2 ** attempt)
                     logger.warning(f"{what} {self.url_of(rel)}: {type(err).__name__}: {err}; retry "
@@ -285,6 +277,35 @@ class RemoteStore:
             except FileNotFoundError:
                 pass
         self._retry("delete", rel, rm)
+
+
+_FILESYSTEMS: dict[tuple, Any] = {}
+
+
+def _fs_key(cfg: StorageConfig) -> tuple:
+    return (os.getpid(), _endpoint(cfg), cfg.region, cfg.connect_timeout_s, cfg.read_timeout_s)
+
+
+def _filesystem(cfg: StorageConfig):
+    """One s3fs filesystem per process and endpoint settings (its connection pool and event loop are per process)."""
+    key = _fs_key(cfg)
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        if _endpoint(cfg):
+            client_kwargs["endpoint_url"] = _endpoint(cfg)
+        if cfg.region:
+            client_kwargs["region_name"] = cfg.region
+        # botocore's own retries off: ours name the object and back off the same way for every operation
+        config_kwargs = {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
+                         "retries": {"max_attempts": 1, "mode": "standard"}}
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                               skip_instance_cache=True, use_listings_cache=False)
+        fs.retries = 1  # s3fs's internal retry loop as well
+        _FILESYSTEMS[key] = fs
+    return fs
 
 
 def default_dir(configured: str, env: str, leaf: str) -> Path:
