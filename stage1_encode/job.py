@@ -179,6 +179,8 @@ def prepare_remote_output(store: RemoteStore, staging: Path, cfg: EncodeConfig, 
         raise CacheConflictError(f"output.root {store.url} is not empty and is not a stage-1 cache (no "
                                  f"{CONFIG_NAME}); refusing to write into it. Choose an empty or new prefix.")
     save_config(cfg, staging / CONFIG_NAME)
+    if state != "fresh" and LOG_NAME in names:  # the log is appended to, as in a local cache
+        store.download_file(LOG_NAME, staging / LOG_NAME)
     if state == "fresh":
         for name in _CACHE_ENTRIES:  # only what this job writes; never an unknown object
             if name in names:
