@@ -247,6 +247,11 @@ class CacheReader:
             self.manifest, self.spec, self.infos = _parent.manifest, _parent.spec, _parent.infos
             self.shards, self._starts = _parent.shards, _parent._starts
             self._idx = np.asarray(_indices, dtype=np.int64)
+            self._source = _parent._source
+            if hasattr(_parent, "url"):
+                self.url = _parent.url
+        if _parent is None:
+            self._source = None  # a RemoteCacheMirror when the cache lives on object storage (see open_cache)
         self._local_state()
 
     def _local_state(self) -> None:
@@ -254,6 +259,13 @@ class CacheReader:
         self._cols: dict[str, np.ndarray] = {}      # cache-wide columns (8 bytes per sample for buckets)
         self._readers: dict[int, Any] = {}          # open shard readers, least recently used first
         self._key_lookup: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
+        """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`."""
+        if self._source is not None:
+            if ahead:  # queued first: the next shards download while this one does
+                self._source.prefetch([self.infos[a].name for a in ahead])
+            self._source.ensure(self.infos[s].name)
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -368,6 +380,7 @@ class CacheReader:
 
     def read_stored(self, i: int | str) -> dict:
         s, loc = self.locate(self._global(i))
+        self._fetch(int(s))
         rd = self._reader(int(s))
         stored = rd.read_stored(int(loc))
         check_stored(stored, self.spec, f"shard {rd.path}")
@@ -459,8 +472,9 @@ class CacheReader:
         uniq, members = group_by_bucket(self.buckets())
         buckets = {f"{h}x{w}": len(mm) for (h, w), mm in zip(uniq.tolist(), members)}
         return CacheSummary(
-            root=str(self.root), format=spec.format, schema_version=m.schema_version, samples=len(self),
-            shards=int(shards_in_view.size), bytes_on_disk=on_disk, bytes_per_sample_on_disk=on_disk / n_all,
+            root=getattr(self, "url", None) or str(self.root), format=spec.format, schema_version=m.schema_version,
+            samples=len(self), shards=int(shards_in_view.size), bytes_on_disk=on_disk,
+            bytes_per_sample_on_disk=on_disk / n_all,
             views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
             scaling_factor=m.vae_scaling_factor,
             buckets=dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
@@ -577,7 +591,10 @@ class _CacheStreamBase:
 
     def __iter__(self) -> Iterator[dict]:
         r = self.reader
-        for s in self.shard_plan():
+        plan = list(self.shard_plan())
+        ahead = r._source.cfg.prefetch_shards if r._source is not None else 0
+        for pos, s in enumerate(plan):
+            r._fetch(s, plan[pos + 1:pos + 1 + ahead])
             sh, rd = r.shards[s], r._reader(s)
             first = int(r._starts[s])
             in_view = None
@@ -611,8 +628,21 @@ def __getattr__(name: str) -> Any:  # `from shared.cache import CacheStream` and
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_cache(path: str | Path, vae: Any = None) -> CacheReader:
-    """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode()."""
+def open_cache(path: str | Path, vae: Any = None, storage: Any = None) -> CacheReader:
+    """Open a complete cache (manifest.json present). `vae`: an AutoencoderKL or its folder, for decode().
+
+    `path` may be an object-storage URL (s3://bucket/prefix): the small files are mirrored locally and shard data
+    is fetched whole, on first use, into a bounded local shard cache (`storage`: a shared.storage.StorageConfig)."""
+    from .storage import is_remote
+
+    if is_remote(path):
+        from .remote_cache import RemoteCacheMirror
+
+        mirror = RemoteCacheMirror(str(path), storage)
+        reader = CacheReader(mirror.prepare(), vae=vae)
+        reader._source = mirror
+        reader.url = mirror.url
+        return reader
     return CacheReader(path, vae=vae)
 
 

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a summary of a cache; with --grid and --vae also decode samples "
                         "(posterior mean through the VAE decoder) into a captioned PNG grid. Exit 2 if the cache "
                         "cannot be opened.")
-    pi.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
+    pi.add_argument("cache", type=_cache_arg, help="the cache folder (holds manifest.json and shards/) or its "
+                    "s3://bucket/prefix URL (endpoint from AWS_ENDPOINT_URL)")
     pi.add_argument("--grid", type=Path, default=None, help="write a PNG grid of decoded samples here")
     pi.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder used to decode (needed for --grid)")
     pi.add_argument("-n", "--num", type=int, default=8, help="samples in the grid (default 8)")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "crc32 and shapes, the empty-caption file; warn about leftover temp files and unlisted "
                         "shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is not a "
                         "folder.")
-    pv.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
+    pv.add_argument("cache", type=_cache_arg, help="the cache folder (holds manifest.json and shards/) or its "
+                    "s3://bucket/prefix URL (downloaded whole to a temporary folder)")
     pv.add_argument("--no-progress", action="store_true", help="no progress bar")
     pv.add_argument("--json", action="store_true", help="print the report as JSON")
     pu = sub.add_parser("upgrade-index", help="convert an old-layout cache (per-sample JSON sidecars) in place",
@@ -55,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cache_arg(value: str):
+    from .storage import is_remote
+
+    return value if is_remote(value) else Path(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "verify":
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             rep = verify_cache(args.cache, progress=not args.no_progress)
-        except FileNotFoundError as e:
+        except OSError as e:  # a missing folder or object, or the store failing after its retries
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(report_json(rep) if args.json else str(rep))
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cache = open_cache(args.cache, vae=args.vae)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.bucket is not None:

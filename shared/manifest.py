@@ -210,10 +210,11 @@ class Manifest:
         check_manifest(self, expected)
 
 
-def write_manifest(root: str | Path, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (call it last). Every listed shard must be complete on disk."""
+def write_manifest(root: str | Path, manifest: Manifest, completed: dict[str, ShardInfo] | None = None) -> Path:
+    """Write manifest.json atomically (call it last). Every listed shard must be complete on disk (or in
+    `completed`: the shards already published to object storage, whose data is no longer staged locally)."""
     root = Path(root)
-    done = completed_shards(root)
+    done = completed_shards(root) if completed is None else completed
     for s in manifest.shards:
         info = done.get(s["name"])
         if info is None:

@@ -123,11 +123,30 @@ def check_structure(reader) -> VerifyReport:
     return rep
 
 
+def _verify_remote(url: str, progress: bool, check_samples: bool) -> VerifyReport:
+    """A remote cache is verified from a full temporary download (every object, so stray objects are seen too)."""
+    import shutil
+    import tempfile
+
+    from .remote_cache import download_cache
+
+    tmp = Path(tempfile.mkdtemp(prefix="hydit-verify-"))
+    try:
+        rep = verify_cache(download_cache(url, tmp / "cache"), progress=progress, check_samples=check_samples)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rep.root = url
+    return rep
+
+
 def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = True) -> VerifyReport:
     """Check everything; never raises for a problem in the cache (it is reported), only for a bad argument."""
     from .cache import _open_shard_reader, read_empty_caption
+    from .storage import is_remote
     from .wds_store import iter_tar_stored
 
+    if is_remote(root):
+        return _verify_remote(str(root), progress, check_samples)
     root = Path(root)
     rep = VerifyReport(str(root))
     if not root.is_dir():

@@ -1,12 +1,12 @@
 """EncodeConfig: the typed `configs/encode/*.yaml` of the stage-1 job, one section per component.
 
-Everything except `ray:`, `log:` and the pure locations below defines the cache's content: a resumed job must see
-the same values (the job refuses to mix two configs in one cache, naming the keys that changed). `ray:` and `log:`
-only say how fast and where it runs, so they may differ between a run and its resume. `output.root` is where the
-cache is stored, not what it holds: a cache copied or moved elsewhere resumes there. `encoders.root` is where the
-encoders are read from; what they are is their fingerprint (weights, configs, tokenizer files), which the job checks
-against the cache's `encoders.json` before it writes anything, so a copied encoder folder does not block a resume
-either.
+Everything except `ray:`, `log:`, `storage:` and the pure locations below defines the cache's content: a resumed job
+must see the same values (the job refuses to mix two configs in one cache, naming the keys that changed). `ray:`,
+`log:` and `storage:` only say how fast and where it runs, so they may differ between a run and its resume.
+`output.root` is where the cache is stored, not what it holds: a cache copied or moved elsewhere resumes there.
+`encoders.root` is where the encoders are read from; what they are is their fingerprint (weights, configs, tokenizer
+files), which the job checks against the cache's `encoders.json` before it writes anything, so a copied encoder
+folder does not block a resume either.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.text import DEFAULT_CAPTION
+from shared.storage import StorageConfig
 from stage1_encode.readers import InputConfig
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 # Sections that do not change what is written (see module docstring).
-RUNTIME_SECTIONS = ("ray", "log")
+RUNTIME_SECTIONS = ("ray", "log", "storage")
 # (section, key) of fields that only say where things are (see module docstring).
 LOCATION_FIELDS = (("output", "root"), ("encoders", "root"))
 
@@ -138,3 +139,5 @@ class EncodeConfig:
     text: TextConfig = field(default_factory=TextConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # object storage (output.root=s3://...): endpoint, retries, the local staging folder; never credentials
+    storage: StorageConfig = field(default_factory=StorageConfig)

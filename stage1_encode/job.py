@@ -23,6 +23,13 @@ locations `output.root`/`encoders.root` may differ: a copied cache resumes) skip
 cache (manifest.json present) is left alone. `.tmp-*` leftovers of a killed run are removed before a resume encodes.
 Per-partition rejects are written next to the shard (rejects_parts/<name>.jsonl, before the shard is closed), merged
 into rejects.jsonl at the end, then the manifest is written last.
+
+Object storage (`output.root=s3://bucket/prefix`). The driver writes everything into a local staging folder exactly
+as above, and publishes each finished shard right away (shard_files: data, index, sidecar last; see
+shared/remote_cache.publish_shard), then deletes its staged data: the driver never holds more than the shards in
+flight. The config goes up first, the encoders' fingerprint and empty caption when they arrive, rejects after all
+shards, the manifest last. Resume lists the shards whose sidecar and data exist remotely. Ray workers touch no
+shared path: they receive partitions and return encoded chunks, the driver alone writes.
 """
 
 from __future__ import annotations
@@ -47,12 +54,13 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 from shared.config import config_to_dict, dump_config, from_dict, save_config
-from shared.fsutil import atomic_write_bytes, atomic_write_json, remove_tmp_leftovers
+from shared.fsutil import atomic_write_bytes, atomic_write_json, remove_path, remove_tmp_leftovers
 from shared.manifest import (
     EMPTY_CAPTION_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, completed_shards,
     read_manifest, write_manifest,
 )
 from shared.schema import CacheSpec
+from shared.storage import RemoteStore, is_remote
 from stage1_encode import preprocess as pp
 from stage1_encode.config import LOCATION_FIELDS, RUNTIME_SECTIONS, EncodeConfig
 from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
@@ -112,7 +120,11 @@ def config_diff(old: dict, new: dict) -> list[str]:
 def _load_saved_identity(root: Path) -> dict:
     import yaml
 
-    data = yaml.safe_load((root / CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    return _saved_identity(yaml.safe_load((root / CONFIG_NAME).read_text(encoding="utf-8")) or {})
+
+
+def _saved_identity(data: dict) -> dict:
+    """The identity part of a saved encode_config.yaml."""
     try:  # keys added to the config since this cache was made compare as their defaults
         data = config_to_dict(from_dict(EncodeConfig, data))
     except (ValueError, TypeError):  # no longer a valid config (ConfigError is a ValueError): compared as written
@@ -220,6 +232,75 @@ def remove_leftovers(root: Path) -> list[Path]:
         config_tmp.unlink()
         removed.append(config_tmp)
     return removed
+
+
+def staging_root(cfg: EncodeConfig) -> Path:
+    """The local staging folder of a remote output.root (one per URL; scratch, cleared at every start)."""
+    import hashlib
+
+    from shared.storage import default_dir
+
+    digest = hashlib.sha256(cfg.output.root.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return default_dir(cfg.storage.staging_dir, "HYDIT_STAGING", "staging") / digest
+
+
+def prepare_remote_output(store: RemoteStore, staging: Path, cfg: EncodeConfig, overwrite: bool) -> str:
+    """prepare_output for an object-storage root: the same decisions from the remote listing.
+
+    The staging folder is rebuilt from the remote state: the saved config, the encoders' fingerprint, and the
+    sidecar and partition note of every completed shard (what the final manifest and rejects are built from)."""
+    import yaml
+
+    from shared.remote_cache import remote_completed
+
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    names = set(store.listdir(""))
+    state = "fresh"
+    if CONFIG_NAME in names:
+        saved = yaml.safe_load(store.read_bytes(CONFIG_NAME).decode("utf-8")) or {}
+        diff = config_diff(_saved_identity(saved), identity(cfg))
+        if not diff:
+            state = "complete" if MANIFEST_NAME in names else "resume"
+        elif not overwrite:
+            raise CacheConflictError(
+                f"{store.url} holds a cache made with a different config; changed:\n  " + "\n  ".join(diff)
+                + "\nRe-run with the original config to resume, choose another output.root, or pass --overwrite "
+                "to delete that cache and start over.")
+    elif names - {LOG_NAME}:
+        raise CacheConflictError(f"output.root {store.url} is not empty and is not a stage-1 cache (no "
+                                 f"{CONFIG_NAME}); refusing to write into it. Choose an empty or new prefix.")
+    save_config(cfg, staging / CONFIG_NAME)
+    if state != "fresh" and LOG_NAME in names:  # the log is appended to, as in a local cache
+        store.download_file(LOG_NAME, staging / LOG_NAME)
+    if state == "fresh":
+        for name in _CACHE_ENTRIES:  # only what this job writes; never an unknown object
+            if name in names:
+                store.remove(name)
+        store.upload_file(staging / CONFIG_NAME, CONFIG_NAME)
+    elif state == "complete":
+        store.download_file(MANIFEST_NAME, staging / MANIFEST_NAME)
+    else:
+        if ENCODERS_NAME in names:
+            store.download_file(ENCODERS_NAME, staging / ENCODERS_NAME)
+        for name in remote_completed(store, cfg.output.format):
+            store.download_file(f"{SHARDS_DIR}/{name}.json", staging / SHARDS_DIR / f"{name}.json")
+            store.download_file(f"{PARTS_DIR}/{name}.json", staging / PARTS_DIR / f"{name}.json")
+    return state
+
+
+def _remote_done(store: RemoteStore, staging: Path, fmt: str) -> dict[str, ShardInfo]:
+    """The shards complete on the store, described by their sidecars (staged locally when published or resumed)."""
+    from shared.manifest import read_shard_info
+    from shared.remote_cache import remote_completed
+
+    out = {}
+    for name in remote_completed(store, fmt):
+        if not (staging / SHARDS_DIR / f"{name}.json").exists():
+            store.download_file(f"{SHARDS_DIR}/{name}.json", staging / SHARDS_DIR / f"{name}.json")
+        out[name] = read_shard_info(staging, name)
+    return out
 
 
 def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
@@ -738,7 +819,8 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     Returns the summary dict (also logged): status, written, rejected by reason, substituted captions, bytes, time.
     """
     t0 = time.time()
-    root = Path(cfg.output.root)
+    store = RemoteStore(cfg.output.root, cfg.storage) if is_remote(cfg.output.root) else None
+    root = staging_root(cfg) if store is not None else Path(cfg.output.root)
     # Fail on config / schema / encoder-folder mistakes before any cluster starts.
     dims = encoder_dims(cfg.encoders.root)
     spec = cache_spec(cfg, dims)
@@ -746,7 +828,11 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     names = [p.name for p in partitions]
     assert len(set(names)) == len(names), "partition names must be unique"
 
-    state, lock = prepare_output(root, cfg, overwrite)
+    if store is None:
+        state, lock = prepare_output(root, cfg, overwrite)
+    else:  # one writer per remote cache is the user's to ensure (no lock across machines)
+        state, lock = prepare_remote_output(store, root, cfg, overwrite), None
+    where = store.url if store is not None else str(root)
     handler = _setup_file_log(root)
     try:
         leftovers = remove_leftovers(root)
@@ -756,14 +842,14 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
                         + (" ..." if len(leftovers) > 5 else ""))
         if state == "complete":
             m = read_manifest(root)
-            summary = {"status": "already complete", "root": str(root), "samples": m.n_samples,
+            summary = {"status": "already complete", "root": where, "samples": m.n_samples,
                        "rejected": dict(m.rejects), "shards": len(m.shards)}
-            logger.info(f"{root}: cache already complete with this config ({m.n_samples} samples); nothing to do")
+            logger.info(f"{where}: cache already complete with this config ({m.n_samples} samples); nothing to do")
             return summary
-        done = completed_shards(root)
+        done = completed_shards(root) if store is None else _remote_done(store, root, spec.format)
         todo = [p for p in partitions if p.name not in done]
         total = sum(p.num_rows for p in todo)
-        logger.info(f"{state} cache {root}: {len(partitions)} partitions, {len(partitions) - len(todo)} already "
+        logger.info(f"{state} cache {where}: {len(partitions)} partitions, {len(partitions) - len(todo)} already "
                     f"complete, {len(todo)} to encode ({total} input rows)")
         logger.info("config:\n" + dump_config(cfg))
 
@@ -775,7 +861,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             ctx.enable_progress_bars = False  # our own bar counts samples, not blocks
             ctx.enable_operator_progress_bars = False
             _check_resources(cfg)
-            result = _execute(cfg, root, spec, dims, todo, total)
+            result = _execute(cfg, root, spec, dims, todo, total, store)
         finally:
             try:
                 if started:
@@ -784,7 +870,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
                 if reaper is not None:
                     reaper.close()
 
-        done = completed_shards(root)
+        done = completed_shards(root) if store is None else _remote_done(store, root, spec.format)
         missing = [n for n in names if n not in done]
         if missing:
             raise RuntimeError(f"partitions {missing[:5]} did not complete; re-run to resume")
@@ -800,11 +886,16 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             extra={"input": config_to_dict(cfg.input), "n_inputs": sum(p.num_rows for p in partitions),
                    **captions, "null_caption_rule": cfg.text.null_caption},
         )
-        write_manifest(root, manifest)
+        if store is None:
+            write_manifest(root, manifest)
+        else:
+            store.upload_file(root / REJECTS_NAME, REJECTS_NAME)
+            write_manifest(root, manifest, completed=done)
+            store.upload_file(root / MANIFEST_NAME, MANIFEST_NAME)  # last: the remote cache is complete
         elapsed = time.time() - t0
         nbytes = sum(done[n].bytes for n in names)
         summary = {
-            "status": "complete", "root": str(root), "samples": manifest.n_samples,
+            "status": "complete", "root": where, "samples": manifest.n_samples,
             "written_this_run": result["written"], "rejected": dict(sorted(rejects.items())),
             "rejected_total": sum(rejects.values()), "substituted_captions": captions["substituted_captions"],
             "null_captions": captions["null_captions"], "null_caption_rule": cfg.text.null_caption,
@@ -818,10 +909,23 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     finally:
         logger.removeHandler(handler)
         handler.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if store is not None:
+            _upload_log(store, root)
 
 
-def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: list[Partition], total: int) -> dict:
+def _upload_log(store: RemoteStore, root: Path) -> None:
+    """Best effort: a log that cannot be uploaded (the store is down) must not hide the job's own error."""
+    try:
+        if (root / LOG_NAME).exists():
+            store.upload_file(root / LOG_NAME, LOG_NAME)
+    except Exception as e:  # noqa: BLE001
+        logger.warning(f"could not upload {LOG_NAME} to {store.url}: {e}")
+
+
+def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: list[Partition], total: int,
+             store: RemoteStore | None = None) -> dict:
     from shared.cache import write_empty_caption
 
     ds = build_dataset(cfg, todo)
@@ -834,6 +938,14 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
 
     def finish(asm: ShardAssembler) -> None:
         info = asm.finish()
+        if store is not None:
+            from shared.manifest import shard_data_path
+            from shared.remote_cache import publish_shard
+
+            store.upload_file(root / PARTS_DIR / f"{info.name}.json", f"{PARTS_DIR}/{info.name}.json")
+            publish_shard(store, root, info.name, spec.format)
+            # the staged data is no longer needed: the driver's disk holds only shards in flight
+            remove_path(shard_data_path(root, info.name, spec.format))
         logger.info(f"shard {info.name}: {info.n_samples} samples, {len(asm.rejects)} rejects, {info.bytes} bytes")
 
     try:
@@ -842,6 +954,9 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
             meta = json.loads(row["meta"])
             if kind == "empty":
                 out.update(_accept_encoders(root, spec, dims, unpack(row["payload"]), meta))
+                if store is not None:
+                    store.upload_file(root / ENCODERS_NAME, ENCODERS_NAME)
+                    store.upload_file(root / EMPTY_CAPTION_NAME, EMPTY_CAPTION_NAME)
                 for asm in ready:
                     finish(asm)
                 ready.clear()

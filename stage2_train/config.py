@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.storage import StorageConfig
+
 
 @dataclass
 class ModelSection:
@@ -25,7 +27,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     cache: str = ""
-    """Cache folder written by stage 1 (the one holding manifest.json)."""
+    """Cache folder written by stage 1 (the one holding manifest.json), or its s3://bucket/prefix URL."""
     batch_size: int = 1
     """Samples per rank per micro-step."""
     global_batch_size: int = 0
@@ -220,6 +222,9 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object storage (data.cache=s3://...): endpoint, retries, the local shard cache's folder and size limit;
+    credentials only from the standard AWS variables."""
 
 
 def validate_config(cfg: TrainConfig) -> None:

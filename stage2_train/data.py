@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -386,9 +386,11 @@ def _set_flag(flag: Any) -> None:
 class _Batches:
     """The batch iterator of one CacheBatchSource.batches() call: counts corrupt samples, closes its workers."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, release: Any, max_corrupt: int, cache: str) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader, release: Any, max_corrupt: int, cache: str,
+                 after_batch: Callable[[], None] | None = None) -> None:
         self._it: Any = iter(loader)
         self._release, self.max_corrupt, self.cache = release, max_corrupt, cache
+        self._after_batch = after_batch  # remote caches: queue the shards of the coming steps for download
         self.corrupt_seen = 0
 
     def __iter__(self) -> "_Batches":
@@ -398,6 +400,8 @@ class _Batches:
         if self._it is None:
             raise StopIteration
         batch = next(self._it)
+        if self._after_batch is not None:
+            self._after_batch()
         for shard, key, reason in batch.get("corrupt", ()):
             self.corrupt_seen += 1
             from stage2_train.metrics import logger
@@ -442,7 +446,7 @@ class CacheBatchSource:
 
         cfg, data = trainer.cfg, trainer.cfg.data
         try:
-            reader = open_cache(data.cache)
+            reader = open_cache(data.cache, storage=cfg.storage)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
         scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
@@ -483,4 +487,34 @@ class CacheBatchSource:
             worker_init_fn=functools.partial(_worker_init, self._release),
         )
         self._release.value = 0
-        return _Batches(loader, self._release, self.max_corrupt_samples, str(self.reader.root))
+        return _Batches(loader, self._release, self.max_corrupt_samples, str(self.reader.root),
+                        self._shard_prefetch(start_micro_step, end_micro_step))
+
+    def _shard_prefetch(self, start: int, end: int) -> Callable[[], None] | None:
+        """A cache on object storage: the plan says which shards this rank reads in the coming micro-steps; they are
+        queued for download (into the node's shared shard cache) ahead of the DataLoader workers that read them.
+        Returns what to call after each batch (None for a local cache)."""
+        source = getattr(self.reader, "_source", None)
+        if source is None:
+            return None
+        reader, ahead = self.reader, max(1, self.num_workers) * self.prefetch_factor + 1
+        state = {"queued": start, "step": start}
+
+        def queue_until(step: int) -> None:
+            names: list[str] = []
+            for m in range(state["queued"], min(step, end)):
+                for _, _, index in self.plan.rank_items(m, self.rank):
+                    s, _ = reader.locate(reader._global(int(index)))
+                    name = reader.infos[int(s)].name
+                    if name not in names:
+                        names.append(name)
+            state["queued"] = max(state["queued"], min(step, end))
+            if names:
+                source.prefetch(names)
+
+        def after_batch() -> None:
+            queue_until(state["step"] + 1 + ahead)
+            state["step"] += 1
+
+        queue_until(start + ahead)
+        return after_batch

@@ -1,0 +1,267 @@
+"""Reading a cache that lives on object storage: a local mirror of its small files plus a bounded shard cache.
+
+    mirror = RemoteCacheMirror("s3://bucket/cache", storage_cfg)
+    local_root = mirror.prepare()      # manifest, empty caption, every shard's small files (sidecar, index)
+    mirror.ensure("part-000003")       # the shard's data as ONE whole object into the local cache (LRU, bounded)
+
+The local mirror is an ordinary cache folder, so the normal local readers read it; only shard DATA is fetched on
+demand. Which files belong to a shard is not interpreted here: every object named `shards/<name>.*` other than the
+data object is a small file fetched at prepare time, so the index layout can change without touching this module.
+
+Several processes on one node (DataLoader workers, ranks) share one mirror: a shard is downloaded under a temp name
+and renamed into place while its file lock is held, so it is fetched once and never seen half-written. Eviction
+(least recently used first, by the mtime every `ensure` refreshes) keeps the shard data under `cache_max_gb`; a
+shard used in the last `min_idle_s` seconds is never evicted, so a reader in another process is not pulled out from
+under (a reader that already holds a file open keeps reading it in any case: POSIX unlink semantics).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .fsutil import atomic_write_bytes, is_tmp_name, remove_path, tree_bytes
+from .manifest import EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARD_SUFFIX, SHARDS_DIR, shard_data_path
+from .storage import MissingObjectError, RemoteStore, StorageConfig, default_dir
+
+LOCKS_DIR = ".locks"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class RemoteCacheMirror:
+    """See the module docstring. Picklable: DataLoader workers get their own store connection."""
+
+    min_idle_s = 30.0
+
+    def __init__(self, url: str, cfg: StorageConfig | None = None) -> None:
+        self.cfg = cfg or StorageConfig()
+        self.store = RemoteStore(url, self.cfg)
+        self.url = self.store.url
+        digest = hashlib.sha256(self.url.encode("utf-8")).hexdigest()[:16]
+        self.root = default_dir(self.cfg.cache_dir, "HYDIT_SHARD_CACHE", "shards") / digest
+        self.format: str | None = None
+        self._prefetcher: _Prefetcher | None = None
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_prefetcher"] = None
+        return d
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.cfg.cache_max_gb * 1024**3)
+
+    # -- metadata -------------------------------------------------------------------------------------------
+    def prepare(self) -> Path:
+        """Bring the manifest and every shard's small files to the local mirror; returns its root.
+
+        One GET when nothing changed (the manifest is compared byte for byte); a new manifest (the cache was
+        rewritten) clears the mirror first, so old shards can never be read against a new index."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        raw = self.store.read_bytes(MANIFEST_NAME)
+        try:
+            manifest = json.loads(raw)
+            fmt = manifest["format"]
+            names = [s["name"] for s in manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.store.url_of(MANIFEST_NAME)} is not a readable manifest ({e})") from e
+        if fmt not in SHARD_SUFFIX:
+            raise ValueError(f"{self.store.url_of(MANIFEST_NAME)}: unknown format {fmt!r}")
+        self.format = fmt
+        local_manifest = self.root / MANIFEST_NAME
+        with file_lock(self.root / LOCKS_DIR / "meta.lock"):
+            if local_manifest.is_file() and local_manifest.read_bytes() == raw:
+                return self.root
+            for p in list(self.root.iterdir()):  # another cache was written at this URL: start the mirror over
+                if p.name != LOCKS_DIR:
+                    remove_path(p)
+            self.store.download_file(EMPTY_CAPTION_NAME, self.root / EMPTY_CAPTION_NAME)
+            listing = self.store.listdir(SHARDS_DIR)
+            want = set(names)
+            for entry in listing:
+                # shard names may contain dots: the longest listed name that is followed by a '.' owns the file
+                owners = [entry[:i] for i, c in enumerate(entry) if c == "." and entry[:i] in want]
+                if not owners or is_tmp_name(entry) or entry == owners[-1] + SHARD_SUFFIX[fmt]:
+                    continue
+                self.store.download_file(f"{SHARDS_DIR}/{entry}", self.root / SHARDS_DIR / entry)
+            missing = sorted(n for n in names if not (self.root / SHARDS_DIR / f"{n}.json").exists())
+            if missing:
+                raise MissingObjectError(f"object {self.store.url_of(f'{SHARDS_DIR}/{missing[0]}.json')} does not "
+                                         f"exist: the manifest lists {len(missing)} shard(s) without an index")
+            atomic_write_bytes(local_manifest, raw)  # last: its presence means the mirror's metadata is complete
+        return self.root
+
+    # -- shard data -----------------------------------------------------------------------------------------
+    def data_path(self, name: str) -> Path:
+        assert self.format is not None, "prepare() first"
+        return shard_data_path(self.root, name, self.format)
+
+    def ensure(self, name: str) -> Path:
+        """The shard's data in the local cache (downloaded whole if absent); refreshes its LRU time."""
+        final = self.data_path(name)
+        if final.exists():
+            _touch(final)
+            return final
+        rel = f"{SHARDS_DIR}/{final.name}"
+        with file_lock(self.root / LOCKS_DIR / f"{name}.lock"):
+            if not final.exists():  # another process may have fetched it while we waited for the lock
+                self.store.download(rel, final, is_dir=self.format == "zarr")
+            _touch(final)
+        self.evict(keep=final)
+        return final
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Fetch these shards in a background thread, in order (skips ones already local)."""
+        names = [n for n in names if not self.data_path(n).exists()]
+        if not names:
+            return
+        if self._prefetcher is None or self._prefetcher.pid != os.getpid():
+            self._prefetcher = _Prefetcher(self)
+        self._prefetcher.submit(names)
+
+    def local_shards(self) -> list[tuple[float, int, Path]]:
+        """(mtime, bytes, path) of every shard data entry in the local cache."""
+        d = self.root / SHARDS_DIR
+        if self.format is None or not d.is_dir():
+            return []
+        suffix = SHARD_SUFFIX[self.format]
+        out = []
+        for p in d.iterdir():
+            if p.name.endswith(suffix) and not is_tmp_name(p.name):
+                try:
+                    out.append((p.stat().st_mtime, tree_bytes(p), p))
+                except FileNotFoundError:  # evicted by another process meanwhile
+                    continue
+        return out
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least recently used shard data until under the limit. Returns bytes freed."""
+        with file_lock(self.root / LOCKS_DIR / "evict.lock"):
+            entries = sorted(self.local_shards())
+            total = sum(b for _, b, _ in entries)
+            freed = 0
+            now = time.time()
+            for mtime, nbytes, path in entries:
+                if total <= self.max_bytes:
+                    break
+                if path == keep or now - mtime < self.min_idle_s:
+                    continue
+                name = path.name[: -len(SHARD_SUFFIX[self.format])]
+                with file_lock(self.root / LOCKS_DIR / f"{name}.lock"):
+                    remove_path(path)
+                total -= nbytes
+                freed += nbytes
+            return freed
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+class _Prefetcher:
+    """One daemon thread per process that fetches queued shards in order; errors surface at the next `ensure`
+    (the reader fetches the shard itself and gets the storage error with the object's name)."""
+
+    def __init__(self, mirror: RemoteCacheMirror) -> None:
+        self.mirror, self.pid = mirror, os.getpid()
+        self.queue: list[str] = []
+        self.cv = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="shard-prefetch").start()
+
+    def submit(self, names: list[str]) -> None:
+        with self.cv:
+            for n in names:
+                if n not in self.queue:
+                    self.queue.append(n)
+            self.cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue:
+                    self.cv.wait()
+                name = self.queue.pop(0)
+            try:
+                self.mirror.ensure(name)
+            except Exception:  # noqa: BLE001 - the reader's own ensure reports it
+                pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing: stage 1 stages a shard locally, then publishes its files in the order that keeps readers safe
+
+
+def shard_files(root: Path, name: str, fmt: str) -> tuple[Path, list[Path], Path]:
+    """(data, other small files such as an index, sidecar) of one local shard: every `shards/<name>.*` entry."""
+    from .manifest import shard_sidecar_path
+
+    data, side = shard_data_path(root, name, fmt), shard_sidecar_path(root, name)
+    others = sorted(p for p in (root / SHARDS_DIR).glob(f"{name}.*")
+                    if p not in (data, side) and not is_tmp_name(p.name))
+    return data, others, side
+
+
+def publish_shard(store: RemoteStore, root: Path, name: str, fmt: str) -> int:
+    """Upload one completed local shard: its data, then its other files, then its sidecar (what marks it
+    complete), so a shard whose sidecar is visible is whole. A zarr shard (a folder) is first deleted remotely: a
+    run that died mid-upload may have left some of its objects. Returns bytes uploaded."""
+    data, others, side = shard_files(root, name, fmt)
+    rel = lambda p: f"{SHARDS_DIR}/{p.name}"  # noqa: E731
+    if fmt == "zarr":
+        store.remove(rel(data))
+    n = store.upload(data, rel(data))
+    for p in others:
+        n += store.upload(p, rel(p))
+    store.upload_file(side, rel(side))
+    return n + side.stat().st_size
+
+
+def remote_completed(store: RemoteStore, fmt: str) -> list[str]:
+    """Names of the shards whose sidecar and data both exist on the store (one LIST)."""
+    entries = set(store.listdir(SHARDS_DIR))
+    return sorted(e[:-5] for e in entries if e.endswith(".json") and not is_tmp_name(e)
+                  and e[:-5] + SHARD_SUFFIX[fmt] in entries)
+
+
+def publish_cache(root: str | Path, url: str, cfg: StorageConfig | None = None) -> RemoteStore:
+    """Upload a complete local cache to object storage in the order that keeps readers safe: every shard
+    (publish_shard), then the other files and folders, the manifest last."""
+    from .manifest import read_manifest
+
+    root = Path(root)
+    m = read_manifest(root)
+    store = RemoteStore(url, cfg)
+    for s in m.shards:
+        publish_shard(store, root, s["name"], m.format)
+    for p in sorted(root.iterdir()):
+        if p.name not in (MANIFEST_NAME, SHARDS_DIR, LOCKS_DIR) and not is_tmp_name(p.name):
+            store.upload(p, p.name)
+    store.upload_file(root / MANIFEST_NAME, MANIFEST_NAME)
+    return store
+
+
+def download_cache(url: str, local: str | Path, cfg: StorageConfig | None = None) -> Path:
+    """Every object of a remote cache into the folder `local` (created; renamed into place when complete)."""
+    store = RemoteStore(url, cfg)
+    store.download("", Path(local), is_dir=True)
+    return Path(local)

@@ -1,0 +1,316 @@
+"""Object storage for caches: `s3://bucket/prefix` roots through fsspec / s3fs, moving whole files only.
+
+    store = RemoteStore("s3://bucket/cache", StorageConfig(endpoint_url="http://127.0.0.1:8333"))
+    store.upload(local_path, "shards/part-000000.tar"); store.download("manifest.json", local_path)
+
+Why whole files. A shard is read as one sequential object (one GET), never one GET per sample field, and a shard's
+files (its data, sidecar, index) are moved as opaque files, so the layout of what is inside them can change without
+touching this module. A cache on object storage is the same tree of files a local cache is.
+
+Credentials come only from the standard AWS sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
+AWS_PROFILE, instance roles) as botocore reads them; `StorageConfig` has no field for them, so they can never end up
+in a saved config, a manifest or a log line. The endpoint comes from `storage.endpoint_url`, else
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (e.g. a local SeaweedFS or MinIO).
+
+Faults. Every operation is retried with exponential backoff for transient errors (connection refused or reset,
+timeouts, 5xx, throttling); after `retries` attempts a `StorageError` names the object and the last error. A missing
+object raises `MissingObjectError` (a FileNotFoundError) naming it, at once: retrying cannot make it appear.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .fsutil import fsync_dir, remove_path, tmp_path_for
+
+logger = logging.getLogger("shared.storage")
+T = TypeVar("T")
+
+REMOTE_SCHEMES = ("s3", "s3a")
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage (no credentials here: they come from the standard AWS variables)."""
+
+    endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / the AWS default
+    region: str = ""  # "" = AWS_REGION / AWS_DEFAULT_REGION / botocore's default
+    retries: int = 5  # attempts per operation for transient errors
+    backoff_s: float = 0.5  # first retry delay; doubles per attempt
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    multipart_mb: int = 64  # files above this are uploaded as multipart (visible only once complete)
+    cache_dir: str = ""  # stage 2's local shard cache; "" = $HYDIT_SHARD_CACHE or ~/.cache/hydit/shards
+    cache_max_gb: float = 50.0  # size limit of the shard data in the local cache (LRU beyond it)
+    staging_dir: str = ""  # stage 1's local staging folder; "" = $HYDIT_STAGING or ~/.cache/hydit/staging
+    prefetch_shards: int = 4  # stage 2: shards fetched ahead of the ones being read
+
+    def __post_init__(self) -> None:
+        if self.retries < 1:
+            raise ValueError(f"storage.retries={self.retries}: must be >= 1")
+        if self.backoff_s < 0 or self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("storage.backoff_s must be >= 0 and the timeouts > 0")
+        if self.multipart_mb < 5:
+            raise ValueError(f"storage.multipart_mb={self.multipart_mb}: S3 parts must be >= 5 MiB")
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"storage.cache_max_gb={self.cache_max_gb}: must be > 0")
+        if self.prefetch_shards < 0:
+            raise ValueError(f"storage.prefetch_shards={self.prefetch_shards}: must be >= 0")
+
+
+class StorageError(OSError):
+    """An object-storage operation failed after its retries (names the object and the last error)."""
+
+
+class MissingObjectError(FileNotFoundError):
+    """An object that must exist does not."""
+
+
+def is_remote(path: Any) -> bool:
+    """True for `s3://...` URLs; local paths (and file://) are False."""
+    return isinstance(path, str) and "://" in path and path.split("://", 1)[0].lower() in REMOTE_SCHEMES
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('s3', 'bucket/a/b'); a ValueError names a URL without a bucket."""
+    if not is_remote(url):
+        raise ValueError(f"{url!r} is not an object-storage URL; allowed schemes: {list(REMOTE_SCHEMES)}")
+    scheme, rest = url.split("://", 1)
+    rest = rest.strip("/")
+    if not rest or rest.startswith("/"):
+        raise ValueError(f"{url!r} names no bucket: use s3://BUCKET/PREFIX")
+    return scheme.lower(), rest
+
+
+def _endpoint(cfg: StorageConfig) -> str | None:
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _is_missing(err: BaseException) -> bool:
+    if isinstance(err, FileNotFoundError):
+        return True
+    code = str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) if hasattr(err, "response") else ""
+    return code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
+
+
+def _is_permanent(err: BaseException) -> bool:
+    """Errors that retrying cannot fix: wrong credentials, bad arguments."""
+    if isinstance(err, (PermissionError, ValueError, TypeError, IsADirectoryError, NotADirectoryError)):
+        return True
+    code = str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) if hasattr(err, "response") else ""
+    return code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName")
+
+
+class RemoteStore:
+    """A cache root on object storage. Paths are relative to the root ("shards/part-000000.tar").
+
+    Picklable (the filesystem is rebuilt lazily in each process, so Ray workers and DataLoader workers each get
+    their own connection pool and event loop). `requests` counts GET requests made by downloads (bench, tests).
+    """
+
+    def __init__(self, url: str, cfg: StorageConfig | None = None) -> None:
+        self.scheme, self.base = split_url(url)
+        self.url = f"{self.scheme}://{self.base}"
+        self.cfg = cfg or StorageConfig()
+        self._fs = None
+        self._pid = -1
+        self.gets = 0
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_fs"], d["_pid"] = None, -1
+        return d
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = _filesystem(self.cfg), os.getpid()
+        return self._fs
+
+    def _drop_fs(self) -> None:
+        """After a failure: the next attempt gets a new connection pool (a dead one is not reused)."""
+        _FILESYSTEMS.pop(_fs_key(self.cfg), None)
+        self._fs = None
+
+
+    def path(self, rel: str = "") -> str:
+        rel = str(rel).strip("/")
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def url_of(self, rel: str = "") -> str:
+        return f"{self.scheme}://{self.path(rel)}"
+
+    # -- the retry loop ------------------------------------------------------------------------------------------
+    def _retry(self, what: str, rel: str, fn: Callable[[], T], missing_ok: bool = False) -> T:
+        cfg = self.cfg
+        last: BaseException | None = None
+        for attempt in range(cfg.retries):
+            try:
+                return fn()
+            except BaseException as err:  # noqa: BLE001 - classified below; KeyboardInterrupt passes through
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                if _is_missing(err):
+                    if missing_ok:
+                        raise
+                    raise MissingObjectError(f"object {self.url_of(rel)} does not exist ({what})") from None
+                if _is_permanent(err):
+                    raise StorageError(f"{what} {self.url_of(rel)} failed: {type(err).__name__}: {err}") from err
+                last = err
+                self._drop_fs()
+                if attempt + 1 < cfg.retries:
+                    delay = cfg.backoff_s * (2 ** attempt)
+                    logger.warning(f"{what} {self.url_of(rel)}: {type(err).__name__}: {err}; retry "
+                                   f"{attempt + 1}/{cfg.retries - 1} in {delay:.1f}s")
+                    time.sleep(delay)
+        raise StorageError(f"{what} {self.url_of(rel)} failed after {cfg.retries} attempts: "
+                           f"{type(last).__name__}: {last}") from last
+
+    # -- operations ------------------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return bool(self._retry("stat", rel, lambda: self.fs.exists(self.path(rel))))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under rel; [] if there is nothing."""
+        def ls() -> list[str]:
+            try:
+                entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+        return self._retry("list", rel, ls)
+
+    def find(self, rel: str = "") -> dict[str, int]:
+        """{path relative to rel: size} of every object below rel."""
+        base = self.path(rel)
+
+        def find() -> dict[str, int]:
+            try:
+                out = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(base):].lstrip("/"): int(i.get("size") or 0) for p, i in out.items()
+                    if i.get("type") != "directory"}
+        return self._retry("list", rel, find)
+
+    def read_bytes(self, rel: str) -> bytes:
+        self.gets += 1
+        return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """One PUT: the object appears whole or not at all."""
+        self._retry("write", rel, lambda: self.fs.pipe_file(self.path(rel), data))
+
+    def upload_file(self, local: str | Path, rel: str) -> None:
+        """Upload one file; above `multipart_mb` as a multipart upload, which becomes visible only when the last
+        part is committed, so a reader never sees half an object."""
+        chunk = self.cfg.multipart_mb << 20
+        self._retry("upload", rel, lambda: self.fs.put_file(str(local), self.path(rel), chunksize=chunk))
+
+    def upload(self, local: str | Path, rel: str) -> int:
+        """Upload a file, or a folder file by file in sorted order. Returns bytes uploaded."""
+        local = Path(local)
+        if local.is_file():
+            self.upload_file(local, rel)
+            return local.stat().st_size
+        n = 0
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            self.upload_file(f, f"{rel}/{f.relative_to(local).as_posix()}")
+            n += f.stat().st_size
+        return n
+
+    def download_file(self, rel: str, local: str | Path) -> None:
+        """One GET into a temp sibling, then an atomic rename: `local` is either absent or complete."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path_for(local)
+
+        def get() -> None:
+            try:
+                self.fs.get_file(self.path(rel), str(tmp))
+            except BaseException:
+                remove_path(tmp)
+                raise
+        self.gets += 1
+        self._retry("download", rel, get)
+        os.replace(tmp, local)
+
+    def download(self, rel: str, local: str | Path, is_dir: bool = False) -> int:
+        """Download a file, or (is_dir) every object below rel into the folder `local`, built under a temp name
+        and renamed into place. Returns bytes downloaded."""
+        local = Path(local)
+        if not is_dir:
+            self.download_file(rel, local)
+            return local.stat().st_size
+        objects = self.find(rel)
+        if not objects:
+            raise MissingObjectError(f"object folder {self.url_of(rel)} is empty or does not exist")
+        tmp = tmp_path_for(local)
+        try:
+            for name in sorted(objects):
+                self.download_file(f"{rel}/{name}", tmp / name)
+            if local.exists():
+                remove_path(local)
+            os.replace(tmp, local)
+        except BaseException:
+            remove_path(tmp)
+            raise
+        fsync_dir(local.parent)
+        return sum(objects.values())
+
+    def remove(self, rel: str) -> None:
+        """Delete an object or everything below a prefix (no error if absent)."""
+        def rm() -> None:
+            p = self.path(rel)
+            try:
+                if self.fs.isdir(p):
+                    self.fs.rm(p, recursive=True)
+                else:
+                    self.fs.rm_file(p)
+            except FileNotFoundError:
+                pass
+        self._retry("delete", rel, rm)
+
+
+_FILESYSTEMS: dict[tuple, Any] = {}
+
+
+def _fs_key(cfg: StorageConfig) -> tuple:
+    return (os.getpid(), _endpoint(cfg), cfg.region, cfg.connect_timeout_s, cfg.read_timeout_s)
+
+
+def _filesystem(cfg: StorageConfig):
+    """One s3fs filesystem per process and endpoint settings (its connection pool and event loop are per process)."""
+    key = _fs_key(cfg)
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        if _endpoint(cfg):
+            client_kwargs["endpoint_url"] = _endpoint(cfg)
+        if cfg.region:
+            client_kwargs["region_name"] = cfg.region
+        # botocore's own retries off: ours name the object and back off the same way for every operation
+        config_kwargs = {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
+                         "retries": {"max_attempts": 1, "mode": "standard"}}
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                               skip_instance_cache=True, use_listings_cache=False)
+        fs.retries = 1  # s3fs's internal retry loop as well
+        _FILESYSTEMS[key] = fs
+    return fs
+
+
+def default_dir(configured: str, env: str, leaf: str) -> Path:
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    return Path.home() / ".cache" / "hydit" / leaf
