@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exit_watchdog: bool = False) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -74,9 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.train()
     finally:
+        if exit_watchdog:  # the command line only: an in-process caller (a test, a notebook) must not be exited
+            _exit_watchdog()
         trainer.close()
     return 0
 
 
+def _exit_watchdog(seconds: float = 60.0) -> None:
+    """Last resort against a hang once the run is over (its checkpoints and metrics are written): if closing the
+    process group or interpreter teardown blocks (a C++ destructor joining threads with the GIL held, seen with
+    gloo after the peer rank had gone), faulthandler's own C thread dumps every thread's stack and exits with
+    status 1 after `seconds`."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(seconds, exit=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exit_watchdog=True))

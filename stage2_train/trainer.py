@@ -442,7 +442,14 @@ class Trainer:
         logger.info("all %d replicas hold identical weights (sha256 %s...)", self.info.world_size, digests[0][:12])
 
     def close(self) -> None:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            # DDP's Reducer holds the process group: freed only at interpreter teardown, a gloo group's destructor
+            # joins its threads there with the GIL held and was seen to block forever once the peer rank had gone
+            # (a rank that finished its run hung at exit). Free the wrapper (not the module) first, then the group.
+            self.model = self.inner
+            gc.collect()
             dist.destroy_process_group()
