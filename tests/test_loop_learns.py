@@ -69,7 +69,7 @@ def test_captions_fix_colours_end_to_end(tmp_path, tmp_path_factory):
     enc_cfg = load_config(EncodeConfig, "configs/encode/demo.yaml", [
         "input.format=folder", f"input.paths=[{corpus}]", f"encoders.root={suite}", f"output.root={cache}",
         "output.rows_per_shard=24", "encoders.batch_size=8", "encoders.clip_len=8", "encoders.t5_len=12",
-        "image.multireso=false", "image.resolution=32", "image.random_flip=false", "ray.num_cpus=2",
+        "image.multireso=false", "image.resolution=32", "image.min_size=32", "image.random_flip=false", "ray.num_cpus=2",
         "ray.preprocess_tasks=1", "ray.preprocess_num_cpus=0.25", "ray.num_cpus_per_actor=0.5",
         "ray.torch_threads=1", "ray.object_store_memory_gb=0.3", "ray.actor_memory_gb=0.3", "log.interval_s=5"])
     summary = job_mod.run(enc_cfg)
