@@ -21,7 +21,7 @@ from stage2_train.config import TrainConfig, validate_config
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
 from stage2_train.parallel import (
-    DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, grad_sync, init_distributed, unwrap,
+    DistInfo, all_reduce_mean, any_rank, barrier, build_parallel_model, grad_sync, init_distributed, unwrap,
 )
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,12 +109,11 @@ class Trainer:
         resume_from = self._resolve_resume()
         from pipeline.models import HunYuanDiT
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
-        model = HunYuanDiT(self.model_config)
-        if resume_from is None and cfg.model.init_from:
-            load_init_weights(model, cfg)
-        model.to(self.device).train()
-        self.model = apply_parallelism(model, cfg.parallel, self.info)
+        # Seeded: identical initial weights on every rank and strategy (FSDP2 builds on meta, see parallel.py).
+        self.model = build_parallel_model(
+            lambda: HunYuanDiT(self.model_config), cfg.parallel, self.info, seed=cfg.seed, fresh=resume_from is None,
+            init_weights=(lambda m: load_init_weights(m, cfg)) if cfg.model.init_from else None,
+            precision=cfg.precision.mode)
         self.inner = unwrap(self.model)  # what state dicts and the EMA see (original key names)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, base_lr=cfg.optim.lr, total_steps=cfg.steps)
@@ -230,7 +229,7 @@ class Trainer:
         path = save_checkpoint(
             self.ckpt_root, self.step, model=self.inner, optimizer=self.optimizer, ema=self.ema,
             trainer_state=self.state_dict(), config_yaml=dump_config(self.cfg), info=self.info,
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.cfg.checkpoint.keep_last, consolidated=self.cfg.checkpoint.consolidated,
         )
         logger.info("saved checkpoint %s", path)
         return path
