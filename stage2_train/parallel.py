@@ -133,9 +133,8 @@ def build_parallel_model(
     FSDP2 across ranks: `build()` under torch.device("meta") (no memory), fully_shard from outside, to_empty (only
     this rank's shards are allocated), then:
       - fresh run: rank 0 alone builds the full model on CPU exactly as a single process does (torch.manual_seed(seed),
-        construction, init_weights) and set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)
-        scatters it, one tensor at a time, into the shards. Rank 0's seeded CPU build rather than a per-parameter
-        init of each shard: the model's init draws every tensor from one sequential RNG stream (xavier_uniform,
+        construction, init_weights) and scatters it, one tensor at a time, into the shards (scatter_from_rank0).
+        Rank 0's seeded CPU build rather than a per-parameter init of each shard: the model's init draws every tensor from one sequential RNG stream (xavier_uniform,
         randn), which a shard cannot reproduce without drawing the whole tensor, and bit-identical initial weights
         to DDP / single-process runs are the project's promise. Only rank 0 pays the full fp32 model in host memory.
       - resume (fresh=False): the shards are left uninitialised; the caller loads every parameter from the
@@ -154,20 +153,42 @@ def build_parallel_model(
     model.to_empty(device=info.device)
     model.train()
     if fresh:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full: dict[str, torch.Tensor] = {}
+        full: dict[str, torch.Tensor] | None = None
         if info.is_main:
             torch.manual_seed(seed)
             with torch.device("cpu"):
                 reference = build()
             if init_weights is not None:
                 init_weights(reference)
-            full = reference.state_dict()
+            full = dict(reference.state_dict())
             del reference
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+        scatter_from_rank0(model, full, info)
     return model
+
+
+@torch.no_grad()
+def scatter_from_rank0(model: nn.Module, full: dict[str, torch.Tensor] | None, info: DistInfo) -> None:
+    """Fill every sharded tensor of `model` from rank 0's full state dict (`full`, None on other ranks), one tensor
+    at a time: rank 0 drops each full tensor once it is sent, and the other ranks never hold more than this rank's
+    shards, so no rank's host memory exceeds the full model (rank 0) or its shards plus one tensor (the rest).
+    (set_model_state_dict(broadcast_from_rank0=True) does the same job but receives every full tensor at once.)"""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = model.state_dict()
+    if info.is_main:
+        assert full is not None and set(full) == set(targets), sorted(set(full or {}) ^ set(targets))[:5]
+    for name, target in targets.items():
+        if info.is_main:
+            value = full.pop(name).to(device=info.device, dtype=target.dtype)
+        else:  # only the shape matters: distribute_tensor scatters rank 0's data
+            value = torch.empty(target.shape, dtype=target.dtype, device=info.device)
+        if isinstance(target, DTensor):
+            local = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=0).to_local()
+            target.to_local().copy_(local)
+        else:
+            dist.broadcast(value, src=0)
+            target.copy_(value)
+        del value
 
 
 def unwrap(model: nn.Module) -> nn.Module:
