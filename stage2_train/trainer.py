@@ -203,8 +203,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]) == (
-            self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+        # The plan depends on the global batch only (BucketBatchPlan): another world size with the same global
+        # batch (data.global_batch_size) continues the same data order, resharded across the ranks.
+        same = (state["world_size"] * state["batch_size"], state["grad_accum"], state["seed"]) == (
+            self.info.world_size * self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+        if same and state["world_size"] != self.info.world_size:
+            logger.info("resuming on %d rank(s) (saved by %d) with the same global batch: the data order continues",
+                        self.info.world_size, state["world_size"])
         if not same:
             logger.warning(
                 "resuming with world_size/batch_size/grad_accum/seed %s instead of %s: training continues, but the "
