@@ -134,9 +134,11 @@ def build_parallel_model(
     this rank's shards are allocated), then:
       - fresh run: rank 0 alone builds the full model on CPU exactly as a single process does (torch.manual_seed(seed),
         construction, init_weights) and scatters it, one tensor at a time, into the shards (scatter_from_rank0).
-        Rank 0's seeded CPU build rather than a per-parameter init of each shard: the model's init draws every tensor from one sequential RNG stream (xavier_uniform,
-        randn), which a shard cannot reproduce without drawing the whole tensor, and bit-identical initial weights
-        to DDP / single-process runs are the project's promise. Only rank 0 pays the full fp32 model in host memory.
+        Rank 0's seeded CPU build rather than a per-parameter init of each shard: the model's init draws every
+        tensor from one sequential RNG stream (each Linear's default init, then xavier_uniform / normal, randn),
+        which a shard cannot reproduce without drawing every tensor before it, and bit-identical initial weights to
+        DDP / single-process runs are the project's promise. Only rank 0 holds the full fp32 model in host memory
+        (once: it frees each tensor as it is sent); the other ranks hold their shards only.
       - resume (fresh=False): the shards are left uninitialised; the caller loads every parameter from the
         checkpoint (DCP reads this rank's shards only).
     """
