@@ -12,8 +12,13 @@ A step folder holds:
 Resuming verifies every file against that index first (`verify_checkpoint`); `resume=auto` falls back to the newest
 checkpoint that verifies, saying which ones it skipped and why.
 
-Under FSDP2 the full state is gathered to rank 0 (get_model_state_dict / get_optimizer_state_dict with
-full_state_dict=True), so DDP, FSDP2 and single-process runs share one format and any world size can resume.
+Under FSDP2 across ranks (trainer_state.json "layout": "dcp") the weights, AdamW state and EMA are instead written
+by every rank, its own shards only, with torch.distributed.checkpoint into dcp/ (one __<rank>_0.distcp per rank +
+.metadata), which any world size and any strategy can load (DCP reshards on read; one process reads whole tensors).
+model.safetensors / ema.safetensors are still exported, gathered on rank 0, unless checkpoint.consolidated=false;
+there is no optimizer.safetensors. The file index covers dcp/ like every other file. Folders without "layout"
+(DDP, single process, and FSDP2 checkpoints written before) are the consolidated layout above; every strategy reads
+both.
 """
 
 from __future__ import annotations
@@ -218,33 +223,96 @@ def _unflatten_optimizer(path: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
+DCP_DIR = "dcp"
+DCP_LAYOUT = "dcp"
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, *, with_ema: bool) -> dict[str, Any]:
+    """{"model", "optim"[, "ema"]}: this rank's view (DTensor shards under FSDP2, whole tensors otherwise), keyed by
+    parameter name, to save from or to load into in place. A fresh AdamW gets its (zero) state created first."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if with_ema and ema is not None:
+        state["ema"] = ema.tensors()
+    return state
+
+
+def _save_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer, ema, with_ema=True), checkpoint_id=str(folder))
+
+
+def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from stage2_train.metrics import logger
+
+    folder = path / DCP_DIR
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise CheckpointError(f"{folder}/.metadata is not a readable DCP index ({type(err).__name__}: {err})") from None
+    has_ema = any(k.startswith("ema.") for k in saved)
+    if ema is not None and not has_ema:
+        logger.warning("%s has no EMA weights: the EMA starts from the resumed weights", path)
+    state = _dcp_state(model, optimizer, ema, with_ema=has_ema)
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    except Exception as err:  # DCP wraps per-rank failures in its own CheckpointException
+        raise CheckpointError(f"{folder} does not fit this model or is damaged ({type(err).__name__}: "
+                              f"{str(err)[:2000]})") from None
+    if ema is not None and not has_ema:
+        with torch.no_grad():
+            for shadow, value in zip(ema.shadow, ema.tensors_of(model)):
+                shadow.copy_(value.detach().to(shadow.dtype))
+
+
 def save_checkpoint(
     ckpt_root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, trainer_state: dict,
-    config_yaml: str, info: DistInfo, keep_last: int,
+    config_yaml: str, info: DistInfo, keep_last: int, consolidated: bool = True,
 ) -> Path:
     """Collective: every rank must call it. Returns the final folder."""
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f"{TMP_PREFIX}{final.name}"
+    sharded = is_sharded(model)
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that died
         (tmp / "rng").mkdir(parents=True)
+        if sharded:
+            (tmp / DCP_DIR).mkdir()
     barrier(info)
 
-    model_sd = full_model_state(model, info)
-    optim_sd = full_optimizer_state(model, optimizer, info)
-    ema_sd = ema.state_dict() if ema is not None else None
+    if sharded:
+        # every rank writes its own shards in parallel; nothing is gathered for resuming
+        _save_dcp(tmp / DCP_DIR, model, optimizer, ema)
+        trainer_state = {**trainer_state, "layout": DCP_LAYOUT}
+        model_sd = full_model_state(model, info) if consolidated else None
+        optim_sd = None
+        ema_sd = ema.state_dict() if ema is not None and consolidated else None
+    else:
+        model_sd = full_model_state(model, info)
+        optim_sd = full_optimizer_state(model, optimizer, info)
+        ema_sd = ema.state_dict() if ema is not None else None
     rng = {"cpu": torch.get_rng_state()}
     if info.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(info.device)
     save_file(rng, str(tmp / "rng" / f"rank_{info.rank:05d}.safetensors"))
     if info.is_main:
         meta = {"step": str(step)}
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"), meta)
+        if model_sd is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
+                      meta)
         if ema_sd is not None:
             save_file(ema_sd, str(tmp / "ema.safetensors"), meta)
-        tensors, optim_meta = _flatten_optimizer(optim_sd)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), optim_meta)
+        if optim_sd is not None:
+            tensors, optim_meta = _flatten_optimizer(optim_sd)
+            save_file(tensors, str(tmp / "optimizer.safetensors"), optim_meta)
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     barrier(info)  # every rank's RNG file is in place
     if info.is_main:
@@ -279,6 +347,12 @@ def load_checkpoint(
     or does not fit the model raises CheckpointError naming it.
     """
     state = read_trainer_state(path)
+    if state.get("layout") == DCP_LAYOUT:
+        _load_dcp(path, model, optimizer, ema)
+        _load_rng(path, info)
+        return state
+    if state.get("layout") is not None:
+        raise CheckpointError(f"{path / STATE_FILE}: unknown layout {state['layout']!r} (written by a newer version?)")
     model_file, optim_file = path / "model.safetensors", path / "optimizer.safetensors"
     model_sd = _load_safetensors(model_file)
     try:
@@ -300,10 +374,14 @@ def load_checkpoint(
             from stage2_train.metrics import logger
 
             logger.warning("%s has no EMA weights: the EMA starts from the resumed weights", path)
+    _load_rng(path, info)
+    return state
+
+
+def _load_rng(path: Path, info: DistInfo) -> None:
     rng_file = path / "rng" / f"rank_{info.rank:05d}.safetensors"
     if rng_file.is_file():
         rng = _load_safetensors(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and info.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], info.device)
-    return state

@@ -114,6 +114,9 @@ class CheckpointSection:
     """"" (fresh run), "auto" (newest checkpoint in <run_dir>/checkpoints whose files match their recorded sha256;
     fresh if there is none, an error if there are some but none verifies) or a step folder (verified)."""
     save_final: bool = True
+    consolidated: bool = True
+    """FSDP2 across ranks: besides the sharded torch.distributed.checkpoint folder (dcp/, what resume reads), also
+    gather model.safetensors / ema.safetensors on rank 0 (the export format). DDP always writes only those."""
 
 
 @dataclass

@@ -88,6 +88,15 @@ class EMA:
             else:  # low-precision storage: average in fp32, round once
                 shadow.copy_(shadow.float().lerp_(p.detach().float(), 1.0 - self.decay))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live shadows keyed like the model's state dict (sharded DTensors under FSDP2), for DCP to write this
+        rank's shards of, or to load into in place."""
+        return dict(zip(self.names, self.shadow))
+
+    def tensors_of(self, model: nn.Module) -> list[torch.Tensor]:
+        """The model's tensors the shadows follow, in the shadows' order."""
+        return [p for _, p in self._params(model)]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors on CPU (collective under FSDP2: every rank must call it)."""
         out = {}

@@ -21,7 +21,8 @@ from stage2_train.config import TrainConfig, validate_config
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
 from stage2_train.parallel import (
-    DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, grad_sync, init_distributed, unwrap,
+    DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, build_parallel_model, grad_sync, init_distributed,
+    unwrap,
 )
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,17 +110,27 @@ class Trainer:
         resume_from = self._resolve_resume()
         from pipeline.models import HunYuanDiT
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
-        model = HunYuanDiT(self.model_config)
-        if resume_from is None and cfg.model.init_from:
-            load_init_weights(model, cfg)
         self.lora = cfg.training.parts == "lora"
-        if self.lora:  # before parallelism: FSDP2/DDP/checkpointing then see the adapter like any other weight
+        if self.lora:
+            # The full seeded build on every rank, then the adapter before parallelism (FSDP2/DDP/checkpointing see
+            # it like any other weight). LoRA runs do not take FSDP2's meta-device build: the adapter's own init and
+            # lora.init_adapter would have to be replayed on rank 0's reference build (see parallel.py).
             from stage2_train.lora import setup_lora
 
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
+            model = HunYuanDiT(self.model_config)
+            if resume_from is None and cfg.model.init_from:
+                load_init_weights(model, cfg)
             setup_lora(model, cfg, resuming=resume_from is not None)
-        model.to(self.device).train()
-        self.model = apply_parallelism(model, cfg.parallel, self.info)
+            model.to(self.device).train()
+            self.model = apply_parallelism(model, cfg.parallel, self.info, precision=cfg.precision.mode)
+        else:
+            # Seeded: identical initial weights on every rank and strategy (FSDP2 builds on meta, see parallel.py).
+            self.model = build_parallel_model(
+                lambda: HunYuanDiT(self.model_config), cfg.parallel, self.info, seed=cfg.seed,
+                fresh=resume_from is None,
+                init_weights=(lambda m: load_init_weights(m, cfg)) if cfg.model.init_from else None,
+                precision=cfg.precision.mode)
         self.inner = unwrap(self.model)  # what state dicts and the EMA see (original key names)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, base_lr=cfg.optim.lr, total_steps=cfg.steps)
@@ -219,8 +230,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]) == (
-            self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+        # The plan depends on the global batch only (BucketBatchPlan): another world size with the same global
+        # batch (data.global_batch_size) continues the same data order, resharded across the ranks.
+        same = (state["world_size"] * state["batch_size"], state["grad_accum"], state["seed"]) == (
+            self.info.world_size * self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+        if same and state["world_size"] != self.info.world_size:
+            logger.info("resuming on %d rank(s) (saved by %d) with the same global batch: the data order continues",
+                        self.info.world_size, state["world_size"])
         if not same:
             logger.warning(
                 "resuming with world_size/batch_size/grad_accum/seed %s instead of %s: training continues, but the "
@@ -245,7 +261,7 @@ class Trainer:
         path = save_checkpoint(
             self.ckpt_root, self.step, model=self.inner, optimizer=self.optimizer, ema=self.ema,
             trainer_state=self.state_dict(), config_yaml=dump_config(self.cfg), info=self.info,
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.cfg.checkpoint.keep_last, consolidated=self.cfg.checkpoint.consolidated,
         )
         logger.info("saved checkpoint %s", path)
         if self.lora:

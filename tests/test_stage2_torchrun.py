@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node 2` on CPU (gloo): disjoint data per rank, identical replicas, checkpoint + resume
-(DDP bit-exact; the same checkpoint under FSDP2)."""
+(DDP bit-exact; the same checkpoint under FSDP2); FSDP2's meta-device start-up, bf16 MixedPrecisionPolicy and
+sharded (DCP) checkpoints resumed at 2 and at 1 rank."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import sys
 import pytest
 import torch
 
-from test_stage2_common import read_metrics, run_script, tiny_overrides, write_synthetic_cache
+from test_stage2_common import read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
 
 
-def _torchrun(*overrides: str):
+def _torchrun(*overrides: str, script: str = "stage2_train/train.py"):
+    args = ["--config", "configs/train/demo.yaml", *overrides] if script == "stage2_train/train.py" else []
     return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "stage2_train/train.py", "--config", "configs/train/demo.yaml", *overrides], timeout=300)
+                       script, *args], timeout=300)
 
 
 @pytest.mark.slow
@@ -79,3 +81,75 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     assert worst < weight_atol, (worst, weight_atol)
     ema = load_file(c / "checkpoints" / "step_0000004" / "ema.safetensors")
     assert set(ema) == set(wa)
+
+
+@pytest.mark.slow
+def test_fsdp2_meta_init_and_bf16_policy_are_exact():
+    """tests/fsdp2_check.py: meta-device start-up gives the seeded full build's weights bit for bit, and the bf16
+    MixedPrecisionPolicy (fp32 norms and root) gives the same loss and gradients as fp32 weights under autocast."""
+    res = _torchrun(script="tests/fsdp2_check.py")
+    assert res.returncode == 0 and "fsdp2 check ok" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_on_two_and_one_ranks(tmp_path):
+    """A DCP checkpoint written by 2 FSDP2 ranks, resumed on 2 ranks and on 1 rank (plain process).
+
+    2 -> 2: the same shards, shapes and reductions as the uninterrupted run: bit-identical losses and weights.
+    2 -> 1: the same global batches (data.global_batch_size=4: the plan depends on the global batch only, and every
+    draw on the sample), but one process computes what two did: the forward runs on a batch of 4 instead of 2 (GEMMs
+    may block differently), the loss is one fp32 mean of 4 instead of the float64 mean of two fp32 means of 2, and
+    the gradient is one backward instead of a reduce-scatter of two halves. Each of these changes a value by a few
+    fp32 ulps: a dot product of length K changes by at most ~K*u (u = 2**-24 = 6e-8; K <= 4*64 = 256 in DiT-tiny/2:
+    1.5e-5 worst case, ~sqrt(K)*u = 1e-6 typically). After one AdamW step at lr 3e-4 such relative gradient changes
+    move weights by ~lr * 1e-6 = 3e-10 (Adam normalises the gradient), far below the forward's own rounding.
+    So the two resumed losses agree to ~1e-6 relative; rtol=1e-5 (the bound of one worst-case dot product) leaves
+    room for CPUs with other SIMD widths, and atol=0 (the losses are ~0.4, far from 0). Weights: 1e-6 absolute.
+    Measured here: 2.6e-8 and 5.5e-8 relative.
+    """
+    from safetensors.torch import load_file
+
+    from stage2_train.checkpointing import STATE_FILE, resolve_resume
+
+    cache = write_synthetic_cache(tmp_path / "cache", n=12, fmt="webdataset")
+    common = {"data.global_batch_size": 4, "checkpoint.every": 2, "checkpoint.keep_last": 0,
+              "parallel.strategy": "fsdp2"}
+    a = tmp_path / "a"
+    # no consolidated export in the uninterrupted run: resuming needs nothing but dcp/
+    res = _torchrun(*tiny_overrides(cache, a, steps=4, **common, **{"checkpoint.consolidated": False}))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    step2 = a / "checkpoints" / "step_0000002"
+    state = json.loads((step2 / STATE_FILE).read_text())
+    # each rank wrote its own shard file; the sha256 index covers them; nothing gathered on rank 0
+    assert state["layout"] == "dcp"
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng/rank_00001.safetensors"} <= set(
+        state["files"])
+    assert not any((step2 / f).exists() for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"))
+
+    la = {m["step"]: m["loss"] for m in read_metrics(a)}
+    runs = {}
+    for name, launch in (("b", _torchrun), ("c", lambda *o: run_script(train_cmd(*o), timeout=300))):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step2, run / "checkpoints" / step2.name)
+        res = launch(*tiny_overrides(cache, run, steps=4, **{**common, "checkpoint.resume": "auto"}))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "resumed from" in res.stdout + res.stderr
+        runs[name] = ({m["step"]: m["loss"] for m in read_metrics(run)},
+                      load_file(run / "checkpoints" / "step_0000004" / "model.safetensors"))
+    (lb, wb), (lc, wc) = runs["b"], runs["c"]
+    assert sorted(lb) == sorted(lc) == [3, 4]
+    assert [lb[3], lb[4]] == [la[3], la[4]]
+    torch.testing.assert_close([lc[3], lc[4]], [la[3], la[4]], rtol=1e-5, atol=0)
+    # b's consolidated export (gathered from the shards) against c's single-process weights
+    assert set(wc) == set(wb) and max((wb[k] - wc[k]).abs().max().item() for k in wb) < 1e-6
+    assert (tmp_path / "b" / "checkpoints" / "step_0000004" / "ema.safetensors").is_file()
+    # the 1-rank run wrote the consolidated layout, which a later FSDP2 run reads as before
+    assert json.loads((tmp_path / "c" / "checkpoints" / "step_0000004" / STATE_FILE).read_text()).get("layout") is None
+
+    # verified fallback: a damaged DCP shard of the newest checkpoint is named, and resume=auto takes the one before
+    shard = a / "checkpoints" / "step_0000004" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert resolve_resume("auto", a / "checkpoints") == step2
