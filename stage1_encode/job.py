@@ -285,7 +285,7 @@ def prepare_remote_output(store: RemoteStore, staging: Path, cfg: EncodeConfig, 
         if ENCODERS_NAME in names:
             store.download_file(ENCODERS_NAME, staging / ENCODERS_NAME)
         for name in remote_completed(store, cfg.output.format):
-            store.download_file(f"{SHARDS_DIR}/{name}.json", staging / SHARDS_DIR / f"{name}.json")
+            _stage_shard_meta(store, staging, name)
             store.download_file(f"{PARTS_DIR}/{name}.json", staging / PARTS_DIR / f"{name}.json")
     return state
 
@@ -298,9 +298,19 @@ def _remote_done(store: RemoteStore, staging: Path, fmt: str) -> dict[str, Shard
     out = {}
     for name in remote_completed(store, fmt):
         if not (staging / SHARDS_DIR / f"{name}.json").exists():
-            store.download_file(f"{SHARDS_DIR}/{name}.json", staging / SHARDS_DIR / f"{name}.json")
+            _stage_shard_meta(store, staging, name)
         out[name] = read_shard_info(staging, name)
     return out
+
+
+def _stage_shard_meta(store: RemoteStore, staging: Path, name: str) -> None:
+    """A completed remote shard's small files into the staging folder: its index file (the manifest is checked
+    against every shard's keys) and its sidecar, sidecar last as on the store."""
+    from shared.manifest import shard_index_path
+
+    index = shard_index_path(staging, name)
+    store.download_file(f"{SHARDS_DIR}/{index.name}", index)
+    store.download_file(f"{SHARDS_DIR}/{name}.json", staging / SHARDS_DIR / f"{name}.json")
 
 
 def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
