@@ -22,10 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-# diffusers' DiagonalGaussianDistribution clamps the log-variance before sampling; the original trainer calls
-# latent_dist.sample(), so the same clamp applies here.
-LOGVAR_RANGE = (-30.0, 20.0)
-
+from pipeline.diffusion import add_offset_noise
+from pipeline.encoders import LOGVAR_RANGE
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-sample random draws
@@ -47,25 +45,43 @@ class SampleDraws:
     noise: torch.Tensor       # (C, h, w) fp32: the diffusion noise (offset noise included)
 
 
+def scalar_draws(g: torch.Generator, *, num_views: int, random_flip: bool, uncond_p: float, uncond_p_t5: float,
+                 num_timesteps: int) -> tuple[int, bool, bool, int]:
+    """(view, drop_clip, drop_t5, t): the first draws of a sample's stream (CPU generator), in this order."""
+    u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+    view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
+    t = int(torch.randint(0, num_timesteps, (1,), generator=g).item())
+    return view, u_clip < uncond_p, u_t5 < uncond_p_t5, t
+
+
+def tensor_draws(g: torch.Generator, latent_shape: Sequence[int], noise_offset: float,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent_eps, noise): the tensor draws that follow `scalar_draws` in a sample's stream, on g's device."""
+    shape = tuple(latent_shape)
+    latent_eps = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
+    noise = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
+    offset = torch.randn((shape[0], 1, 1), generator=g, dtype=torch.float32, device=device)
+    return latent_eps, add_offset_noise(noise, offset, noise_offset)
+
+
 def draw_sample(
     seed: int, micro_step: int, slot: int, key: str, *, num_views: int, latent_shape: Sequence[int],
     random_flip: bool, uncond_p: float, uncond_p_t5: float, num_timesteps: int, noise_offset: float = 0.0,
 ) -> SampleDraws:
-    """All random draws of one training sample, always in this order and always all of them."""
+    """All random draws of one training sample, always in this order and always all of them (CPU generator)."""
     g = torch.Generator().manual_seed(sample_seed(seed, micro_step, slot, key))
-    u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
-    t = int(torch.randint(0, num_timesteps, (1,), generator=g).item())
-    latent_eps = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
-    noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
-    offset = torch.randn((latent_shape[0], 1, 1), generator=g, dtype=torch.float32)
-    if noise_offset > 0:  # channel-wise offset noise, as the original's training_losses adds it
-        noise = noise + noise_offset * offset
-    return SampleDraws(view, u_clip < uncond_p, u_t5 < uncond_p_t5, t, latent_eps, noise)
+    view, drop_clip, drop_t5, t = scalar_draws(g, num_views=num_views, random_flip=random_flip, uncond_p=uncond_p,
+                                               uncond_p_t5=uncond_p_t5, num_timesteps=num_timesteps)
+    latent_eps, noise = tensor_draws(g, latent_shape, noise_offset)
+    return SampleDraws(view, drop_clip, drop_t5, t, latent_eps, noise)
 
 
 def sample_latent(moments: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """(2C, h, w) VAE posterior [mean, logvar] -> scaled latent (C, h, w) fp32, as `latent_dist.sample() * sf`."""
+    """(2C, h, w) VAE posterior [mean, logvar] -> scaled latent (C, h, w) fp32, as `latent_dist.sample() * sf`.
+
+    diffusers' DiagonalGaussianDistribution clamps the log-variance to LOGVAR_RANGE before sampling (the original
+    calls latent_dist.sample()); stage 1 stores that clamped logvar, and the clamp is repeated here so that moments
+    from anywhere else sample the same way."""
     mean, logvar = moments.float().chunk(2, dim=0)  # (C, h, w) each
     std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
     return (mean + std * eps) * scaling_factor
