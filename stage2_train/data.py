@@ -316,25 +316,31 @@ def _concat_rows(parts: list[np.ndarray]) -> torch.Tensor:
 
 
 def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Compact items -> one compact batch: stacked moments, the rows of all samples back to back, and per encoder a
-    (B, L) gather index into [empty caption's L rows, (BERT only) one zero row, the batch's rows]."""
+    """Compact items -> one compact batch of four tensors (each one costs the receiving process a shared-memory
+    mapping): the stacked moments, per encoder the batch's rows back to back, and `small`, (B, 8 + 2 Lc + 2 Lt)
+    int64 columns [t, seed, image_meta_size (6), clip gather (Lc), clip mask (Lc), t5 gather (Lt), t5 mask (Lt)].
+    A gather index points into [empty caption's L rows, (BERT only) one zero row, the batch's rows]."""
     buckets = {it["bucket"] for it in items}
     assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
     B = len(items)
-    batch: dict[str, Any] = {"compact": True, "bucket": items[0]["bucket"], "num_views": items[0]["num_views"]}
+    Lc, Lt = items[0]["clip_mask"].shape[0], items[0]["t5_mask"].shape[0]
+    batch: dict[str, Any] = {"compact": True, "bucket": items[0]["bucket"], "num_views": items[0]["num_views"],
+                             "text_lens": (Lc, Lt)}
     for name in ("key", "view", "drop_clip", "drop_t5"):
         batch[name] = [it[name] for it in items]
-    batch["t"] = torch.tensor([it["t"] for it in items], dtype=torch.long)
-    batch["seed"] = torch.tensor([it["seed"] for it in items], dtype=torch.long)
-    batch["moments"] = _stack([it["moments"] for it in items])
-    for enc, first in (("clip", 1), ("t5", 0)):
-        mask = np.stack([it[f"{enc}_mask"] for it in items])  # (B, L) bool
-        L = mask.shape[1]
-        gather = np.empty((B, L), dtype=np.int64)
+    small = np.empty((B, 8 + 2 * Lc + 2 * Lt), dtype=np.int64)
+    small[:, 0] = [it["t"] for it in items]
+    small[:, 1] = [it["seed"] for it in items]
+    small[:, 2:8] = [it["image_meta_size"] for it in items]
+    col = 8
+    for enc, L, first in (("clip", Lc, 1), ("t5", Lt, 0)):
+        gather, mask = small[:, col:col + L], small[:, col + L:col + 2 * L]
+        col += 2 * L
         parts, start = [], L + first  # BERT: row L of the table is the zero row of padded positions
         for b, it in enumerate(items):
             rows = it[f"{enc}_rows"]
             parts.append(rows)
+            mask[b] = it[f"{enc}_mask"]
             if it[f"drop_{enc}"]:
                 gather[b] = np.arange(L)
                 continue
@@ -342,13 +348,13 @@ def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
                 gather[b] = L
                 gather[b, it["clip_mask"]] = start + np.arange(rows.shape[0])
             else:
-                gather[b] = start + it["t5_index"].astype(np.int64)
+                gather[b] = it["t5_index"].astype(np.int64) + start  # int64 first: uint16 + start overflows
             start += rows.shape[0]
-        batch[f"{enc}_gather"] = torch.from_numpy(gather)
-        batch[f"{enc}_mask"] = torch.from_numpy(mask)
         batch[f"{enc}_rows"] = _concat_rows(parts)
-    batch["image_meta_size"] = torch.from_numpy(np.stack([it["image_meta_size"] for it in items]).astype(np.float32))
-    batch["style"] = torch.zeros(B, dtype=torch.long)  # the original only ever uses style 0
+    out = _empty(small.shape, torch.int64)
+    out.numpy()[...] = small
+    batch["small"] = out
+    batch["moments"] = _stack([it["moments"] for it in items])
     batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]
     return batch
 
@@ -370,25 +376,33 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
     device = torch.device(device)
     nb = device.type == "cuda"  # from pinned memory: the copies overlap the previous step's kernels
     out: dict[str, Any] = {k: batch[k] for k in ("bucket", "key", "view", "drop_clip", "drop_t5", "corrupt")}
-    for enc, states, mask in (("clip", "encoder_hidden_states", "text_embedding_mask"),
-                              ("t5", "encoder_hidden_states_t5", "text_embedding_mask_t5")):
+    Lc, Lt = batch["text_lens"]
+    small = batch["small"].to(device, non_blocking=nb)
+    col = 8
+    for enc, L, states, mask in (("clip", Lc, "encoder_hidden_states", "text_embedding_mask"),
+                                 ("t5", Lt, "encoder_hidden_states_t5", "text_embedding_mask_t5")):
         rows = batch[f"{enc}_rows"]
         if table[enc].dtype == torch.bfloat16:
             rows = rows.view(torch.bfloat16)  # stored as the uint16 bit pattern
         rows = rows.to(device, non_blocking=nb)
-        out[states] = torch.cat([table[enc], rows])[batch[f"{enc}_gather"].to(device, non_blocking=nb)]
-        out[mask] = batch[f"{enc}_mask"].to(device, non_blocking=nb)
+        out[states] = torch.cat([table[enc], rows])[small[:, col:col + L]]
+        out[mask] = small[:, col + L:col + 2 * L].bool()
+        col += 2 * L
+    out["t"] = small[:, 0].contiguous()
+    out["image_meta_size"] = small[:, 2:8].float()  # small integers: exact
+    out["style"] = torch.zeros(small.shape[0], dtype=torch.long, device=device)  # the original only uses style 0
+    seeds, t_cpu = batch["small"][:, 1].tolist(), batch["small"][:, 0].tolist()
     moments = batch["moments"].to(device, non_blocking=nb)
     B, two_c, h, w = moments.shape
     latent_shape = (two_c // 2, h, w)
     x_start, noise = [], []
-    for b, seed in enumerate(batch["seed"].tolist()):
+    for b, seed in enumerate(seeds):
         if device.type == "cpu":  # replay the sample's CPU stream: its scalar draws come first
             g = torch.Generator().manual_seed(seed)
             again = scalar_draws(g, num_views=batch["num_views"], random_flip=settings.random_flip,
                                  uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
                                  num_timesteps=settings.num_timesteps)
-            assert again == (batch["view"][b], batch["drop_clip"][b], batch["drop_t5"][b], int(batch["t"][b])), \
+            assert again == (batch["view"][b], batch["drop_clip"][b], batch["drop_t5"][b], t_cpu[b]), \
                 "the step's replay of a sample's draws disagrees with its worker's"
         else:
             g = torch.Generator(device=device).manual_seed(seed)
@@ -396,8 +410,6 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
         x_start.append(sample_latent(moments[b], eps, settings.scaling_factor))
         noise.append(n)
     out["x_start"], out["noise"] = torch.stack(x_start), torch.stack(noise)
-    for name in ("t", "image_meta_size", "style"):
-        out[name] = batch[name].to(device, non_blocking=nb)
     return out
 
 
