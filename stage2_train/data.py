@@ -4,7 +4,8 @@ Every draw a training sample needs (which view, text dropout per encoder, the VA
 the diffusion noise) comes from one torch.Generator seeded from (seed, micro_step, slot, key), see `draw_sample`.
 Nothing depends on worker count, process, or what ran before, so (a) a resumed run makes the same draws as an
 uninterrupted one and (b) a run that encodes online (stage2_train.online) makes exactly the draws the cached run
-makes.
+makes. The cache's workers send compact stored rows and the scalar draws; the step's side expands them and makes the
+tensor draws on its device (see "Compact rows" below for what is identical on which device).
 """
 
 from __future__ import annotations
