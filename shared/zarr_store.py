@@ -164,7 +164,7 @@ class _FlatShardArray:
         self.index: np.ndarray | None = None
 
     @classmethod
-    def layout(cls, array_dir: Path) -> "_FlatShardArray | None":
+    def layout(cls, array_dir: Path) -> _FlatShardArray | None:
         import json
 
         try:

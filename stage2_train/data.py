@@ -394,7 +394,7 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
     out["style"] = torch.zeros(small.shape[0], dtype=torch.long, device=device)  # the original only uses style 0
     seeds, t_cpu = batch["small"][:, 1].tolist(), batch["small"][:, 0].tolist()
     moments = batch["moments"].to(device, non_blocking=nb)
-    B, two_c, h, w = moments.shape
+    _, two_c, h, w = moments.shape
     latent_shape = (two_c // 2, h, w)
     x_start, noise = [], []
     for b, seed in enumerate(seeds):
