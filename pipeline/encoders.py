@@ -24,6 +24,10 @@ import torch
 
 from pipeline.text import T5_TRAIN_PAD_ID, tokenize_clip, tokenize_t5
 
+# diffusers' DiagonalGaussianDistribution clamps the posterior's log-variance to this range; the stored moments carry
+# the clamped logvar, and stage 2 samples from them with the same clamp (the one definition of the range).
+LOGVAR_RANGE = (-30.0, 20.0)
+
 SUBFOLDERS = {"vae": "sdxl-vae-fp16-fix", "clip": "clip_text_encoder", "clip_tokenizer": "tokenizer", "t5": "mt5"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -176,7 +180,7 @@ class FrozenEncoders:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> posterior moments (B, 2C, H/8, W/8) = [mean, logvar] in the VAE dtype.
 
-        logvar is clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution does before the original samples
+        logvar is clamped to LOGVAR_RANGE [-30, 20] as diffusers' DiagonalGaussianDistribution does before the original samples
         from it (`latent_dist.sample()`), so sampling from these moments needs no further clamp.
         """
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -234,7 +238,7 @@ class FrozenEncoders:
                     "weights": {p.name: _sha256_file(p) for p in _weight_files(folder, candidates)},
                     "dtype": getattr(self.dtypes, key),
                 }
-            fp["vae"]["moments"] = "cat(mean, clamp(logvar, -30, 20))"
+            fp["vae"]["moments"] = f"cat(mean, clamp(logvar, {LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}))"
             fp["clip"]["add_pooling_layer"] = False
             fp["t5"]["output"] = "hidden_states[-1]"
             fp["clip_tokenizer"] = {

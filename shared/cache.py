@@ -158,9 +158,9 @@ def _stats(x: np.ndarray) -> dict:
 
 # Shards whose index mapping and data file a process keeps open at once: bounded so that 10^5 shards never exhaust
 # file descriptors or vm.max_map_count, least recently used first out. A zarr shard reader holds its small arrays
-# (ids, masks, offsets: ~2 KB per sample) in memory and reopening one costs a whole-shard read, so with random access
-# any bound would thrash; zarr keeps every shard it touched open, as before (the fix is reading zarr through stored
-# offsets, issue 13 part 3).
+# (ids, masks, offsets: ~2 KB per sample) in memory and reopening one costs a whole-shard read of them, so with random
+# access any bound would thrash; zarr keeps every shard it touched open, as before. (Its big arrays are read through
+# their stored chunk offsets and hold no file open; the small ones would need per-sample offsets of their own.)
 _OPEN_SHARDS = {"webdataset": 1024, "zarr": None}
 
 

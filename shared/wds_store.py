@@ -77,14 +77,14 @@ def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
     return out
 
 
-def decode_members(key: str, payloads: dict[str, bytes], spec: CacheSpec, where: str) -> dict:
+def decode_members(key: str, payloads: dict[str, bytes | memoryview], spec: CacheSpec, where: str) -> dict:
     """Inverse of encode_members. Raises CorruptSampleError naming `where` and the key."""
     missing = [f for f in ALL_FIELDS if f not in payloads]
     if missing:
         raise CorruptSampleError(f"{where}: sample {key!r} lacks members {missing}")
     try:
-        meta = json.loads(payloads["meta"].decode("utf-8"))
-        out = {"key": key, "caption": payloads["caption"].decode("utf-8"),
+        meta = json.loads(bytes(payloads["meta"]).decode("utf-8"))
+        out = {"key": key, "caption": bytes(payloads["caption"]).decode("utf-8"),
                "bucket": np.asarray(meta["bucket"], dtype=np.int32),
                "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
                "crc32": int(meta["crc32"])}
@@ -92,7 +92,11 @@ def decode_members(key: str, payloads: dict[str, bytes], spec: CacheSpec, where:
         for f in NPY_FIELDS:
             b = payloads[f]
             if z is not None:
-                b = bytearray(z.decode(b))  # writable, so load_npy can return a view of it
+                # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame
+                # hold its decompressed size
+                dest = bytearray(int.from_bytes(bytes(b[4:8]), "little"))
+                z.decode(b, out=dest)
+                b = dest
             out[f] = load_npy(b)
         if z is not None:
             out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"))
@@ -107,7 +111,7 @@ _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d{1,2})', 'fortran_order': F
 _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
 
 
-def load_npy(payload: bytes | bytearray) -> np.ndarray:
+def load_npy(payload: bytes | bytearray | memoryview) -> np.ndarray:
     """``np.load(allow_pickle=False)`` of one member, without numpy's literal_eval of the header for the headers this
     module writes (a quarter of a 1024x1024 sample's read time went there). A header of another form, a dtype that
     is not a plain number or bool, or a payload of the wrong size goes to np.load."""
@@ -254,8 +258,9 @@ class WdsShardReader:
             except (OSError, ValueError, OverflowError) as e:
                 raise CorruptSampleError(f"shard {self.path}: sample {key!r}: bad member index in "
                                          f"{self.shard.index_path.name} ({type(e).__name__}: {e})") from e
+            view = memoryview(span)  # members as views of the one read, not copies
             for f, o, n in zip(ALL_FIELDS, offs, sizes):
-                b = span[o - lo:o - lo + n]
+                b = view[o - lo:o - lo + n]
                 if len(b) != n:
                     raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
                                              f"({len(b)} of {n} bytes); run `python -m shared.cli verify`")

@@ -4,7 +4,8 @@ Every draw a training sample needs (which view, text dropout per encoder, the VA
 the diffusion noise) comes from one torch.Generator seeded from (seed, micro_step, slot, key), see `draw_sample`.
 Nothing depends on worker count, process, or what ran before, so (a) a resumed run makes the same draws as an
 uninterrupted one and (b) a run that encodes online (stage2_train.online) makes exactly the draws the cached run
-makes.
+makes. The cache's workers send compact stored rows and the scalar draws; the step's side expands them and makes the
+tensor draws on its device (see "Compact rows" below for what is identical on which device).
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-# diffusers' DiagonalGaussianDistribution clamps the log-variance before sampling; the original trainer calls
-# latent_dist.sample(), so the same clamp applies here.
-LOGVAR_RANGE = (-30.0, 20.0)
-
+from pipeline.diffusion import add_offset_noise
+from pipeline.encoders import LOGVAR_RANGE
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-sample random draws
@@ -47,25 +46,43 @@ class SampleDraws:
     noise: torch.Tensor       # (C, h, w) fp32: the diffusion noise (offset noise included)
 
 
+def scalar_draws(g: torch.Generator, *, num_views: int, random_flip: bool, uncond_p: float, uncond_p_t5: float,
+                 num_timesteps: int) -> tuple[int, bool, bool, int]:
+    """(view, drop_clip, drop_t5, t): the first draws of a sample's stream (CPU generator), in this order."""
+    u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+    view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
+    t = int(torch.randint(0, num_timesteps, (1,), generator=g).item())
+    return view, u_clip < uncond_p, u_t5 < uncond_p_t5, t
+
+
+def tensor_draws(g: torch.Generator, latent_shape: Sequence[int], noise_offset: float,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent_eps, noise): the tensor draws that follow `scalar_draws` in a sample's stream, on g's device."""
+    shape = tuple(latent_shape)
+    latent_eps = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
+    noise = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
+    offset = torch.randn((shape[0], 1, 1), generator=g, dtype=torch.float32, device=device)
+    return latent_eps, add_offset_noise(noise, offset, noise_offset)
+
+
 def draw_sample(
     seed: int, micro_step: int, slot: int, key: str, *, num_views: int, latent_shape: Sequence[int],
     random_flip: bool, uncond_p: float, uncond_p_t5: float, num_timesteps: int, noise_offset: float = 0.0,
 ) -> SampleDraws:
-    """All random draws of one training sample, always in this order and always all of them."""
+    """All random draws of one training sample, always in this order and always all of them (CPU generator)."""
     g = torch.Generator().manual_seed(sample_seed(seed, micro_step, slot, key))
-    u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
-    t = int(torch.randint(0, num_timesteps, (1,), generator=g).item())
-    latent_eps = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
-    noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
-    offset = torch.randn((latent_shape[0], 1, 1), generator=g, dtype=torch.float32)
-    if noise_offset > 0:  # channel-wise offset noise, as the original's training_losses adds it
-        noise = noise + noise_offset * offset
-    return SampleDraws(view, u_clip < uncond_p, u_t5 < uncond_p_t5, t, latent_eps, noise)
+    view, drop_clip, drop_t5, t = scalar_draws(g, num_views=num_views, random_flip=random_flip, uncond_p=uncond_p,
+                                               uncond_p_t5=uncond_p_t5, num_timesteps=num_timesteps)
+    latent_eps, noise = tensor_draws(g, latent_shape, noise_offset)
+    return SampleDraws(view, drop_clip, drop_t5, t, latent_eps, noise)
 
 
 def sample_latent(moments: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """(2C, h, w) VAE posterior [mean, logvar] -> scaled latent (C, h, w) fp32, as `latent_dist.sample() * sf`."""
+    """(2C, h, w) VAE posterior [mean, logvar] -> scaled latent (C, h, w) fp32, as `latent_dist.sample() * sf`.
+
+    diffusers' DiagonalGaussianDistribution clamps the log-variance to LOGVAR_RANGE before sampling (the original
+    calls latent_dist.sample()); stage 1 stores that clamped logvar, and the clamp is repeated here so that moments
+    from anywhere else sample the same way."""
     mean, logvar = moments.float().chunk(2, dim=0)  # (C, h, w) each
     std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
     return (mean + std * eps) * scaling_factor
@@ -233,6 +250,171 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Compact rows: what the cache's DataLoader workers send, and the dense batch the step builds from them
+#
+# A worker reads the stored sample, makes the sample's scalar draws (view, text dropout, t: a few bytes that decide
+# what to send) and sends the stored rows as they are: the chosen view's moments, the masked-in BERT rows and the
+# distinct mT5 rows, with gather indices. The step side (`expand_batch`, on the step's device) pads the text by one
+# gather, samples the latent and draws the noise. Through IPC and pinned memory go ~0.5 MB per 1024^2 sample instead
+# of ~1.7 MB of dense fp32 latents, noise and padded text.
+#
+# Reproducibility contract. On a CPU step the tensor draws replay each sample's CPU stream (the same generator, the
+# same seed, the same order, the same per-sample shapes and kernels as build_item), so every value is bit-identical
+# to the dense path (tests/test_stage2_data.py). On a CUDA step the scalar draws still come from the CPU stream
+# (so view, dropout and t are the same on every device), while latent_eps and noise come from a CUDA generator
+# seeded with the same per-sample seed: reproducible for the same seeds on the same GPU model and torch version
+# (torch's CUDA normal kernel spreads a Philox stream over a grid sized by the SM count), but not equal to the CPU
+# values, as no CUDA generator reproduces CPU mt19937 streams.
+
+
+def compact_item(stored: dict[str, Any], empty: dict[str, np.ndarray], settings: DrawSettings, micro_step: int,
+                 slot: int, bf16_moments: bool) -> dict[str, Any]:
+    """One stored sample (numpy, as the reader returns it; bf16 as uint16) -> the compact item a worker sends.
+    `empty`: the empty caption's clip_mask and t5_mask, and clip_rows/t5_rows with no rows (see `empty_rows`)."""
+    moments = stored["moments"]  # (V, 2C, h, w) storage dtype
+    key = str(stored["key"])
+    seed = sample_seed(settings.seed, micro_step, slot, key)
+    view, drop_clip, drop_t5, t = scalar_draws(
+        torch.Generator().manual_seed(seed), num_views=moments.shape[0], random_flip=settings.random_flip,
+        uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5, num_timesteps=settings.num_timesteps)
+    mom = torch.from_numpy(np.ascontiguousarray(moments[view]))
+    if bf16_moments:
+        mom = mom.view(torch.int16).view(torch.bfloat16)
+    return {
+        "key": key, "bucket": (int(stored["bucket"][0]), int(stored["bucket"][1])), "num_views": moments.shape[0],
+        "seed": seed, "view": view, "drop_clip": drop_clip, "drop_t5": drop_t5, "t": t, "moments": mom,
+        # a dropped caption sends no rows: the step gathers the empty caption's (kept on its device)
+        "clip_rows": empty["clip_rows"] if drop_clip else stored["clip_rows"],
+        "clip_mask": empty["clip_mask"] if drop_clip else stored["clip_mask"],
+        "t5_rows": empty["t5_rows"] if drop_t5 else stored["t5_rows"],
+        "t5_index": stored["t5_index"],
+        "t5_mask": empty["t5_mask"] if drop_t5 else stored["t5_mask"],
+        "image_meta_size": stored["image_meta_size"],
+    }
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, in shared memory in a DataLoader worker (as default_collate allocates its batches: the batch then
+    reaches the main process without another copy)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    storage = torch.UntypedStorage._new_shared(max(1, nbytes))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = tensors[0]
+    return torch.stack(tensors, out=_empty((len(tensors), *first.shape), first.dtype))
+
+
+def _concat_rows(parts: list[np.ndarray]) -> torch.Tensor:
+    """(total rows, D) of the samples' stored rows back to back, one copy; bf16 stays uint16 (viewed on the step)."""
+    proto = torch.from_numpy(parts[0][:0])
+    out = _empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), proto.dtype)
+    np.concatenate(parts, out=out.numpy())
+    return out
+
+
+def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compact items -> one compact batch of four tensors (each one costs the receiving process a shared-memory
+    mapping): the stacked moments, per encoder the batch's rows back to back, and `small`, (B, 8 + 2 Lc + 2 Lt)
+    int64 columns [t, seed, image_meta_size (6), clip gather (Lc), clip mask (Lc), t5 gather (Lt), t5 mask (Lt)].
+    A gather index points into [empty caption's L rows, (BERT only) one zero row, the batch's rows]."""
+    buckets = {it["bucket"] for it in items}
+    assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
+    B = len(items)
+    Lc, Lt = items[0]["clip_mask"].shape[0], items[0]["t5_mask"].shape[0]
+    batch: dict[str, Any] = {"compact": True, "bucket": items[0]["bucket"], "num_views": items[0]["num_views"],
+                             "text_lens": (Lc, Lt)}
+    for name in ("key", "view", "drop_clip", "drop_t5"):
+        batch[name] = [it[name] for it in items]
+    small = np.empty((B, 8 + 2 * Lc + 2 * Lt), dtype=np.int64)
+    small[:, 0] = [it["t"] for it in items]
+    small[:, 1] = [it["seed"] for it in items]
+    small[:, 2:8] = [it["image_meta_size"] for it in items]
+    col = 8
+    for enc, L, first in (("clip", Lc, 1), ("t5", Lt, 0)):
+        gather, mask = small[:, col:col + L], small[:, col + L:col + 2 * L]
+        col += 2 * L
+        parts, start = [], L + first  # BERT: row L of the table is the zero row of padded positions
+        for b, it in enumerate(items):
+            rows = it[f"{enc}_rows"]
+            parts.append(rows)
+            mask[b] = it[f"{enc}_mask"]
+            if it[f"drop_{enc}"]:
+                gather[b] = np.arange(L)
+                continue
+            if enc == "clip":
+                gather[b] = L
+                gather[b, it["clip_mask"]] = start + np.arange(rows.shape[0])
+            else:
+                gather[b] = it["t5_index"].astype(np.int64) + start  # int64 first: uint16 + start overflows
+            start += rows.shape[0]
+        batch[f"{enc}_rows"] = _concat_rows(parts)
+    out = _empty(small.shape, torch.int64)
+    out.numpy()[...] = small
+    batch["small"] = out
+    batch["moments"] = _stack([it["moments"] for it in items])
+    batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]
+    return batch
+
+
+def empty_table(empty: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The rows `collate_compact`'s gather indices start with, on the step's device: the empty caption's dense
+    states (cache dtype) and, for BERT, one zero row for the padded positions (stored BERT rows are masked-in only,
+    and padded positions read back as zeros, as shared.schema.decode_sample gives them)."""
+    clip = empty["clip_states"]
+    return {"clip": torch.cat([clip, clip.new_zeros((1, clip.shape[1]))]).to(device),
+            "t5": empty["t5_states"].to(device)}
+
+
+def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings: DrawSettings,
+                 device: torch.device | str) -> dict[str, Any]:
+    """A compact batch -> the dense batch `collate` makes (every tensor on `device`): text padded by one gather per
+    encoder, the latent sampled from the moments and the noise drawn, per sample from its seed (see the contract
+    above). On CPU the values are bit-identical to build_item's; nothing here waits for the device."""
+    device = torch.device(device)
+    nb = device.type == "cuda"  # from pinned memory: the copies overlap the previous step's kernels
+    out: dict[str, Any] = {k: batch[k] for k in ("bucket", "key", "view", "drop_clip", "drop_t5", "corrupt")}
+    Lc, Lt = batch["text_lens"]
+    small = batch["small"].to(device, non_blocking=nb)
+    col = 8
+    for enc, L, states, mask in (("clip", Lc, "encoder_hidden_states", "text_embedding_mask"),
+                                 ("t5", Lt, "encoder_hidden_states_t5", "text_embedding_mask_t5")):
+        rows = batch[f"{enc}_rows"]
+        if table[enc].dtype == torch.bfloat16:
+            rows = rows.view(torch.bfloat16)  # stored as the uint16 bit pattern
+        rows = rows.to(device, non_blocking=nb)
+        out[states] = torch.cat([table[enc], rows])[small[:, col:col + L]]
+        out[mask] = small[:, col + L:col + 2 * L].bool()
+        col += 2 * L
+    out["t"] = small[:, 0].contiguous()
+    out["image_meta_size"] = small[:, 2:8].float()  # small integers: exact
+    out["style"] = torch.zeros(small.shape[0], dtype=torch.long, device=device)  # the original only uses style 0
+    seeds, t_cpu = batch["small"][:, 1].tolist(), batch["small"][:, 0].tolist()
+    moments = batch["moments"].to(device, non_blocking=nb)
+    _, two_c, h, w = moments.shape
+    latent_shape = (two_c // 2, h, w)
+    x_start, noise = [], []
+    for b, seed in enumerate(seeds):
+        if device.type == "cpu":  # replay the sample's CPU stream: its scalar draws come first
+            g = torch.Generator().manual_seed(seed)
+            again = scalar_draws(g, num_views=batch["num_views"], random_flip=settings.random_flip,
+                                 uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
+                                 num_timesteps=settings.num_timesteps)
+            assert again == (batch["view"][b], batch["drop_clip"][b], batch["drop_t5"][b], t_cpu[b]), \
+                "the step's replay of a sample's draws disagrees with its worker's"
+        else:
+            g = torch.Generator(device=device).manual_seed(seed)
+        eps, n = tensor_draws(g, latent_shape, settings.noise_offset, device)
+        x_start.append(sample_latent(moments[b], eps, settings.scaling_factor))
+        noise.append(n)
+    out["x_start"], out["noise"] = torch.stack(x_start), torch.stack(noise)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The cache as a batch source
 
 
@@ -296,7 +478,8 @@ _READ_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError, KeyErro
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """Map-style over (micro_step, slot, index) triples from PlanSampler; picklable for DataLoader workers.
+    """Map-style over (micro_step, slot, index) triples from PlanSampler; picklable for DataLoader workers. Items are
+    compact (`compact_item`); `collate_compact` batches them and the step expands them (`expand_batch`).
 
     A sample that cannot be read is replaced by a substitute from the same bucket (see `_substitute`) and reported
     in the item's "corrupt" list; CacheBatchSource counts them against data.max_corrupt_samples.
@@ -305,17 +488,31 @@ class CacheDataset(torch.utils.data.Dataset):
     def __init__(self, reader: Any, settings: DrawSettings, plan: "BucketBatchPlan | None" = None) -> None:
         self.reader, self.settings, self.plan = reader, settings, plan
         self._empty: dict[str, torch.Tensor] | None = None
+        self._empty_rows: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.reader)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_empty": None, "_empty_rows": None}  # each worker reads the small file itself
+
     def empty_caption(self) -> dict[str, torch.Tensor]:
+        """The empty caption's dense encodings (torch, cache dtype), for the step's gather table."""
         if self._empty is None:
             self._empty = self.reader.to_torch(self.reader.empty_caption())
         return self._empty
 
+    def empty_rows(self) -> dict[str, np.ndarray]:
+        """What a dropped caption sends: the empty caption's masks and no rows (the step holds its states)."""
+        if self._empty_rows is None:
+            e = self.reader.empty_caption()
+            self._empty_rows = {"clip_mask": e["clip_mask"], "t5_mask": e["t5_mask"],
+                                "clip_rows": e["clip_states"][:0], "t5_rows": e["t5_states"][:0]}
+        return self._empty_rows
+
     def _read(self, index: int) -> dict[str, Any]:
-        return self.reader.to_torch(self.reader[index])
+        """The stored sample (numpy, crc checked by the reader), not decoded: its rows travel compact."""
+        return self.reader.read_stored(index)
 
     def _substitute(self, micro_step: int, slot: int, index: int, bad: set[int]) -> Iterator[int]:
         """Candidates replacing unreadable sample `index`: the other members of its bucket, walked from a start that
@@ -358,7 +555,8 @@ class CacheDataset(torch.utils.data.Dataset):
                     f"no readable sample left in bucket {tuple(self.reader.bucket_of(index))}: "
                     + "; ".join(f"shard {s!r} sample {k!r}: {r}" for s, k, r in corrupt[:5])
                     + f". Check the cache with `python -m shared.cli verify {self.reader.root}`") from None
-        out = build_item(sample, self.empty_caption(), self.settings, micro_step, slot)
+        out = compact_item(sample, self.empty_rows(), self.settings, micro_step, slot,
+                           self.reader.spec.vae_dtype == "bfloat16")
         out["corrupt"] = corrupt
         return out
 
@@ -384,11 +582,14 @@ def _set_flag(flag: Any) -> None:
 
 
 class _Batches:
-    """The batch iterator of one CacheBatchSource.batches() call: counts corrupt samples, closes its workers."""
+    """The batch iterator of one CacheBatchSource.batches() call: counts corrupt samples, expands each compact batch
+    on the step's device, closes its workers."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, release: Any, max_corrupt: int, cache: str,
-                 after_batch: Callable[[], None] | None = None) -> None:
+                 after_batch: Callable[[], None] | None = None,
+                 expand: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._it: Any = iter(loader)
+        self._expand = expand
         self._release, self.max_corrupt, self.cache = release, max_corrupt, cache
         self._after_batch = after_batch  # remote caches: queue the shards of the coming steps for download
         self.corrupt_seen = 0
@@ -415,7 +616,7 @@ class _Batches:
                     f"{self.corrupt_seen} corrupt samples so far, more than data.max_corrupt_samples="
                     f"{self.max_corrupt}. Check the cache with `python -m shared.cli verify {self.cache}` and "
                     "re-encode the bad shards (or raise data.max_corrupt_samples)")
-        return batch
+        return self._expand(batch) if self._expand is not None else batch
 
     def close(self) -> None:
         """Stop the loader workers now (also on an error path, where the iterator may outlive the loop)."""
@@ -430,8 +631,11 @@ class CacheBatchSource:
     """Batches of one rank read from a stage-1 cache through a DataLoader (workers prefetch ahead of the step)."""
 
     def __init__(self, reader: Any, plan: BucketBatchPlan, settings: DrawSettings, *, rank: int, num_workers: int,
-                 prefetch_factor: int, pin_memory: bool, max_corrupt_samples: int = 0) -> None:
+                 prefetch_factor: int, pin_memory: bool, max_corrupt_samples: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         self.reader, self.plan, self.settings, self.rank = reader, plan, settings, rank
+        self.device = torch.device(device)  # where the step runs: compact batches are expanded there
+        self._table: dict[str, torch.Tensor] | None = None
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_corrupt_samples = max_corrupt_samples
         self.dataset = CacheDataset(reader, settings, plan)
@@ -475,20 +679,26 @@ class CacheBatchSource:
         source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,
                      pin_memory=data.pin_memory and trainer.device.type == "cuda",
-                     max_corrupt_samples=data.max_corrupt_samples)
+                     max_corrupt_samples=data.max_corrupt_samples, device=trainer.device)
         source.encoders_hash = reader.manifest.encoders_hash
         return source
 
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:
         sampler = PlanSampler(self.plan, rank=self.rank, start_step=start_micro_step, end_step=end_micro_step)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            self.dataset, batch_sampler=sampler, collate_fn=collate_compact, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             worker_init_fn=functools.partial(_worker_init, self._release),
         )
         self._release.value = 0
         return _Batches(loader, self._release, self.max_corrupt_samples, str(self.reader.root),
-                        self._shard_prefetch(start_micro_step, end_micro_step))
+                        self._shard_prefetch(start_micro_step, end_micro_step), self.expand)
+
+    def expand(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A compact batch from the loader -> the dense batch on the step's device (`expand_batch`)."""
+        if self._table is None:
+            self._table = empty_table(self.dataset.empty_caption(), self.device)
+        return expand_batch(batch, self._table, self.settings, self.device)
 
     def _shard_prefetch(self, start: int, end: int) -> Callable[[], None] | None:
         """A cache on object storage: the plan says which shards this rank reads in the coming micro-steps; they are

@@ -205,9 +205,10 @@ class Trainer:
         from pipeline.diffusion import create_diffusion
 
         d = self.cfg.diffusion
-        # Offset noise is drawn per sample with the other draws (stage2_train.data), so the loss gets noise=0 here.
+        # Offset noise is drawn per sample with the other draws (stage2_train.data); training_losses takes the
+        # batch's noise as final, so the offset is added once.
         return create_diffusion(d.noise_schedule, d.predict_type, self.model_config.learn_sigma, d.beta_start,
-                                d.beta_end, d.mse_loss_weight_type, 0.0)
+                                d.beta_end, d.mse_loss_weight_type, d.noise_offset)
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

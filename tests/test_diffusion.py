@@ -10,6 +10,7 @@ import torch
 
 from pipeline.diffusion import (
     GaussianDiffusion,
+    add_offset_noise,
     create_diffusion,
     discretized_gaussian_log_likelihood,
     make_betas,
@@ -124,22 +125,28 @@ def test_min_snr_weight_keeps_the_originals_quirk() -> None:
 
 
 def test_noise_offset_is_channelwise_and_in_the_target() -> None:
+    """Drawn noise gets the channel-wise offset (once); a given noise is final (stage 2 draws the offset per sample
+    with add_offset_noise, so the trainer can pass its real noise_offset without the offset being added twice)."""
     diffusion = create_diffusion(predict_type="epsilon", learn_sigma=False, noise_offset=0.1)
     x0 = torch.zeros(2, 4, 4, 4)
-    noise = torch.zeros(2, 4, 4, 4)
     seen = {}
 
     def model(x, t, **kw):
         seen["x_t"] = x
         return {"x": torch.zeros_like(x)}
 
-    losses = diffusion.training_losses(model, x0, {}, t=torch.tensor([500, 500]), noise=noise,
-                                       generator=torch.Generator().manual_seed(0))
-    x_t = seen["x_t"]
-    # constant over H, W per channel; the target (the offset noise) equals x_t / sqrt(1 - abar)
-    assert torch.allclose(x_t, x_t[..., :1, :1].expand_as(x_t)) and x_t.abs().max() > 0
-    target = x_t / math.sqrt(1 - diffusion.alphas_cumprod[500])
-    torch.testing.assert_close(losses["mse"], target.square().mean(dim=(1, 2, 3)))
+    t = torch.tensor([500, 500])
+    losses = diffusion.training_losses(model, x0, {}, t=t, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 4, 4, 4, generator=g)
+    offset = torch.randn(2, 4, 1, 1, generator=g)
+    noise = add_offset_noise(base, offset, 0.1)
+    torch.testing.assert_close(noise - base, (0.1 * offset).expand_as(base))  # constant over H, W per channel
+    # the target (the offset noise) equals x_t / sqrt(1 - abar)
+    torch.testing.assert_close(seen["x_t"], noise * math.sqrt(1 - diffusion.alphas_cumprod[500]))
+    torch.testing.assert_close(losses["mse"], noise.square().mean(dim=(1, 2, 3)))
+    diffusion.training_losses(model, x0, {}, t=t, noise=torch.zeros(2, 4, 4, 4))
+    assert not seen["x_t"].any(), "a given noise must be used as is"
 
 
 def test_random_t_and_noise_are_reproducible_with_a_generator() -> None:

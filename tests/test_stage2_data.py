@@ -187,3 +187,42 @@ def test_ema_and_lr_schedule():
     log.step()
     log.load_state_dict(state)
     assert log.step_count == 1 and opt.param_groups[0]["lr"] == log.lr_at(1)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("fmt,dtypes,workers", [("webdataset", ("float32", "float16", "bfloat16"), 2),
+                                                 ("zarr", ("bfloat16", "bfloat16", "float32"), 0)])
+def test_compact_rows_expand_to_the_dense_batch_bit_identically(tmp_path, fmt, dtypes, workers):
+    """The cache's loader sends compact stored rows and the step expands them (stage2_train.data.expand_batch): every
+    tensor equals the dense path's (build_item + collate on the decoded sample), bit for bit, with flips, text
+    dropout and offset noise. Exact by construction: the same generator streams, per-sample shapes and kernels."""
+    from shared.cache import open_cache, write_synthetic_cache
+    from shared.schema import CacheSpec
+    from stage2_train.data import CacheBatchSource, DrawSettings
+
+    vae, clip, t5 = dtypes
+    spec = CacheSpec(format=fmt, views=("plain", "flip"), clip_len=8, clip_dim=16, t5_len=12, t5_dim=24,
+                     vae_dtype=vae, clip_dtype=clip, t5_dtype=t5)
+    write_synthetic_cache(tmp_path / "c", spec, n_samples=12, n_shards=2, buckets=((16, 16), (16, 32)))
+    reader = open_cache(tmp_path / "c")
+    plan = BucketBatchPlan(reader.buckets(), batch_size=3, world_size=2, seed=5)
+    settings = DrawSettings(seed=5, random_flip=True, uncond_p=0.4, uncond_p_t5=0.4, num_timesteps=1000,
+                            scaling_factor=0.13025, noise_offset=0.1)
+    src = CacheBatchSource(reader, plan, settings, rank=1, num_workers=workers, prefetch_factor=2, pin_memory=False)
+    empty = reader.to_torch(reader.empty_caption())
+    batches = src.batches(0, 6)
+    drops = set()
+    try:
+        for step, got in enumerate(batches):
+            want = collate([build_item(reader.to_torch(reader[i]), empty, settings, m, slot)
+                            for m, slot, i in plan.rank_items(step, 1)])
+            assert set(got) == set(want)
+            for k, v in want.items():
+                if isinstance(v, torch.Tensor):
+                    assert got[k].dtype == v.dtype and torch.equal(got[k], v), (step, k)
+                else:
+                    assert got[k] == v, (step, k)
+            drops |= {(a, b) for a, b in zip(want["drop_clip"], want["drop_t5"])}
+    finally:
+        batches.close()
+    assert len(drops) >= 3 and step == 5

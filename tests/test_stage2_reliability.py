@@ -247,7 +247,7 @@ def test_substitute_comes_from_the_same_bucket_and_is_deterministic(cache, tmp_p
     a, b = ds[(7, 1, 4)], ds[(7, 1, 4)]
     assert a["corrupt"] and a["corrupt"][0][1] == reader.origin(4)[1]
     assert a["key"] == b["key"] != reader.origin(4)[1] and a["bucket"] == reader.bucket_of(4)
-    assert torch.equal(a["x_start"], b["x_start"])
+    assert torch.equal(a["moments"], b["moments"]) and a["seed"] == b["seed"]
 
 
 # ------------------------------------------------------------------------------------------ 3: checkpoints
