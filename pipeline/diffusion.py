@@ -14,13 +14,11 @@ Per-timestep coefficients are looked up in float64 and then cast to float32, lik
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-NoiseSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-PredictType = Literal["epsilon", "sample", "v_prediction"]
 NOISE_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICT_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 

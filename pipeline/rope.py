@@ -14,12 +14,9 @@ frequency is repeated for an adjacent pair of dims (2i, 2i+1) -- the LLaMA compl
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
-RopeImg = Literal["extend", "base512", "base1024"]
 ROPE_IMG_CHOICES: tuple[str, ...] = ("extend", "base512", "base1024")
 # The VAE downsamples 8x; the original hard-codes it in the same place (``reso // 8 // patch_size``).
 VAE_DOWNSAMPLE = 8

@@ -369,9 +369,6 @@ def stored_nbytes(stored: dict) -> dict[str, int]:
     return out
 
 
-_TORCH_FLOAT = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
-
 def to_torch(sample: dict, spec: CacheSpec) -> dict:
     """Logical sample -> torch tensors, bf16 fields viewed back as torch.bfloat16 (bit-exact, no copy)."""
     import torch

@@ -301,21 +301,6 @@ def preprocess_image(img: Image.Image, key: str, cfg: "ImageConfig") -> Preproce
     )
 
 
-def apply_size_cond(
-    image_meta_size: np.ndarray, random_shrink_size_cond: bool = False, merge_src_cond: bool = False
-) -> np.ndarray:
-    """The original's train-time options on the original size (`arrow_load_stream.py:204-211`), applied to a cached
-    meta tuple: dims < 1024 become 1024 (`--random-shrink-size-cond`), both become sqrt(W*H) (`--merge-src-cond`).
-    Returns float64 (6,) since the merged size is not an integer."""
-    meta = np.asarray(image_meta_size, dtype=np.float64).copy()
-    if random_shrink_size_cond:
-        meta[0] = 1024 if meta[0] < 1024 else meta[0]
-        meta[1] = 1024 if meta[1] < 1024 else meta[1]
-    if merge_src_cond:
-        meta[0] = meta[1] = (meta[0] * meta[1]) ** 0.5
-    return meta
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Captions and tokenisation
 

@@ -155,7 +155,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
-def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full weights with the original key names (collective under FSDP2; rank 0 gets them)."""
     if not is_sharded(model):
         return model.state_dict()
@@ -165,7 +165,7 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """AdamW state keyed by parameter name, the format of DCP's get_optimizer_state_dict, for every strategy."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -292,12 +292,12 @@ def save_checkpoint(
         # every rank writes its own shards in parallel; nothing is gathered for resuming
         _save_dcp(tmp / DCP_DIR, model, optimizer, ema)
         trainer_state = {**trainer_state, "layout": DCP_LAYOUT}
-        model_sd = full_model_state(model, info) if consolidated else None
+        model_sd = full_model_state(model) if consolidated else None
         optim_sd = None
         ema_sd = ema.state_dict() if ema is not None and consolidated else None
     else:
-        model_sd = full_model_state(model, info)
-        optim_sd = full_optimizer_state(model, optimizer, info)
+        model_sd = full_model_state(model)
+        optim_sd = full_optimizer_state(model, optimizer)
         ema_sd = ema.state_dict() if ema is not None else None
     rng = {"cpu": torch.get_rng_state()}
     if info.device.type == "cuda":

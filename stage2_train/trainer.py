@@ -435,7 +435,7 @@ class Trainer:
         """sha256 over this rank's full weights (collective under FSDP2)."""
         from stage2_train.checkpointing import full_model_state
 
-        state = full_model_state(self.inner, self.info)
+        state = full_model_state(self.inner)
         h = hashlib.sha256()
         for name in sorted(state):
             h.update(name.encode())
