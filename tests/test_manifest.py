@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from shared.cache import write_synthetic_cache
+from shared.inspection import write_synthetic_cache
 from shared.manifest import Manifest, check_manifest, encoders_hash, read_manifest, write_manifest
 from shared.schema import SCHEMA_VERSION, CacheSpec
 
