@@ -75,7 +75,6 @@ def _train_step_module():
 def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from shared.config import load_config
     from stage2_train.config import TrainConfig
-    from stage2_train.data import CacheBatchSource
     from stage2_train.trainer import Trainer
 
     ts = _train_step_module()
@@ -83,8 +82,8 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / 'cache_zarr'}", f"run_dir={work / 'runs' / args.variant}", f"steps={args.steps}",
         f"data.batch_size={args.batch}", "data.num_workers=0", f"model.preset={args.model}",
-        f"model.overrides.text_states_dim={dims['clip_dim']}", f"model.overrides.text_len={dims['clip_len']}",
-        f"model.overrides.text_states_dim_t5={dims['t5_dim']}", f"model.overrides.text_len_t5={dims['t5_len']}",
+        f"model.clip_dim={dims['clip_dim']}", f"model.clip_len={dims['clip_len']}",
+        f"model.t5_dim={dims['t5_dim']}", f"model.t5_len={dims['t5_len']}",
         "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false", "checkpoint.every=0",
         "checkpoint.save_final=false", "checkpoint.resume=", f"device={args.device}",
         "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"), "ema.enable=false",
@@ -95,7 +94,7 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
         from stage2_train.online import OnlineBatchSource
 
         def factory(trainer):
-            src = CacheBatchSource.from_config(trainer)  # its plan and draw settings only: the same draws
+            src = trainer.cache_source()  # its plan and draw settings only: the same draws
             enc = ts.load_bench_encoders(work, args)
             samples, preprocess = ts.raw_samples(args), ts.make_preprocess(args)
             by_key = {s.key: s for s in samples}

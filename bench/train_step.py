@@ -154,7 +154,6 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from shared.config import load_config
     from stage2_train.config import TrainConfig
-    from stage2_train.data import CacheBatchSource
     from stage2_train.trainer import Trainer
 
     enc_dims = json.loads((work / "cache_zarr" / "manifest.json").read_text())["spec"]
@@ -164,9 +163,9 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / f'cache_{fmt}'}", f"run_dir={work / 'runs' / args.variant}", f"steps={total}",
         f"data.batch_size={args.batch}", f"data.num_workers={0 if args.variant == 'online' else args.workers}",
-        f"model.preset={args.model}", f"model.overrides.text_states_dim={enc_dims['clip_dim']}",
-        f"model.overrides.text_len={enc_dims['clip_len']}", f"model.overrides.text_states_dim_t5={enc_dims['t5_dim']}",
-        f"model.overrides.text_len_t5={enc_dims['t5_len']}", "logging.every=1", "logging.tensorboard=false",
+        f"model.preset={args.model}", f"model.clip_dim={enc_dims['clip_dim']}",
+        f"model.clip_len={enc_dims['clip_len']}", f"model.t5_dim={enc_dims['t5_dim']}",
+        f"model.t5_len={enc_dims['t5_len']}", "logging.every=1", "logging.tensorboard=false",
         "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
         f"device={args.device}", "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
         "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "ema.enable=false",
@@ -176,7 +175,7 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
         from stage2_train.online import OnlineBatchSource
 
         def factory(trainer):
-            src = CacheBatchSource.from_config(trainer)  # only for its plan and draw settings: same draws
+            src = trainer.cache_source()  # only for its plan and draw settings: same draws
             enc = load_bench_encoders(work, args)
             samples, preprocess = raw_samples(args), make_preprocess(args)
             by_key = {s.key: s for s in samples}

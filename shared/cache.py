@@ -25,9 +25,10 @@ from .fsutil import atomic_write_bytes, file_sha256
 from .manifest import (EMPTY_CAPTION_NAME, LEGACY_INDEX_FIX, LegacyIndexError, Manifest, ShardInfo, read_manifest,
                        read_shard_info, shard_data_path)
 from .shard_index import ShardIndex, key_hash, key_hashes
-from .schema import STORAGE_DTYPE, CacheSpec, check_stored, decode_sample, to_torch
+from .schema import STORAGE_DTYPE, CacheSpec, _float_array, _int_array, _mask_array, check_stored, decode_sample, to_torch
 from .formats import shard_format
 from .shard_writer import ShardWriterBase
+from .storage import is_remote
 
 if TYPE_CHECKING:
     from .inspection import CacheSummary
@@ -53,10 +54,8 @@ _EMPTY_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t
 def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str:
     """Save the BERT and mT5 encodings of "" (clip_ids, clip_mask, clip_states, t5_ids, t5_mask, t5_states; a
     leading batch dim of 1 is dropped) to empty_caption.safetensors, dense and in the encoder dtypes. Returns sha256."""
-    import torch
+    import torch  # heavy: only stage 1 and tests write the file; readers, verify and inspect stay torch-free
     from safetensors.torch import save
-
-    from .schema import _float_array, _int_array, _mask_array
 
     missing = [f for f in _EMPTY_FIELDS if f not in arrays]
     if missing:
@@ -418,7 +417,7 @@ class CacheReader:
     # -- people -----------------------------------------------------------------------------------------------
     # -- people (shared/inspection.py) -------------------------------------------------------------------------
     def summary(self) -> "CacheSummary":
-        from .inspection import summarize
+        from .inspection import summarize  # shared.inspection imports this module: bound at call time
 
         return summarize(self)
 
@@ -504,10 +503,8 @@ def open_cache(path: str | Path, vae: Any = None, storage: Any = None) -> CacheR
 
     `path` may be an object-storage URL (s3://bucket/prefix): the small files are mirrored locally and shard data
     is fetched whole, on first use, into a bounded local shard cache (`storage`: a shared.storage.StorageConfig)."""
-    from .storage import is_remote
-
     if is_remote(path):
-        from .remote_cache import RemoteCacheMirror
+        from .remote_cache import RemoteCacheMirror  # object storage only: local caches never load its client
 
         mirror = RemoteCacheMirror(str(path), storage)
         reader = CacheReader(mirror.prepare(), vae=vae)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .fsutil import atomic_write_json, is_tmp_name
 from .schema import SCHEMA_VERSION, CacheSpec
-from .shard_index import INDEX_SUFFIX
+from .shard_index import INDEX_SUFFIX, ShardIndex
 
 MANIFEST_NAME = "manifest.json"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
@@ -133,7 +135,7 @@ def count_rejects(root: str | Path) -> dict[str, int]:
 
 
 def encoders_hash(encoders: dict) -> str:
-    """sha256 of the canonical JSON of an encoder-fingerprint dict (what `encoder_hash` is compared against)."""
+    """sha256 of the canonical JSON of an encoder-fingerprint dict (manifest.json's `encoders_hash`)."""
     return hashlib.sha256(json.dumps(encoders, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -232,10 +234,6 @@ def write_manifest(root: str | Path, manifest: Manifest, completed: dict[str, Sh
 def check_unique_keys(root: str | Path, infos: list[ShardInfo]) -> None:
     """Raise ValueError if two shards hold the same key: sorts the 64-bit key hashes of the index files (8 bytes per
     sample, numpy) and compares the actual keys only where hashes collide."""
-    import numpy as np
-
-    from .shard_index import ShardIndex
-
     shards = [ShardIndex(root, i) for i in infos]
     if not shards:
         return
@@ -283,32 +281,32 @@ def manifest_from_shards(root: str | Path, spec: CacheSpec, **kw: Any) -> Manife
     return Manifest(spec=spec, shards=shards, **kw)
 
 
-# expected key -> (what the cache calls it, getter, how to fix it)
-_CHECKS: dict[str, tuple[str, Any, str]] = {
-    "text_len": ("clip_len", lambda m: m.spec.clip_len, "model.text_len"),
-    "text_len_t5": ("t5_len", lambda m: m.spec.t5_len, "model.text_len_t5"),
-    "text_states_dim": ("clip_dim", lambda m: m.spec.clip_dim, "model.text_states_dim"),
-    "text_states_dim_t5": ("t5_dim", lambda m: m.spec.t5_dim, "model.text_states_dim_t5"),
-    "in_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
-    "latent_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
-    "downsample": ("downsample", lambda m: m.spec.downsample, "the VAE"),
-    "scaling_factor": ("vae_scaling_factor", lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
-    "views": ("views", lambda m: list(m.spec.views), "data.views / stage-1 flip setting"),
-    "format": ("format", lambda m: m.spec.format, "data.format"),
-    "vae_dtype": ("vae_dtype", lambda m: m.spec.vae_dtype, "the expected dtype"),
-    "clip_dtype": ("clip_dtype", lambda m: m.spec.clip_dtype, "the expected dtype"),
-    "t5_dtype": ("t5_dtype", lambda m: m.spec.t5_dtype, "the expected dtype"),
-    "clip_pad_id": ("clip_pad_id", lambda m: m.spec.clip_pad_id, "the tokenizer settings"),
-    "t5_pad_id": ("t5_pad_id", lambda m: m.spec.t5_pad_id, "the tokenizer settings"),
-    "encoder_hash": ("encoders_hash", lambda m: m.encoders_hash, "the encoder checkpoints"),
+# expected key (the cache's own name: CacheSpec fields, manifest.json keys) -> (getter, how to fix it)
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "clip_len": (lambda m: m.spec.clip_len, "model.clip_len"),
+    "t5_len": (lambda m: m.spec.t5_len, "model.t5_len"),
+    "clip_dim": (lambda m: m.spec.clip_dim, "model.clip_dim"),
+    "t5_dim": (lambda m: m.spec.t5_dim, "model.t5_dim"),
+    "latent_channels": (lambda m: m.spec.latent_channels, "model.latent_channels"),
+    "downsample": (lambda m: m.spec.downsample, "the VAE"),
+    "vae_scaling_factor": (lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
+    "views": (lambda m: list(m.spec.views), "data.views / stage-1 flip setting"),
+    "format": (lambda m: m.spec.format, "data.format"),
+    "vae_dtype": (lambda m: m.spec.vae_dtype, "the expected dtype"),
+    "clip_dtype": (lambda m: m.spec.clip_dtype, "the expected dtype"),
+    "t5_dtype": (lambda m: m.spec.t5_dtype, "the expected dtype"),
+    "clip_pad_id": (lambda m: m.spec.clip_pad_id, "the tokenizer settings"),
+    "t5_pad_id": (lambda m: m.spec.t5_pad_id, "the tokenizer settings"),
+    "encoders_hash": (lambda m: m.encoders_hash, "the encoder checkpoints (data.encoders_hash)"),
 }
 
 
 def check_manifest(manifest: Manifest, expected: dict) -> None:
     """Raise one ValueError naming every mismatch between the cache and what the consumer expects.
 
-    Keys use the model's names (text_len, text_len_t5, text_states_dim, text_states_dim_t5, in_channels, ...);
-    None values are skipped. `encoders` (a fingerprint dict) is compared encoder by encoder.
+    Keys use the cache's names (clip_len, t5_len, clip_dim, t5_dim, latent_channels, downsample, encoders_hash, ...,
+    as in CacheSpec and manifest.json); None values are skipped. `encoders` (a fingerprint dict) is compared encoder
+    by encoder.
     """
     allowed = sorted(set(_CHECKS) | {"encoders"})
     unknown = sorted(set(expected) - set(allowed))
@@ -327,14 +325,13 @@ def check_manifest(manifest: Manifest, expected: dict) -> None:
                     problems.append(f"cache was encoded with a different {enc!r} encoder (differs in {diff}); "
                                     "re-encode with the same checkpoints or point to the right cache")
             continue
-        cache_name, get, fix = _CHECKS[k]
+        get, fix = _CHECKS[k]
         have = get(manifest)
         if isinstance(want, tuple):
             want = list(want)
         same = (have is not None and math.isclose(float(have), float(want), rel_tol=1e-6, abs_tol=0.0)) \
-            if k == "scaling_factor" else have == want
+            if k == "vae_scaling_factor" else have == want
         if not same:
-            problems.append(f"cache has {cache_name}={have!r} but the model expects {k}={want!r}; "
-                            f"re-encode or change {fix}")
+            problems.append(f"cache has {k}={have!r} but the model expects {k}={want!r}; re-encode or change {fix}")
     if problems:
         raise ValueError("cache is incompatible:\n  " + "\n  ".join(problems))

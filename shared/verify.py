@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .cache import _open_shard_reader, read_empty_caption
 from .formats import shard_format
 from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
 from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, LegacyIndexError, completed_shards,
                        read_manifest, read_shard_info, shard_data_path)
 from .shard_index import INDEX_SUFFIX, ShardIndex
 from .schema import CorruptSampleError, check_stored
+from .storage import is_remote
 
 MAX_SAMPLE_ERRORS_PER_SHARD = 20
 
@@ -76,8 +82,6 @@ def _index_problem(shard, data_nbytes: int) -> str | None:
 def _empty_caption_problems(root: Path, m, spec) -> list[str]:
     """The empty caption against its recorded sha256 and the spec (a wrong checksum is reported, then the file is
     still read so that what is wrong inside it is named too)."""
-    from .cache import read_empty_caption
-
     ec = root / EMPTY_CAPTION_NAME
     if not ec.is_file():
         return [f"{ec} is missing (needed for CFG text dropout)"]
@@ -134,10 +138,7 @@ def check_structure(reader) -> VerifyReport:
 
 def _verify_remote(url: str, progress: bool, check_samples: bool) -> VerifyReport:
     """A remote cache is verified from a full temporary download (every object, so stray objects are seen too)."""
-    import shutil
-    import tempfile
-
-    from .remote_cache import download_cache
+    from .remote_cache import download_cache  # object storage only
 
     tmp = Path(tempfile.mkdtemp(prefix="hydit-verify-"))
     try:
@@ -150,9 +151,6 @@ def _verify_remote(url: str, progress: bool, check_samples: bool) -> VerifyRepor
 
 def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = True) -> VerifyReport:
     """Check everything; never raises for a problem in the cache (it is reported), only for a bad argument."""
-    from .cache import _open_shard_reader
-    from .storage import is_remote
-
     if is_remote(root):
         return _verify_remote(str(root), progress, check_samples)
     root = Path(root)
@@ -193,8 +191,6 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
     total = sum(int(s["n_samples"]) for s in m.shards)
     bar = None
     if progress and check_samples:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, desc="verify", unit="sample")
     for entry in m.shards:
         name = entry["name"]

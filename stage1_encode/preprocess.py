@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image
 
+from shared.schema import PreprocessedImage
+
 if TYPE_CHECKING:  # config imports nothing heavy, but keep this module importable on its own
     from stage1_encode.config import ImageConfig
 
@@ -234,13 +236,6 @@ class CroppedImage:
 
     pixels: np.ndarray
     image_meta_size: np.ndarray  # (6,) int32 (orig_W, orig_H, target_W, target_H, crop_left, crop_top)
-    bucket: tuple[int, int]  # (H, W)
-
-
-@dataclass
-class PreprocessedImage:
-    views: np.ndarray  # (V, 3, H, W) float32 in [-1, 1]: "plain" then "flip"
-    image_meta_size: np.ndarray  # (6,) int32
     bucket: tuple[int, int]  # (H, W)
 
 

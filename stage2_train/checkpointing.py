@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shared.fsutil import file_sha256, fsync_dir, fsync_tree
+from stage2_train.metrics import logger
 from stage2_train.parallel import DistInfo, barrier
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -96,8 +97,6 @@ def verify_checkpoint(path: Path) -> dict:
     state = read_trainer_state(path)
     files = state.get("files")
     if files is None:
-        from stage2_train.metrics import logger
-
         logger.warning("%s has no file checksums (written by an older version): used unverified", path)
         return state
     for rel, want in files.items():
@@ -119,8 +118,6 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
     """"" -> None; "auto" -> newest checkpoint that verifies, or None if there is none; a path -> that folder,
     verified. Raises CheckpointError when checkpoints exist but none verifies (starting fresh would silently throw
     the training away)."""
-    from stage2_train.metrics import logger
-
     if not resume:
         return None
     if resume == "auto":
@@ -249,8 +246,6 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, em
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from stage2_train.metrics import logger
-
     folder = path / DCP_DIR
     try:
         saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
@@ -371,8 +366,6 @@ def load_checkpoint(
         if ema_file.is_file():
             ema.load_state_dict(_load_safetensors(ema_file))
         else:
-            from stage2_train.metrics import logger
-
             logger.warning("%s has no EMA weights: the EMA starts from the resumed weights", path)
     _load_rng(path, info)
     return state

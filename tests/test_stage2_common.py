@@ -34,10 +34,7 @@ def tiny_overrides(cache: Path, run_dir: Path, **extra) -> list[str]:
         "data.cache": str(cache), "run_dir": str(run_dir), "data.num_workers": 0, "data.batch_size": 2,
         "logging.every": 1, "logging.tensorboard": False, "logging.progress_bar": False, "checkpoint.every": 0,
         "checkpoint.resume": "", "device": "cpu", "precision.mode": "fp32",
-        # the synthetic cache's text sizes, whatever the preset's model overrides say
-        "model.overrides.text_len": TINY_TEXT["clip_len"], "model.overrides.text_states_dim": TINY_TEXT["clip_dim"],
-        "model.overrides.text_len_t5": TINY_TEXT["t5_len"], "model.overrides.text_states_dim_t5": TINY_TEXT["t5_dim"],
-    }
+    }  # the model's text sizes come from the synthetic cache's manifest
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
