@@ -151,38 +151,39 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 # one variant (own process)
 
 
+def online_factory(work: Path, args: argparse.Namespace):
+    """A batch_source_factory encoding online with the cache run's plan and draw settings (the same draws)."""
+    from stage2_train.online import OnlineBatchSource
+
+    def factory(trainer):
+        src = trainer.cache_source()  # only for its plan and draw settings: same draws
+        enc = load_bench_encoders(work, args)
+        samples, preprocess = raw_samples(args), make_preprocess(args)
+        by_key = {s.key: s for s in samples}
+        ordered = [by_key[k] for k in src.reader.keys()]  # plan indices are cache positions
+        buckets = [tuple(int(x) for x in b) for b in src.reader.meta["bucket"].tolist()]
+        return OnlineBatchSource(ordered, buckets, preprocess, enc, src.plan, src.settings)
+
+    return factory
+
+
 def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from shared.config import load_config
     from stage2_train.config import TrainConfig
     from stage2_train.trainer import Trainer
 
-    enc_dims = json.loads((work / "cache_zarr" / "manifest.json").read_text())["spec"]
     fmt = "zarr" if args.variant == "online" else args.variant
     timed_steps = args.online_steps if args.variant == "online" else args.steps
     total = args.warmup + timed_steps
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / f'cache_{fmt}'}", f"run_dir={work / 'runs' / args.variant}", f"steps={total}",
         f"data.batch_size={args.batch}", f"data.num_workers={0 if args.variant == 'online' else args.workers}",
-        f"model.preset={args.model}", f"model.clip_dim={enc_dims['clip_dim']}",
-        f"model.clip_len={enc_dims['clip_len']}", f"model.t5_dim={enc_dims['t5_dim']}",
-        f"model.t5_len={enc_dims['t5_len']}", "logging.every=1", "logging.tensorboard=false",
+        f"model.preset={args.model}", "logging.every=1", "logging.tensorboard=false",
         "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
         f"device={args.device}", "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
         "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "ema.enable=false",
     ])
-    factory = None
-    if args.variant == "online":
-        from stage2_train.online import OnlineBatchSource
-
-        def factory(trainer):
-            src = trainer.cache_source()  # only for its plan and draw settings: same draws
-            enc = load_bench_encoders(work, args)
-            samples, preprocess = raw_samples(args), make_preprocess(args)
-            by_key = {s.key: s for s in samples}
-            ordered = [by_key[k] for k in src.reader.keys()]  # plan indices are cache positions
-            buckets = [tuple(int(x) for x in b) for b in src.reader.meta["bucket"].tolist()]
-            return OnlineBatchSource(ordered, buckets, preprocess, enc, src.plan, src.settings)
-
+    factory = online_factory(work, args) if args.variant == "online" else None
     trainer = Trainer(cfg, batch_source_factory=factory)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -281,22 +281,17 @@ def manifest_from_shards(root: str | Path, spec: CacheSpec, **kw: Any) -> Manife
     return Manifest(spec=spec, shards=shards, **kw)
 
 
-# expected key (the cache's own name: CacheSpec fields, manifest.json keys) -> (getter, how to fix it)
+# expected key (the cache's own name: a CacheSpec field or a manifest.json key) -> how to fix a mismatch
+_SPEC_CHECKS = {
+    **{k: f"model.{k}" for k in ("clip_len", "t5_len", "clip_dim", "t5_dim", "latent_channels")},
+    "downsample": "the VAE", "views": "data.views / stage-1 flip setting", "format": "data.format",
+    **{f"{e}_dtype": "the expected dtype" for e in ("vae", "clip", "t5")},
+    **{f"{e}_pad_id": "the tokenizer settings" for e in ("clip", "t5")},
+}
 _CHECKS: dict[str, tuple[Any, str]] = {
-    "clip_len": (lambda m: m.spec.clip_len, "model.clip_len"),
-    "t5_len": (lambda m: m.spec.t5_len, "model.t5_len"),
-    "clip_dim": (lambda m: m.spec.clip_dim, "model.clip_dim"),
-    "t5_dim": (lambda m: m.spec.t5_dim, "model.t5_dim"),
-    "latent_channels": (lambda m: m.spec.latent_channels, "model.latent_channels"),
-    "downsample": (lambda m: m.spec.downsample, "the VAE"),
+    **{k: (lambda m, k=k: getattr(m.spec, k), fix) for k, fix in _SPEC_CHECKS.items()},
+    "views": (lambda m: list(m.spec.views), _SPEC_CHECKS["views"]),
     "vae_scaling_factor": (lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
-    "views": (lambda m: list(m.spec.views), "data.views / stage-1 flip setting"),
-    "format": (lambda m: m.spec.format, "data.format"),
-    "vae_dtype": (lambda m: m.spec.vae_dtype, "the expected dtype"),
-    "clip_dtype": (lambda m: m.spec.clip_dtype, "the expected dtype"),
-    "t5_dtype": (lambda m: m.spec.t5_dtype, "the expected dtype"),
-    "clip_pad_id": (lambda m: m.spec.clip_pad_id, "the tokenizer settings"),
-    "t5_pad_id": (lambda m: m.spec.t5_pad_id, "the tokenizer settings"),
     "encoders_hash": (lambda m: m.encoders_hash, "the encoder checkpoints (data.encoders_hash)"),
 }
 
