@@ -233,7 +233,8 @@ def main() -> None:
     print(f"\nDiT {args.model}, encoders '{args.encoders}', {args.image_size}px buckets, batch {args.batch}, "
           f"{args.steps} timed steps (online: {args.online_steps}) after {args.warmup}, device {args.device}, "
           f"cache loaders with {args.workers} workers")
-    print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} {'loss step 1':>12}")
+    print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} "
+          f"{'loss step 1':>12}")
     for name, r in results.items():
         print(f"{name:<12} {r['step_s_median']:>10.4f} {r['step_s_median'] / on['step_s_median']:>10.3f} "
               f"{100 * r['data_wait_share']:>9.2f}% {r['peak_gib']:>11.2f} {r['loss_first']:>12.6f}")

@@ -99,7 +99,8 @@ class GaussianDiffusion:
             try:
                 self.min_snr_k: float | None = float(mse_loss_weight_type[len("min_snr_") :])
             except ValueError:
-                raise ValueError(f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number")
+                raise ValueError(
+                    f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number") from None
         else:
             self.min_snr_k = None
         if noise_offset < 0:

@@ -123,7 +123,7 @@ def count_rejects(root: str | Path) -> dict[str, int]:
     out: dict[str, int] = {}
     if not p.exists():
         return out
-    for n, line in enumerate(p.read_text("utf-8").splitlines(), 1):
+    for line in p.read_text("utf-8").splitlines():
         if not line.strip():
             continue
         try:

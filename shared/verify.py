@@ -72,7 +72,7 @@ def _index_problem(shard, data_nbytes: int) -> str | None:
         return (f"{path} has {size} bytes, its sidecar says {shard.index_nbytes_expected} (truncated, grown or "
                 "swapped with another shard's)")
     try:
-        shard.mapped.columns  # maps the file and parses its header: a damaged one raises here
+        _ = shard.mapped.columns  # maps the file and parses its header: a damaged one raises here
         return shard_format(shard.format).index_problem(shard, data_nbytes)
     except (CorruptSampleError, KeyError) as e:
         return f"{path}: {e}"

@@ -123,7 +123,8 @@ def _describe_en(shapes: tuple[tuple[int, int, int, int], ...], background: int)
 
 def _describe_mixed(shapes: tuple[tuple[int, int, int, int], ...], background: int) -> str:
     s, c, p, z = shapes[0]
-    return f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, background {COLORS[background][1]}"
+    return (f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, "
+            f"background {COLORS[background][1]}")
 
 
 def demo_row(index: int, seed: int = 0) -> DemoRow:

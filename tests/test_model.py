@@ -456,7 +456,7 @@ def test_compiled_blocks_do_not_recompile_when_the_text_row_count_changes() -> N
         block.compile(backend="aot_eager")  # traces like inductor, generates no code
     g = torch.Generator().manual_seed(0)
     rows = set()
-    for step in range(4):
+    for _ in range(4):
         kw = tiny_inputs(model.config, B=2)
         B = 4
         kw = {k: (torch.cat([v, v]) if v.shape[0] == 2 and "cis" not in k else v) for k, v in kw.items()}
