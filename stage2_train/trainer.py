@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -125,8 +126,9 @@ class Trainer:
         self.cache_reader = open_train_cache(cfg.data, cfg.storage)
         spec = self.cache_reader.spec
         self.model_config = build_model_config(cfg, spec)
-        for name, dit_field in CACHE_GEOMETRY.items():  # config.yaml records the sizes this run uses
-            setattr(cfg.model, name, getattr(self.model_config, dit_field))
+        # The run's config (config.yaml, checkpoints) records the sizes it uses; the caller's object is left as is.
+        used = {name: getattr(self.model_config, dit_field) for name, dit_field in CACHE_GEOMETRY.items()}
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **used))
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
