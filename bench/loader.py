@@ -38,7 +38,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 
-from shared.cache import open_cache, write_synthetic_cache  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
+from shared.inspection import write_synthetic_cache  # noqa: E402
 from shared.schema import CacheSpec  # noqa: E402
 
 

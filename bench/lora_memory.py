@@ -75,34 +75,18 @@ def _train_step_module():
 def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from shared.config import load_config
     from stage2_train.config import TrainConfig
-    from stage2_train.data import CacheBatchSource
     from stage2_train.trainer import Trainer
 
     ts = _train_step_module()
-    dims = json.loads((work / "cache_zarr" / "manifest.json").read_text())["spec"]
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / 'cache_zarr'}", f"run_dir={work / 'runs' / args.variant}", f"steps={args.steps}",
         f"data.batch_size={args.batch}", "data.num_workers=0", f"model.preset={args.model}",
-        f"model.overrides.text_states_dim={dims['clip_dim']}", f"model.overrides.text_len={dims['clip_len']}",
-        f"model.overrides.text_states_dim_t5={dims['t5_dim']}", f"model.overrides.text_len_t5={dims['t5_len']}",
         "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false", "checkpoint.every=0",
         "checkpoint.save_final=false", "checkpoint.resume=", f"device={args.device}",
         "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"), "ema.enable=false",
         "training.parts=lora", f"lora.rank={args.rank}",
     ])
-    factory = None
-    if args.variant == "online":
-        from stage2_train.online import OnlineBatchSource
-
-        def factory(trainer):
-            src = CacheBatchSource.from_config(trainer)  # its plan and draw settings only: the same draws
-            enc = ts.load_bench_encoders(work, args)
-            samples, preprocess = ts.raw_samples(args), ts.make_preprocess(args)
-            by_key = {s.key: s for s in samples}
-            ordered = [by_key[k] for k in src.reader.keys()]
-            buckets = [tuple(int(x) for x in b) for b in src.reader.meta["bucket"].tolist()]
-            return OnlineBatchSource(ordered, buckets, preprocess, enc, src.plan, src.settings)
-
+    factory = ts.online_factory(work, args) if args.variant == "online" else None
     trainer = Trainer(cfg, batch_source_factory=factory)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -151,39 +151,39 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 # one variant (own process)
 
 
+def online_factory(work: Path, args: argparse.Namespace):
+    """A batch_source_factory encoding online with the cache run's plan and draw settings (the same draws)."""
+    from stage2_train.online import OnlineBatchSource
+
+    def factory(trainer):
+        src = trainer.cache_source()  # only for its plan and draw settings: same draws
+        enc = load_bench_encoders(work, args)
+        samples, preprocess = raw_samples(args), make_preprocess(args)
+        by_key = {s.key: s for s in samples}
+        ordered = [by_key[k] for k in src.reader.keys()]  # plan indices are cache positions
+        buckets = [tuple(int(x) for x in b) for b in src.reader.meta["bucket"].tolist()]
+        return OnlineBatchSource(ordered, buckets, preprocess, enc, src.plan, src.settings)
+
+    return factory
+
+
 def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from shared.config import load_config
     from stage2_train.config import TrainConfig
-    from stage2_train.data import CacheBatchSource
     from stage2_train.trainer import Trainer
 
-    enc_dims = json.loads((work / "cache_zarr" / "manifest.json").read_text())["spec"]
     fmt = "zarr" if args.variant == "online" else args.variant
     timed_steps = args.online_steps if args.variant == "online" else args.steps
     total = args.warmup + timed_steps
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
         f"data.cache={work / f'cache_{fmt}'}", f"run_dir={work / 'runs' / args.variant}", f"steps={total}",
         f"data.batch_size={args.batch}", f"data.num_workers={0 if args.variant == 'online' else args.workers}",
-        f"model.preset={args.model}", f"model.overrides.text_states_dim={enc_dims['clip_dim']}",
-        f"model.overrides.text_len={enc_dims['clip_len']}", f"model.overrides.text_states_dim_t5={enc_dims['t5_dim']}",
-        f"model.overrides.text_len_t5={enc_dims['t5_len']}", "logging.every=1", "logging.tensorboard=false",
+        f"model.preset={args.model}", "logging.every=1", "logging.tensorboard=false",
         "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
         f"device={args.device}", "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
         "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "ema.enable=false",
     ])
-    factory = None
-    if args.variant == "online":
-        from stage2_train.online import OnlineBatchSource
-
-        def factory(trainer):
-            src = CacheBatchSource.from_config(trainer)  # only for its plan and draw settings: same draws
-            enc = load_bench_encoders(work, args)
-            samples, preprocess = raw_samples(args), make_preprocess(args)
-            by_key = {s.key: s for s in samples}
-            ordered = [by_key[k] for k in src.reader.keys()]  # plan indices are cache positions
-            buckets = [tuple(int(x) for x in b) for b in src.reader.meta["bucket"].tolist()]
-            return OnlineBatchSource(ordered, buckets, preprocess, enc, src.plan, src.settings)
-
+    factory = online_factory(work, args) if args.variant == "online" else None
     trainer = Trainer(cfg, batch_source_factory=factory)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -233,7 +233,8 @@ def main() -> None:
     print(f"\nDiT {args.model}, encoders '{args.encoders}', {args.image_size}px buckets, batch {args.batch}, "
           f"{args.steps} timed steps (online: {args.online_steps}) after {args.warmup}, device {args.device}, "
           f"cache loaders with {args.workers} workers")
-    print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} {'loss step 1':>12}")
+    print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} "
+          f"{'loss step 1':>12}")
     for name, r in results.items():
         print(f"{name:<12} {r['step_s_median']:>10.4f} {r['step_s_median'] / on['step_s_median']:>10.3f} "
               f"{100 * r['data_wait_share']:>9.2f}% {r['peak_gib']:>11.2f} {r['loss_first']:>12.6f}")

@@ -14,13 +14,11 @@ Per-timestep coefficients are looked up in float64 and then cast to float32, lik
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-NoiseSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-PredictType = Literal["epsilon", "sample", "v_prediction"]
 NOISE_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICT_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 
@@ -101,7 +99,8 @@ class GaussianDiffusion:
             try:
                 self.min_snr_k: float | None = float(mse_loss_weight_type[len("min_snr_") :])
             except ValueError:
-                raise ValueError(f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number")
+                raise ValueError(
+                    f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number") from None
         else:
             self.min_snr_k = None
         if noise_offset < 0:

@@ -14,15 +14,12 @@ frequency is repeated for an adjacent pair of dims (2i, 2i+1) -- the LLaMA compl
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
-RopeImg = Literal["extend", "base512", "base1024"]
 ROPE_IMG_CHOICES: tuple[str, ...] = ("extend", "base512", "base1024")
-# The VAE downsamples 8x; the original hard-codes it in the same place (``reso // 8 // patch_size``).
-VAE_DOWNSAMPLE = 8
+# `downsample` below is the VAE's (pixels per latent cell): the caller passes the cache manifest's or the VAE's
+# value. The original hard-codes 8 (``reso // 8 // patch_size``), the SDXL VAE's, which is the default here.
 
 
 def fill_resize_and_crop(grid: tuple[int, int], base: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -40,12 +37,13 @@ def fill_resize_and_crop(grid: tuple[int, int], base: int) -> tuple[tuple[int, i
     return (top, left), (top + resize_h, left + resize_w)
 
 
-def grid_positions(rope_img: str, patch_size: int, th: int, tw: int) -> tuple[np.ndarray, np.ndarray]:
+def grid_positions(rope_img: str, patch_size: int, th: int, tw: int, downsample: int = 8
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Row and column coordinates (float32, length th and tw) of the token grid under a ``rope_img`` rule."""
     if rope_img == "extend":
         start, stop = (0, 0), (th, tw)
     elif rope_img in ("base512", "base1024"):
-        base = int(rope_img[4:]) // VAE_DOWNSAMPLE // patch_size
+        base = int(rope_img[4:]) // downsample // patch_size
         start, stop = fill_resize_and_crop((th, tw), base)
     else:
         raise ValueError(f"rope_img={rope_img!r} is not supported; choose one of {ROPE_IMG_CHOICES}")
@@ -62,16 +60,17 @@ def _axis_cos_sin(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[
 
 
 def rope_tables(
-    height: int, width: int, head_dim: int, patch_size: int = 2, rope_img: str = "base512"
+    height: int, width: int, head_dim: int, patch_size: int = 2, rope_img: str = "base512", downsample: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real RoPE tables (cos, sin), each (tokens, head_dim) fp32, for an image of height x width pixels."""
     if head_dim % 4 != 0:
         raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D RoPE (two axes, pairs of dims)")
-    step = VAE_DOWNSAMPLE * patch_size
+    step = downsample * patch_size
     if height % step or width % step or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} must be positive multiples of {step} (VAE 8x times patch)")
+        raise ValueError(f"image size {height}x{width} must be positive multiples of {step} (VAE {downsample}x "
+                         "times patch)")
     th, tw = height // step, width // step
-    rows, cols = grid_positions(rope_img, patch_size, th, tw)
+    rows, cols = grid_positions(rope_img, patch_size, th, tw, downsample)
     col_grid, row_grid = np.meshgrid(cols, rows)  # (th, tw) each; tokens are row-major
     cos_w, sin_w = _axis_cos_sin(head_dim // 2, torch.from_numpy(col_grid.reshape(-1)))  # (N, d/2)
     cos_h, sin_h = _axis_cos_sin(head_dim // 2, torch.from_numpy(row_grid.reshape(-1)))  # (N, d/2)
@@ -83,10 +82,12 @@ def rope_tables(
 class RopeCache:
     """Builds RoPE tables once per (height, width) pixel bucket, like the original's start-up dict."""
 
-    def __init__(self, head_dim: int, patch_size: int = 2, rope_img: str = "base512") -> None:
+    def __init__(self, head_dim: int, patch_size: int = 2, rope_img: str = "base512", downsample: int = 8) -> None:
         if rope_img not in ROPE_IMG_CHOICES:
             raise ValueError(f"rope_img={rope_img!r} is not supported; choose one of {ROPE_IMG_CHOICES}")
-        self.head_dim, self.patch_size, self.rope_img = head_dim, patch_size, rope_img
+        if downsample < 1:
+            raise ValueError(f"downsample={downsample} must be >= 1 (the VAE's pixels per latent cell)")
+        self.head_dim, self.patch_size, self.rope_img, self.downsample = head_dim, patch_size, rope_img, downsample
         self._tables: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(
@@ -95,7 +96,8 @@ class RopeCache:
         """(cos, sin) for an image of height x width pixels, each (tokens, head_dim) fp32 on ``device``."""
         key = (int(height), int(width), str(device or "cpu"))
         if key not in self._tables:
-            cos, sin = rope_tables(int(height), int(width), self.head_dim, self.patch_size, self.rope_img)
+            cos, sin = rope_tables(int(height), int(width), self.head_dim, self.patch_size, self.rope_img,
+                                   self.downsample)
             self._tables[key] = (cos.to(device or "cpu"), sin.to(device or "cpu"))
         return self._tables[key]
 

@@ -262,9 +262,9 @@ def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cols
     """A PIL grid of uint8 (B, H, W, 3) images, each with its caption (truncated) in a strip underneath."""
     from PIL import Image, ImageDraw
 
-    from shared.cache import _cjk_font  # the cache grid's font finder: PIL's own font has no CJK glyphs
+    from shared.inspection import cjk_font  # the cache grid's font finder: PIL's own font has no CJK glyphs
 
-    font = _cjk_font(12) if captions else None
+    font = cjk_font(12) if captions else None
     B, H, W, _ = images.shape
     cols = cols or min(B, 4)
     rows = -(-B // cols)

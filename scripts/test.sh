@@ -6,6 +6,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+# Lint and format check first (seconds): full runs only (no pytest arguments); LINT=0 skips it, LINT=1 forces it.
+if [ "${LINT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = "1" ]; then
+    echo "[test] ruff check + ruff format --check"
+    "$VPY" -m ruff check .
+    "$VPY" -m ruff format --check .
+fi
+
 t0=$SECONDS
 set +e
 "$VPY" -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""One writer factory and one reader over both formats, plus the notebook helpers.
+"""One writer factory and one reader over every shard format (each one object in shared/formats.py).
 
     w = open_shard_writer(root, "part-000017", spec); w.add(sample); info = w.close()
     write_empty_caption(root, spec, clip_ids=..., ...)          # once per cache
@@ -7,41 +7,40 @@
     cache[i], cache["key"], len(cache), cache.keys(), cache.meta, cache.summary(), cache.filter(bucket=(H, W)),
     cache.decode(i, vae_path=...), cache.stream(...)
 Sample order: manifest shard order, then order inside the shard. Both formats return bit-identical samples.
+summary / decode / grid (for people) and the synthetic-cache writer live in shared/inspection.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
+import safetensors
+from safetensors import SafetensorError
 
 from .fsutil import atomic_write_bytes, file_sha256
 from .manifest import (EMPTY_CAPTION_NAME, LEGACY_INDEX_FIX, LegacyIndexError, Manifest, ShardInfo, read_manifest,
                        read_shard_info, shard_data_path)
 from .shard_index import ShardIndex, key_hash, key_hashes
-from .schema import STORAGE_DTYPE, CacheSpec, check_stored, decode_sample, to_torch
-from .wds_store import WdsShardReader, WdsShardWriter, iter_tar_stored
-from .zarr_store import ZarrShardReader, ZarrShardWriter
+from .schema import STORAGE_DTYPE, CacheSpec, _float_array, _int_array, _mask_array, check_stored, decode_sample, to_torch
+from .formats import shard_format
+from .shard_writer import ShardWriterBase
+from .storage import is_remote
 
-ShardWriter = ZarrShardWriter | WdsShardWriter
+if TYPE_CHECKING:
+    from .inspection import CacheSummary
 
 
-def open_shard_writer(root: str | Path, shard_name: str, spec: CacheSpec, overwrite: bool = False) -> ShardWriter:
+def open_shard_writer(root: str | Path, shard_name: str, spec: CacheSpec, overwrite: bool = False) -> ShardWriterBase:
     """A writer for one shard in spec.format; exactly one writer may own a shard name at a time."""
-    if spec.format == "zarr":
-        return ZarrShardWriter(root, shard_name, spec, overwrite=overwrite)
-    return WdsShardWriter(root, shard_name, spec, overwrite=overwrite)
+    return shard_format(spec.format).writer(root, shard_name, spec, overwrite=overwrite)
 
 
 def _open_shard_reader(root: Path, spec: CacheSpec, shard: ShardIndex):
-    path = shard_data_path(root, shard.name, spec.format)
-    if spec.format == "zarr":
-        return ZarrShardReader(path, spec, shard)
-    return WdsShardReader(path, spec, shard)
+    return shard_format(spec.format).reader(shard_data_path(root, shard.name, spec.format), spec, shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,10 +54,8 @@ _EMPTY_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t
 def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str:
     """Save the BERT and mT5 encodings of "" (clip_ids, clip_mask, clip_states, t5_ids, t5_mask, t5_states; a
     leading batch dim of 1 is dropped) to empty_caption.safetensors, dense and in the encoder dtypes. Returns sha256."""
-    import torch
+    import torch  # heavy: only stage 1 and tests write the file; readers, verify and inspect stay torch-free
     from safetensors.torch import save
-
-    from .schema import _float_array, _int_array, _mask_array
 
     missing = [f for f in _EMPTY_FIELDS if f not in arrays]
     if missing:
@@ -89,25 +86,16 @@ def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str
 def read_empty_caption(root: str | Path, spec: CacheSpec | None = None) -> dict[str, np.ndarray]:
     """The empty-caption encodings as numpy (bf16 as uint16 bit patterns, like samples); see to_torch().
 
-    Parses the safetensors container directly (8-byte header length, JSON header, raw little-endian data) so that
-    verify/inspect need no torch.
+    The safetensors library parses and checks the container (header, offsets, coverage); the raw little-endian
+    bytes are viewed with numpy here, since safetensors.numpy has no bfloat16 and verify/inspect need no torch.
     """
     path = Path(root) / EMPTY_CAPTION_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: stage 1 must encode the empty caption for CFG text dropout")
-    raw = path.read_bytes()
     try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        body = memoryview(raw)[8 + n:]
-        out = {}
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            dt = _ST_DTYPES[v["dtype"]]
-            a, b = v["data_offsets"]
-            out[k] = np.frombuffer(body[a:b], dtype=dt).reshape(v["shape"]).copy()
-    except (ValueError, KeyError, TypeError) as e:
+        out = {name: np.frombuffer(t["data"], dtype=_ST_DTYPES[t["dtype"]]).reshape(t["shape"])
+               for name, t in safetensors.deserialize(path.read_bytes())}
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     if spec is not None:
         for enc, L, D in (("clip", spec.clip_len, spec.clip_dim), ("t5", spec.t5_len, spec.t5_dim)):
@@ -120,40 +108,6 @@ def read_empty_caption(root: str | Path, spec: CacheSpec | None = None) -> dict[
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading
-
-
-class CacheSummary(dict):
-    """A dict of summary numbers that prints as a readable table."""
-
-    def __str__(self) -> str:
-        lines = [f"cache {self['root']}  ({self['format']}, schema v{self['schema_version']})",
-                 f"  samples {self['samples']}  shards {self['shards']}  "
-                 f"on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
-                 f"  ({self['bytes_per_sample_on_disk'] / 1024:.1f} KiB/sample)",
-                 f"  views {self['views']}  dtypes {self['dtypes']}  scaling_factor {self['scaling_factor']}"]
-        lines.append("  buckets (H x W: samples):")
-        for b, n in self["buckets"].items():
-            lines.append(f"    {b:>11}: {n}")
-        lines.append("  token lengths (masked-in):   min   p50  mean   p90   max")
-        for name in ("clip_len", "t5_len", "t5_unique_rows"):
-            d = self["tokens"][name]
-            lines.append(f"    {name:<24} {d['min']:>5} {d['p50']:>5} {d['mean']:>5.1f} {d['p90']:>5} {d['max']:>5}")
-        lines.append("  stored bytes per sample by field (raw, before compression):")
-        for f, b in self["bytes_per_sample_by_field"].items():
-            lines.append(f"    {f:<18} {b / 1024:>9.2f} KiB")
-        rej = self["rejects"]
-        lines.append("  rejects: " + (", ".join(f"{k}={v}" for k, v in rej.items()) if rej else "none"))
-        return "\n".join(lines)
-
-    def _repr_pretty_(self, p, cycle) -> None:  # IPython display
-        p.text(str(self))
-
-
-def _stats(x: np.ndarray) -> dict:
-    if x.size == 0:
-        return {"min": 0, "p50": 0, "mean": 0.0, "p90": 0, "max": 0}
-    return {"min": int(x.min()), "p50": int(np.percentile(x, 50)), "mean": float(x.mean()),
-            "p90": int(np.percentile(x, 90)), "max": int(x.max())}
 
 
 # Shards whose index mapping and data file a process keeps open at once: bounded so that 10^5 shards never exhaust
@@ -455,112 +409,32 @@ class CacheReader:
 
     # -- streaming ------------------------------------------------------------------------------------------
     def stream(self, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
-               world_size: int | None = None) -> "CacheStream":
+               world_size: int | None = None) -> "CacheStream":  # noqa: F821 (built on first use)
         """Iterable over whole shards, split by rank then DataLoader worker; a webdataset shard is read
         sequentially (one pass over the tar). Yields the same logical samples as cache[i]."""
         return _stream_class()(self, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size)
 
     # -- people -----------------------------------------------------------------------------------------------
-    def summary(self) -> CacheSummary:
-        m, spec = self.manifest, self.spec
-        shards_in_view = np.unique(self.locate(self._view())[0])
-        on_disk = sum(self.infos[s].bytes for s in range(len(self.infos)))
-        n_all = max(1, self.n_total)
-        fb: Counter = Counter()
-        for info in self.infos:
-            fb.update(info.field_bytes)
-        uniq, members = group_by_bucket(self.buckets())
-        buckets = {f"{h}x{w}": len(mm) for (h, w), mm in zip(uniq.tolist(), members)}
-        return CacheSummary(
-            root=getattr(self, "url", None) or str(self.root), format=spec.format, schema_version=m.schema_version,
-            samples=len(self), shards=int(shards_in_view.size), bytes_on_disk=on_disk,
-            bytes_per_sample_on_disk=on_disk / n_all,
-            views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
-            scaling_factor=m.vae_scaling_factor,
-            buckets=dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-            tokens={"clip_len": _stats(self._view_column("clip_len")), "t5_len": _stats(self._view_column("t5_len")),
-                    "t5_unique_rows": _stats(self._view_column("t5_unique"))},
-            bytes_per_sample_by_field={k: v / n_all for k, v in sorted(fb.items(), key=lambda kv: -kv[1])},
-            rejects=dict(m.rejects),
-        )
+    # -- people (shared/inspection.py) -------------------------------------------------------------------------
+    def summary(self) -> "CacheSummary":
+        from .inspection import summarize  # shared.inspection imports this module: bound at call time
 
-    def _load_vae(self, vae_path: str | Path | None):
-        if vae_path is not None:
-            self._vae = vae_path
-        vae = self._vae
-        if vae is None:
-            raise ValueError("decode needs a VAE: open_cache(root, vae=PATH_OR_MODEL) or decode(i, vae_path=PATH) "
-                             "(the sdxl-vae-fp16-fix folder of ckpts/t2i)")
-        if isinstance(vae, (str, Path)):
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(str(vae)).eval()
-            self._vae = vae
-        return vae
+        return summarize(self)
 
     def decode(self, i: int | str, vae_path: str | Path | None = None, view: str = "plain"):
-        """Decode sample i's posterior mean through the VAE decoder into a PIL image.
+        """Decode sample i's posterior mean through the VAE decoder into a PIL image (shared.inspection)."""
+        from .inspection import decode_image
 
-        The moments are unscaled (latent_dist parameters), so the mean goes to vae.decode as is: no scaling factor.
-        """
-        import torch
-        from PIL import Image
-
-        if view not in self.spec.views:
-            raise ValueError(f"view {view!r} is not in this cache; it has {list(self.spec.views)}")
-        vae = self._load_vae(vae_path)
-        s = self.to_torch(self[i])
-        mom = s["moments"][self.spec.views.index(view)]                  # (2C, h, w)
-        mean = mom[: self.spec.latent_channels][None]                    # (1, C, h, w)
-        p = next(vae.parameters())
-        with torch.inference_mode():
-            img = vae.decode(mean.to(p.device, p.dtype)).sample[0]      # (3, H, W) in [-1, 1]
-        arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(arr)
+        return decode_image(self, i, vae_path=vae_path, view=view)
 
     def grid(self, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256, cols: int = 4):
-        """A PIL grid of decoded samples with (the start of) their captions below each."""
-        from PIL import Image, ImageDraw
+        """A PIL grid of decoded samples with (the start of) their captions below each (shared.inspection)."""
+        from .inspection import decode_grid
 
-        rows = (len(indices) + cols - 1) // cols
-        cap_h = 28
-        canvas = Image.new("RGB", (cols * cell, max(1, rows) * (cell + cap_h)), "white")
-        draw = ImageDraw.Draw(canvas)
-        font = _cjk_font(14)  # None: captions that are not ASCII are labelled by their key instead of by boxes
-        for n, i in enumerate(indices):
-            im = self.decode(i, vae_path=vae_path)
-            im.thumbnail((cell, cell))
-            x, y = (n % cols) * cell, (n // cols) * (cell + cap_h)
-            canvas.paste(im, (x, y))
-            s = self[i]
-            label = s["caption"] if font is not None or s["caption"].isascii() else s["key"]
-            label = label if len(label) <= 40 else label[:39] + "..."
-            draw.text((x + 2, y + cell + 2), label, fill="black", font=font)
-        return canvas
+        return decode_grid(self, indices, vae_path=vae_path, cell=cell, cols=cols)
 
     def __repr__(self) -> str:
         return f"CacheReader({str(self.root)!r}, {len(self)} samples, {self.spec.format})"
-
-
-_CJK_FONT_GLOBS = ("NotoSansCJK*", "NotoSerifCJK*", "wqy-*", "DroidSansFallback*", "SourceHanSans*", "simhei*",
-                   "msyh*", "PingFang*")
-
-
-def _cjk_font(size: int):
-    """A TrueType font with CJK glyphs from the usual system folders, or None (PIL's own font has none)."""
-    from PIL import ImageFont
-
-    for folder in ("/usr/share/fonts", "/usr/local/share/fonts", str(Path.home() / ".fonts"),
-                   "/System/Library/Fonts", "C:/Windows/Fonts"):
-        if not os.path.isdir(folder):
-            continue
-        for pattern in _CJK_FONT_GLOBS:
-            for path in sorted(Path(folder).rglob(pattern)):
-                try:
-                    return ImageFont.truetype(str(path), size)
-                except OSError:
-                    continue
-    return None
 
 
 class _CacheStreamBase:
@@ -601,11 +475,7 @@ class _CacheStreamBase:
             if r._idx is not None:  # this shard's positions in the view, as a set (one shard's worth)
                 lo, hi = np.searchsorted(r._idx, [first, first + sh.n_samples])
                 in_view = set((r._idx[lo:hi] - first).tolist())
-            if r.spec.format == "webdataset":
-                it = iter_tar_stored(rd.path, r.spec, sh.keys())
-            else:
-                it = (rd.read_stored(j) for j in range(sh.n_samples))
-            for j, stored in enumerate(it):
+            for j, stored in enumerate(shard_format(r.spec.format).iter_stored(rd, r.spec, sh.keys())):
                 if in_view is not None and j not in in_view:
                     continue
                 check_stored(stored, r.spec, f"shard {rd.path}")
@@ -633,10 +503,8 @@ def open_cache(path: str | Path, vae: Any = None, storage: Any = None) -> CacheR
 
     `path` may be an object-storage URL (s3://bucket/prefix): the small files are mirrored locally and shard data
     is fetched whole, on first use, into a bounded local shard cache (`storage`: a shared.storage.StorageConfig)."""
-    from .storage import is_remote
-
     if is_remote(path):
-        from .remote_cache import RemoteCacheMirror
+        from .remote_cache import RemoteCacheMirror  # object storage only: local caches never load its client
 
         mirror = RemoteCacheMirror(str(path), storage)
         reader = CacheReader(mirror.prepare(), vae=vae)
@@ -644,29 +512,3 @@ def open_cache(path: str | Path, vae: Any = None, storage: Any = None) -> CacheR
         reader.url = mirror.url
         return reader
     return CacheReader(path, vae=vae)
-
-
-def write_synthetic_cache(root: str | Path, spec: CacheSpec, n_samples: int = 16, n_shards: int = 2,
-                          buckets: Sequence[tuple[int, int]] = ((64, 64), (64, 32)), seed: int = 0,
-                          scaling_factor: float = 0.13025, encoders: dict | None = None) -> Manifest:
-    """A complete small cache of random samples (tests, demos, stage-2 smoke runs): shards, empty caption,
-    manifest. Not a substitute for real features."""
-    from .manifest import manifest_from_shards, write_manifest
-    from .schema import synthetic_sample
-
-    rng = np.random.default_rng(seed)
-    per = [n_samples // n_shards + (1 if s < n_samples % n_shards else 0) for s in range(n_shards)]
-    i = 0
-    for s, n in enumerate(per):
-        with open_shard_writer(root, f"part-{s:06d}", spec) as w:
-            for _ in range(n):
-                w.add(synthetic_sample(spec, f"synthetic-{i:08d}-{i:012x}", buckets[i % len(buckets)], rng,
-                                       caption=f"样本 {i}: a synthetic caption"))
-                i += 1
-    e = synthetic_sample(spec, "empty", buckets[0], rng, caption="", clip_len=2, t5_len=1)
-    sha = write_empty_caption(root, spec, **{k: e[k] for k in _EMPTY_FIELDS})
-    m = manifest_from_shards(root, spec, encoders=encoders or {"synthetic": {"seed": seed}},
-                             vae_scaling_factor=scaling_factor, buckets=[list(b) for b in buckets],
-                             preprocessing={"synthetic": True, "seed": seed}, empty_caption_sha256=sha)
-    write_manifest(root, m)
-    return m

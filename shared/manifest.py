@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_replace, atomic_write_bytes, atomic_write_json, is_tmp_name, remove_path
-from .schema import SCHEMA_VERSION, CacheSpec, check_shard_name
-from .shard_index import INDEX_SUFFIX, INDEX_VERSION, encode_index, index_columns
+import numpy as np
+
+from .fsutil import atomic_write_json, is_tmp_name
+from .schema import SCHEMA_VERSION, CacheSpec
+from .shard_index import INDEX_SUFFIX, ShardIndex
 
 MANIFEST_NAME = "manifest.json"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
@@ -121,7 +123,7 @@ def count_rejects(root: str | Path) -> dict[str, int]:
     out: dict[str, int] = {}
     if not p.exists():
         return out
-    for n, line in enumerate(p.read_text("utf-8").splitlines(), 1):
+    for line in p.read_text("utf-8").splitlines():
         if not line.strip():
             continue
         try:
@@ -133,7 +135,7 @@ def count_rejects(root: str | Path) -> dict[str, int]:
 
 
 def encoders_hash(encoders: dict) -> str:
-    """sha256 of the canonical JSON of an encoder-fingerprint dict (what `encoder_hash` is compared against)."""
+    """sha256 of the canonical JSON of an encoder-fingerprint dict (manifest.json's `encoders_hash`)."""
     return hashlib.sha256(json.dumps(encoders, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -232,10 +234,6 @@ def write_manifest(root: str | Path, manifest: Manifest, completed: dict[str, Sh
 def check_unique_keys(root: str | Path, infos: list[ShardInfo]) -> None:
     """Raise ValueError if two shards hold the same key: sorts the 64-bit key hashes of the index files (8 bytes per
     sample, numpy) and compares the actual keys only where hashes collide."""
-    import numpy as np
-
-    from .shard_index import ShardIndex
-
     shards = [ShardIndex(root, i) for i in infos]
     if not shards:
         return
@@ -283,32 +281,27 @@ def manifest_from_shards(root: str | Path, spec: CacheSpec, **kw: Any) -> Manife
     return Manifest(spec=spec, shards=shards, **kw)
 
 
-# expected key -> (what the cache calls it, getter, how to fix it)
-_CHECKS: dict[str, tuple[str, Any, str]] = {
-    "text_len": ("clip_len", lambda m: m.spec.clip_len, "model.text_len"),
-    "text_len_t5": ("t5_len", lambda m: m.spec.t5_len, "model.text_len_t5"),
-    "text_states_dim": ("clip_dim", lambda m: m.spec.clip_dim, "model.text_states_dim"),
-    "text_states_dim_t5": ("t5_dim", lambda m: m.spec.t5_dim, "model.text_states_dim_t5"),
-    "in_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
-    "latent_channels": ("latent_channels", lambda m: m.spec.latent_channels, "model.in_channels"),
-    "downsample": ("downsample", lambda m: m.spec.downsample, "the VAE"),
-    "scaling_factor": ("vae_scaling_factor", lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
-    "views": ("views", lambda m: list(m.spec.views), "data.views / stage-1 flip setting"),
-    "format": ("format", lambda m: m.spec.format, "data.format"),
-    "vae_dtype": ("vae_dtype", lambda m: m.spec.vae_dtype, "the expected dtype"),
-    "clip_dtype": ("clip_dtype", lambda m: m.spec.clip_dtype, "the expected dtype"),
-    "t5_dtype": ("t5_dtype", lambda m: m.spec.t5_dtype, "the expected dtype"),
-    "clip_pad_id": ("clip_pad_id", lambda m: m.spec.clip_pad_id, "the tokenizer settings"),
-    "t5_pad_id": ("t5_pad_id", lambda m: m.spec.t5_pad_id, "the tokenizer settings"),
-    "encoder_hash": ("encoders_hash", lambda m: m.encoders_hash, "the encoder checkpoints"),
+# expected key (the cache's own name: a CacheSpec field or a manifest.json key) -> how to fix a mismatch
+_SPEC_CHECKS = {
+    **{k: f"model.{k}" for k in ("clip_len", "t5_len", "clip_dim", "t5_dim", "latent_channels")},
+    "downsample": "the VAE", "views": "data.views / stage-1 flip setting", "format": "data.format",
+    **{f"{e}_dtype": "the expected dtype" for e in ("vae", "clip", "t5")},
+    **{f"{e}_pad_id": "the tokenizer settings" for e in ("clip", "t5")},
+}
+_CHECKS: dict[str, tuple[Any, str]] = {
+    **{k: (lambda m, k=k: getattr(m.spec, k), fix) for k, fix in _SPEC_CHECKS.items()},
+    "views": (lambda m: list(m.spec.views), _SPEC_CHECKS["views"]),
+    "vae_scaling_factor": (lambda m: m.vae_scaling_factor, "the training config's scaling factor"),
+    "encoders_hash": (lambda m: m.encoders_hash, "the encoder checkpoints (data.encoders_hash)"),
 }
 
 
 def check_manifest(manifest: Manifest, expected: dict) -> None:
     """Raise one ValueError naming every mismatch between the cache and what the consumer expects.
 
-    Keys use the model's names (text_len, text_len_t5, text_states_dim, text_states_dim_t5, in_channels, ...);
-    None values are skipped. `encoders` (a fingerprint dict) is compared encoder by encoder.
+    Keys use the cache's names (clip_len, t5_len, clip_dim, t5_dim, latent_channels, downsample, encoders_hash, ...,
+    as in CacheSpec and manifest.json); None values are skipped. `encoders` (a fingerprint dict) is compared encoder
+    by encoder.
     """
     allowed = sorted(set(_CHECKS) | {"encoders"})
     unknown = sorted(set(expected) - set(allowed))
@@ -327,112 +320,13 @@ def check_manifest(manifest: Manifest, expected: dict) -> None:
                     problems.append(f"cache was encoded with a different {enc!r} encoder (differs in {diff}); "
                                     "re-encode with the same checkpoints or point to the right cache")
             continue
-        cache_name, get, fix = _CHECKS[k]
+        get, fix = _CHECKS[k]
         have = get(manifest)
         if isinstance(want, tuple):
             want = list(want)
         same = (have is not None and math.isclose(float(have), float(want), rel_tol=1e-6, abs_tol=0.0)) \
-            if k == "scaling_factor" else have == want
+            if k == "vae_scaling_factor" else have == want
         if not same:
-            problems.append(f"cache has {cache_name}={have!r} but the model expects {k}={want!r}; "
-                            f"re-encode or change {fix}")
+            problems.append(f"cache has {k}={have!r} but the model expects {k}={want!r}; re-encode or change {fix}")
     if problems:
         raise ValueError("cache is incompatible:\n  " + "\n  ".join(problems))
-
-
-class ShardInfoBuilder:
-    """Collects the per-sample index of a shard while its writer runs (one shard's worth: temporary)."""
-
-    def __init__(self, name: str, fmt: str) -> None:
-        self.name, self.format = name, fmt
-        self.keys: list[str] = []
-        self._seen: set[str] = set()
-        self.buckets: list[list[int]] = []
-        self.clip_lens: list[int] = []
-        self.t5_lens: list[int] = []
-        self.t5_unique: list[int] = []
-        self.field_bytes: dict[str, int] = {}
-
-    def add(self, stored: dict) -> None:
-        from .schema import stored_nbytes
-
-        key = stored["key"]
-        if key in self._seen:
-            raise ValueError(f"duplicate sample key {key!r} in shard {self.name!r}")
-        self._seen.add(key)
-        self.keys.append(key)
-        self.buckets.append([int(x) for x in stored["bucket"]])
-        self.clip_lens.append(int(stored["clip_mask"].sum()))
-        self.t5_lens.append(int(stored["t5_mask"].sum()))
-        self.t5_unique.append(int(stored["t5_rows"].shape[0]))
-        for k, v in stored_nbytes(stored).items():
-            self.field_bytes[k] = self.field_bytes.get(k, 0) + v
-
-    def build(self, nbytes: int, sha256: str, members: tuple[list[str], Any, Any] | None = None
-              ) -> tuple[ShardInfo, bytes]:
-        """(the sidecar, the index file's bytes). `members`: webdataset (fields, (N, F) offsets, (N, F) sizes)."""
-        fields, off, size = members if members is not None else ([], None, None)
-        cols = index_columns(self.keys, self.buckets, self.clip_lens, self.t5_lens, self.t5_unique, off, size)
-        data = encode_index(len(self.keys), cols, fields)
-        index = {"file": f"{self.name}{INDEX_SUFFIX}", "bytes": len(data),
-                 "sha256": hashlib.sha256(data).hexdigest(), "version": INDEX_VERSION}
-        info = ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
-                         field_bytes=self.field_bytes, index=index)
-        return info, data
-
-
-class ShardWriterBase:
-    """What the zarr and webdataset writers share: the name and target checks, the per-sample index, the
-    `with` block, and the commit order (data renamed into place first, its index file second, its sidecar last:
-    the sidecar's presence means the shard is complete)."""
-
-    format = ""
-
-    def __init__(self, root: str | Path, name: str, spec: CacheSpec, overwrite: bool = False) -> None:
-        if spec.format != self.format:
-            raise ValueError(f"{type(self).__name__} needs spec.format={self.format!r}, got {spec.format!r}")
-        self.root, self.name, self.spec, self.overwrite = Path(root), check_shard_name(name), spec, overwrite
-        self.final = shard_data_path(root, name, self.format)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.final.exists() and not overwrite:
-            raise FileExistsError(f"shard {self.final} already exists; pass overwrite=True to rewrite it")
-        self._stats = ShardInfoBuilder(name, self.format)
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._stats.keys)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"shard {self.name!r} is already closed")
-
-    def _publish(self, tmp: Path, built: tuple[ShardInfo, bytes]) -> ShardInfo:
-        """Rename the finished (fsynced) temp shard into place, then write its index file and its sidecar; `tmp` is
-        removed on failure."""
-        info, index_bytes = built
-        side = shard_sidecar_path(self.root, self.name)
-        try:
-            if self.overwrite and side.exists():
-                side.unlink()  # never let an old index describe new data
-            atomic_replace(tmp, self.final, overwrite=self.overwrite)
-        except BaseException:
-            remove_path(tmp)
-            raise
-        atomic_write_bytes(shard_index_path(self.root, self.name), index_bytes)
-        atomic_write_json(side, info.to_dict())
-        return info
-
-    def abort(self) -> None:
-        self._closed = True
-
-    def __enter__(self) -> "ShardWriterBase":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def close(self) -> ShardInfo:  # pragma: no cover - each format implements it
-        raise NotImplementedError

@@ -59,6 +59,15 @@ class CorruptSampleError(ValueError):
     """A stored sample failed its checksum or could not be decoded."""
 
 
+@dataclass
+class PreprocessedImage:
+    """One image as the VAE takes it (stage 1's preprocess_image; stage2_train.online encodes the same)."""
+
+    views: np.ndarray  # (V, 3, H, W) float32 in [-1, 1]: "plain" then "flip"
+    image_meta_size: np.ndarray  # (6,) int32
+    bucket: tuple[int, int]  # (H, W)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """Everything a shard writer/reader needs; stored in the manifest so stage 2 can check it."""
@@ -367,9 +376,6 @@ def stored_nbytes(stored: dict) -> dict[str, int]:
     out.update({n: int(stored[n].nbytes) for n in STORED_ARRAYS})
     out["crc32"] = 4
     return out
-
-
-_TORCH_FLOAT = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def to_torch(sample: dict, spec: CacheSpec) -> dict:

@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .cache import _open_shard_reader, read_empty_caption
+from .formats import shard_format
 from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
 from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, LegacyIndexError, completed_shards,
                        read_manifest, read_shard_info, shard_data_path)
 from .shard_index import INDEX_SUFFIX, ShardIndex
 from .schema import CorruptSampleError, check_stored
+from .storage import is_remote
 
 MAX_SAMPLE_ERRORS_PER_SHARD = 20
 
@@ -55,9 +62,8 @@ def scaling_factor_problem(m) -> str | None:
 
 
 def _index_problem(shard, data_nbytes: int) -> str | None:
-    """What is wrong with a shard's index file, from its size and header (a stat and one small read), and for
-    webdataset from its member offsets: each member must lie inside the tar (the offset columns are read through
-    the shared mapping, 160 bytes per sample)."""
+    """What is wrong with a shard's index file, from its size and header (a stat and one small read), and what its
+    format checks of its columns (webdataset: every member inside the tar)."""
     path = shard.index_path
     if not path.is_file():
         return f"{path} is missing"
@@ -66,14 +72,27 @@ def _index_problem(shard, data_nbytes: int) -> str | None:
         return (f"{path} has {size} bytes, its sidecar says {shard.index_nbytes_expected} (truncated, grown or "
                 "swapped with another shard's)")
     try:
-        cols = shard.mapped.columns
-        if shard.format == "webdataset":
-            off, n = cols["member_offset"], cols["member_size"]
-            if off.size and (int(off.min()) < 0 or int(n.min()) < 0 or int((off + n).max()) > data_nbytes):
-                return f"{shard.data_path}: the index's member offsets do not fit the file ({data_nbytes} bytes)"
+        _ = shard.mapped.columns  # maps the file and parses its header: a damaged one raises here
+        return shard_format(shard.format).index_problem(shard, data_nbytes)
     except (CorruptSampleError, KeyError) as e:
         return f"{path}: {e}"
     return None
+
+
+def _empty_caption_problems(root: Path, m, spec) -> list[str]:
+    """The empty caption against its recorded sha256 and the spec (a wrong checksum is reported, then the file is
+    still read so that what is wrong inside it is named too)."""
+    ec = root / EMPTY_CAPTION_NAME
+    if not ec.is_file():
+        return [f"{ec} is missing (needed for CFG text dropout)"]
+    out = []
+    if m.empty_caption_sha256 and file_sha256(ec) != m.empty_caption_sha256:
+        out.append(f"{ec}: sha256 differs from the manifest's empty_caption.sha256 (corrupt or replaced)")
+    try:
+        read_empty_caption(root, spec)
+    except Exception as e:  # safetensors-level garbage raises several types
+        out.append(f"{ec}: {e}")
+    return out
 
 
 def check_structure(reader) -> VerifyReport:
@@ -81,24 +100,12 @@ def check_structure(reader) -> VerifyReport:
     count the manifest records (webdataset: every member inside the file), the empty caption matches its recorded
     sha256 and the spec, the scaling factor matches the VAE config, and the first sample reads back (catches a
     manifest spec edit: dtypes and views apply to every shard). Sample bytes are checked as they are read (crc)."""
-    from .cache import read_empty_caption
-
     root, m, spec = reader.root, reader.manifest, reader.spec
     rep = VerifyReport(str(root))
     problem = scaling_factor_problem(m)
     if problem:
         rep.errors.append(problem)
-    ec = root / EMPTY_CAPTION_NAME
-    if not ec.is_file():
-        rep.errors.append(f"{ec} is missing (needed for CFG text dropout)")
-    else:
-        if m.empty_caption_sha256 and file_sha256(ec) != m.empty_caption_sha256:
-            rep.errors.append(f"{ec}: sha256 differs from the manifest's empty_caption.sha256 (corrupt or replaced)")
-        else:
-            try:
-                read_empty_caption(root, spec)
-            except Exception as e:  # safetensors-level garbage raises several types
-                rep.errors.append(f"{ec}: {e}")
+    rep.errors += _empty_caption_problems(root, m, spec)
     remote = getattr(reader, "_source", None) is not None  # shard data is fetched on first use, not local yet
     for entry, shard in zip(m.shards, reader.shards):
         rep.shards_checked += 1
@@ -131,10 +138,7 @@ def check_structure(reader) -> VerifyReport:
 
 def _verify_remote(url: str, progress: bool, check_samples: bool) -> VerifyReport:
     """A remote cache is verified from a full temporary download (every object, so stray objects are seen too)."""
-    import shutil
-    import tempfile
-
-    from .remote_cache import download_cache
+    from .remote_cache import download_cache  # object storage only
 
     tmp = Path(tempfile.mkdtemp(prefix="hydit-verify-"))
     try:
@@ -147,10 +151,6 @@ def _verify_remote(url: str, progress: bool, check_samples: bool) -> VerifyRepor
 
 def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = True) -> VerifyReport:
     """Check everything; never raises for a problem in the cache (it is reported), only for a bad argument."""
-    from .cache import _open_shard_reader, read_empty_caption
-    from .storage import is_remote
-    from .wds_store import iter_tar_stored
-
     if is_remote(root):
         return _verify_remote(str(root), progress, check_samples)
     root = Path(root)
@@ -186,22 +186,11 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
     problem = scaling_factor_problem(m)
     if problem:
         rep.errors.append(problem)
-    ec = root / EMPTY_CAPTION_NAME
-    if not ec.exists():
-        rep.errors.append(f"{EMPTY_CAPTION_NAME} is missing (needed for CFG text dropout)")
-    else:
-        if m.empty_caption_sha256 and file_sha256(ec) != m.empty_caption_sha256:
-            rep.errors.append(f"{EMPTY_CAPTION_NAME}: sha256 differs from the manifest (corrupt or replaced)")
-        try:
-            read_empty_caption(root, spec)
-        except Exception as e:  # safetensors raises its own error types on garbage
-            rep.errors.append(f"{EMPTY_CAPTION_NAME}: {e}")
+    rep.errors += _empty_caption_problems(root, m, spec)
 
     total = sum(int(s["n_samples"]) for s in m.shards)
     bar = None
     if progress and check_samples:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, desc="verify", unit="sample")
     for entry in m.shards:
         name = entry["name"]
@@ -240,16 +229,12 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
             continue
         if not check_samples:
             continue
-        if spec.format == "zarr":
-            try:
-                import zarr
-
-                attrs_keys = zarr.open_group(str(path), mode="r").attrs.get("keys")
-                if attrs_keys != keys:
-                    _bad_shard(rep, name, "keys in the zarr group differ from its index")
-            except Exception as e:
-                _bad_shard(rep, name, f"cannot open the zarr group ({type(e).__name__}: {e})")
-                continue
+        fmt = shard_format(spec.format)
+        problem, readable = fmt.layout_problem(path, keys)
+        if problem:
+            _bad_shard(rep, name, problem)
+        if not readable:
+            continue
         rd = _open_shard_reader(root, spec, shard)
         n_err = 0
         for i in range(info.n_samples):
@@ -267,13 +252,10 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
                 bar.update(1)
         if n_err > MAX_SAMPLE_ERRORS_PER_SHARD:
             rep.errors.append(f"shard {name!r}: {n_err - MAX_SAMPLE_ERRORS_PER_SHARD} more bad samples not listed")
-        if spec.format == "webdataset" and n_err == 0:
-            # the random-access path skips tar headers; a sequential pass checks what streaming readers see
-            try:
-                for _ in iter_tar_stored(path, spec, keys):
-                    pass
-            except CorruptSampleError as e:
-                _bad_shard(rep, name, f"sequential read failed: {e}")
+        if n_err == 0:
+            problem = fmt.sequential_problem(path, spec, keys)
+            if problem:
+                _bad_shard(rep, name, problem)
     if bar is not None:
         bar.close()
     return rep

@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from .fsutil import file_sha256, remove_path, tmp_path_for
-from .manifest import ShardInfo, ShardWriterBase
+from .manifest import ShardInfo
+from .shard_writer import ShardWriterBase
 from .shard_index import ShardIndex
 from .schema import CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
-from .manifest import ShardInfo, ShardWriterBase
+from .manifest import ShardInfo
+from .shard_writer import ShardWriterBase
 from .shard_index import ShardIndex
 from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 

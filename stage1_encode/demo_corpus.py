@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from stage1_encode.preprocess import resolution_buckets
+
 # (chinese, english, RGB)
 COLORS = [
     ("红色", "red", (220, 40, 40)),
@@ -121,7 +123,8 @@ def _describe_en(shapes: tuple[tuple[int, int, int, int], ...], background: int)
 
 def _describe_mixed(shapes: tuple[tuple[int, int, int, int], ...], background: int) -> str:
     s, c, p, z = shapes[0]
-    return f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, background {COLORS[background][1]}"
+    return (f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, "
+            f"background {COLORS[background][1]}")
 
 
 def demo_row(index: int, seed: int = 0) -> DemoRow:
@@ -276,22 +279,9 @@ def _table(records: list[dict[str, Any]]) -> pa.Table:
 
 
 def _calc_buckets(base_size: int, step: int, align: int = 16) -> list[tuple[int, int]]:
-    """(h, w) buckets of IndexKits' ResolutionGroup(base_size, step): a staircase from (base/2, 2*base) to the mirror."""
-    try:  # stage 1's own bucket rule when it is there, so the demo index and stage 1 agree
-        from stage1_encode.preprocess import resolution_buckets
-
-        return [tuple(b) for b in resolution_buckets(base_size, step, align)]
-    except ImportError:
-        pass
-    lo, hi = base_size // 2, base_size * 2
-    out = {(base_size, base_size)}
-    for sign in (1, -1):
-        h = w = base_size
-        while (h < hi or w > lo) if sign > 0 else (h > lo or w < hi):
-            h = min(h + step, hi) if sign > 0 else max(h - step, lo)
-            w = max(w - step, lo) if sign > 0 else min(w + step, hi)
-            out.add((h // align * align, w // align * align))
-    return sorted(out, key=lambda hw: hw[0] / hw[1])
+    """(h, w) buckets of IndexKits' ResolutionGroup(base_size, step): stage 1's own rule, so the demo index and
+    stage 1 agree."""
+    return [tuple(b) for b in resolution_buckets(base_size, step, align)]
 
 
 def write_index_json(

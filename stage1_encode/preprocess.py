@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image
 
+from shared.schema import PreprocessedImage
+
 if TYPE_CHECKING:  # config imports nothing heavy, but keep this module importable on its own
     from stage1_encode.config import ImageConfig
 
@@ -237,13 +239,6 @@ class CroppedImage:
     bucket: tuple[int, int]  # (H, W)
 
 
-@dataclass
-class PreprocessedImage:
-    views: np.ndarray  # (V, 3, H, W) float32 in [-1, 1]: "plain" then "flip"
-    image_meta_size: np.ndarray  # (6,) int32
-    bucket: tuple[int, int]  # (H, W)
-
-
 def resize_and_crop(img: Image.Image, key: str, cfg: "ImageConfig") -> CroppedImage:
     """Size checks, target size, resize and crop of a decoded RGB image (the crop RNG seeded by key and cfg.seed)."""
     w, h = img.size
@@ -299,21 +294,6 @@ def preprocess_image(img: Image.Image, key: str, cfg: "ImageConfig") -> Preproce
         image_meta_size=cropped.image_meta_size,
         bucket=cropped.bucket,
     )
-
-
-def apply_size_cond(
-    image_meta_size: np.ndarray, random_shrink_size_cond: bool = False, merge_src_cond: bool = False
-) -> np.ndarray:
-    """The original's train-time options on the original size (`arrow_load_stream.py:204-211`), applied to a cached
-    meta tuple: dims < 1024 become 1024 (`--random-shrink-size-cond`), both become sqrt(W*H) (`--merge-src-cond`).
-    Returns float64 (6,) since the merged size is not an integer."""
-    meta = np.asarray(image_meta_size, dtype=np.float64).copy()
-    if random_shrink_size_cond:
-        meta[0] = 1024 if meta[0] < 1024 else meta[0]
-        meta[1] = 1024 if meta[1] < 1024 else meta[1]
-    if merge_src_cond:
-        meta[0] = meta[1] = (meta[0] * meta[1]) ** 0.5
-    return meta
 
 
 # ----------------------------------------------------------------------------------------------------------------------

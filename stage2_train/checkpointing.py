@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shared.fsutil import file_sha256, fsync_dir, fsync_tree
+from stage2_train.metrics import logger
 from stage2_train.parallel import DistInfo, barrier
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -96,8 +97,6 @@ def verify_checkpoint(path: Path) -> dict:
     state = read_trainer_state(path)
     files = state.get("files")
     if files is None:
-        from stage2_train.metrics import logger
-
         logger.warning("%s has no file checksums (written by an older version): used unverified", path)
         return state
     for rel, want in files.items():
@@ -119,8 +118,6 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
     """"" -> None; "auto" -> newest checkpoint that verifies, or None if there is none; a path -> that folder,
     verified. Raises CheckpointError when checkpoints exist but none verifies (starting fresh would silently throw
     the training away)."""
-    from stage2_train.metrics import logger
-
     if not resume:
         return None
     if resume == "auto":
@@ -155,7 +152,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
-def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full weights with the original key names (collective under FSDP2; rank 0 gets them)."""
     if not is_sharded(model):
         return model.state_dict()
@@ -165,7 +162,7 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """AdamW state keyed by parameter name, the format of DCP's get_optimizer_state_dict, for every strategy."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -249,8 +246,6 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, em
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from stage2_train.metrics import logger
-
     folder = path / DCP_DIR
     try:
         saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
@@ -292,12 +287,12 @@ def save_checkpoint(
         # every rank writes its own shards in parallel; nothing is gathered for resuming
         _save_dcp(tmp / DCP_DIR, model, optimizer, ema)
         trainer_state = {**trainer_state, "layout": DCP_LAYOUT}
-        model_sd = full_model_state(model, info) if consolidated else None
+        model_sd = full_model_state(model) if consolidated else None
         optim_sd = None
         ema_sd = ema.state_dict() if ema is not None and consolidated else None
     else:
-        model_sd = full_model_state(model, info)
-        optim_sd = full_optimizer_state(model, optimizer, info)
+        model_sd = full_model_state(model)
+        optim_sd = full_optimizer_state(model, optimizer)
         ema_sd = ema.state_dict() if ema is not None else None
     rng = {"cpu": torch.get_rng_state()}
     if info.device.type == "cuda":
@@ -371,8 +366,6 @@ def load_checkpoint(
         if ema_file.is_file():
             ema.load_state_dict(_load_safetensors(ema_file))
         else:
-            from stage2_train.metrics import logger
-
             logger.warning("%s has no EMA weights: the EMA starts from the resumed weights", path)
     _load_rng(path, info)
     return state

@@ -9,12 +9,29 @@ from typing import Any, Literal
 from shared.storage import StorageConfig
 
 
+# The model's text and latent geometry, in the cache's names (shared.schema.CacheSpec, manifest.json) -> the
+# DiTConfig field each one sets (DiTConfig keeps the original's and diffusers' argument names). This is the one
+# place the two sets of names meet.
+CACHE_GEOMETRY: dict[str, str] = {"clip_len": "text_len", "t5_len": "text_len_t5", "clip_dim": "text_states_dim",
+                                  "t5_dim": "text_states_dim_t5", "latent_channels": "in_channels"}
+
+
 @dataclass
 class ModelSection:
     preset: str = "DiT-g/2"
     """Name in pipeline.models.DIT_CONFIGS ("DiT-g/2", "DiT-XL/2", "DiT-S/2", "DiT-tiny/2")."""
+    clip_len: int = 0
+    """BERT tokens per caption (the model's text_len). 0: the cache manifest's; a value that differs from the
+    manifest's is refused. Likewise t5_len (text_len_t5), clip_dim (text_states_dim), t5_dim (text_states_dim_t5)
+    and latent_channels (in_channels). The run's config.yaml records the values the run used."""
+    t5_len: int = 0
+    clip_dim: int = 0
+    t5_dim: int = 0
+    latent_channels: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
-    """DiTConfig fields replacing the preset's, e.g. {text_states_dim: 32, attn_backend: sdpa}."""
+    """Other DiTConfig fields replacing the preset's, e.g. {attn_backend: flash, use_style_cond: true}. The
+    geometry fields (text_len, text_len_t5, text_states_dim, text_states_dim_t5, in_channels) are refused here:
+    they come from the cache, or from model.clip_len / t5_len / clip_dim / t5_dim / latent_channels."""
     init_from: str = ""
     """Start weights: "" (scratch), an original `pytorch_model_*.pt` (bare / "module" / "ema" layout) or a diffusers
     HunyuanDiT2DModel folder. Ignored when resuming from a stage-2 checkpoint."""
@@ -293,7 +310,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if any(len(s) != 2 or min(s) <= 0 for s in v.sizes):
         raise bad("validation.sizes", v.sizes, "a list of [H, W] pairs of positive pixel sizes")
     if cfg.training.parts == "lora":
-        from stage2_train.lora import validate_lora
+        from stage2_train.lora import validate_lora  # stage2_train.lora imports this module
 
         validate_lora(cfg)
     if not cfg.data.cache:

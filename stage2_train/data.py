@@ -25,6 +25,13 @@ import torch
 
 from pipeline.diffusion import add_offset_noise
 from pipeline.encoders import LOGVAR_RANGE
+from shared.cache import CacheReader, open_cache
+from shared.manifest import check_manifest
+from shared.storage import StorageConfig
+from shared.verify import check_structure, verify_cache
+from stage2_train.config import CACHE_GEOMETRY, DataSection
+from stage2_train.metrics import logger
+from stage2_train.parallel import any_rank
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-sample random draws
@@ -215,22 +222,30 @@ def build_item(
         random_flip=settings.random_flip, uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
         num_timesteps=settings.num_timesteps, noise_offset=settings.noise_offset,
     )
-    clip = empty if d.drop_clip else sample
-    t5 = empty if d.drop_t5 else sample
+    return training_item(key, _tensor(sample["bucket"]).tolist(), d,
+                         sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
+                         empty if d.drop_clip else sample, empty if d.drop_t5 else sample, sample["image_meta_size"])
+
+
+def training_item(key: str, bucket: Sequence[int], d: SampleDraws, x_start: torch.Tensor, clip: Any, t5: Any,
+                  image_meta_size: Any) -> dict[str, Any]:
+    """The item `collate` stacks, for the cache (build_item) and for online encoding (stage2_train.online) alike.
+    `clip` / `t5`: mappings with clip_states + clip_mask / t5_states + t5_mask (the sample's, or the empty
+    caption's on text dropout)."""
     return {
         "key": key,
-        "bucket": tuple(int(v) for v in _tensor(sample["bucket"]).tolist()),
+        "bucket": tuple(int(v) for v in bucket),
         "view": d.view,
         "drop_clip": d.drop_clip,
         "drop_t5": d.drop_t5,
-        "x_start": sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
+        "x_start": x_start,
         "t": d.t,
         "noise": d.noise,
         "encoder_hidden_states": _tensor(clip["clip_states"]),
         "text_embedding_mask": _tensor(clip["clip_mask"]).bool(),
         "encoder_hidden_states_t5": _tensor(t5["t5_states"]),
         "text_embedding_mask_t5": _tensor(t5["t5_mask"]).bool(),
-        "image_meta_size": _tensor(sample["image_meta_size"]).float(),
+        "image_meta_size": _tensor(image_meta_size).float(),
     }
 
 
@@ -418,24 +433,26 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
 # The cache as a batch source
 
 
+def open_train_cache(data: DataSection, storage: StorageConfig) -> CacheReader:
+    """data.cache opened (a local folder, or s3:// mirrored through `storage`); a missing cache names the key."""
+    try:
+        return open_cache(data.cache, storage=storage)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
+
+
 def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str, encoders_hash: str = "") -> float:
     """Fail fast, saying how to fix it, if the cache cannot feed this model; returns the VAE scaling factor."""
-    from shared.manifest import check_manifest
-
-    expected = {
-        "text_len": model_config.text_len, "text_len_t5": model_config.text_len_t5,
-        "text_states_dim": model_config.text_states_dim, "text_states_dim_t5": model_config.text_states_dim_t5,
-        "in_channels": model_config.in_channels,
-    }
+    expected: dict[str, Any] = {name: getattr(model_config, f) for name, f in CACHE_GEOMETRY.items()}
     if encoders_hash:
-        expected["encoder_hash"] = encoders_hash
+        expected["encoders_hash"] = encoders_hash
     try:
         check_manifest(manifest, expected)
     except ValueError as err:
         raise ValueError(
             f"data.cache={cache_path!r} does not fit the model: {err}\n"
-            "Fix: set the model's text/latent sizes to the cache's (model.overrides.text_len=..., "
-            "model.overrides.text_states_dim=..., ...) or point data.cache at a cache encoded for this model."
+            "Fix: leave model.clip_len / t5_len / clip_dim / t5_dim / latent_channels unset (the cache's manifest "
+            "supplies them) or point data.cache at a cache encoded for this model."
         ) from None
     if manifest.vae_scaling_factor is None:
         raise ValueError(f"data.cache={cache_path!r}: the manifest has no vae_scaling_factor; re-run stage 1 "
@@ -446,8 +463,6 @@ def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str,
 def check_cache_integrity(reader: Any, mode: str, cache_path: str, info: Any) -> None:
     """data.verify at start-up: "structure" (every rank, seconds), "full" (rank 0 re-reads every byte first, every
     rank gets the verdict), "none". Raises ValueError listing the damaged files."""
-    from shared.verify import check_structure, verify_cache
-
     if mode == "none":
         return
     rep = check_structure(reader)
@@ -456,8 +471,6 @@ def check_cache_integrity(reader: Any, mode: str, cache_path: str, info: Any) ->
         if info.is_main:
             rep = verify_cache(reader.root, progress=False)
             ok = rep.ok
-        from stage2_train.parallel import any_rank
-
         if any_rank(not ok, info) and not info.is_main:
             raise ValueError(f"data.cache={cache_path!r} failed `verify` on rank 0 (see its message)")
     if not rep.ok:
@@ -645,26 +658,20 @@ class CacheBatchSource:
         atexit.register(_set_flag, self._release)
 
     @classmethod
-    def from_config(cls, trainer: Any) -> "CacheBatchSource":
-        from shared.cache import open_cache
-
-        cfg, data = trainer.cfg, trainer.cfg.data
-        try:
-            reader = open_cache(data.cache, storage=cfg.storage)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"data.cache={data.cache!r}: {err}") from None
-        scaling_factor = check_cache_against_model(reader.manifest, trainer.model_config, data.cache,
-                                                   data.encoders_hash)
-        check_cache_integrity(reader, data.verify, data.cache, trainer.info)
+    def from_config(cls, data: DataSection, *, reader: CacheReader, model_config: Any, info: Any, seed: int,
+                    batch_size: int, num_timesteps: int, noise_offset: float, device: torch.device
+                    ) -> "CacheBatchSource":
+        """The data section and what it needs from the run: the opened cache (`open_train_cache`), the model config
+        it must fit, the rank layout, the run seed, the per-rank batch size, the diffusion's step count and offset
+        noise, and the step's device (pinned memory on CUDA only)."""
+        scaling_factor = check_cache_against_model(reader.manifest, model_config, data.cache, data.encoders_hash)
+        check_cache_integrity(reader, data.verify, data.cache, info)
         if data.random_flip and "flip" not in reader.spec.views:
-            from stage2_train.metrics import logger
-
             logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
                            "(encode with flip views in stage 1 to get them)")
         # one pass over the cache-wide bucket column (8 bytes per sample, freed once the plan is built)
-        plan = BucketBatchPlan(reader.buckets(), batch_size=trainer.batch_size,
-                               world_size=trainer.info.world_size, seed=cfg.seed)
-        step = reader.spec.downsample * trainer.model_config.patch_size
+        plan = BucketBatchPlan(reader.buckets(), batch_size=batch_size, world_size=info.world_size, seed=seed)
+        step = reader.spec.downsample * model_config.patch_size
         for height, width in plan.buckets:
             if height % step or width % step:
                 raise ValueError(
@@ -672,14 +679,14 @@ class CacheBatchSource:
                     f"VAE downsample x patch size = {step} in both sides; re-encode with buckets aligned to {step} "
                     "(stage 1's align / reso_step)")
         settings = DrawSettings(
-            seed=cfg.seed, random_flip=data.random_flip, uncond_p=data.uncond_p, uncond_p_t5=data.uncond_p_t5,
-            num_timesteps=trainer.diffusion.num_timesteps, scaling_factor=scaling_factor,
-            noise_offset=cfg.diffusion.noise_offset,
+            seed=seed, random_flip=data.random_flip, uncond_p=data.uncond_p, uncond_p_t5=data.uncond_p_t5,
+            num_timesteps=num_timesteps, scaling_factor=scaling_factor,
+            noise_offset=noise_offset,
         )
-        source = cls(reader, plan, settings, rank=trainer.info.rank, num_workers=data.num_workers,
+        source = cls(reader, plan, settings, rank=info.rank, num_workers=data.num_workers,
                      prefetch_factor=data.prefetch_factor,
-                     pin_memory=data.pin_memory and trainer.device.type == "cuda",
-                     max_corrupt_samples=data.max_corrupt_samples, device=trainer.device)
+                     pin_memory=data.pin_memory and device.type == "cuda",
+                     max_corrupt_samples=data.max_corrupt_samples, device=device)
         source.encoders_hash = reader.manifest.encoders_hash
         return source
 

@@ -73,7 +73,7 @@ def export_adapter(trainer: Any, step: int) -> Path | None:
     from stage2_train.checkpointing import full_model_state, is_sharded
     from stage2_train.parallel import barrier
 
-    state = full_model_state(trainer.inner, trainer.info) if is_sharded(trainer.inner) else None
+    state = full_model_state(trainer.inner) if is_sharded(trainer.inner) else None
     root = trainer.run_dir / ADAPTERS_DIR
     folder = root / f"step_{step:07d}"
     if trainer.info.is_main:

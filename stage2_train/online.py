@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from stage2_train.data import BucketBatchPlan, DrawSettings, collate, draw_sample, sample_latent
+from shared.schema import PreprocessedImage
+from stage2_train.data import BucketBatchPlan, DrawSettings, collate, draw_sample, sample_latent, training_item
 
 
 @dataclass
@@ -24,13 +25,6 @@ class RawSample:
     key: str
     image: Any      # whatever `preprocess` takes (encoded bytes, a PIL image)
     caption: str    # already cleaned (stripped, default caption substituted), as stage 1 encodes it
-
-
-@dataclass
-class Preprocessed:
-    views: np.ndarray            # (V, 3, H, W) float32 in [-1, 1], "plain" then "flip"
-    image_meta_size: np.ndarray  # (6,)
-    bucket: tuple[int, int]      # (H, W)
 
 
 class OnlineBatchSource:
@@ -46,7 +40,7 @@ class OnlineBatchSource:
 
     def __init__(
         self, samples: Sequence[RawSample], buckets: Sequence[tuple[int, int]],
-        preprocess: Callable[[RawSample], Preprocessed], encoders: Any, plan: BucketBatchPlan,
+        preprocess: Callable[[RawSample], PreprocessedImage], encoders: Any, plan: BucketBatchPlan,
         settings: DrawSettings, *, rank: int = 0, per_sample: bool = False,
     ) -> None:
         if len(samples) != len(buckets):
@@ -55,7 +49,7 @@ class OnlineBatchSource:
         self.encoders, self.plan, self.settings, self.rank = encoders, plan, settings, rank
         self.per_sample = per_sample
 
-    def _encode_images(self, pre: list[Preprocessed], draws: list) -> torch.Tensor:
+    def _encode_images(self, pre: list[PreprocessedImage], draws: list) -> torch.Tensor:
         """The chosen view of each sample -> (B, 2C, h, w) moments."""
         enc = self.encoders
         if self.per_sample:  # all of a sample's views in one call, as stage 1 encodes them
@@ -99,19 +93,10 @@ class OnlineBatchSource:
         t5_tok, t5_states = self._encode_texts(t5_texts, "t5")  # (B, Lt, Dt)
         out = []
         for b, ((_, _, index), p, d) in enumerate(zip(items, pre, draws)):
-            out.append({
-                "key": self.samples[index].key,
-                "bucket": tuple(int(v) for v in p.bucket),
-                "view": d.view, "drop_clip": d.drop_clip, "drop_t5": d.drop_t5,
-                "x_start": sample_latent(moments[b], d.latent_eps, s.scaling_factor),
-                "t": d.t,
-                "noise": d.noise,
-                "encoder_hidden_states": clip_states[b],
-                "text_embedding_mask": clip_tok["clip_mask"][b].bool(),
-                "encoder_hidden_states_t5": t5_states[b],
-                "text_embedding_mask_t5": t5_tok["t5_mask"][b].bool(),
-                "image_meta_size": torch.as_tensor(np.asarray(p.image_meta_size), dtype=torch.float32),
-            })
+            out.append(training_item(
+                self.samples[index].key, p.bucket, d, sample_latent(moments[b], d.latent_eps, s.scaling_factor),
+                {"clip_states": clip_states[b], "clip_mask": clip_tok["clip_mask"][b]},
+                {"t5_states": t5_states[b], "t5_mask": t5_tok["t5_mask"][b]}, np.asarray(p.image_meta_size)))
         return collate(out)
 
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:

@@ -51,10 +51,6 @@ class LRSchedule:
         self.step_count += 1
         self._apply()
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def state_dict(self) -> dict:
         return {"step_count": self.step_count}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -11,19 +13,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from shared.config import dump_config
+from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
+from pipeline.diffusion import create_diffusion
+from pipeline.models import DiTConfig, HunYuanDiT
+from pipeline.rope import RopeCache
+from shared.config import dump_config, save_config
 from stage2_train.checkpointing import (
-    CheckpointError, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+    CheckpointError, full_model_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
-from stage2_train.config import TrainConfig, validate_config
+from stage2_train.data import CacheBatchSource, open_train_cache
+from stage2_train.lora import export_adapter, setup_lora, trainable_summary
+from stage2_train.config import CACHE_GEOMETRY, ModelSection, TrainConfig, validate_config
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
 from stage2_train.parallel import (
     DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, build_parallel_model, grad_sync, init_distributed,
     unwrap,
 )
+from stage2_train.validation import Validator
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_TENSORS = ("x_start", "t", "noise", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
@@ -36,19 +46,41 @@ class BatchSource(Protocol):
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]: ...
 
 
-def build_model_config(cfg: TrainConfig):
-    from pipeline.models import DiTConfig
+def model_geometry(model: ModelSection, spec: Any = None, cache: str = "") -> dict[str, int]:
+    """The DiTConfig geometry fields a run uses: each one from the train config if it sets it (model.clip_len, ...),
+    else from the cache's spec (`spec`: a shared.schema.CacheSpec, or None without a cache), else the preset's
+    (left out). A set value the cache contradicts is a ValueError naming both."""
+    for old in sorted(set(model.overrides) & set(CACHE_GEOMETRY.values())):
+        new = next(k for k, v in CACHE_GEOMETRY.items() if v == old)
+        raise ValueError(f"model.overrides.{old}={model.overrides[old]!r}: the text and latent sizes are now "
+                         f"model.{new} (the cache's names), and are best left unset: the cache's manifest supplies "
+                         "them")
+    out: dict[str, int] = {}
+    for name, dit_field in CACHE_GEOMETRY.items():
+        want, have = int(getattr(model, name)), None if spec is None else int(getattr(spec, name))
+        if want < 0:
+            raise ValueError(f"model.{name}={want} is invalid: must be > 0, or 0 for the cache manifest's value")
+        if want and have is not None and want != have:
+            raise ValueError(f"model.{name}={want} but data.cache={cache!r} was encoded with {name}={have}; leave "
+                             f"model.{name} unset (0) to take the cache's, or point data.cache at a cache encoded "
+                             "for this model")
+        if want or have:
+            out[dit_field] = want or have
+    return out
 
+
+def build_model_config(cfg: TrainConfig, spec: Any = None):
+    """The DiTConfig of a run: preset, model.overrides, and the geometry from `model_geometry` (the cache's spec
+    when given)."""
+    geometry = model_geometry(cfg.model, spec, cfg.data.cache)
     try:
-        return DiTConfig.from_name(cfg.model.preset, **cfg.model.overrides)
+        return DiTConfig.from_name(cfg.model.preset, **cfg.model.overrides, **geometry)
     except (ValueError, TypeError) as err:
         raise ValueError(f"model.preset / model.overrides: {err}") from None
 
 
 def load_init_weights(model: nn.Module, cfg: TrainConfig) -> None:
     """Official weights (original .pt layout or a diffusers folder) into a fresh model."""
-    from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
-
     path = Path(cfg.model.init_from)
     if not path.exists():
         raise FileNotFoundError(
@@ -87,36 +119,30 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            from shared.config import save_config
-
-            save_config(cfg, self.run_dir / "config.yaml")
         self.batch_size = self._per_rank_batch()
 
-        self.model_config = build_model_config(cfg)
+        # The cache's manifest (a small file) is read first: it supplies the model's text and latent sizes, and the
+        # cache is checked against the model config before the (possibly 1.5B) model is built.
+        self.cache_reader = open_train_cache(cfg.data, cfg.storage)
+        spec = self.cache_reader.spec
+        self.model_config = build_model_config(cfg, spec)
+        # The run's config (config.yaml, checkpoints) records the sizes it uses; the caller's object is left as is.
+        used = {name: getattr(self.model_config, dit_field) for name, dit_field in CACHE_GEOMETRY.items()}
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **used))
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.diffusion = self._build_diffusion()
-        from pipeline.rope import RopeCache
-
-        self.rope = RopeCache(self.model_config.head_dim, self.model_config.patch_size, self.model_config.rope_img)
-        # The cache is opened and checked against the model config before the (possibly 1.5B) model is built.
-        if batch_source_factory is None:
-            from stage2_train.data import CacheBatchSource
-
-            self.source: BatchSource = CacheBatchSource.from_config(self)
-        else:
-            self.source = batch_source_factory(self)
+        self.rope = RopeCache(self.model_config.head_dim, self.model_config.patch_size, self.model_config.rope_img,
+                              downsample=spec.downsample)
+        self.source: BatchSource = self.cache_source() if batch_source_factory is None else batch_source_factory(self)
 
         resume_from = self._resolve_resume()
-        from pipeline.models import HunYuanDiT
-
         self.lora = cfg.training.parts == "lora"
         if self.lora:
             # The full seeded build on every rank, then the adapter before parallelism (FSDP2/DDP/checkpointing see
             # it like any other weight). LoRA runs do not take FSDP2's meta-device build: the adapter's own init and
             # lora.init_adapter would have to be replayed on rank 0's reference build (see parallel.py).
-            from stage2_train.lora import setup_lora
-
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank, also without DDP's broadcast
             model = HunYuanDiT(self.model_config)
             if resume_from is None and cfg.model.init_from:
@@ -157,25 +183,27 @@ class Trainer:
 
         n_params = sum(p.numel() for p in self.inner.parameters())
         if self.lora:
-            from stage2_train.lora import trainable_summary
-
             logger.info("LoRA rank %d on %s: %s params", cfg.lora.rank, cfg.lora.target_modules,
                         trainable_summary(self.inner))
         logger.info("model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, "
                     "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
                     self.batch_size, cfg.grad_accum, cfg.precision.mode, self.device)
         self._stop_requested = False
-        from stage2_train.validation import Validator  # validation images (rank 0); off when validation.every=0
-
         self.validator = Validator(self) if cfg.validation.every > 0 else None
 
     # ------------------------------------------------------------------------------------------------ setup helpers
+    def cache_source(self) -> CacheBatchSource:
+        """The run's cache as its batch source (the default; a batch_source_factory may wrap or replace it)."""
+        cfg = self.cfg
+        return CacheBatchSource.from_config(
+            cfg.data, reader=self.cache_reader, model_config=self.model_config, info=self.info, seed=cfg.seed,
+            batch_size=self.batch_size, num_timesteps=self.diffusion.num_timesteps,
+            noise_offset=cfg.diffusion.noise_offset, device=self.device)
+
     def _resolve_resume(self) -> Path | None:
         """Which checkpoint to resume (verified); rank 0 decides and hashes, every rank gets its answer or error."""
         if not self.info.distributed:
             return resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
-        import torch.distributed as dist
-
         box: list[Any] = [None]
         if self.info.is_main:
             try:
@@ -202,8 +230,6 @@ class Trainer:
         return g // (world * accum)
 
     def _build_diffusion(self):
-        from pipeline.diffusion import create_diffusion
-
         d = self.cfg.diffusion
         # Offset noise is drawn per sample with the other draws (stage2_train.data); training_losses takes the
         # batch's noise as final, so the offset is added once.
@@ -266,8 +292,6 @@ class Trainer:
         )
         logger.info("saved checkpoint %s", path)
         if self.lora:
-            from stage2_train.lora import export_adapter
-
             export_adapter(self, self.step)
         return path
 
@@ -434,9 +458,7 @@ class Trainer:
 
     def weights_digest(self) -> str:
         """sha256 over this rank's full weights (collective under FSDP2)."""
-        from stage2_train.checkpointing import full_model_state
-
-        state = full_model_state(self.inner, self.info)
+        state = full_model_state(self.inner)
         h = hashlib.sha256()
         for name in sorted(state):
             h.update(name.encode())
@@ -448,8 +470,6 @@ class Trainer:
         if not self.info.distributed or self.cfg.parallel.strategy != "ddp":
             barrier(self.info)
             return
-        import torch.distributed as dist
-
         digests: list[str] = [""] * self.info.world_size
         dist.all_gather_object(digests, self.weights_digest())
         if self.info.is_main:
@@ -459,10 +479,6 @@ class Trainer:
         logger.info("all %d replicas hold identical weights (sha256 %s...)", self.info.world_size, digests[0][:12])
 
     def close(self) -> None:
-        import gc
-
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             # DDP's Reducer holds the process group: freed only at interpreter teardown, a gloo group's destructor
             # joins its threads there with the GIL held and was seen to block forever once the peer rank had gone

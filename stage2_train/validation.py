@@ -114,7 +114,7 @@ class Validator:
         """Full weights on rank 0 (collective under FSDP2: every rank calls this)."""
         from stage2_train.checkpointing import full_model_state
 
-        state = full_model_state(trainer.inner, self.info)
+        state = full_model_state(trainer.inner)
         if self.use_ema:
             state = dict(state)
             state.update(trainer.ema.state_dict())

@@ -36,7 +36,7 @@ def main() -> None:
     models = {p: build_parallel_model(lambda: HunYuanDiT(cfg), par, info, seed=SEED, fresh=True, precision=p)
               for p in ("fp32", "bf16")}
     for prec, model in models.items():
-        full = full_model_state(model, info)  # collective; rank 0 gets the full tensors
+        full = full_model_state(model)  # collective; rank 0 gets the full tensors
         if info.is_main:
             assert set(full) == set(reference), prec
             bad = [k for k in reference if not torch.equal(full[k], reference[k])]

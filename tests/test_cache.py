@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption, write_synthetic_cache
+from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption
+from shared.inspection import write_synthetic_cache
 from shared.shard_index import ShardIndex
 from shared.manifest import completed_shards, manifest_from_shards, read_manifest, write_manifest
 from shared.schema import (CacheSpec, dedup_rows, encode_sample, make_key, synthetic_sample, to_torch,

@@ -81,7 +81,7 @@ def test_captions_fix_colours_end_to_end(tmp_path, tmp_path_factory):
         f"data.cache={cache}", f"run_dir={run}", f"steps={steps}", "data.batch_size=8", "data.num_workers=0",
         "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "optim.lr=1e-3", "ema.enable=false", "checkpoint.every=0",
         "checkpoint.resume=", "logging.every=20", "logging.tensorboard=false", "logging.progress_bar=false",
-        "model.overrides.text_len=8", "model.overrides.text_len_t5=12", "device=cpu", "precision.mode=fp32"])
+        "model.clip_len=8", "model.t5_len=12", "device=cpu", "precision.mode=fp32"])
     torch.set_num_threads(1)
     Trainer(train_cfg).train()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from shared.cache import write_synthetic_cache
+from shared.inspection import write_synthetic_cache
 from shared.manifest import Manifest, check_manifest, encoders_hash, read_manifest, write_manifest
 from shared.schema import SCHEMA_VERSION, CacheSpec
 
@@ -39,19 +39,20 @@ def test_manifest_contents(manifest):
 
 def test_compatible_passes(manifest):
     m, _ = manifest
-    m.check_compatible(text_len=12, text_len_t5=24, text_states_dim=16, text_states_dim_t5=20, in_channels=4,
-                       scaling_factor=0.13025, encoder_hash=encoders_hash(ENCODERS), encoders=ENCODERS,
+    m.check_compatible(clip_len=12, t5_len=24, clip_dim=16, t5_dim=20, latent_channels=4,
+                       vae_scaling_factor=0.13025, encoders_hash=encoders_hash(ENCODERS), encoders=ENCODERS,
                        views=("plain",), format="webdataset", t5_dtype="float16", downsample=8)
 
 
 @pytest.mark.parametrize("expected, message", [
-    ({"text_len": 64}, "cache has clip_len=12 but the model expects text_len=64; re-encode or change model.text_len"),
-    ({"text_len_t5": 256}, "cache has t5_len=24 but the model expects text_len_t5=256"),
-    ({"text_states_dim": 1024}, "cache has clip_dim=16 but the model expects text_states_dim=1024"),
-    ({"text_states_dim_t5": 2048}, "cache has t5_dim=20 but the model expects text_states_dim_t5=2048"),
-    ({"in_channels": 16}, "cache has latent_channels=4 but the model expects in_channels=16"),
-    ({"scaling_factor": 0.18215}, "cache has vae_scaling_factor=0.13025 but the model expects scaling_factor=0.18215"),
-    ({"encoder_hash": "0" * 64}, "cache has encoders_hash="),
+    ({"clip_len": 64}, "cache has clip_len=12 but the model expects clip_len=64; re-encode or change model.clip_len"),
+    ({"t5_len": 256}, "cache has t5_len=24 but the model expects t5_len=256"),
+    ({"clip_dim": 1024}, "cache has clip_dim=16 but the model expects clip_dim=1024"),
+    ({"t5_dim": 2048}, "cache has t5_dim=20 but the model expects t5_dim=2048"),
+    ({"latent_channels": 16}, "cache has latent_channels=4 but the model expects latent_channels=16"),
+    ({"vae_scaling_factor": 0.18215},
+     "cache has vae_scaling_factor=0.13025 but the model expects vae_scaling_factor=0.18215"),
+    ({"encoders_hash": "0" * 64}, "cache has encoders_hash="),
     ({"views": ["plain", "flip"]}, "cache has views=['plain'] but the model expects views=['plain', 'flip']"),
 ])
 def test_mismatch_is_refused_with_its_name(manifest, expected, message):
@@ -66,12 +67,14 @@ def test_every_mismatch_is_listed_and_encoders_compared(manifest):
     other = json.loads(json.dumps(ENCODERS))
     other["t5"]["weights"]["model.safetensors"] = "cc"
     with pytest.raises(ValueError) as e:
-        m.check_compatible(text_len=77, text_len_t5=256, encoders=other)
+        m.check_compatible(clip_len=77, t5_len=256, encoders=other)
     msg = str(e.value)
-    assert "text_len=77" in msg and "text_len_t5=256" in msg
+    assert "clip_len=77" in msg and "t5_len=256" in msg
     assert "different 't5' encoder (differs in ['weights'])" in msg and "'vae'" not in msg
     with pytest.raises(ValueError, match="unknown keys \\['txt_len'\\]"):
         check_manifest(m, {"txt_len": 77})
+    with pytest.raises(ValueError, match="unknown keys \\['encoder_hash', 'text_len'\\]"):  # the model's old names
+        check_manifest(m, {"text_len": 12, "encoder_hash": "0" * 64})
 
 
 def test_write_manifest_refuses_unfinished_shards_and_old_schema(manifest, tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from shared.cache import open_cache, write_synthetic_cache
+from shared.cache import open_cache
+from shared.inspection import write_synthetic_cache
 from shared.cli import main as cli_main
 from shared.schema import CacheSpec
 

@@ -208,13 +208,6 @@ def test_presets_refuse_tiny_images(preset):
         assert kept >= 240, kept
 
 
-def test_size_cond_options():
-    meta = np.array([800, 1200, 1024, 1024, 3, 0])
-    assert pp.apply_size_cond(meta, random_shrink_size_cond=True).tolist() == [1024, 1200, 1024, 1024, 3, 0]
-    merged = pp.apply_size_cond(meta, merge_src_cond=True)
-    assert merged[0] == merged[1] == pytest.approx((800 * 1200) ** 0.5)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # decoding
 

@@ -66,3 +66,26 @@ def test_demo_loss_plot(tmp_path):
     metrics.write_text("".join(f'{{"step": {s}, "loss": {1.0 / s}, "mse": {0.9 / s}}}\n' for s in (10, 20, 30)))
     demo.plot_loss(metrics, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_design_map_names_only_what_exists():
+    """docs/design.md: every file of its layout exists in its package, and every class, function and constant it
+    names (CamelCase, UPPER_CASE, `def name(` / `name(`) is defined or used somewhere in the code."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    layout = re.search(r"## Layout\n+```\n(.*?)```", design, flags=re.S).group(1)
+    package = None
+    for line in layout.splitlines():
+        m = re.match(r"^([a-z_0-9]+)/\s", line)
+        if m:
+            package = m.group(1)
+            continue
+        entry = re.match(r"^  (\S.*?)(?:\s{2,}|$)", line)
+        if package and entry:
+            for name in re.findall(r"[\w.]+\.py", entry.group(1)):
+                assert (ROOT / package / name).is_file(), f"design.md lists {package}/{name}, which does not exist"
+    code = "\n".join(p.read_text() for d in ("pipeline", "shared", "stage1_encode", "stage2_train")
+                     for p in (ROOT / d).glob("*.py"))
+    names = set(re.findall(r"\b(?:[A-Z][a-z0-9]+){2,}\w*\b|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", design))
+    names |= set(re.findall(r"\b(?:def|class) (\w+)", design)) | set(re.findall(r"\b([a-z]\w*_\w+)\(", design))
+    missing = sorted(n for n in names if not re.search(rf"\b{re.escape(n)}\b", code))
+    assert not missing, f"docs/design.md names what the code does not have: {missing}"

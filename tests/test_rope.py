@@ -84,3 +84,15 @@ def test_diffusers_tables_differ_for_offset_grids_only() -> None:
     d_cos, _ = emb.get_2d_rotary_pos_embed(16, ((6, 0), (25, 32)), (48, 80), use_real=True)
     cos, _ = rope_tables(768, 1280, head_dim=16)
     assert (d_cos - cos).abs().max() > 1e-2
+
+
+def test_the_vae_downsample_comes_from_the_caller():
+    """A 16x VAE: 64 px are 4 latent cells, 2 tokens of patch 2 a side (not 4); base512 spans 512/16/2 = 16."""
+    cos8, _ = rope_tables(64, 64, head_dim=16, patch_size=2, rope_img="base512")
+    cos16, _ = rope_tables(64, 64, head_dim=16, patch_size=2, rope_img="base512", downsample=16)
+    assert cos8.shape == (16, 16) and cos16.shape == (4, 16)
+    rows, _ = grid_positions("base512", 2, 2, 2, downsample=16)
+    assert rows.tolist() == [0.0, 8.0]  # 2 tokens over a 16-token base
+    assert RopeCache(16, 2, "base512", downsample=16).get(64, 64)[0].shape == (4, 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        rope_tables(48, 64, head_dim=16, downsample=16)

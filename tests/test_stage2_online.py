@@ -127,8 +127,8 @@ def _cfg(cache: Path, run_dir: Path) -> TrainConfig:
         f"data.cache={cache}", f"run_dir={run_dir}", "data.num_workers=0", "data.batch_size=2", "steps=4",
         "data.uncond_p=0.5", "data.uncond_p_t5=0.5", "logging.every=1", "logging.tensorboard=false",
         "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
-        "precision.mode=fp32", "device=cpu", "model.overrides.text_len=8", "model.overrides.text_len_t5=12",
-        "model.overrides.text_states_dim=32", "model.overrides.text_states_dim_t5=48",
+        "precision.mode=fp32", "device=cpu", "model.clip_len=8", "model.t5_len=12",
+        "model.clip_dim=32", "model.t5_dim=48",
     ])
 
 
@@ -145,7 +145,6 @@ class Runs:
 
 def train_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Path, *, per_sample: bool) -> Runs:
     """Train 4 steps from the cache and 4 online with the same draws."""
-    from stage2_train.data import CacheBatchSource
     from stage2_train.online import OnlineBatchSource
     from stage2_train.trainer import Trainer
     from test_stage2_common import read_metrics
@@ -153,7 +152,7 @@ def train_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Path
     cached = {}
 
     def cache_factory(trainer):
-        cached["src"] = Recorder(CacheBatchSource.from_config(trainer))
+        cached["src"] = Recorder(trainer.cache_source())
         return cached["src"]
 
     t_cache = Trainer(_cfg(cache, tmp_path / "cache_run"), batch_source_factory=cache_factory)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from shared.config import ConfigError, load_config
 from stage2_train.config import TrainConfig
-from test_stage2_common import ROOT, read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
+from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +155,10 @@ class _Poisoned:
 
 
 def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
-    from stage2_train.data import CacheBatchSource
     from stage2_train.trainer import Trainer
 
     cfg = _cfg(cache, tmp_path / "run", steps=20, max_bad_steps=3)
-    trainer = Trainer(cfg, batch_source_factory=lambda t: _Poisoned(CacheBatchSource.from_config(t), 2))
+    trainer = Trainer(cfg, batch_source_factory=lambda t: _Poisoned(t.cache_source(), 2))
     with pytest.raises(RuntimeError, match="non-finite"):
         trainer.train()
     assert trainer.skipped_steps == 4 and trainer.step == 5  # the 4th bad step in a row raised
@@ -198,8 +196,10 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
         load_config(TrainConfig, "configs/train/demo.yaml", ["precision.mode=fp8"])
     with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
         load_config(TrainConfig, "configs/train/demo.yaml", ["optim.learning_rate=1"])
-    with pytest.raises(ValueError, match=r"(?s)text_states_dim=64.*model\.overrides"):
-        Trainer(_cfg(cache, tmp_path / "a", **{"model.overrides.text_states_dim": 64}))
+    with pytest.raises(ValueError, match=r"model\.clip_dim=64 but data\.cache=.* was encoded with clip_dim=32"):
+        Trainer(_cfg(cache, tmp_path / "a", **{"model.clip_dim": 64}))
+    with pytest.raises(ValueError, match=r"model\.overrides\.text_states_dim=64: .* now model\.clip_dim"):
+        Trainer(_cfg(cache, tmp_path / "a2", **{"model.overrides.text_states_dim": 64}))
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         Trainer(_cfg(cache, tmp_path / "b", **{"model.init_from": str(tmp_path / "nope.pt")}))
     with pytest.raises(FileNotFoundError, match="data.cache"):
@@ -210,6 +210,23 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
         Trainer(_cfg(cache, tmp_path / "f", grad_accum=4, **{"data.global_batch_size": 6}))
     with pytest.raises(ValueError, match="uncond_p"):
         Trainer(_cfg(cache, tmp_path / "e", **{"data.uncond_p": 1.5}))
+
+
+def test_the_manifest_supplies_the_model_geometry(tmp_path):
+    """Text and latent sizes the preset does not have come from the cache; config.yaml records them; a set value
+    that agrees is accepted."""
+    from shared.schema import CacheSpec
+    from shared.inspection import write_synthetic_cache as write
+    from stage2_train.trainer import Trainer
+
+    spec = CacheSpec(format="zarr", views=("plain",), clip_len=10, clip_dim=24, t5_len=14, t5_dim=40)
+    write(tmp_path / "c", spec, n_samples=4, n_shards=1, buckets=((32, 32),), latents="structured")
+    t = Trainer(_cfg(tmp_path / "c", tmp_path / "r", **{"model.t5_len": 14}))
+    m = t.model_config
+    assert (m.text_len, m.text_states_dim, m.text_len_t5, m.text_states_dim_t5, m.in_channels) == (10, 24, 14, 40, 4)
+    saved = load_config(TrainConfig, tmp_path / "r" / "config.yaml").model
+    assert (saved.clip_len, saved.clip_dim, saved.t5_len, saved.t5_dim, saved.latent_channels) == (10, 24, 14, 40, 4)
+    t.close()
 
 
 def test_encoder_identity_is_pinned_and_checked_on_resume(tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.cache import open_cache, write_synthetic_cache
+from shared.cache import open_cache
+from shared.inspection import write_synthetic_cache
 from shared.cli import main as cli_main
 from shared.manifest import shard_index_path
 from shared.shard_index import encode_index, read_index_columns
