@@ -196,7 +196,8 @@ def test_compact_rows_expand_to_the_dense_batch_bit_identically(tmp_path, fmt, d
     """The cache's loader sends compact stored rows and the step expands them (stage2_train.data.expand_batch): every
     tensor equals the dense path's (build_item + collate on the decoded sample), bit for bit, with flips, text
     dropout and offset noise. Exact by construction: the same generator streams, per-sample shapes and kernels."""
-    from shared.cache import open_cache, write_synthetic_cache
+    from shared.cache import open_cache
+    from shared.inspection import write_synthetic_cache
     from shared.schema import CacheSpec
     from stage2_train.data import CacheBatchSource, DrawSettings
 
