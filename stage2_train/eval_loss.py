@@ -14,7 +14,8 @@ no_grad in eval mode, restoring the mode after. Cost: samples x timesteps forwar
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def eval_indices(num_samples_in_cache: int, count: int) -> list[int]:
         raise ValueError(f"num_samples={count}: must be >= 1")
     if num_samples_in_cache <= count:
         return list(range(num_samples_in_cache))
-    return sorted({int(round(x)) for x in np.linspace(0, num_samples_in_cache - 1, count)})
+    return sorted({round(float(x)) for x in np.linspace(0, num_samples_in_cache - 1, count)})
 
 
 def _noise_seed(seed: int, key: str, slot: int) -> int:
