@@ -12,6 +12,10 @@
     python bench/lora_eval_loss.py --cache /tmp/demo/cache
 
 Prints per-timestep losses and, last, `lora_eval_loss_decrease = <relative decrease> (goal > 0)`.
+Measured with the defaults on the demo cache (255 samples; 2-core CPU under load, ~12 min): eval loss 0.17635 ->
+0.12277, 30.4% lower (noise seed 1: 0.17513 -> 0.12246, 30.1%), lower at all 8 timesteps of the grid, while the
+10-step training-loss windows of the same run wander between 0.10 and 0.19. The eval samples are training samples
+(the demo cache has no held-out split): this shows the fit improves, not generalisation.
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, required=True, help="a stage-1 cache (scripts/demo.py --only encode)")
     p.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
-    p.add_argument("--base-steps", type=int, default=60)
-    p.add_argument("--lora-steps", type=int, default=200)
+    p.add_argument("--base-steps", type=int, default=40)
+    p.add_argument("--lora-steps", type=int, default=80)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-samples", type=int, default=32)
-    p.add_argument("--eval-timesteps", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-timesteps", type=int, default=8)
     args = p.parse_args(argv)
 
     import torch
