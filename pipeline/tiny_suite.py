@@ -138,6 +138,120 @@ def _write_vae(folder: Path, sizes: TinySizes, seed: int) -> None:
     vae.save_pretrained(folder, safe_serialization=True)
 
 
+# The colour-faithful VAE below carries each colour channel as a (+v, -v) pair of feature channels scaled by
+# _PAIR_SCALE x sqrt(GroupNorm eps): a pair has group mean 0, and its variance (<= 1e-6 eps for |v| <= 1000) is
+# negligible next to eps, so GroupNorm is linear on it to ~1e-6 relative. _SILU_SHIFT moves the pairs into the range
+# where SiLU(x) = x to 1e-8; the +/- difference cancels the shift again.
+_PAIR_SCALE = 1e-6
+_SILU_SHIFT = 20.0
+
+
+def make_vae_colour_faithful(vae, *, posterior_std: float = 0.02):
+    """Set the weights of an `AutoencoderKL` (in place; returned) so that decode(encode(x)) = x on flat colours.
+
+    A random-init VAE decodes every colour to nearly the same grey, so nothing decoded from a tiny model says
+    anything. This analytic construction keeps the architecture (real diffusers class, same config, loadable with
+    `from_pretrained`) and makes the VAE a per-pixel linear map on smooth images:
+
+    * every ResNet block's and the mid-block attention's residual branch is zero (conv2 / to_out), channel-changing
+      shortcuts embed the first channels, down/upsampling convs are the identity centre tap (a stride-2 conv picks
+      one pixel of each 2x2, nearest upsampling repeats it), so the trunk carries its input unchanged;
+    * encoder `conv_in` writes RGB as (+v, -v) pairs (see _PAIR_SCALE), `conv_norm_out` + SiLU + `conv_out` turn
+      them into the latent mean: channels 0..2 = RGB / scaling_factor (so the scaled latent the DiT sees is the
+      colour in [-1, 1]), further channels 0; the log-variance is constant, posterior std = `posterior_std` in
+      scaled units; quant_conv and post_quant_conv are the identity;
+    * the decoder inverts it: RGB = scaling_factor x latent channels 0..2, whatever the other channels hold.
+
+    Measured on the tiny preset: flat colours round-trip within 1e-4 (pixel range [-1, 1]). Not an autoencoder of
+    real images (texture below the 8x8 grid is lost); only for tests that read colours off decoded images.
+    """
+    import math
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+    from torch import nn
+
+    if posterior_std <= 0:
+        raise ValueError(f"posterior_std must be > 0, got {posterior_std}")
+    enc, dec = vae.encoder, vae.decoder
+    latent = vae.config.latent_channels
+    sf = float(vae.config.scaling_factor)
+    for norm, where in ((enc.conv_norm_out, "encoder"), (dec.conv_norm_out, "decoder")):
+        per_group = norm.num_channels // norm.num_groups
+        if per_group % 2 or norm.num_channels < 6:
+            raise ValueError(f"{where}.conv_norm_out has {norm.num_channels} channels in {norm.num_groups} groups; "
+                             "the colour-faithful construction needs >= 6 channels and an even number per group")
+    if latent < 3 or vae.config.in_channels != 3 or vae.config.out_channels != 3:
+        raise ValueError("the colour-faithful construction needs 3 image channels and >= 3 latent channels, got "
+                         f"{vae.config.in_channels}/{vae.config.out_channels} and {latent}")
+
+    def identity(conv: nn.Conv2d, gain: float = 1.0) -> None:
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        n = min(conv.in_channels, conv.out_channels)
+        conv.weight[range(n), range(n), k, k] = gain
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+    def pairs_in(conv: nn.Conv2d, gain: float) -> None:  # input channel c -> feature channels (2c, 2c+1) = +-gain
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        for c in range(3):
+            conv.weight[2 * c, c, k, k] = gain
+            conv.weight[2 * c + 1, c, k, k] = -gain
+        conv.bias.zero_()
+
+    def pairs_out(conv: nn.Conv2d, gain: float) -> None:  # (2c, 2c+1) -> output channel c = gain * (a - b) / 2
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        for c in range(3):
+            conv.weight[c, 2 * c, k, k] = gain / 2
+            conv.weight[c, 2 * c + 1, k, k] = -gain / 2
+        conv.bias.zero_()
+
+    def linear_norm(norm: nn.GroupNorm) -> float:  # returns the pair scale it expects
+        pair = _PAIR_SCALE * math.sqrt(norm.eps)
+        norm.weight.fill_(math.sqrt(norm.eps) / pair)
+        norm.bias.fill_(_SILU_SHIFT)
+        return pair
+
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, ResnetBlock2D):
+                m.conv2.weight.zero_()
+                m.conv2.bias.zero_()
+                if m.conv_shortcut is not None:
+                    identity(m.conv_shortcut)
+            elif isinstance(m, Attention):
+                m.to_out[0].weight.zero_()
+                m.to_out[0].bias.zero_()
+            elif isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
+                identity(m.conv)
+        pairs_in(enc.conv_in, linear_norm(enc.conv_norm_out))
+        pairs_out(enc.conv_out, 1.0 / sf)  # mean channels 0..2; the rest (mean and log-variance) zero so far
+        enc.conv_out.bias[latent:] = 2 * math.log(posterior_std / sf)
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            if conv is not None:
+                identity(conv)
+        pairs_in(dec.conv_in, sf * linear_norm(dec.conv_norm_out))
+        pairs_out(dec.conv_out, 1.0)
+    return vae
+
+
+def write_colour_faithful_vae(root: str | Path, *, posterior_std: float = 0.02) -> Path:
+    """Rewrite the VAE folder of a suite written by `write_tiny_suite` with `make_vae_colour_faithful` weights
+    (same config, safetensors as before); returns the suite root."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(root) / SUBFOLDERS["vae"]
+    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    make_vae_colour_faithful(vae, posterior_std=posterior_std)
+    vae.save_pretrained(folder, safe_serialization=True)
+    return Path(root)
+
+
 def _basic_words(text: str) -> list[str]:
     """Lower-cased ASCII words of a caption, as BERT's basic tokenizer would split them."""
     return re.findall(r"[a-z0-9]+", text.lower())
