@@ -28,6 +28,7 @@ from pipeline.text import DEFAULT_CAPTION
 from shared.manifest import completed_shards, read_manifest
 from stage1_encode import job as job_mod
 from stage1_encode import preprocess as pp
+from stage1_encode import preprocess_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = REPO / "configs" / "encode" / "demo.yaml"
@@ -530,7 +531,7 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
     from stage1_encode.readers import plan_partitions
 
     part = plan_partitions(cfg.input, 12)[0]
-    real_read, real_crop = job_mod.read_partition, pp.resize_and_crop
+    real_read, real_crop = preprocess_task.read_partition, pp.resize_and_crop
 
     def lossy_read(p, icfg):
         for row in real_read(p, icfg):
@@ -543,7 +544,7 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
             raise RuntimeError("boom")
         return real_crop(img, key, im)
 
-    monkeypatch.setattr(job_mod, "read_partition", lossy_read)
+    monkeypatch.setattr(preprocess_task, "read_partition", lossy_read)
     monkeypatch.setattr(pp, "resize_and_crop", crashing_crop)
     got = list(job_mod.partition_chunks(part, cfg, pp.load_tokenizers(str(suite))))
     end = got[-1][2]
@@ -573,7 +574,9 @@ def test_non_utf8_file_names_travel_and_are_recorded(tmp_path):
     import pyarrow as pa
 
     source = "/data/imgs/caf\udce9.jpg"  # a Latin-1 file name as os.listdir returns it (surrogateescape)
-    row = job_mod._out_row("p", "chunk", 0, b"", {"sources": [source], "captions": ["猫"]})
+    from stage1_encode.payload import _out_row
+
+    row = _out_row("p", "chunk", 0, b"", {"sources": [source], "captions": ["猫"]})
     pa.array(row["meta"])  # Ray Data carries it in an Arrow utf8 column
     assert json.loads(row["meta"][0])["sources"] == [source]
     part = job_mod.Partition(name="p", source=source, source_stem="p", start=0, stop=1)
