@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.encoders import resolve_encoder_paths
+from pipeline.encoders import resolve_encoder_paths, vae_downsample_factor
 from pipeline.text import T5_TRAIN_PAD_ID
 from shared.config import config_to_dict
 from shared.schema import CacheSpec
@@ -24,7 +24,7 @@ def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
     t5 = json.loads((paths["t5"] / "config.json").read_text())
     return {
         "latent_channels": int(vae.get("latent_channels", 4)),
-        "downsample": 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        "downsample": vae_downsample_factor(vae.get("block_out_channels", [0, 0, 0, 0])),
         "clip_dim": int(clip["hidden_size"]),
         "t5_dim": int(t5["d_model"]),
     }

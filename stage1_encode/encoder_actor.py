@@ -84,6 +84,6 @@ class EncoderActor:
         out = {"clip_ids": a["clip_ids"], "clip_mask": a["clip_mask"], "clip_states": clip,
                "t5_ids": a["t5_ids"], "t5_mask": a["t5_mask"], "t5_states": t5}
         meta = {"fingerprint": self.enc.fingerprint(), "scaling_factor": self.enc.scaling_factor,
-                "latent_channels": self.enc.latent_channels, "downsample": self.enc.vae_downsample,
+                "latent_channels": self.enc.latent_channels,
                 "clip_dim": self.enc.clip_dim, "t5_dim": self.enc.t5_dim}
         return pack(out), meta

@@ -307,7 +307,8 @@ def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: l
 
 def _accept_encoders(root: Path, spec: CacheSpec, dims: dict, arrays: dict, meta: dict) -> dict:
     """Check the actors' encoders against the folder's config and against earlier runs; write the empty caption."""
-    for k in ("latent_channels", "downsample", "clip_dim", "t5_dim"):
+    # the downsample is not reported: cache_spec.encoder_dims computes it once, from the same VAE config.json
+    for k in ("latent_channels", "clip_dim", "t5_dim"):
         assert meta[k] == dims[k], (k, meta[k], dims[k])
     # The manifest's pad ids are what stage 2 is told; the empty caption's padded positions show the real ones.
     for enc in ("clip", "t5"):

@@ -53,7 +53,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     im, B = cfg.image, cfg.encoders.batch_size
     default = cfg.text.default_caption if cfg.text.empty_caption == "default" else None
     rejects: list[dict] = []
-    groups: dict[tuple[int, int], list[tuple[dict, str, bool]]] = {}
+    groups: dict[tuple[int, int], list[tuple[dict, str, bool, Any]]] = {}
     n_rows = 0
     seen_rows: set[int] = set()
     for row in read_partition(part, cfg.input):
@@ -62,16 +62,16 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
         try:
             if row.get("error"):
                 raise pp.Reject(row.get("error_reason") or "read_error", str(row["error"]))
-            img = pp.open_image(row["image"], im.max_pixels)
-            w, h = img.size
-            img.close()
-            pp.check_size(w, h, im.min_size, im.max_aspect_ratio)
+            img = pp.open_image(row["image"], im.max_pixels)  # header only: the pixels are decoded in pass 2
+            pp.check_size(*img.size, im.min_size, im.max_aspect_ratio)
             caption, substituted = pp.clean_caption(row["caption"], default, cfg.text.null_caption)
-            bucket = pp.target_size(w, h, im)
+            bucket = pp.target_size(*img.size, im)
         except Exception as err:  # one bad row must not take down the partition: it becomes a reject
             rejects.append(_reject_from(row, err))
             continue
-        groups.setdefault(bucket, []).append((row, caption, substituted))
+        # The checked, undecoded image travels to pass 2 (a lazy PIL image over the row's bytes, no pixels yet):
+        # pass 2 decodes and crops it without re-running open_image / check_size / target_size.
+        groups.setdefault(bucket, []).append((row, caption, substituted, img))
     # A row the plan counted but the reader never returned (the file changed since planning) is recorded, not lost.
     planned = part.rows if part.rows is not None else range(part.start, part.stop)
     for r in sorted(set(planned) - seen_rows):
@@ -84,12 +84,14 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     for bucket, members in groups.items():
         for start in range(0, len(members), B):
             pixels, metas, keep = [], [], []
-            for row, caption, substituted in members[start:start + B]:
+            for row, caption, substituted, img in members[start:start + B]:
                 try:
-                    cropped = pp.resize_and_crop(pp.decode_image(row["image"], im.max_pixels), row["key"], im)
+                    cropped = pp.crop_to_target(pp.to_rgb(img), row["key"], im, bucket)
                 except Exception as err:
                     rejects.append(_reject_from(row, err))
                     continue
+                finally:
+                    img.close()
                 pixels.append(cropped.pixels)
                 metas.append(cropped.image_meta_size)
                 keep.append((row, caption, substituted))

@@ -531,7 +531,7 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
     from stage1_encode.readers import plan_partitions
 
     part = plan_partitions(cfg.input, 12)[0]
-    real_read, real_crop = preprocess_task.read_partition, pp.resize_and_crop
+    real_read, real_crop = preprocess_task.read_partition, pp.crop_to_target
 
     def lossy_read(p, icfg):
         for row in real_read(p, icfg):
@@ -539,13 +539,13 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
                 continue  # lost between planning and reading
             yield {k: v for k, v in row.items() if k != "caption"} if row["row"] == 5 else row
 
-    def crashing_crop(img, key, im):
+    def crashing_crop(img, key, im, target):
         if key.split("-")[-2] == "00000008":
             raise RuntimeError("boom")
-        return real_crop(img, key, im)
+        return real_crop(img, key, im, target)
 
     monkeypatch.setattr(preprocess_task, "read_partition", lossy_read)
-    monkeypatch.setattr(pp, "resize_and_crop", crashing_crop)
+    monkeypatch.setattr(pp, "crop_to_target", crashing_crop)
     got = list(job_mod.partition_chunks(part, cfg, pp.load_tokenizers(str(suite))))
     end = got[-1][2]
     written = [r for _, _, m in got[:-1] for r in m["rows"]]
