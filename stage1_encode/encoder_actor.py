@@ -1,4 +1,4 @@
-"""The encoder actor: VAE + BERT + mT5 loaded once, one chunk per call."""
+"""The encoder actor: VAE + BERT + mT5 loaded once, one chunk per call; returns the raw encoder outputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.encoders import EncoderDtypes, load_encoders
 from shared.config import from_dict
 from stage1_encode import preprocess as pp
 from stage1_encode.config import EncodeConfig
-from stage1_encode.payload import COLUMNS, _out_row, pack, unpack
+from stage1_encode.payload import Item, pack, read_item
 
 
 class EncoderActor:
@@ -29,20 +29,22 @@ class EncoderActor:
                                  device=device, clip_len=e.clip_len, t5_len=e.t5_len)
         self.views = pp.image_views(self.cfg.image)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
+    def encode(self, item: Item) -> Item:
+        """One chunk item from a preprocessing task -> the encoded chunk item the shard writer consumes."""
+        kind, arrays, meta = read_item(item)
+        assert kind == "chunk", kind  # the driver sends "end" items straight to the writer
+        t0 = time.time()
         with torch.inference_mode():
-            for i in range(len(batch["kind"])):
-                part, kind, seq = str(batch["part"][i]), str(batch["kind"][i]), int(batch["seq"][i])
-                payload, meta = batch["payload"][i], json.loads(batch["meta"][i])
-                if kind == "chunk":
-                    t0 = time.time()
-                    payload, meta = self.encode_chunk(unpack(payload), meta)
-                    meta["t_encode"] = [t0, time.time()]  # for the steady-state throughput (same clock: one host)
-                elif kind == "empty":
-                    payload, meta = self.encode_empty(unpack(payload))
-                rows.append(_out_row(part, kind, seq, payload, meta))
-        return {c: np.concatenate([r[c] for r in rows]) for c in COLUMNS}
+            payload, meta = self.encode_chunk(arrays, meta)
+        meta["t_encode"] = [t0, time.time()]  # for the steady-state throughput (one clock per host)
+        return "chunk", payload, json.dumps(meta)
+
+    def encode_empty_item(self, item: Item) -> Item:
+        kind, arrays, _ = read_item(item)
+        assert kind == "empty", kind
+        with torch.inference_mode():
+            payload, meta = self.encode_empty(arrays)
+        return "empty", payload, json.dumps(meta)
 
     def _text(self, a: dict) -> tuple[Any, Any]:
         clip = self.enc.encode_clip(a["clip_ids"].long(), a["clip_mask"].long())  # (B, Lc, Dc)
@@ -58,26 +60,12 @@ class EncoderActor:
         moments = moments.reshape(B, V, *moments.shape[1:]).cpu()  # (B, V, 2C, h, w)
         clip, t5 = self._text(a)
         clip, t5 = clip.cpu(), t5.cpu()
-        clip_mask = a["clip_mask"].bool()
-        ok = []
-        rejects = []
-        for b in range(B):
-            bad = [name for name, x in (("moments", moments[b]), ("clip_states", clip[b][clip_mask[b]]),
-                                        ("t5_states", t5[b])) if not bool(torch.isfinite(x.float()).all())]
-            if bad:
-                rejects.append({"key": meta["keys"][b], "source": meta["sources"][b], "row": meta["rows"][b],
-                                "reason": "nonfinite_output", "detail": f"inf/NaN in {', '.join(bad)}"})
-            else:
-                ok.append(b)
-        idx = torch.tensor(ok, dtype=torch.long)
-        out = {"moments": moments[idx], "clip_states": clip[idx], "t5_states": t5[idx],
-               "image_meta_size": a["image_meta_size"][idx]}
+        # Only what needs the encoders happens here; the inf/NaN check, the per-sample split and the stored layout
+        # are the writer's (shared/schema.encode_sample), off the encoder's thread.
+        out = {"moments": moments, "clip_states": clip, "t5_states": t5, "image_meta_size": a["image_meta_size"]}
         for k in ("clip_ids", "clip_mask", "t5_ids", "t5_mask"):
-            out[k] = a[k][idx]
-        keep_meta = {k: [meta[k][b] for b in ok]
-                     for k in ("keys", "captions", "sources", "rows", "substituted", "null")}
-        keep_meta.update({"bucket": meta["bucket"], "rejects": rejects})
-        return pack(out), keep_meta
+            out[k] = a[k]
+        return pack(out), meta
 
     def encode_empty(self, a: dict) -> tuple[bytes, dict]:
         clip, t5 = self._text(a)

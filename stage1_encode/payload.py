@@ -1,4 +1,5 @@
-"""Payloads between Ray stages: safetensors bytes (never pickle) + a JSON string."""
+"""Payloads between Ray tasks and actors: an item is (kind, safetensors bytes, ASCII JSON meta), never a pickle of
+data-derived objects (Ray pickles the tuple of bytes and str, nothing else)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
-COLUMNS = ("part", "kind", "seq", "payload", "meta")
+Item = tuple[str, bytes, str]  # kind ("chunk" | "end" | "empty"), packed arrays (b"" for none), meta
 
 
 def pack(arrays: dict[str, Any]) -> bytes:
@@ -24,9 +25,11 @@ def unpack(data: bytes) -> dict[str, Any]:
     return load(bytes(data))
 
 
-def _out_row(part: str, kind: str, seq: int, payload: bytes, meta: dict) -> dict[str, np.ndarray]:
-    # meta as ASCII JSON: a non-UTF-8 file name (lone surrogates in `sources`) must not break Arrow's utf8 column
-    return {
-        "part": np.array([part]), "kind": np.array([kind]), "seq": np.array([seq], dtype=np.int64),
-        "payload": np.array([payload], dtype=object), "meta": np.array([json.dumps(meta)]),
-    }
+def make_item(kind: str, arrays: dict[str, Any], meta: dict) -> Item:
+    # meta as ASCII JSON: a non-UTF-8 file name (lone surrogates in `sources`) travels as its escape
+    return kind, pack(arrays) if arrays else b"", json.dumps(meta)
+
+
+def read_item(item: Item) -> tuple[str, dict[str, Any], dict]:
+    kind, payload, meta = item
+    return kind, unpack(payload) if payload else {}, json.loads(meta)

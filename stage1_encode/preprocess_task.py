@@ -1,4 +1,7 @@
-"""The preprocessing Ray task: one partition -> encoder-sized chunks of cropped pixels and tokens, then its rejects."""
+"""The preprocessing Ray task: one partition -> encoder-sized chunks of cropped pixels and tokens, then its rejects.
+
+`preprocess_partition` runs as a streaming-generator Ray task: the driver receives only the ObjectRefs of the items
+it yields, in order, and hands each chunk's ref to an encoder actor and the final "end" item's ref to the writer."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import numpy as np
 from shared.config import from_dict
 from stage1_encode import preprocess as pp
 from stage1_encode.config import EncodeConfig
-from stage1_encode.payload import _out_row, pack
+from stage1_encode.payload import Item, make_item
 from stage1_encode.readers import Partition, read_partition
 
 _WORKER_CACHE: dict[str, Any] = {}
@@ -111,18 +114,16 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     yield "end", {}, {"n_chunks": seq, "n_rows": n_rows, "rejects": rejects}
 
 
-def preprocess_udf(batch: dict[str, np.ndarray], cfg_dict: dict) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF (TaskPoolStrategy): one input row per partition (or the empty-caption item)."""
+def preprocess_partition(cfg_dict: dict, part: dict) -> Iterator[Item]:
+    """Ray task (streaming generator): the items of one partition (dataclasses.asdict of a Partition)."""
     cfg = _worker_cfg(cfg_dict)
-    tokenizers = _tokenizers(cfg.encoders.root)
-    for kind, spec in zip(batch["kind"], batch["partition"]):
-        if kind == "empty":
-            arrays = pp.tokenize(*tokenizers, [""], cfg.encoders.clip_len, cfg.encoders.t5_len)
-            yield _out_row("", "empty", 0, pack(arrays), {})
-            continue
-        d = json.loads(spec)
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        part = Partition(**d)
-        for kind_out, arrays, meta in partition_chunks(part, cfg, tokenizers):
-            seq = meta.pop("seq", -1)
-            yield _out_row(part.name, kind_out, seq, pack(arrays) if arrays else b"", meta)
+    part = Partition(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
+    for kind, arrays, meta in partition_chunks(part, cfg, _tokenizers(cfg.encoders.root)):
+        yield make_item(kind, arrays, meta)
+
+
+def preprocess_empty(cfg_dict: dict) -> Item:
+    """Ray task: the tokens of the empty caption (the encoders' check and the CFG dropout target)."""
+    cfg = _worker_cfg(cfg_dict)
+    arrays = pp.tokenize(*_tokenizers(cfg.encoders.root), [""], cfg.encoders.clip_len, cfg.encoders.t5_len)
+    return make_item("empty", arrays, {})

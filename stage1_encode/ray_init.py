@@ -10,6 +10,7 @@ import ray
 from stage1_encode.config import EncodeConfig
 from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
 from stage1_encode.ray_reaper import RayReaper
+from stage1_encode.shard_writer import KILL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,8 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
     if ray.is_initialized():
         return False, None
     env = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get(KILL_ENV):  # test plumbing (stage1_encode/shard_writer.py) reaches the workers
+        env[KILL_ENV] = os.environ[KILL_ENV]
     address = address or cfg.ray.address
     if os.environ.get("RAY_ADDRESS") and not address:
         ray.init()  # under `ray job submit`: the job's runtime env (working_dir) already carries the code
@@ -62,4 +65,14 @@ def _check_resources(cfg: EncodeConfig) -> None:
             f"ray.num_gpus_per_actor={cfg.ray.num_gpus_per_actor} x ray.num_encoder_actors="
             f"{cfg.ray.num_encoder_actors} needs {need} GPUs but the cluster has {have}; the job would hang. "
             "Use ray.num_gpus_per_actor=0 to encode on CPU, or fewer actors."
+        )
+    r = cfg.ray
+    need_cpu = r.num_cpus_per_actor * r.num_encoder_actors + max(r.preprocess_num_cpus, r.writer_num_cpus)
+    have_cpu = ray.cluster_resources().get("CPU", 0)
+    if need_cpu > have_cpu:
+        raise ValueError(
+            f"the encoder actors (ray.num_cpus_per_actor={r.num_cpus_per_actor} x {r.num_encoder_actors}) plus one "
+            f"preprocessing task or writer (ray.preprocess_num_cpus={r.preprocess_num_cpus}, ray.writer_num_cpus="
+            f"{r.writer_num_cpus}) need {need_cpu} CPUs but the cluster has {have_cpu}; the job would hang. "
+            "Lower them or give Ray more CPUs (ray.num_cpus)."
         )
