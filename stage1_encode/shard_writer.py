@@ -29,8 +29,8 @@ import numpy as np
 import ray
 
 from shared.cache import open_shard_writer
-from shared.fsutil import atomic_write_json, remove_path
-from shared.manifest import ShardInfo, shard_data_path
+from shared.fsutil import atomic_write_json, remove_path, remove_tmp_leftovers
+from shared.manifest import SHARDS_DIR, ShardInfo, shard_data_path
 from shared.remote_cache import publish_shard
 from shared.schema import CacheSpec, NonFiniteError
 from shared.storage import RemoteStore
@@ -75,6 +75,10 @@ class ShardAssembler:
 
     def __init__(self, root: Path, name: str, spec: CacheSpec) -> None:
         self.root, self.name = root, name
+        # An earlier attempt at this shard that died (a rerun task) left its temp files: this task is the shard's
+        # only writer now, so they are debris.
+        for folder in (root / SHARDS_DIR, root / PARTS_DIR):
+            remove_tmp_leftovers(folder, stem=name)
         # overwrite: a shard that is not complete may still have data from a run that died between rename and
         # sidecar; it is rewritten.
         self.writer = open_shard_writer(root, name, spec, overwrite=True)
