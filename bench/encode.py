@@ -1,6 +1,6 @@
 """Stage-1 throughput: the whole Ray job at steady state vs the encoder-only bound, side by side.
 
-    python bench/encode.py [--n 16] [--batch-size 4] [--threads 2] [--workdir DIR]
+    python bench/encode.py [--n 16] [--batch-size 4] [--threads 2] [--workdir DIR] [--driver-n 512] [--driver-only]
 
 Encoders: the tiny suite's "bench" preset (real SDXL-VAE architecture, BERT-base-sized BERT, T5-small-sized mT5
 encoder, random init), float32 on CPU, 256x256 images, no flip view.
@@ -15,7 +15,15 @@ encoder, random init), float32 on CPU, 256x256 images, no flip view.
 
 Also measured, to say where the rest goes: preprocessing (read, decode, resize/crop, tokenise) and shard writing per
 sample in this process; on a CPU-only box they share the cores with the encoder actor.
-Headline (last line): `encode_throughput_ratio = <job / bound> (goal >= 0.8)`.
+
+The driver's CPU per sample (issue 13): process CPU time (time.process_time: every thread of the driver process,
+Ray's client threads included) over the job's dispatch loop, divided by the samples written; also the loop's own
+thread (time.thread_time). Before issue 13 the driver wrote every shard itself: its per-sample CPU was the shard
+writing cost, measured here as "old style" (this process rewriting the cache's samples into a scratch shard, by
+process_time). The driver's CPU is measured on the tests' tiny encoders at 64px (many samples/s, as on a GPU cluster, where the
+driver's per-sample cost is what limits), with 1 actor + 1 writer and with 2 actors + 2 writers: the two caches'
+shard sha256 values must be equal.
+Headline (last line): `driver_cpu_ms_per_sample = <ms> (goal <= 0.2)`; the throughput ratio is printed before it.
 """
 
 from __future__ import annotations
@@ -116,7 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--bound-batches", type=int, default=2, help="batches per bound measurement")
     ap.add_argument("--workdir", default=None, help="keep the suite/corpus/cache here (default: a temp dir)")
+    ap.add_argument("--driver-n", type=int, default=512, help="samples of the driver-CPU runs (tiny encoders)")
+    ap.add_argument("--driver-only", action="store_true", help="only the driver-CPU runs (skip the throughput part)")
     args = ap.parse_args(argv)
+    if args.driver_only:
+        driver_ms, identical = driver_cost(Path(args.workdir or tempfile.mkdtemp(prefix="bench_encode_")),
+                                           args.driver_n)
+        assert identical
+        print(f"driver_cpu_ms_per_sample = {driver_ms:.3f} (goal <= 0.2)")
+        return
 
     import torch
 
@@ -140,14 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"setup (bench encoder suite + corpus of {args.n} {args.size}px JPEGs): {time.time() - t:.1f}s", flush=True)
 
     out = work / f"cache-{time.time_ns()}"
-    cfg = load_config(EncodeConfig, REPO / "configs/encode/demo.yaml", [
+    cfg_args = [
         f"input.paths=[{corpus}]", f"encoders.root={suite}", f"output.root={out}",
         f"output.rows_per_shard={max(args.n // 2, 1)}", f"encoders.batch_size={args.batch_size}",
         "encoders.t5_dtype=float32", "image.multireso=false", f"image.resolution={args.size}",
         "image.random_flip=false", "ray.num_cpus=4", "ray.preprocess_tasks=1", "ray.num_encoder_actors=1",
+        "ray.num_writers=1", "ray.writer_num_cpus=0.5",
         f"ray.torch_threads={args.threads}", "ray.actor_memory_gb=2", "ray.object_store_memory_gb=1",
         "log.progress=false", "log.interval_s=5",
-    ])
+    ]
+    cfg = load_config(EncodeConfig, REPO / "configs/encode/demo.yaml", cfg_args)
 
     # The job's own chunks (same composition) as ready tensors for the bound, and the per-sample CPU costs.
     toks = pp.load_tokenizers(str(suite))
@@ -179,16 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"encoder-only bound (after): {bound_after:.4f} samples/s", flush=True)
     bound = (bound_before + bound_after) / 2
 
-    # Shard writing cost per sample: rewrite the cache's samples into a scratch shard.
+    # Shard writing cost per sample: rewrite the cache's samples into a scratch shard (what the driver did per
+    # sample before issue 13, by process CPU time as the driver's number below).
     cache = open_cache(out)
     samples = [cache[i] for i in range(len(cache))]
     m = read_manifest(out)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     w = open_shard_writer(work, f"scratch-{time.time_ns()}", m.spec)
     for s in samples:
         w.add(s)
     w.close()
     write_s = (time.perf_counter() - t) / len(samples)
+    write_cpu = (time.process_time() - c) / len(samples)
 
     steady = summary["steady_samples_per_s"]
     ratio = steady / bound
@@ -214,6 +234,69 @@ def main(argv: list[str] | None = None) -> None:
               "over these windows (measured so on a loaded 2-core box); the overhead bound that holds regardless is "
               "the preprocessing + writing share above")
     print(f"encode_throughput_ratio = {ratio:.2f} (goal >= 0.8)")
+    driver_ms, identical = driver_cost(work, args.driver_n)
+    print(f"  old style at this bench's geometry ({args.size}px): the driver wrote every shard, "
+          f"{write_cpu * 1e3:.3f} ms CPU per sample of shard writing alone (issue 13: 9-10 ms at 1024^2)")
+    assert identical
+    print(f"driver_cpu_ms_per_sample = {driver_ms:.3f} (goal <= 0.2)")
+
+
+def driver_cost(work: Path, n: int) -> tuple[float, bool]:
+    """The driver's CPU per sample where it would matter: encoders fast enough (the tests' tiny suite, 64px) that
+    the job runs at many samples/s, as on a GPU cluster. 1 actor + 1 writer, then 2 actors + 2 writers: the shard
+    sha256 values must be equal. Returns (the larger process-CPU ms per sample of the two, identical)."""
+    from pipeline.tiny_suite import write_tiny_suite
+    from shared.cache import open_cache, open_shard_writer
+    from shared.config import load_config
+    from shared.manifest import read_manifest
+    from stage1_encode import job
+    from stage1_encode.config import EncodeConfig
+
+    tiny = work / "tiny-t2i"
+    if not (tiny / "done").exists():
+        write_tiny_suite(tiny, seed=0, overwrite=True)
+        (tiny / "done").write_text("ok")
+    corpus = work / f"corpus-{n}-64" / "00000.arrow"
+    if not corpus.exists():
+        write_corpus(corpus, n, 64)
+    runs = {}
+    for actors, writers in ((1, 1), (2, 2)):
+        out = work / f"cache-tiny-{actors}x{writers}-{time.time_ns()}"
+        cfg = load_config(EncodeConfig, REPO / "configs/encode/demo.yaml", [
+            f"input.paths=[{corpus}]", f"encoders.root={tiny}", f"output.root={out}", "output.rows_per_shard=64",
+            "encoders.batch_size=8", "image.multireso=false", "image.resolution=64", "image.random_flip=true",
+            "ray.num_cpus=4", "ray.preprocess_tasks=1", "ray.preprocess_num_cpus=0.5", "ray.num_cpus_per_actor=0.5",
+            f"ray.num_encoder_actors={actors}", f"ray.num_writers={writers}", "ray.writer_num_cpus=0.5",
+            "ray.torch_threads=1", "ray.actor_memory_gb=0.3", "ray.object_store_memory_gb=0.5",
+            "log.progress=false", "log.interval_s=30",
+        ])
+        runs[(actors, writers)] = (out, job.run(cfg))
+    print()
+    print(f"driver CPU per sample, tiny encoders at 64px (flip view), {n} samples, 64 per shard, batches of 8:")
+    worst = 0.0
+    for (actors, writers), (out, sm) in runs.items():
+        k = max(sm["written_this_run"], 1)
+        ms = sm["driver_cpu_s"] / k * 1e3
+        worst = max(worst, ms)
+        print(f"  {actors} actor(s) + {writers} writer(s): process {ms:7.3f} ms, dispatch-loop thread "
+              f"{sm['driver_thread_cpu_s'] / k * 1e3:7.3f} ms per sample; {sm['driver_cpu_s']:.3f} s CPU over "
+              f"{sm['encode_seconds']:.1f} s = {sm['driver_cpu_s'] / max(sm['encode_seconds'], 1e-9):.1%} of a core, "
+              f"{k / max(sm['encode_seconds'], 1e-9):.1f} samples/s")
+    # Old style: what the driver did per sample before issue 13 (write every sample into its shard), same geometry.
+    out = runs[(1, 1)][0]
+    cache = open_cache(out)
+    samples = [cache[i] for i in range(len(cache))]
+    c = time.process_time()
+    w = open_shard_writer(work, f"scratch-tiny-{time.time_ns()}", read_manifest(out).spec)
+    for smp in samples:
+        w.add(smp)
+    w.close()
+    print(f"  old style, same geometry: the driver wrote every shard, {(time.process_time() - c) / len(samples) * 1e3:.3f} "
+          "ms CPU per sample of shard writing alone (plus receiving every payload)")
+    sha = {k: [(s["name"], s["sha256"]) for s in read_manifest(o).shards] for k, (o, _) in runs.items()}
+    identical = sha[(1, 1)] == sha[(2, 2)]
+    print(f"bit-identical, 2 actors + 2 writers vs 1 + 1: {identical} ({len(sha[(1, 1)])} shards, sha256 compared)")
+    return worst, identical
 
 
 if __name__ == "__main__":

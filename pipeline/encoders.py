@@ -122,6 +122,11 @@ def _hash_files(folder: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {name: _sha256_file(folder / name) for name in sorted(names) if (folder / name).is_file()}
 
 
+
+def vae_downsample_factor(block_out_channels) -> int:
+    """One 2x downsample per encoder block except the last (diffusers' Encoder)."""
+    return 2 ** (len(block_out_channels) - 1)
+
 class FrozenEncoders:
     """VAE + BERT + mT5, loaded once, eval(), requires_grad False; every encode runs under inference_mode."""
 
@@ -157,8 +162,7 @@ class FrozenEncoders:
 
     @property
     def vae_downsample(self) -> int:
-        # One 2x downsample per encoder block except the last (diffusers' Encoder).
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsample_factor(self.vae.config.block_out_channels)
 
     @property
     def clip_dim(self) -> int:

@@ -31,18 +31,20 @@ def is_tmp_name(name: str) -> bool:
 _TMP_RE = re.compile(r"^\.tmp-.+-\d+-[0-9a-f]{8}$")  # exactly what tmp_path_for makes
 
 
-def remove_tmp_leftovers(folder: str | Path) -> list[Path]:
+def remove_tmp_leftovers(folder: str | Path, stem: str | None = None) -> list[Path]:
     """Delete the entries directly in `folder` named as tmp_path_for names them (debris of writes that died) and
-    return them. Not recursive; a symlink is unlinked, never followed; any other name is kept.
+    return them; with `stem`, only the temp names of `<stem>.*` files. Not recursive; a symlink is unlinked, never
+    followed; any other name is kept.
 
-    Only safe where no other process is writing into `folder` (stage 1 holds its cache's lock).
+    Only safe where no other process is writing into `folder` (stage 1 holds its cache's lock), or, with `stem`,
+    those files (a stage-1 shard has one writer at a time).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for p in sorted(folder.iterdir()):
-        if not _TMP_RE.match(p.name):
+        if not _TMP_RE.match(p.name) or (stem is not None and not p.name.startswith(f"{TMP_PREFIX}{stem}.")):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

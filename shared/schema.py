@@ -203,6 +203,14 @@ def _float_array(x: Any, want: str, name: str, key: str) -> np.ndarray:
     return x
 
 
+class NonFiniteError(ValueError):
+    """An encoder output of a sample holds inf/NaN (stage 1 records the sample as a "nonfinite_output" reject)."""
+
+    def __init__(self, key: str, fields: list[str]) -> None:
+        self.key, self.fields = key, fields
+        super().__init__(f"{', '.join(fields)} of {key} holds inf/NaN (encoder overflow?)")
+
+
 def _nonfinite(x: np.ndarray, dtype_name: str) -> bool:
     if dtype_name == "bfloat16":
         return bool(np.any((x & 0x7F80) == 0x7F80))
@@ -311,9 +319,10 @@ def encode_sample(sample: dict, spec: CacheSpec) -> dict:
     t5 = out.pop("_t5_states")
     out["t5_rows"], out["t5_index"] = dedup_rows(t5)
 
-    for name, enc in (("moments", "vae"), ("clip_rows", "clip"), ("t5_rows", "t5")):
-        if _nonfinite(out[name], getattr(spec, f"{enc}_dtype")):
-            raise ValueError(f"{name} of {key} holds inf/NaN (encoder overflow?)")
+    bad = [name for name, enc in (("moments", "vae"), ("clip_rows", "clip"), ("t5_rows", "t5"))
+           if _nonfinite(out[name], getattr(spec, f"{enc}_dtype"))]
+    if bad:
+        raise NonFiniteError(key, bad)
     out["crc32"] = sample_crc(key, caption, out)
     return out
 

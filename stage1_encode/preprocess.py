@@ -97,7 +97,11 @@ def decode_image(data: Any, max_pixels: int) -> Image.Image:
     CMYK, palette, greyscale, 16-bit and alpha images are converted by PIL's `.convert("RGB")` (alpha dropped, not
     composited, 16-bit clipped), as in the original. Raises Reject("decode_error" | "pixel_limit").
     """
-    img = open_image(data, max_pixels)
+    return to_rgb(open_image(data, max_pixels))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image from open_image (checked, not yet decoded) -> decoded RGB. Raises Reject("decode_error")."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -243,7 +247,13 @@ def resize_and_crop(img: Image.Image, key: str, cfg: "ImageConfig") -> CroppedIm
     """Size checks, target size, resize and crop of a decoded RGB image (the crop RNG seeded by key and cfg.seed)."""
     w, h = img.size
     check_size(w, h, cfg.min_size, cfg.max_aspect_ratio)
-    th, tw = target_size(w, h, cfg)
+    return crop_to_target(img, key, cfg, target_size(w, h, cfg))
+
+
+def crop_to_target(img: Image.Image, key: str, cfg: "ImageConfig", target: tuple[int, int]) -> CroppedImage:
+    """Resize and crop a decoded RGB image already checked by check_size to its `target_size` (H, W)."""
+    w, h = img.size
+    th, tw = target
     rng = crop_rng(key, cfg.seed)
     if cfg.multireso:
         out, (left, top) = resize_crop_multi(img, (th, tw), rng, cfg.crop)

@@ -28,6 +28,7 @@ from pipeline.text import DEFAULT_CAPTION
 from shared.manifest import completed_shards, read_manifest
 from stage1_encode import job as job_mod
 from stage1_encode import preprocess as pp
+from stage1_encode import preprocess_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = REPO / "configs" / "encode" / "demo.yaml"
@@ -67,7 +68,7 @@ def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
         "image.min_size": 32,  # scaled down with the resolution (demo.yaml: 64 for base 256); the corpus' least is 38
         "ray.num_cpus": 3, "ray.preprocess_tasks": 1, "ray.preprocess_num_cpus": 0.25,
         "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1, "ray.object_store_memory_gb": 0.3,
-        "ray.actor_memory_gb": 0.2, "log.interval_s": 2,
+        "ray.actor_memory_gb": 0.2, "ray.writer_num_cpus": 0.25, "log.interval_s": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -171,7 +172,7 @@ def cluster(tmp_path_factory):
 def reference(corpus, suite, tmp_path_factory) -> Path:
     """The uninterrupted run, through the CLI on an embedded local Ray."""
     out = tmp_path_factory.mktemp("ref") / "cache"
-    r = cli(overrides(corpus, suite, out))
+    r = cli(overrides(corpus, suite, out, **{"ray.num_writers": 1}))  # 1 actor, 1 writer
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout)
     assert summary["status"] == "complete"
@@ -234,7 +235,8 @@ def test_finished_cache_left_alone_and_conflicts_refused(reference, corpus, suit
 @pytest.mark.exact
 @pytest.mark.slow
 def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, tmp_path):
-    """`ray job submit` to a `ray start` cluster with 2 encoder actors = the 1-actor embedded run, bit for bit.
+    """`ray job submit` to a `ray start` cluster with 2 encoder actors and 2 shard writers = the embedded run with
+    1 actor and 1 writer, bit for bit (each shard's writer takes its chunks in chunk order).
 
     Exact by construction, not by luck of this CPU: a chunk's samples come from the data alone (bucket, row order,
     `encoders.batch_size`; see stage1_encode/job.py), every actor runs one torch thread, so both runs make the same
@@ -242,7 +244,7 @@ def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, 
     out = tmp_path / "cache"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
            "--working-dir", str(REPO), "--", "python", "-m", "stage1_encode", "--config",
-           "configs/encode/demo.yaml", *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2})]
+           "configs/encode/demo.yaml", *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2, "ray.num_writers": 2})]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert '"status": "complete"' in r.stdout
@@ -289,6 +291,36 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["shards_this_run"] == 4 - len(first)
     assert_same_cache(reference, out)
+
+
+@pytest.mark.exact
+@pytest.mark.slow
+def test_sigkill_a_writer_and_resume(cluster, reference, corpus, suite, tmp_path, monkeypatch):
+    """A shard writer SIGKILLed mid-shard (test hook KILL_ENV: the writer kills its own process after 2 samples)
+    leaves nothing visible of its shard. With ray.writer_retries=0 the job fails naming the shard; the rerun (whose
+    writer of that shard is killed once more, and rerun by Ray) completes: 0 lost, 0 duplicated, bit-identical."""
+    from shared.manifest import shard_data_path, shard_sidecar_path
+    from stage1_encode.shard_writer import KILL_ENV
+
+    out = tmp_path / "cache"
+    fmt = read_manifest(reference).format
+    victim = read_manifest(reference).shards[1]["name"]
+    args = {"ray.num_writers": 2, "ray.num_encoder_actors": 2}
+    monkeypatch.setenv(KILL_ENV, f"{victim}:2:{tmp_path / 'killed-1'}")
+    with pytest.raises(RuntimeError, match=rf"the writer of shard {victim} died"):
+        job_mod.run(load_cfg(overrides(corpus, suite, out, **args, **{"ray.writer_retries": 0})),
+                    address=cluster["address"])
+    assert (tmp_path / "killed-1").exists()  # the kill happened, mid-shard
+    first = set(completed_shards(out))
+    assert victim not in first and not (out / "manifest.json").exists()
+    assert not shard_data_path(out, victim, fmt).exists() and not shard_sidecar_path(out, victim).exists()
+
+    monkeypatch.setenv(KILL_ENV, f"{victim}:2:{tmp_path / 'killed-2'}")
+    summary = job_mod.run(load_cfg(overrides(corpus, suite, out, **args)), address=cluster["address"])
+    assert (tmp_path / "killed-2").exists() and summary["status"] == "complete"
+    assert summary["shards_this_run"] == 4 - len(first)
+    assert not list((out / "shards").glob(".tmp-*"))
+    assert_same_cache(reference, out)  # every key once, every byte equal
 
 
 @pytest.mark.slow
@@ -530,7 +562,7 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
     from stage1_encode.readers import plan_partitions
 
     part = plan_partitions(cfg.input, 12)[0]
-    real_read, real_crop = job_mod.read_partition, pp.resize_and_crop
+    real_read, real_crop = preprocess_task.read_partition, pp.crop_to_target
 
     def lossy_read(p, icfg):
         for row in real_read(p, icfg):
@@ -538,13 +570,13 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
                 continue  # lost between planning and reading
             yield {k: v for k, v in row.items() if k != "caption"} if row["row"] == 5 else row
 
-    def crashing_crop(img, key, im):
+    def crashing_crop(img, key, im, target):
         if key.split("-")[-2] == "00000008":
             raise RuntimeError("boom")
-        return real_crop(img, key, im)
+        return real_crop(img, key, im, target)
 
-    monkeypatch.setattr(job_mod, "read_partition", lossy_read)
-    monkeypatch.setattr(pp, "resize_and_crop", crashing_crop)
+    monkeypatch.setattr(preprocess_task, "read_partition", lossy_read)
+    monkeypatch.setattr(pp, "crop_to_target", crashing_crop)
     got = list(job_mod.partition_chunks(part, cfg, pp.load_tokenizers(str(suite))))
     end = got[-1][2]
     written = [r for _, _, m in got[:-1] for r in m["rows"]]
@@ -573,9 +605,11 @@ def test_non_utf8_file_names_travel_and_are_recorded(tmp_path):
     import pyarrow as pa
 
     source = "/data/imgs/caf\udce9.jpg"  # a Latin-1 file name as os.listdir returns it (surrogateescape)
-    row = job_mod._out_row("p", "chunk", 0, b"", {"sources": [source], "captions": ["猫"]})
-    pa.array(row["meta"])  # Ray Data carries it in an Arrow utf8 column
-    assert json.loads(row["meta"][0])["sources"] == [source]
+    from stage1_encode.payload import make_item, read_item
+
+    item = make_item("chunk", {}, {"sources": [source], "captions": ["猫"]})
+    pa.array([item[2]])  # ASCII JSON: valid UTF-8 wherever it travels
+    assert read_item(item)[2]["sources"] == [source]
     part = job_mod.Partition(name="p", source=source, source_stem="p", start=0, stop=1)
     (tmp_path / job_mod.PARTS_DIR).mkdir()
     note = {"name": "p", "written": 0, "substituted_captions": 0,
@@ -586,8 +620,12 @@ def test_non_utf8_file_names_travel_and_are_recorded(tmp_path):
     assert json.loads((tmp_path / "rejects.jsonl").read_text("utf-8"))["source"] == source
 
 
-def test_nonfinite_outputs_are_rejected():
+def test_nonfinite_outputs_are_rejected(tmp_path):
+    """The encoder actor returns raw outputs; the shard writer rejects a sample with inf/NaN in any stored field."""
     import torch
+
+    from shared.schema import CacheSpec
+    from stage1_encode.shard_writer import ShardAssembler
 
     class FakeEncoders:
         def encode_images(self, x):
@@ -606,13 +644,33 @@ def test_nonfinite_outputs_are_rejected():
     actor = object.__new__(job_mod.EncoderActor)
     actor.enc, actor.views = FakeEncoders(), ("plain", "flip")
     B = 4
-    arrays = {"pixels": torch.zeros(B, 16, 16, 3, dtype=torch.uint8), "image_meta_size": torch.zeros(B, 6),
+    arrays = {"pixels": torch.zeros(B, 16, 16, 3, dtype=torch.uint8),
+              "image_meta_size": torch.tensor([[16, 16, 16, 16, 0, 0]] * B, dtype=torch.int32),
               "clip_ids": torch.zeros(B, 5, dtype=torch.int32), "clip_mask": torch.ones(B, 5, dtype=torch.bool),
               "t5_ids": torch.zeros(B, 6, dtype=torch.int32), "t5_mask": torch.ones(B, 6, dtype=torch.bool)}
     meta = {"bucket": [16, 16], "keys": list("abcd"), "captions": list("ABCD"), "sources": ["s"] * B,
-            "rows": [0, 1, 2, 3], "substituted": [False] * B, "null": [False] * B}
+            "rows": [0, 1, 2, 3], "substituted": [False] * B, "null": [False] * B, "seq": 0}
     payload, out_meta = actor.encode_chunk(arrays, meta)
-    assert out_meta["keys"] == ["a", "d"]
-    assert [(r["key"], r["reason"]) for r in out_meta["rejects"]] == [("b", "nonfinite_output"),
-                                                                    ("c", "nonfinite_output")]
-    assert job_mod.unpack(payload)["moments"].shape == (2, 2, 8, 2, 2)
+    assert job_mod.unpack(payload)["moments"].shape == (4, 2, 8, 2, 2)  # all samples: the writer decides
+    spec = CacheSpec(views=("plain", "flip"), clip_len=5, clip_dim=4, t5_len=6, t5_dim=4, latent_channels=4,
+                     downsample=8, t5_dtype="float16")
+    asm = ShardAssembler(tmp_path, "p", spec)
+    asm.add_chunk(job_mod.unpack(payload), out_meta)
+    info = asm.finish({"n_chunks": 1, "n_rows": 4, "rejects": []})
+    assert info.n_samples == 2 and asm.n_written == 2
+    note = json.loads((tmp_path / job_mod.PARTS_DIR / "p.json").read_text())
+    assert [(r["key"], r["reason"]) for r in note["rejects"]] == [("b", "nonfinite_output"), ("c", "nonfinite_output")]
+    assert "moments" in note["rejects"][0]["detail"] and "t5_rows" in note["rejects"][1]["detail"]
+
+
+def test_a_writer_refuses_an_output_root_it_does_not_see(tmp_path):
+    """A local output.root on a multi-node cluster must be one shared folder: a writer that does not find the
+    driver's marker token there refuses, naming the root and what to use instead."""
+    from stage1_encode.shard_writer import check_root_visible
+
+    (tmp_path / ".tmp-writer-check-1-0badf00d").write_text("token-of-the-driver")
+    check_root_visible(tmp_path, ".tmp-writer-check-1-0badf00d", "token-of-the-driver")
+    for marker, token in ((".tmp-writer-check-1-0badf00d", "another-driver"), (".tmp-writer-check-2-deadbeef", "t")):
+        with pytest.raises(ValueError, match=rf"output.root {tmp_path} is not the driver's folder.*shared "
+                                             r"filesystem.*s3://"):
+            check_root_visible(tmp_path, marker, token)
