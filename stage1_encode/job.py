@@ -434,7 +434,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     groups: dict[tuple[int, int], list[tuple[dict, str, bool]]] = {}
     n_rows = 0
     seen_rows: set[int] = set()
-    for row in read_partition(part, cfg.input):
+    for row in read_partition(part, cfg.input, cfg.storage):
         n_rows += 1
         seen_rows.add(int(row["row"]))
         try:
@@ -834,7 +834,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     # Fail on config / schema / encoder-folder mistakes before any cluster starts.
     dims = encoder_dims(cfg.encoders.root)
     spec = cache_spec(cfg, dims)
-    partitions = plan_partitions(cfg.input, cfg.output.rows_per_shard)
+    partitions = plan_partitions(cfg.input, cfg.output.rows_per_shard, cfg.storage)
     names = [p.name for p in partitions]
     assert len(set(names)) == len(names), "partition names must be unique"
 

@@ -156,3 +156,90 @@ def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_
         if p.is_file() and p.suffix in (".yaml", ".json", ".log", ".jsonl"):
             text = p.read_text(errors="replace")
             assert s3.env["AWS_SECRET_ACCESS_KEY"] not in text and s3.env["AWS_ACCESS_KEY_ID"] not in text, p
+
+
+def _row_tuple(r: dict) -> tuple:
+    return (r["key"], r["row"], r["image"], r["caption"], r["md5"], r["error_reason"])
+
+
+def test_readers_on_s3_give_the_local_rows(s3, tmp_path, monkeypatch):
+    """Arrow, Parquet, JSONL and CSV inputs on s3:// plan the same partitions (names, row ranges) and read the same
+    rows (keys, bytes, captions, md5s) as the same files on local disk; the planner counts Arrow rows without
+    downloading the images; list image URLs are contained in the list's prefix or input.allowed_roots."""
+    from stage1_encode.demo_corpus import write_demo_corpus, write_demo_image_list
+    from stage1_encode.readers import InputConfig, S3Path, plan_partitions, read_partition
+
+    local = write_demo_corpus(tmp_path / "corpus", n=30, seed=1, rows_per_file=16)
+    loose = write_demo_image_list(tmp_path / "loose", n=6)
+    url = s3.url()
+    store = RemoteStore(url)
+    store.upload(local["arrow_dir"], "arrow")
+    store.upload(local["parquet_dir"], "parquet")
+    store.upload(loose["root"], "loose")
+
+    def read_all(cfg):
+        parts = plan_partitions(cfg, 7)
+        return parts, [_row_tuple(r) for p in parts for r in read_partition(p, cfg)]
+
+    for fmt, local_paths, remote_paths in (
+        ("arrow", [str(local["arrow_dir"])], [f"{url}/arrow"]),  # a prefix: every *.arrow below it
+        ("parquet", [str(local["parquet_dir"] / "*.parquet")], [f"{url}/parquet/*.parquet"]),
+        ("jsonl", [str(loose["jsonl"])], [f"{url}/loose/list.jsonl"]),
+        ("csv", [str(loose["csv"])], [f"{url}/loose/list.csv"]),
+    ):
+        lp, lrows = read_all(InputConfig(format=fmt, paths=local_paths))
+        rp, rrows = read_all(InputConfig(format=fmt, paths=remote_paths))
+        assert [(p.name, p.start, p.stop) for p in rp] == [(p.name, p.start, p.stop) for p in lp], fmt
+        assert rrows == lrows and len(rrows) == (30 if fmt in ("arrow", "parquet") else 6), fmt
+        assert all(p.source.startswith(url + "/") for p in rp)
+
+    # counting rows reads the batches' metadata and the caption column only, not the images
+    from stage1_encode import readers
+
+    opened = []
+    real_open = S3Path.open
+
+    def observed_open(self, *a, **kw):  # observes the real file objects' read-ahead caches; changes nothing
+        opened.append(real_open(self, *a, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(S3Path, "open", observed_open)
+    import pyarrow as pa
+
+    table = pa.table({"image": [bytes([i]) * 20_000 for i in range(64)], "text_zh": [str(i) for i in range(64)]})
+    with pa.OSFile(str(tmp_path / "big.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=16):
+            writer.write_batch(batch)
+    store.upload(tmp_path / "big.arrow", "big.arrow")
+    big = S3Path(f"{url}/big.arrow")
+    assert sum(readers._arrow_batch_rows(big, InputConfig(format="arrow", paths=[str(big)]))) == 64
+    size = (tmp_path / "big.arrow").stat().st_size
+    assert sum(fh.cache.total_requested_bytes for fh in opened) < size / 2, (size, [fh.cache for fh in opened])
+    monkeypatch.undo()
+
+    # a list on s3:// naming image URLs: inside its prefix, outside it (refused unless allowed), and missing
+    inside, outside = f"{url}/loose/images/00000.png", f"{url}/elsewhere/x.png"
+    store.write_bytes("elsewhere/x.png", loose["images"].joinpath("00000.png").read_bytes())
+    lines = [{"img_path": inside, "text_zh": "a"}, {"img_path": outside, "text_zh": "b"},
+             {"img_path": "images/../../elsewhere/x.png", "text_zh": "c"},
+             {"img_path": "images/nope.png", "text_zh": "d"}]
+    store.write_bytes("loose/urls.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
+    cfg = InputConfig(format="jsonl", paths=[f"{url}/loose/urls.jsonl"])
+    rows = [r for p in plan_partitions(cfg, 10) for r in read_partition(p, cfg)]
+    assert [r["error_reason"] for r in rows] == [None, "outside_roots", "outside_roots", "read_error"]
+    assert rows[0]["image"] == loose["images"].joinpath("00000.png").read_bytes()
+    assert f"{url}/loose/images/nope.png" in rows[3]["error"]
+    cfg = InputConfig(format="jsonl", paths=[f"{url}/loose/urls.jsonl"], allowed_roots=[f"{url}/elsewhere/"])
+    rows = [r for p in plan_partitions(cfg, 10) for r in read_partition(p, cfg)]
+    assert [r["error_reason"] for r in rows] == [None, None, None, "read_error"]
+    # a local list may name objects only under an allowed s3:// prefix
+    local_list = tmp_path / "urls.jsonl"
+    local_list.write_text(json.dumps({"img_path": inside, "text_zh": "a"}) + "\n")
+    for roots, reason in (([], "outside_roots"), ([f"{url}/loose"], None)):
+        cfg = InputConfig(format="jsonl", paths=[str(local_list)], allowed_roots=roots)
+        assert [r["error_reason"] for p in plan_partitions(cfg, 10) for r in read_partition(p, cfg)] == [reason]
+
+    with pytest.raises(ValueError, match=f"{url}/nothing.*matches no object"):
+        plan_partitions(InputConfig(format="arrow", paths=[f"{url}/nothing"]), 7)
+    with pytest.raises(ValueError, match="format 'folder' reads local files only"):
+        plan_partitions(InputConfig(format="folder", paths=[f"{url}/loose/images"]), 7)
