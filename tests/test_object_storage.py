@@ -7,9 +7,14 @@ the same cache on local disk (same files, same readers, same kernels: exact by c
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +248,127 @@ def test_readers_on_s3_give_the_local_rows(s3, tmp_path, monkeypatch):
         plan_partitions(InputConfig(format="arrow", paths=[f"{url}/nothing"]), 7)
     with pytest.raises(ValueError, match="format 'folder' reads local files only"):
         plan_partitions(InputConfig(format="folder", paths=[f"{url}/loose/images"]), 7)
+
+
+def _ray_node(args: list[str], home: Path, temp_dir: Path, env: dict) -> subprocess.Popen:
+    """`ray start --block` in its own folder (cwd, HOME, TMPDIR, staging and shard-cache folders; its own short
+    --temp-dir: Ray's socket paths must stay under 108 bytes) and its own process group, so that teardown kills
+    exactly its processes."""
+    home.mkdir(parents=True, exist_ok=True)
+    node_env = dict(env, HOME=str(home), HYDIT_STAGING=str(home / "staging"), HYDIT_SHARD_CACHE=str(home / "cache"),
+                    TMPDIR=str(home))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    log = open(home / "ray.log", "w")
+    return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir",
+                             str(temp_dir), "--disable-usage-stats", *args], cwd=home, env=node_env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def _wait_nodes(dashboard: str, n: int, procs: list[subprocess.Popen], logs: Path, timeout_s: float = 180):
+    """The n alive nodes, or None when the last process started has exited (its start failed)."""
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            alive = [x for x in list_nodes(address=dashboard) if x.state == "ALIVE"]
+            if len(alive) == n:
+                return alive
+        except Exception:  # the dashboard is not up yet
+            pass
+        if procs[-1].poll() is not None:
+            return None
+        for p in procs[:-1]:
+            assert p.poll() is None, [f.read_text()[-2000:] for f in logs.glob("*/ray.log")]
+        assert time.time() < deadline, f"{n} Ray nodes did not come up in {timeout_s}s"
+        time.sleep(1)
+
+
+@pytest.mark.exact
+@pytest.mark.slow
+def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suite, tmp_path):  # noqa: F811
+    """A head with no CPUs and two worker nodes, each started in its own folder (cwd, HOME, TMPDIR, Ray temp dir,
+    staging and shard-cache folders), the driver in a third: the corpus on s3://, the cache on s3://. Encoder
+    actors and preprocessing tasks run on both worker nodes (Ray's state API says where), and the cache is
+    bit-identical to the single-node run from local disk to local disk (reference). Exact by construction: the
+    batches are cut from the data alone and every actor runs one torch thread (test_job_submit_two_actors...).
+
+    Only code and the encoder weights are at one path for every process, as on any cluster (installed on each
+    machine); whichever process writes the shards (the driver, or tasks on the nodes) has only its own folders."""
+    from ray.util.state import list_actors, list_tasks
+
+    from shared.remote_cache import download_cache
+    from test_stage1_job import _free_port, cache_content
+
+    url = s3.url()
+    RemoteStore(url).upload(corpus["arrow_dir"], "corpus")
+    env = dict(ENV, **s3.env)
+    names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port"]
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) < len(names) * 3:
+        ports = {f"{n}@{i}": _free_port() for n in names for i in range(3)}
+    own = lambda i, skip=(): [a for n in names if n not in skip for a in (f"--{n}", str(ports[f"{n}@{i}"]))]  # noqa: E731
+    head = f"127.0.0.1:{ports['port@0']}"
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port@0']}"
+    temp_dirs = [Path(tempfile.mkdtemp(prefix=f"hyray{i}-")) for i in range(3)]
+    args = {0: ["--head", "--num-cpus", "0", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
+                "--object-store-memory", str(100 * 1024**2), *own(0)]}
+    for i in (1, 2):  # one CPU each: one encoder actor (0.75 CPU) per node, by resources
+        args[i] = ["--address", head, "--num-cpus", "1", "--object-store-memory", str(200 * 1024**2),
+                   *own(i, skip=("port", "dashboard-port", "ray-client-server-port"))]
+    nodes: list[subprocess.Popen] = []
+    try:
+        # one at a time (a worker that starts before the head's GCS is up gives up); a node whose start hits Ray's
+        # fixed 30 s registration timeout on a loaded machine is started again, twice at most
+        for i in range(3):
+            for attempt in range(3):
+                proc = _ray_node(args[i], tmp_path / f"node{i}", temp_dirs[i], env)
+                alive = _wait_nodes(dashboard, 1 + i, nodes + [proc], tmp_path)
+                if alive is not None:
+                    nodes.append(proc)
+                    break
+                _stop_node(proc)
+            assert alive is not None, [f.read_text()[-2000:] for f in tmp_path.glob("*/ray.log")]
+        workers = {n.node_id for n in alive if n.resources_total.get("CPU", 0) > 0}
+        assert len(workers) == 2
+
+        driver = tmp_path / "driver"
+        driver.mkdir()
+        args = overrides(corpus, suite, url, **{
+            "input.paths": f"[{url}/corpus]", "ray.address": head, "ray.num_encoder_actors": 2,
+            "ray.num_cpus_per_actor": 0.75, "ray.preprocess_tasks": 2})
+        r = subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=driver,
+                           env=dict(env, HOME=str(driver), HYDIT_STAGING=str(driver / "staging"), TMPDIR=str(driver)),
+                           capture_output=True, text=True, timeout=500)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert json.loads(r.stdout)["status"] == "complete"
+
+        actors = [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "MapWorker" in a.class_name
+                  or "Encoder" in a.class_name]
+        assert {a.node_id for a in actors} == workers, [(a.class_name, a.node_id) for a in actors]
+        tasks = [t for t in list_tasks(address=dashboard, detail=True, limit=10000) if "preprocess" in t.name]
+        assert tasks and {t.node_id for t in tasks} <= workers, [(t.name, t.node_id) for t in tasks]
+    finally:
+        for n in reversed(nodes):
+            _stop_node(n)
+        for d in temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    got = cache_content(download_cache(url, tmp_path / "downloaded"))
+    want = cache_content(reference)
+    # rejects name their source: the s3:// object here, the local file there; everything else is equal
+    for c in (got, want):
+        c["rejects"] = [{k: v for k, v in json.loads(line).items() if k != "source"}
+                        for line in c["rejects"].splitlines()]
+    assert got["shards"] == want["shards"] and got == want
