@@ -901,6 +901,9 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         else:
             store.upload_file(root / REJECTS_NAME, REJECTS_NAME)
             write_manifest(root, manifest, completed=done)
+            from shared.remote_cache import publish_small_files
+
+            publish_small_files(store, root, names, spec.format)  # readers' one GET for all small files
             store.upload_file(root / MANIFEST_NAME, MANIFEST_NAME)  # last: the remote cache is complete
         elapsed = time.time() - t0
         nbytes = sum(done[n].bytes for n in names)

@@ -44,11 +44,24 @@ def test_remote_cache_reads_like_local(s3, tmp_path, fmt):
     cfg = StorageConfig(cache_dir=str(tmp_path / "shard-cache"), cache_max_gb=1.0)
     remote = open_cache(url, storage=cfg)
     assert _samples(remote) == _samples(open_cache(local))
-    # manifest, empty caption, 3 sidecars and 3 index files, then the data: one GET per object (a .tar shard is one
-    # object; a zarr shard is a folder, one object per zarr chunk: whole chunks, never a GET per sample field)
+    # manifest, empty caption, small_files.tar (3 sidecars and 3 index files), then the data: one GET per object (a
+    # .tar shard is one object; a zarr shard is a folder, one object per zarr chunk: whole chunks, never a GET per
+    # sample field)
     data_objects = sum(1 for rel in RemoteStore(url).find("shards") if "/" in rel or rel.endswith(".tar"))
     assert data_objects == (3 if fmt == "webdataset" else data_objects) and data_objects >= 3
-    assert remote._source.store.gets == 2 + 3 + 3 + data_objects
+    assert remote._source.store.gets == 3 + data_objects
+    # without the bundle (or with one written for another manifest) the small files come one by one
+    from shared.remote_cache import SMALL_FILES_NAME
+
+    bundle = RemoteStore(url).read_bytes(SMALL_FILES_NAME)
+    for stale in (None, bundle.replace(bundle[512:576], b"0" * 64)):  # member 1 holds the manifest's sha256
+        if stale is None:
+            RemoteStore(url).remove(SMALL_FILES_NAME)
+        else:
+            RemoteStore(url).write_bytes(SMALL_FILES_NAME, stale)
+        fresh = open_cache(url, storage=StorageConfig(cache_dir=str(tmp_path / f"c-{stale is None}")))
+        assert _samples(fresh) == _samples(open_cache(local))
+        assert fresh._source.store.gets == 3 + 3 + 3 + data_objects  # the absent bundle costs its GET too
     assert verify_cache(url, progress=False).ok
     from shared.cli import main as cache_cli
 
