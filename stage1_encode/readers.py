@@ -75,7 +75,8 @@ class InputConfig:
 
     format: InputFormat = "arrow"
     # Files, directories or glob patterns. A directory means every file of the format in it (`*.arrow`, `*.parquet`,
-    # `*.json` for indexkits, ...); for "folder" each directory is one source of images.
+    # `*.json` for indexkits, ...); for "folder" each directory is one source of images. Not
+    # folder / indexkits: s3:// objects, prefixes and patterns too (see the module docstring).
     paths: list[str] = field(default_factory=list)
     # arrow / parquet / indexkits: the encoded image bytes; "binary" is used when "image" is absent, as the original.
     image_column: str = "image"
@@ -91,6 +92,7 @@ class InputConfig:
     image_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
     # jsonl / csv / folder: folders that image (and caption sidecar) files may resolve into, besides the list's own
     # folder (folder corpora: the image folder). Symlinks are followed before the check.
+    # s3:// prefixes admit image URLs below them.
     allowed_roots: list[str] = field(default_factory=list)
     # jsonl / csv / folder: true reads image paths wherever they point (absolute paths, `..`, symlinks out of the
     # folder). Only for lists you trust: a list could otherwise read any file the job can.
