@@ -38,9 +38,9 @@ import csv
 import errno
 import glob
 import hashlib
+import io
 import json
 import logging
-import io
 import os
 import posixpath
 import re
@@ -55,7 +55,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.schema import make_key
-from shared.storage import MissingObjectError, RemoteStore, StorageConfig, StorageError, is_remote, split_url
+from shared.storage import (
+    MissingObjectError,
+    RemoteStore,
+    StorageConfig,
+    StorageError,
+    is_remote,
+    split_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +174,7 @@ class S3Path:
     def __hash__(self) -> int:
         return hash(str(self))
 
-    def __lt__(self, other: "S3Path") -> bool:
+    def __lt__(self, other: S3Path) -> bool:
         return str(self) < str(other)
 
     @property
@@ -187,14 +194,14 @@ class S3Path:
         return Path(self.name).suffix
 
     @property
-    def parent(self) -> "S3Path":
+    def parent(self) -> S3Path:
         return S3Path(f"{self.scheme}://{self.bucket}/{posixpath.dirname(self.key)}", self.storage)
 
     @property
     def parts(self) -> tuple[str, ...]:
         return (self.bucket, *[x for x in self.key.split("/") if x])
 
-    def __truediv__(self, other: str) -> "S3Path":
+    def __truediv__(self, other: str) -> S3Path:
         if is_remote(other):
             return S3Path(other, self.storage)
         return S3Path(f"{self}/{other}", self.storage)
@@ -212,7 +219,7 @@ class S3Path:
     def exists(self) -> bool:
         return bool(self._call("stat", lambda fs, k: fs.exists(k)))
 
-    def glob(self, pattern: str) -> list["S3Path"]:
+    def glob(self, pattern: str) -> list[S3Path]:
         """Objects (not prefixes) matching `pattern` below this prefix (`**` recursive, as fsspec's glob)."""
         found = self._call("list", lambda fs, k: fs.glob(f"{k.rstrip('/')}/{pattern}", detail=True))
         return sorted(S3Path(f"{self.scheme}://{k}", self.storage) for k, info in found.items()
