@@ -322,8 +322,8 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     from shared.remote_cache import download_cache
     from test_stage1_job import _free_port, cache_content
 
-    url = s3.url()
-    RemoteStore(url).upload(corpus["arrow_dir"], "corpus")
+    url, corpus_url = s3.url(), s3.url()  # the output prefix must be empty
+    RemoteStore(corpus_url).upload(corpus["arrow_dir"], "arrow")
     env = dict(ENV, **s3.env)
     names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -359,7 +359,7 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
         driver = tmp_path / "driver"
         driver.mkdir()
         args = overrides(corpus, suite, url, **{
-            "input.paths": f"[{url}/corpus]", "ray.address": head, "ray.num_encoder_actors": 2,
+            "input.paths": f"[{corpus_url}/arrow]", "ray.address": head, "ray.num_encoder_actors": 2,
             "ray.num_cpus_per_actor": 0.75, "ray.preprocess_tasks": 2})
         r = subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=driver,
                            env=dict(env, HOME=str(driver), HYDIT_STAGING=str(driver / "staging"), TMPDIR=str(driver)),
