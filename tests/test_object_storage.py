@@ -369,7 +369,9 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
 
         actors = [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "MapWorker" in a.class_name
                   or "Encoder" in a.class_name]
-        assert {a.node_id for a in actors} == workers, [(a.class_name, a.node_id) for a in actors]
+        # both worker nodes host map actors (the encoders: 0.75 of their 1 CPU each); actors that need no CPU (e.g.
+        # a shard writer) may run on the head as well
+        assert workers <= {a.node_id for a in actors}, [(a.class_name, a.node_id) for a in actors]
         tasks = [t for t in list_tasks(address=dashboard, detail=True, limit=10000) if "preprocess" in t.name]
         assert tasks and {t.node_id for t in tasks} <= workers, [(t.name, t.node_id) for t in tasks]
     finally:
