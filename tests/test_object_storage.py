@@ -337,8 +337,10 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     temp_dirs = [Path(tempfile.mkdtemp(prefix=f"hyray{i}-")) for i in range(3)]
     args = {0: ["--head", "--num-cpus", "0", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
                 "--object-store-memory", str(100 * 1024**2), *own(0)]}
-    for i in (1, 2):  # one CPU each: one encoder actor (0.75 CPU) per node, by resources
-        args[i] = ["--address", head, "--num-cpus", "1", "--object-store-memory", str(200 * 1024**2),
+    # 3 logical CPUs each: one encoder actor (1.75 CPU) per node, by resources, and room beside it for the 1-CPU
+    # tasks Ray Data runs between the operators (with 1 CPU per node and 0.75 per actor they wait forever)
+    for i in (1, 2):
+        args[i] = ["--address", head, "--num-cpus", "3", "--object-store-memory", str(200 * 1024**2),
                    *own(i, skip=("port", "dashboard-port", "ray-client-server-port"))]
     nodes: list[subprocess.Popen] = []
     try:
@@ -360,7 +362,7 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
         driver.mkdir()
         args = overrides(corpus, suite, url, **{
             "input.paths": f"[{corpus_url}/arrow]", "ray.address": head, "ray.num_encoder_actors": 2,
-            "ray.num_cpus_per_actor": 0.75, "ray.preprocess_tasks": 2})
+            "ray.num_cpus_per_actor": 1.75, "ray.preprocess_tasks": 2})
         r = subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=driver,
                            env=dict(env, HOME=str(driver), HYDIT_STAGING=str(driver / "staging"), TMPDIR=str(driver)),
                            capture_output=True, text=True, timeout=500)
@@ -369,7 +371,7 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
 
         actors = [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "MapWorker" in a.class_name
                   or "Encoder" in a.class_name]
-        # both worker nodes host map actors (the encoders: 0.75 of their 1 CPU each); actors that need no CPU (e.g.
+        # both worker nodes host map actors (the encoders: 1.75 of their 3 CPUs each); actors that need no CPU (e.g.
         # a shard writer) may run on the head as well
         assert workers <= {a.node_id for a in actors}, [(a.class_name, a.node_id) for a in actors]
         tasks = [t for t in list_tasks(address=dashboard, detail=True, limit=10000) if "preprocess" in t.name]
