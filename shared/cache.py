@@ -217,9 +217,11 @@ class CacheReader:
     def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
         """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`."""
         if self._source is not None:
-            if ahead:  # queued first: the next shards download while this one does
-                self._source.prefetch([self.infos[a].name for a in ahead])
+            # this shard first, alone: it is what the reader waits for (a prefetch started at the same time would
+            # halve its bandwidth); the next ones then download while this one is read
             self._source.ensure(self.infos[s].name)
+            if ahead:
+                self._source.prefetch([self.infos[a].name for a in ahead])
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)

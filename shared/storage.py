@@ -301,11 +301,27 @@ def _filesystem(cfg: StorageConfig):
         # botocore's own retries off: ours name the object and back off the same way for every operation
         config_kwargs = {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
                          "retries": {"max_attempts": 1, "mode": "standard"}}
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, session=_session(),
                                skip_instance_cache=True, use_listings_cache=False)
         fs.retries = 1  # s3fs's internal retry loop as well
         _FILESYSTEMS[key] = fs
     return fs
+
+
+_SESSION: list = []
+
+
+def _session():
+    """One aiobotocore session for this process and the processes forked from it (DataLoader workers).
+
+    A session holds no connection or event loop (each filesystem makes its own client), only botocore's loaded
+    service models and resolved settings: reusing it after a fork saves each worker reloading them, ~1 s of its
+    first request (bench/loader.py's cold S3 column waits for that on every worker's first shard)."""
+    if not _SESSION:
+        import aiobotocore.session
+
+        _SESSION.append(aiobotocore.session.AioSession())
+    return _SESSION[0]
 
 
 def default_dir(configured: str, env: str, leaf: str) -> Path:

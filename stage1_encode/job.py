@@ -60,6 +60,7 @@ from shared.manifest import (
     EMPTY_CAPTION_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, completed_shards, read_manifest,
     write_manifest,
 )
+from shared.remote_cache import publish_small_files
 from shared.schema import CacheSpec
 from shared.storage import RemoteStore, is_remote
 from stage1_encode import preprocess as pp
@@ -124,7 +125,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     # Fail on config / schema / encoder-folder mistakes before any cluster starts.
     dims = encoder_dims(cfg.encoders.root)
     spec = cache_spec(cfg, dims)
-    partitions = plan_partitions(cfg.input, cfg.output.rows_per_shard)
+    partitions = plan_partitions(cfg.input, cfg.output.rows_per_shard, cfg.storage)
     names = [p.name for p in partitions]
     assert len(set(names)) == len(names), "partition names must be unique"
 
@@ -190,6 +191,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         else:
             store.upload_file(root / REJECTS_NAME, REJECTS_NAME)
             write_manifest(root, manifest, completed=done)
+            publish_small_files(store, root, names, spec.format)  # readers' one GET for all small files
             store.upload_file(root / MANIFEST_NAME, MANIFEST_NAME)  # last: the remote cache is complete
         elapsed = time.time() - t0
         nbytes = sum(done[n].bytes for n in names)

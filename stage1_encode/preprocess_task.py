@@ -59,7 +59,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     groups: dict[tuple[int, int], list[tuple[dict, str, bool, Any]]] = {}
     n_rows = 0
     seen_rows: set[int] = set()
-    for row in read_partition(part, cfg.input):
+    for row in read_partition(part, cfg.input, cfg.storage):
         n_rows += 1
         seen_rows.add(int(row["row"]))
         try:

@@ -20,6 +20,15 @@ would block the job, a device would never end) that resolve, symlinks followed, 
 corpora: the image folder) or one of `input.allowed_roots`; `input.allow_outside_paths: true` lifts the containment
 for trusted lists. A refused file becomes a reject with its reason ("outside_roots", "not_regular_file",
 "broken_symlink"), never an encoded sample.
+
+Object storage. Arrow, Parquet, JSONL and CSV inputs may be `s3://bucket/prefix/...` objects (files, prefixes or glob
+patterns), read through s3fs with the job's `storage:` section (endpoint, retries; credentials only from the standard
+AWS variables, as for the cache). Keys are the same as for the same files on local disk: a stem is the object's file
+stem, so a corpus copied to a bucket gives the same cache. Lists on s3:// name images by s3:// URL or by a path
+relative to the list's prefix; `input.allowed_roots` may hold s3:// prefixes, and an image URL must lie under the
+list's prefix or one of them (normalised, `..` resolved) unless `input.allow_outside_paths`. A missing image object
+is a reject ("read_error"); an unreachable server stops the job (after the storage retries) instead of turning
+every row into a reject. Image folders and IndexKits indexes are local only.
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ import csv
 import errno
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import posixpath
 import re
 import stat
 from collections.abc import Iterator
@@ -44,6 +55,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.schema import make_key
+from shared.storage import (
+    MissingObjectError,
+    RemoteStore,
+    StorageConfig,
+    StorageError,
+    is_remote,
+    split_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +82,8 @@ class InputConfig:
 
     format: InputFormat = "arrow"
     # Files, directories or glob patterns. A directory means every file of the format in it (`*.arrow`, `*.parquet`,
-    # `*.json` for indexkits, ...); for "folder" each directory is one source of images.
+    # `*.json` for indexkits, ...); for "folder" each directory is one source of images. Not
+    # folder / indexkits: s3:// objects, prefixes and patterns too (see the module docstring).
     paths: list[str] = field(default_factory=list)
     # arrow / parquet / indexkits: the encoded image bytes; "binary" is used when "image" is absent, as the original.
     image_column: str = "image"
@@ -79,6 +99,7 @@ class InputConfig:
     image_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
     # jsonl / csv / folder: folders that image (and caption sidecar) files may resolve into, besides the list's own
     # folder (folder corpora: the image folder). Symlinks are followed before the check.
+    # s3:// prefixes admit image URLs below them.
     allowed_roots: list[str] = field(default_factory=list)
     # jsonl / csv / folder: true reads image paths wherever they point (absolute paths, `..`, symlinks out of the
     # folder). Only for lists you trust: a list could otherwise read any file the job can.
@@ -124,15 +145,124 @@ class Partition:
         return len(self.rows) if self.rows is not None else self.stop - self.start
 
 
+class S3Path:
+    """An s3:// object as the planner and readers use a `Path`: name, stem, parent, `/`, open, exists.
+
+    Picklable and cheap: the filesystem is the process's s3fs instance for `storage` (shared.storage). The key is
+    normalised (`a/./b/../c` -> `a/c`) so that containment checks compare canonical URLs. Every call that talks to
+    the server goes through RemoteStore's retries: a transient error is retried, then a StorageError names the
+    object; a missing object is a MissingObjectError naming it.
+    """
+
+    def __init__(self, url: str, storage: StorageConfig | None = None) -> None:
+        scheme, rest = split_url(url)
+        key = posixpath.normpath(rest)
+        self.bucket, _, self.key = key.partition("/")
+        if self.bucket in ("", ".", ".."):
+            raise ValueError(f"{url!r} names no bucket: use s3://BUCKET/KEY")
+        self.scheme, self.storage = scheme, storage or StorageConfig()
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}" if self.key else f"{self.scheme}://{self.bucket}"
+
+    def __repr__(self) -> str:
+        return f"S3Path({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, S3Path) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __lt__(self, other: S3Path) -> bool:
+        return str(self) < str(other)
+
+    @property
+    def store(self) -> RemoteStore:
+        return RemoteStore(f"{self.scheme}://{self.bucket}", self.storage)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    @property
+    def parent(self) -> S3Path:
+        return S3Path(f"{self.scheme}://{self.bucket}/{posixpath.dirname(self.key)}", self.storage)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return (self.bucket, *[x for x in self.key.split("/") if x])
+
+    def __truediv__(self, other: str) -> S3Path:
+        if is_remote(other):
+            return S3Path(other, self.storage)
+        return S3Path(f"{self}/{other}", self.storage)
+
+    def _call(self, what: str, fn: Any) -> Any:
+        store = self.store
+        return store._retry(what, self.key, lambda: fn(store.fs, f"{self.bucket}/{self.key}"))
+
+    def is_dir(self) -> bool:
+        return bool(self._call("stat", lambda fs, k: fs.isdir(k)))
+
+    def is_file(self) -> bool:
+        return bool(self._call("stat", lambda fs, k: fs.isfile(k)))
+
+    def exists(self) -> bool:
+        return bool(self._call("stat", lambda fs, k: fs.exists(k)))
+
+    def glob(self, pattern: str) -> list[S3Path]:
+        """Objects (not prefixes) matching `pattern` below this prefix (`**` recursive, as fsspec's glob)."""
+        found = self._call("list", lambda fs, k: fs.glob(f"{k.rstrip('/')}/{pattern}", detail=True))
+        return sorted(S3Path(f"{self.scheme}://{k}", self.storage) for k, info in found.items()
+                      if info.get("type") != "directory")
+
+    def read_bytes(self) -> bytes:
+        return self.store.read_bytes(self.key)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "r", newline: str | None = None, encoding: str | None = None,
+             block_size: int = 8 << 20) -> Any:
+        """A seekable file over ranged GETs of `block_size` (s3fs's read-ahead buffer); text mode wraps it."""
+        fh = self._call("open", lambda fs, k: fs.open(k, "rb", block_size=block_size, cache_type="readahead"))
+        if "b" in mode:
+            return fh
+        return io.TextIOWrapper(fh, encoding=encoding or "utf-8", newline=newline)
+
+
+def glob_remote(pattern: str, storage: StorageConfig | None) -> list[S3Path]:
+    """The objects an s3:// glob pattern (`s3://bucket/corpus/*.arrow`) matches."""
+    scheme, rest = split_url(pattern)
+    bucket, _, key = rest.partition("/")
+    return S3Path(f"{scheme}://{bucket}", storage).glob(key)
+
+
+def as_source(path: str, storage: StorageConfig | None = None) -> Path | S3Path:
+    """A partition's `source` (or a configured path) as the object the readers open."""
+    return S3Path(path, storage) if is_remote(path) else Path(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Planning
 
 
-def plan_partitions(cfg: InputConfig, rows_per_shard: int) -> list[Partition]:
-    """Check the inputs' schemas and cut them into partitions of at most `rows_per_shard` rows, sorted by name."""
+def plan_partitions(cfg: InputConfig, rows_per_shard: int, storage: StorageConfig | None = None) -> list[Partition]:
+    """Check the inputs' schemas and cut them into partitions of at most `rows_per_shard` rows, sorted by name.
+
+    `storage` is how s3:// inputs are reached (the job's `storage:` section)."""
     if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
-    sources = _expand_paths(cfg)
+    sources = _expand_paths(cfg, storage)
     if cfg.format == "indexkits":
         selected = _indexkits_selection(sources, cfg)
         stems = _source_stems(list(selected))
@@ -167,6 +297,9 @@ def _allowed_roots(cfg: InputConfig) -> tuple[str, ...] | None:
         return None
     out = []
     for r in cfg.allowed_roots:
+        if is_remote(r):  # a prefix: an object is inside when its normalised URL lies below it
+            out.append(str(S3Path(r)))
+            continue
         p = Path(r).expanduser()
         if not p.is_dir():
             raise ValueError(f"input.allowed_roots: {r!r} is not a folder")
@@ -174,7 +307,7 @@ def _allowed_roots(cfg: InputConfig) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int,
+def _plan_source(path: Path | S3Path, stem: str, cfg: InputConfig, rows_per_shard: int,
                  extra_roots: tuple[str, ...] | None) -> list[Partition]:
     # reads stay under the list's folder (or the image folder itself) and the configured roots
     base = path if cfg.format == "folder" else path.parent
@@ -207,12 +340,15 @@ def _plan_source(path: Path, stem: str, cfg: InputConfig, rows_per_shard: int,
             for s in range(0, n, rows_per_shard)]
 
 
-def _expand_paths(cfg: InputConfig) -> list[Path]:
+def _expand_paths(cfg: InputConfig, storage: StorageConfig | None = None) -> list[Path | S3Path]:
     """Files (or image folders) named by `cfg.paths`, resolved, deduplicated and sorted."""
     if not cfg.paths:
         raise ValueError("input.paths: empty; give at least one file, directory or glob pattern")
-    out: set[Path] = set()
+    out: set[Path | S3Path] = set()
     for entry in cfg.paths:
+        if is_remote(entry):
+            out.update(_expand_remote(entry, cfg, storage))
+            continue
         if any(c in entry for c in "*?["):
             matches = [Path(m) for m in glob.glob(entry, recursive=True)]
         else:
@@ -234,7 +370,30 @@ def _expand_paths(cfg: InputConfig) -> list[Path]:
                 out.update(f.resolve() for f in found)
             else:
                 out.add(m.resolve())
-    return sorted(out)
+    return sorted(out, key=str)
+
+
+def _expand_remote(entry: str, cfg: InputConfig, storage: StorageConfig | None) -> list[S3Path]:
+    """An s3:// entry of `input.paths`: an object, a prefix (every object of the format directly below it) or a
+    glob pattern."""
+    if cfg.format in ("folder", "indexkits"):
+        raise ValueError(f"input.paths: {entry!r}: format {cfg.format!r} reads local files only; on object storage "
+                         "use arrow, parquet, or a jsonl/csv list of image URLs")
+    if any(c in entry for c in "*?["):
+        found = glob_remote(entry, storage)
+        if not found:
+            raise ValueError(f"input.paths: {entry!r} matches no object")
+        return found
+    p = S3Path(entry, storage)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = p.glob(_DIR_PATTERNS[cfg.format])
+        if not found:
+            raise ValueError(f"input.paths: prefix {entry!r} holds no {_DIR_PATTERNS[cfg.format]} object "
+                             f"(format {cfg.format!r})")
+        return found
+    raise ValueError(f"input.paths: {entry!r} matches no object or prefix")
 
 
 def _safe(name: str) -> str:
@@ -245,14 +404,15 @@ def _safe(name: str) -> str:
     return safe or "source"
 
 
-def _source_stems(paths: list[Path]) -> dict[Path, str]:
+def _source_stems(paths: list) -> dict:
     """Key prefix per source: the file stem, with as many parent folder names as it takes to be unique.
 
     Adding a source whose stem is already taken lengthens both stems, so both get new keys (and shard names).
     """
     def stem_at(p: Path, depth: int) -> str:
         parts = list(p.parent.parts[-(depth - 1):]) if depth > 1 else []
-        return "_".join(_safe(x) for x in parts + [p.stem if p.is_file() else p.name])
+        # s3:// sources are always objects (image folders are local only): no HEAD request per source
+        return "_".join(_safe(x) for x in parts + [p.stem if isinstance(p, S3Path) or p.is_file() else p.name])
 
     stems = {p: stem_at(p, 1) for p in paths}
     depth = 1
@@ -293,9 +453,17 @@ def _resolve_columns(names: list[str], types: dict[str, pa.DataType], cfg: Input
     return image, cfg.caption_column, md5
 
 
-def _open_arrow(path: Path) -> pa.ipc.RecordBatchFileReader:
+def _open_arrow(path: Path | S3Path, included_fields: list[int] | None = None,
+                small: bool = False) -> pa.ipc.RecordBatchFileReader:
+    """Local files are memory-mapped (zero copy); an object is read through ranged GETs as batches are asked for,
+    in small blocks when only metadata and a small column are wanted (`small`)."""
+    # a StorageError opening an object is the server's, not the file's
+    source = path.open("rb", block_size=(32 << 10) if small else (8 << 20)) if isinstance(path, S3Path) else None
+    options = pa.ipc.IpcReadOptions(included_fields=included_fields) if included_fields else None
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        return pa.ipc.open_file(source if source is not None else pa.memory_map(str(path), "r"), options=options)
+    except StorageError:
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(
             f"{path}: not a readable Arrow IPC file (expected the file format written by pa.RecordBatchFileWriter, "
@@ -303,16 +471,26 @@ def _open_arrow(path: Path) -> pa.ipc.RecordBatchFileReader:
         ) from e
 
 
-def _arrow_num_rows(path: Path, cfg: InputConfig) -> int:
-    reader = _open_arrow(path)
+def _arrow_batch_rows(path: Path | S3Path, cfg: InputConfig) -> list[int]:
+    """Rows per record batch, reading only the caption column's buffers: on object storage the planner (and a task
+    skipping to its first batch) must not download the images to count them."""
+    reader = _open_arrow(path, small=True)
     schema = reader.schema
-    _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
-    return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    cols = _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
+    counter = _open_arrow(path, included_fields=[schema.get_field_index(cols[1])], small=True)
+    return [counter.get_batch(i).num_rows for i in range(counter.num_record_batches)]
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
+def _arrow_num_rows(path: Path | S3Path, cfg: InputConfig) -> int:
+    return sum(_arrow_batch_rows(path, cfg))
+
+
+def _open_parquet(path: Path | S3Path) -> pq.ParquetFile:
+    source = path.open("rb") if isinstance(path, S3Path) else str(path)
     try:
-        return pq.ParquetFile(str(path))
+        return pq.ParquetFile(source)
+    except StorageError:
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
 
@@ -450,19 +628,21 @@ def _index_indices(index_file: Path, doc: dict) -> np.ndarray:
 # Reading
 
 
-def read_partition(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
-    """Yield the raw rows of `part` in row order (see the module docstring for the row dict)."""
+def read_partition(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """Yield the raw rows of `part` in row order (see the module docstring for the row dict); `storage` is how
+    s3:// sources and image URLs are reached."""
     fmt = cfg.format
     if fmt in ("arrow", "indexkits"):
-        yield from _read_table_rows(part, cfg, _arrow_batches(part, cfg))
+        yield from _read_table_rows(part, cfg, _arrow_batches(part, cfg, storage))
     elif fmt == "parquet":
-        yield from _read_table_rows(part, cfg, _parquet_batches(part, cfg))
+        yield from _read_table_rows(part, cfg, _parquet_batches(part, cfg, storage))
     elif fmt == "folder":
         yield from _read_folder(part, cfg)
     elif fmt == "jsonl":
-        yield from _read_jsonl(part, cfg)
+        yield from _read_jsonl(part, cfg, storage)
     elif fmt == "csv":
-        yield from _read_csv(part, cfg)
+        yield from _read_csv(part, cfg, storage)
     else:  # pragma: no cover - InputConfig validates the format
         raise AssertionError(fmt)
 
@@ -484,24 +664,32 @@ def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any,
     }
 
 
-def _arrow_batches(part: Partition, cfg: InputConfig) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+def _arrow_batches(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+                   ) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
     """(first row, batch, columns) of the record batches overlapping [start, stop); memory-mapped, zero-copy."""
-    path = Path(part.source)
+    path = as_source(part.source, storage)
+    # batches before the partition are counted, not read (one small column; see _arrow_batch_rows)
+    counts = _arrow_batch_rows(path, cfg) if isinstance(path, S3Path) else None
     reader = _open_arrow(path)
     cols = _resolve_columns(reader.schema.names, {f.name: f.type for f in reader.schema}, cfg, path)
     first = 0
     for i in range(reader.num_record_batches):
-        batch = reader.get_batch(i)
-        if first + batch.num_rows > part.start and first < part.stop:
-            yield first, batch, cols
-        first += batch.num_rows
+        n = counts[i] if counts is not None else None
+        if n is not None and not (first + n > part.start and first < part.stop):
+            first += n
+        else:
+            batch = reader.get_batch(i)
+            if first + batch.num_rows > part.start and first < part.stop:
+                yield first, batch, cols
+            first += batch.num_rows
         if first >= part.stop:
             break
 
 
-def _parquet_batches(part: Partition, cfg: InputConfig) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+def _parquet_batches(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+                     ) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
     """(first row, batch, columns) of the row groups overlapping [start, stop); only the needed columns are read."""
-    path = Path(part.source)
+    path = as_source(part.source, storage)
     pf = _open_parquet(path)
     schema = pf.schema_arrow
     cols = _resolve_columns(schema.names, {f.name: f.type for f in schema}, cfg, path)
@@ -617,10 +805,35 @@ def _read_folder(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
         yield _row(part, row, image, caption, None, error, source=str(image_path), reason=reason)
 
 
-def _list_image(part: Partition, value: Any) -> tuple[bytes | None, str | None, str | None]:
-    """(bytes, error, reason) of the image a list row names; paths are relative to the list's folder."""
+def _remote_read(p: S3Path, roots: tuple[str, ...] | None) -> bytes:
+    """The bytes of object `p` if its normalised URL lies below one of `roots` (None: anywhere); _Refused
+    otherwise or when it does not exist. A StorageError (server unreachable after retries) propagates."""
+    url = str(p)
+    if roots is not None and not any(is_remote(r) and (url + "/").startswith(r.rstrip("/") + "/") for r in roots):
+        raise _Refused("outside_roots", f"image object {url} is outside the allowed folders {list(roots)} "
+                       "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)")
+    try:
+        return p.read_bytes()
+    except MissingObjectError as e:
+        raise _Refused("read_error", f"cannot read image object {url}: {e}") from None
+
+
+def _list_image(part: Partition, value: Any, storage: StorageConfig | None = None
+                ) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, error, reason) of the image a list row names; paths are relative to the list's folder (or
+    prefix), s3:// URLs are objects."""
     if not isinstance(value, str) or not value:
         return None, f"image path is {value!r}, expected a non-empty string", "read_error"
+    if is_remote(value) or is_remote(part.source):
+        try:
+            p = as_source(part.source, storage).parent / value if not (is_remote(value) or value.startswith("/")) \
+                else as_source(value, storage)
+            if isinstance(p, S3Path):
+                return _remote_read(p, part.roots), None, None
+        except ValueError as e:  # an s3:// URL without a bucket
+            return None, f"image path {value!r}: {e}", "read_error"
+        except _Refused as e:
+            return None, str(e), e.reason
     p = Path(value)
     if not p.is_absolute():
         p = Path(part.source).parent / p
@@ -630,8 +843,9 @@ def _list_image(part: Partition, value: Any) -> tuple[bytes | None, str | None, 
         return None, str(e), e.reason
 
 
-def _read_jsonl(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
-    path = Path(part.source)
+def _read_jsonl(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+                ) -> Iterator[dict[str, Any]]:
+    path = as_source(part.source, storage)
     with path.open("rb") as fh:
         fh.seek(part.offset)
         row = part.start
@@ -648,21 +862,21 @@ def _read_jsonl(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
             except ValueError as e:
                 yield _row(part, row, None, None, None, f"record {row} is not a JSON object: {e}")
             else:
-                image, error, reason = _list_image(part, rec.get(cfg.image_path_column))
+                image, error, reason = _list_image(part, rec.get(cfg.image_path_column), storage)
                 yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
                            reason=reason)
             row += 1
 
 
-def _read_csv(part: Partition, cfg: InputConfig) -> Iterator[dict[str, Any]]:
-    path = Path(part.source)
+def _read_csv(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
+    path = as_source(part.source, storage)
     with path.open(newline="", encoding="utf-8") as fh:
         for row, rec in enumerate(csv.DictReader(fh)):
             if row < part.start:
                 continue
             if row >= part.stop:
                 break
-            image, error, reason = _list_image(part, rec.get(cfg.image_path_column))
+            image, error, reason = _list_image(part, rec.get(cfg.image_path_column), storage)
             yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
                        reason=reason)
 
