@@ -23,6 +23,7 @@ files (which decodes nothing).
 
     python bench/cache_size.py [--n 48] [--out /tmp/cache_bench] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,24 @@ def t5_states(lengths: np.ndarray, seed: int) -> np.ndarray:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=1024, d_model=DT, d_kv=64, d_ff=1024, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
+    cfg = T5Config(
+        vocab_size=1024,
+        d_model=DT,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     model = T5EncoderModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     out = []
     for chunk in np.array_split(lengths, max(1, len(lengths) // 8)):
-        ids = torch.ones(len(chunk), LT, dtype=torch.long)          # pad id 1 (= </s>), as the original trainer
+        ids = torch.ones(len(chunk), LT, dtype=torch.long)  # pad id 1 (= </s>), as the original trainer
         mask = torch.zeros(len(chunk), LT, dtype=torch.long)
         for k, L in enumerate(chunk):
             ids[k, : L - 1] = torch.randint(2, 1024, (int(L) - 1,), generator=g)
@@ -88,14 +99,21 @@ def make_samples(n: int, seed: int, long: bool = False) -> list[dict]:
         cm = np.arange(LC) < lc[i]
         clip = rng.standard_normal((LC, DC), dtype=np.float32).astype(np.float16)
         clip[~cm] = 0
-        samples.append({
-            "key": f"bench-{i:08d}-{i:012x}", "caption": "一" * int(lc[i] - 2),
-            "bucket": np.array([H, W], np.int32), "image_meta_size": np.array([W, H, W, H, 0, 0], np.int32),
-            "moments": rng.standard_normal((1, 2 * C, H // 8, W // 8), dtype=np.float32).astype(np.float16),
-            "clip_ids": np.where(cm, 100, 0).astype(np.int32), "clip_mask": cm, "clip_states": clip,
-            "t5_ids": np.where(np.arange(LT) < lt[i], 7, 1).astype(np.int32), "t5_mask": np.arange(LT) < lt[i],
-            "t5_states": t5[i],
-        })
+        samples.append(
+            {
+                "key": f"bench-{i:08d}-{i:012x}",
+                "caption": "一" * int(lc[i] - 2),
+                "bucket": np.array([H, W], np.int32),
+                "image_meta_size": np.array([W, H, W, H, 0, 0], np.int32),
+                "moments": rng.standard_normal((1, 2 * C, H // 8, W // 8), dtype=np.float32).astype(np.float16),
+                "clip_ids": np.where(cm, 100, 0).astype(np.int32),
+                "clip_mask": cm,
+                "clip_states": clip,
+                "t5_ids": np.where(np.arange(LT) < lt[i], 7, 1).astype(np.int32),
+                "t5_mask": np.arange(LT) < lt[i],
+                "t5_states": t5[i],
+            }
+        )
     return samples
 
 
@@ -103,12 +121,13 @@ def write_cache(root: Path, spec: CacheSpec, samples: list[dict], per_shard: int
     nbytes = 0
     for s in range(0, len(samples), per_shard):
         w = open_shard_writer(root, f"part-{s // per_shard:06d}", spec)
-        for x in samples[s: s + per_shard]:
+        for x in samples[s : s + per_shard]:
             w.add(x)
         nbytes += w.close().bytes
     e = samples[0]
-    sha = write_empty_caption(root, spec, **{k: e[k] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids",
-                                                                "t5_mask", "t5_states")})
+    sha = write_empty_caption(
+        root, spec, **{k: e[k] for k in ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")}
+    )
     write_manifest(root, manifest_from_shards(root, spec, vae_scaling_factor=0.13025, empty_caption_sha256=sha))
     return nbytes
 
@@ -161,42 +180,55 @@ def main(argv: list[str] | None = None) -> int:
         lc = np.array([s["clip_mask"].sum() for s in samples])
         lt = np.array([s["t5_mask"].sum() for s in samples])
         uniq = np.array([len(np.unique(s["t5_states"].view(np.uint16), axis=0)) for s in samples])
-        print(f"BERT tokens mean {lc.mean():.1f} (min {lc.min()}, max {lc.max()}); mT5 tokens mean {lt.mean():.1f}; "
-              f"distinct mT5 rows mean {uniq.mean():.1f} of {LT} (padded rows: {(uniq - lt).mean():.1f} distinct of "
-              f"{(LT - lt).mean():.1f})")
+        print(
+            f"BERT tokens mean {lc.mean():.1f} (min {lc.min()}, max {lc.max()}); mT5 tokens mean {lt.mean():.1f}; "
+            f"distinct mT5 rows mean {uniq.mean():.1f} of {LT} (padded rows: {(uniq - lt).mean():.1f} distinct of "
+            f"{(LT - lt).mean():.1f})"
+        )
         print(f"naive exact layout: {NAIVE} bytes/sample ({NAIVE / 1024:.0f} KiB)")
-        print(f"{'format':<11} {'compression':<11} {'bytes/sample':>12} {'ratio':>6} {'1-proc samples/s':>16} "
-              f"{'loader samples/s':>17} {'raw read samples/s':>19} {'loader/raw':>10}")
+        print(
+            f"{'format':<11} {'compression':<11} {'bytes/sample':>12} {'ratio':>6} {'1-proc samples/s':>16} "
+            f"{'loader samples/s':>17} {'raw read samples/s':>19} {'loader/raw':>10}"
+        )
         results = {}
         for fmt in ("webdataset", "zarr"):
             for comp in ("zstd", "none"):
                 root = out / f"{fmt}-{comp}"
                 shutil.rmtree(root, ignore_errors=True)
-                spec = CacheSpec(format=fmt, compression=comp, vae_dtype="float16", clip_dtype="float16",
-                                 t5_dtype="float16")
+                spec = CacheSpec(
+                    format=fmt, compression=comp, vae_dtype="float16", clip_dtype="float16", t5_dtype="float16"
+                )
                 nbytes = write_cache(root, spec, samples)
                 per = nbytes / args.n
                 cache = open_cache(root)
-                ok = all(np.array_equal(cache[i]["t5_states"].view(np.uint16), samples[i]["t5_states"].view(np.uint16))
-                         for i in (0, args.n - 1))
+                ok = all(
+                    np.array_equal(cache[i]["t5_states"].view(np.uint16), samples[i]["t5_states"].view(np.uint16))
+                    for i in (0, args.n - 1)
+                )
                 assert ok, "round trip is not bit-exact"
                 one = inprocess_rate(cache)
                 rate = loader_rate(cache, args.n, args.batch_size)
                 raw = raw_read_rate(root) / per
                 results[(fmt, comp)] = per / NAIVE
-                print(f"{fmt:<11} {comp:<11} {per:>12.0f} {per / NAIVE:>6.3f} {one:>16.1f} {rate:>17.1f} {raw:>19.1f} "
-                      f"{rate / raw:>10.3f}")
+                print(
+                    f"{fmt:<11} {comp:<11} {per:>12.0f} {per / NAIVE:>6.3f} {one:>16.1f} {rate:>17.1f} {raw:>19.1f} "
+                    f"{rate / raw:>10.3f}"
+                )
                 if fmt == "webdataset" and comp == "zstd":
                     srate = loader_rate(cache.stream(), args.n, args.batch_size)
-                    print(f"{'':<11} {'(stream)':<11} {'':>12} {'':>6} {'':>16} {srate:>17.1f} {raw:>19.1f} "
-                          f"{srate / raw:>10.3f}")
+                    print(
+                        f"{'':<11} {'(stream)':<11} {'':>12} {'':>6} {'':>16} {srate:>17.1f} {raw:>19.1f} "
+                        f"{srate / raw:>10.3f}"
+                    )
         long = make_samples(max(8, args.n // 4), args.seed + 1, long=True)
         root = out / "long"
         shutil.rmtree(root, ignore_errors=True)
-        per = write_cache(root, CacheSpec(format="webdataset", vae_dtype="float16", clip_dtype="float16",
-                                          t5_dtype="float16"), long) / len(long)
-        print(f"long captions (BERT 77, mT5 ~85 tokens), webdataset zstd: {per:.0f} bytes/sample, ratio "
-              f"{per / NAIVE:.3f}")
+        per = write_cache(
+            root, CacheSpec(format="webdataset", vae_dtype="float16", clip_dtype="float16", t5_dtype="float16"), long
+        ) / len(long)
+        print(
+            f"long captions (BERT 77, mT5 ~85 tokens), webdataset zstd: {per:.0f} bytes/sample, ratio {per / NAIVE:.3f}"
+        )
         worst = max(results[("webdataset", "zstd")], results[("zarr", "zstd")])
         print(f"cache_bytes_ratio = {worst:.2f} (goal <= 0.5)")
     finally:

@@ -20,9 +20,9 @@ The driver's CPU per sample (issue 13): process CPU time (time.process_time: eve
 Ray's client threads included) over the job's dispatch loop, divided by the samples written; also the loop's own
 thread (time.thread_time). Before issue 13 the driver wrote every shard itself: its per-sample CPU was the shard
 writing cost, measured here as "old style" (this process rewriting the cache's samples into a scratch shard, by
-process_time). The driver's CPU is measured on the tests' tiny encoders at 64px (many samples/s, as on a GPU cluster, where the
-driver's per-sample cost is what limits), with 1 actor + 1 writer and with 2 actors + 2 writers: the two caches'
-shard sha256 values must be equal.
+process_time). The driver's CPU is measured on the tests' tiny encoders at 64px (many samples/s, as on a GPU
+cluster, where the driver's per-sample cost is what limits), with 1 actor + 1 writer and with 2 actors + 2
+writers: the two caches' shard sha256 values must be equal.
 Headline (last line): `driver_cpu_ms_per_sample = <ms> (goal <= 0.2)`; the throughput ratio is printed before it.
 """
 
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,8 +101,13 @@ def bound_in_subprocess(batches_file: Path, suite: Path, threads: int) -> float:
     """Run the bound in a fresh process with the environment Ray gives an encoder actor (OMP_NUM_THREADS=1, then
     torch.set_num_threads), so that job and bound differ only by the pipeline around the encoders."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, __file__, "--bound-child", str(batches_file), str(suite), str(threads)],
-                       env=env, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, __file__, "--bound-child", str(batches_file), str(suite), str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(r.stdout.strip().splitlines()[-1].split()[-1])
 
 
@@ -113,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
 
         flat = load_file(argv[1])
         n = len({k.split(".")[0] for k in flat})
-        batches = [{f: flat[f"{i}.{f}"] for f in ("pixels", "clip_ids", "clip_mask", "t5_ids", "t5_mask")}
-                   for i in range(n)]
+        batches = [
+            {f: flat[f"{i}.{f}"] for f in ("pixels", "clip_ids", "clip_mask", "t5_ids", "t5_mask")} for i in range(n)
+        ]
         print(f"bound {encoder_bound(argv[2], batches, int(argv[3]))}")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--driver-only", action="store_true", help="only the driver-CPU runs (skip the throughput part)")
     args = ap.parse_args(argv)
     if args.driver_only:
-        driver_ms, identical = driver_cost(Path(args.workdir or tempfile.mkdtemp(prefix="bench_encode_")),
-                                           args.driver_n)
+        driver_ms, identical = driver_cost(
+            Path(args.workdir or tempfile.mkdtemp(prefix="bench_encode_")), args.driver_n
+        )
         assert identical
         print(f"driver_cpu_ms_per_sample = {driver_ms:.3f} (goal <= 0.2)")
         return
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     from shared.cache import open_cache, open_shard_writer
     from shared.config import load_config
     from shared.manifest import read_manifest
-    from stage1_encode import job, preprocess as pp
+    from stage1_encode import job
+    from stage1_encode import preprocess as pp
     from stage1_encode.config import EncodeConfig
     from stage1_encode.readers import plan_partitions
 
@@ -157,13 +165,25 @@ def main(argv: list[str] | None = None) -> None:
 
     out = work / f"cache-{time.time_ns()}"
     cfg_args = [
-        f"input.paths=[{corpus}]", f"encoders.root={suite}", f"output.root={out}",
-        f"output.rows_per_shard={max(args.n // 2, 1)}", f"encoders.batch_size={args.batch_size}",
-        "encoders.t5_dtype=float32", "image.multireso=false", f"image.resolution={args.size}",
-        "image.random_flip=false", "ray.num_cpus=4", "ray.preprocess_tasks=1", "ray.num_encoder_actors=1",
-        "ray.num_writers=1", "ray.writer_num_cpus=0.5",
-        f"ray.torch_threads={args.threads}", "ray.actor_memory_gb=2", "ray.object_store_memory_gb=1",
-        "log.progress=false", "log.interval_s=5",
+        f"input.paths=[{corpus}]",
+        f"encoders.root={suite}",
+        f"output.root={out}",
+        f"output.rows_per_shard={max(args.n // 2, 1)}",
+        f"encoders.batch_size={args.batch_size}",
+        "encoders.t5_dtype=float32",
+        "image.multireso=false",
+        f"image.resolution={args.size}",
+        "image.random_flip=false",
+        "ray.num_cpus=4",
+        "ray.preprocess_tasks=1",
+        "ray.num_encoder_actors=1",
+        "ray.num_writers=1",
+        "ray.writer_num_cpus=0.5",
+        f"ray.torch_threads={args.threads}",
+        "ray.actor_memory_gb=2",
+        "ray.object_store_memory_gb=1",
+        "log.progress=false",
+        "log.interval_s=5",
     ]
     cfg = load_config(EncodeConfig, REPO / "configs/encode/demo.yaml", cfg_args)
 
@@ -177,10 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     batches = []
     for _, a, _ in chunks[: args.bound_batches]:
         views = np.stack([pp.make_views(px, ("plain",)) for px in a["pixels"]])[:, 0]  # (B, 3, H, W)
-        batches.append({"pixels": torch.from_numpy(views), "clip_ids": torch.from_numpy(a["clip_ids"]).long(),
-                        "clip_mask": torch.from_numpy(a["clip_mask"]).long(),
-                        "t5_ids": torch.from_numpy(a["t5_ids"]).long(),
-                        "t5_mask": torch.from_numpy(a["t5_mask"]).long()})
+        batches.append(
+            {
+                "pixels": torch.from_numpy(views),
+                "clip_ids": torch.from_numpy(a["clip_ids"]).long(),
+                "clip_mask": torch.from_numpy(a["clip_mask"]).long(),
+                "t5_ids": torch.from_numpy(a["t5_ids"]).long(),
+                "t5_mask": torch.from_numpy(a["t5_mask"]).long(),
+            }
+        )
 
     from safetensors.torch import save_file
 
@@ -191,8 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     t = time.time()
     summary = job.run(cfg)
     job_s = time.time() - t
-    print(f"job: {json.dumps({k: summary[k] for k in ('samples', 'seconds', 'samples_per_s', 'steady_samples_per_s')})}",
-          flush=True)
+    print(
+        f"job: {json.dumps({k: summary[k] for k in ('samples', 'seconds', 'samples_per_s', 'steady_samples_per_s')})}",
+        flush=True,
+    )
     bound_after = bound_in_subprocess(batches_file, suite, args.threads)
     print(f"encoder-only bound (after): {bound_after:.4f} samples/s", flush=True)
     bound = (bound_before + bound_after) / 2
@@ -220,23 +247,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'whole job incl. start-up':34s}{summary['samples'] / job_s:12.3f}{job_s / summary['samples']:12.3f}")
     print()
     print("where the rest goes (per sample, single process, same box; CPU-only, so these share the cores):")
-    print(f"  preprocessing (read+decode+resize+tokenise): {pre_s * 1e3:8.1f} ms  = {pre_s / enc_s:6.1%} of encoder time")
-    print(f"  shard writing on the driver:                 {write_s * 1e3:8.1f} ms  = {write_s / enc_s:6.1%} of encoder time")
+    print(
+        f"  preprocessing (read+decode+resize+tokenise): {pre_s * 1e3:8.1f} ms  = {pre_s / enc_s:6.1%} of encoder time"
+    )
+    print(
+        f"  shard writing on the driver:                 {write_s * 1e3:8.1f} ms  = "
+        f"{write_s / enc_s:6.1%} of encoder time"
+    )
     gap = 1 / steady - enc_s
-    print(f"  measured gap job vs bound:                   {gap * 1e3:8.1f} ms  = {gap / enc_s:6.1%} "
-          "(the rest: Ray serialisation of chunks, object store, scheduling, load drift)")
-    print(f"  start-up (Ray, actor, model load):           {job_s - summary['samples'] / steady:8.1f} s total, "
-          "not in the steady-state number")
-    print(f"  note: bound before/after = {bound_before:.4f}/{bound_after:.4f} samples/s; the spread is this box's load "
-          "drift (other jobs share its 2 cores)")
+    print(
+        f"  measured gap job vs bound:                   {gap * 1e3:8.1f} ms  = {gap / enc_s:6.1%} "
+        "(the rest: Ray serialisation of chunks, object store, scheduling, load drift)"
+    )
+    print(
+        f"  start-up (Ray, actor, model load):           {job_s - summary['samples'] / steady:8.1f} s total, "
+        "not in the steady-state number"
+    )
+    print(
+        f"  note: bound before/after = {bound_before:.4f}/{bound_after:.4f} samples/s; the spread is this box's load "
+        "drift (other jobs share its 2 cores)"
+    )
     if ratio > 1:
-        print("  note: ratio > 1 means the encoders ran faster inside the Ray actor than in the bound's fresh process "
-              "over these windows (measured so on a loaded 2-core box); the overhead bound that holds regardless is "
-              "the preprocessing + writing share above")
+        print(
+            "  note: ratio > 1 means the encoders ran faster inside the Ray actor than in the bound's fresh process "
+            "over these windows (measured so on a loaded 2-core box); the overhead bound that holds regardless is "
+            "the preprocessing + writing share above"
+        )
     print(f"encode_throughput_ratio = {ratio:.2f} (goal >= 0.8)")
     driver_ms, identical = driver_cost(work, args.driver_n)
-    print(f"  old style at this bench's geometry ({args.size}px): the driver wrote every shard, "
-          f"{write_cpu * 1e3:.3f} ms CPU per sample of shard writing alone (issue 13: 9-10 ms at 1024^2)")
+    print(
+        f"  old style at this bench's geometry ({args.size}px): the driver wrote every shard, "
+        f"{write_cpu * 1e3:.3f} ms CPU per sample of shard writing alone (issue 13: 9-10 ms at 1024^2)"
+    )
     assert identical
     print(f"driver_cpu_ms_per_sample = {driver_ms:.3f} (goal <= 0.2)")
 
@@ -262,26 +304,46 @@ def driver_cost(work: Path, n: int) -> tuple[float, bool]:
     runs = {}
     for actors, writers in ((1, 1), (2, 2)):
         out = work / f"cache-tiny-{actors}x{writers}-{time.time_ns()}"
-        cfg = load_config(EncodeConfig, REPO / "configs/encode/demo.yaml", [
-            f"input.paths=[{corpus}]", f"encoders.root={tiny}", f"output.root={out}", "output.rows_per_shard=64",
-            "encoders.batch_size=8", "image.multireso=false", "image.resolution=64", "image.random_flip=true",
-            "ray.num_cpus=4", "ray.preprocess_tasks=1", "ray.preprocess_num_cpus=0.5", "ray.num_cpus_per_actor=0.5",
-            f"ray.num_encoder_actors={actors}", f"ray.num_writers={writers}", "ray.writer_num_cpus=0.5",
-            "ray.torch_threads=1", "ray.actor_memory_gb=0.3", "ray.object_store_memory_gb=0.5",
-            "log.progress=false", "log.interval_s=30",
-        ])
+        cfg = load_config(
+            EncodeConfig,
+            REPO / "configs/encode/demo.yaml",
+            [
+                f"input.paths=[{corpus}]",
+                f"encoders.root={tiny}",
+                f"output.root={out}",
+                "output.rows_per_shard=64",
+                "encoders.batch_size=8",
+                "image.multireso=false",
+                "image.resolution=64",
+                "image.random_flip=true",
+                "ray.num_cpus=4",
+                "ray.preprocess_tasks=1",
+                "ray.preprocess_num_cpus=0.5",
+                "ray.num_cpus_per_actor=0.5",
+                f"ray.num_encoder_actors={actors}",
+                f"ray.num_writers={writers}",
+                "ray.writer_num_cpus=0.5",
+                "ray.torch_threads=1",
+                "ray.actor_memory_gb=0.3",
+                "ray.object_store_memory_gb=0.5",
+                "log.progress=false",
+                "log.interval_s=30",
+            ],
+        )
         runs[(actors, writers)] = (out, job.run(cfg))
     print()
     print(f"driver CPU per sample, tiny encoders at 64px (flip view), {n} samples, 64 per shard, batches of 8:")
     worst = 0.0
-    for (actors, writers), (out, sm) in runs.items():
+    for (actors, writers), (_out, sm) in runs.items():
         k = max(sm["written_this_run"], 1)
         ms = sm["driver_cpu_s"] / k * 1e3
         worst = max(worst, ms)
-        print(f"  {actors} actor(s) + {writers} writer(s): process {ms:7.3f} ms, dispatch-loop thread "
-              f"{sm['driver_thread_cpu_s'] / k * 1e3:7.3f} ms per sample; {sm['driver_cpu_s']:.3f} s CPU over "
-              f"{sm['encode_seconds']:.1f} s = {sm['driver_cpu_s'] / max(sm['encode_seconds'], 1e-9):.1%} of a core, "
-              f"{k / max(sm['encode_seconds'], 1e-9):.1f} samples/s")
+        print(
+            f"  {actors} actor(s) + {writers} writer(s): process {ms:7.3f} ms, dispatch-loop thread "
+            f"{sm['driver_thread_cpu_s'] / k * 1e3:7.3f} ms per sample; {sm['driver_cpu_s']:.3f} s CPU over "
+            f"{sm['encode_seconds']:.1f} s = {sm['driver_cpu_s'] / max(sm['encode_seconds'], 1e-9):.1%} of a core, "
+            f"{k / max(sm['encode_seconds'], 1e-9):.1f} samples/s"
+        )
     # Old style: what the driver did per sample before issue 13 (write every sample into its shard), same geometry.
     out = runs[(1, 1)][0]
     cache = open_cache(out)
@@ -291,8 +353,11 @@ def driver_cost(work: Path, n: int) -> tuple[float, bool]:
     for smp in samples:
         w.add(smp)
     w.close()
-    print(f"  old style, same geometry: the driver wrote every shard, {(time.process_time() - c) / len(samples) * 1e3:.3f} "
-          "ms CPU per sample of shard writing alone (plus receiving every payload)")
+    print(
+        "  old style, same geometry: the driver wrote every shard, "
+        f"{(time.process_time() - c) / len(samples) * 1e3:.3f} "
+        "ms CPU per sample of shard writing alone (plus receiving every payload)"
+    )
     sha = {k: [(s["name"], s["sha256"]) for s in read_manifest(o).shards] for k, (o, _) in runs.items()}
     identical = sha[(1, 1)] == sha[(2, 2)]
     print(f"bit-identical, 2 actors + 2 writers vs 1 + 1: {identical} ({len(sha[(1, 1)])} shards, sha256 compared)")

@@ -62,8 +62,9 @@ def worker(mode: str, preset: str) -> None:
     seconds = time.perf_counter() - t0
     local = sum(p.to_local().numel() for p in model.parameters())
     out = [None] * info.world_size
-    dist.all_gather_object(out, {"rank": info.rank, "import_mib": base, "peak_mib": _peak_mib(),
-                                 "local_params": local, "seconds": seconds})
+    dist.all_gather_object(
+        out, {"rank": info.rank, "import_mib": base, "peak_mib": _peak_mib(), "local_params": local, "seconds": seconds}
+    )
     if info.is_main:
         print("RESULT " + json.dumps(out), flush=True)
     dist.destroy_process_group()
@@ -82,24 +83,45 @@ def main() -> None:
     peaks = {}
     for mode in args.modes.split(","):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                              str(args.nproc), __file__, "--preset", args.preset, "--worker", mode],
-                             env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(args.nproc),
+                __file__,
+                "--preset",
+                args.preset,
+                "--worker",
+                mode,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
             sys.exit(f"{mode}: torchrun failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-        ranks = json.loads(line[0][len("RESULT "):])
+        ranks = json.loads(line[0][len("RESULT ") :])
         for r in ranks:
-            print(f"{args.preset} {mode:11s} rank {r['rank']}: peak RSS {r['peak_mib']:8.0f} MiB (after import "
-                  f"{r['import_mib']:.0f}), {r['local_params']:,} local params, {r['seconds']:.1f} s", flush=True)
+            print(
+                f"{args.preset} {mode:11s} rank {r['rank']}: peak RSS {r['peak_mib']:8.0f} MiB (after import "
+                f"{r['import_mib']:.0f}), {r['local_params']:,} local params, {r['seconds']:.1f} s",
+                flush=True,
+            )
         peaks[mode] = [r["peak_mib"] for r in sorted(ranks, key=lambda r: r["rank"])]
     if "full" in peaks and "meta" in peaks:
         full, meta = peaks["full"], peaks["meta"]
-        print(f"rank 0 (builds the seeded full model, sends it): meta / full = {meta[0] / full[0]:.2f}; whole job: "
-              f"{sum(meta) / 1024:.1f} GiB vs {sum(full) / 1024:.1f} GiB")
+        print(
+            f"rank 0 (builds the seeded full model, sends it): meta / full = {meta[0] / full[0]:.2f}; whole job: "
+            f"{sum(meta) / 1024:.1f} GiB vs {sum(full) / 1024:.1f} GiB"
+        )
         others = max(meta[1:]) / max(full[1:])
-        print(f"fsdp2_startup_peak_rss_ratio = {others:.2f} (ranks >= 1, meta / full; goal <= "
-              f"{1 / args.nproc + 0.1:.2f})")
+        print(
+            f"fsdp2_startup_peak_rss_ratio = {others:.2f} (ranks >= 1, meta / full; goal <= {1 / args.nproc + 0.1:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ the step-side expansion on CPU (on a GPU step those are kernel launches; this ma
 `main_ms_per_sample = <compact webdataset> (goal <= 0.5)`; the line above it is the worker's (goal <= 2.5).
 `--skip-s3` runs only the training path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,7 @@ def read_all(reader, workers: int, epochs: int) -> tuple[float, int, int]:
     n = gets = 0
     t0 = time.perf_counter()
     for _ in range(epochs):
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                             persistent_workers=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False)
         for item in loader:
             if "gets" in item:
                 gets += int(item["gets"])
@@ -99,14 +99,19 @@ def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[
     from stage2_train.data import BucketBatchPlan, CacheBatchSource, DrawSettings, PlanSampler, collate_compact
 
     plan = BucketBatchPlan(reader.buckets(), batch_size=batch, world_size=1, seed=0)
-    settings = DrawSettings(seed=0, random_flip=True, uncond_p=0.1, uncond_p_t5=0.1, num_timesteps=1000,
-                            scaling_factor=0.13025)
-    source = CacheBatchSource(reader, plan, settings, rank=0, num_workers=workers, prefetch_factor=2,
-                              pin_memory=False)
+    settings = DrawSettings(
+        seed=0, random_flip=True, uncond_p=0.1, uncond_p_t5=0.1, num_timesteps=1000, scaling_factor=0.13025
+    )
+    source = CacheBatchSource(reader, plan, settings, rank=0, num_workers=workers, prefetch_factor=2, pin_memory=False)
     dataset, collate_fn = _dense_dataset() if dense else (source.dataset.__class__, collate_compact)
     ds = dataset(reader, settings, plan)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, rank=0, start_step=0, end_step=steps),
-                                         collate_fn=collate_fn, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=PlanSampler(plan, rank=0, start_step=0, end_step=steps),
+        collate_fn=collate_fn,
+        num_workers=workers,
+        prefetch_factor=2,
+    )
     it = iter(loader)
     first = next(it)  # workers started and warm (first shard opens, imports)
     pids = [w.pid for w in it._workers]
@@ -137,11 +142,13 @@ def training_path_report(args) -> None:
         write_synthetic_cache(root, spec, n_samples=args.hot_samples, n_shards=2, buckets=((1024, 1024),))
         reader = open_cache(root)
         steps = args.hot_samples // args.batch
-        for dense in ((True, False) if fmt == "webdataset" else (False,)):
+        for dense in (True, False) if fmt == "webdataset" else (False,):
             r = hot_path(reader, args.workers, args.batch, steps, dense)
             rows.append((fmt, "dense items (before)" if dense else "compact rows", r))
-    print(f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples, {args.workers} workers, "
-          f"batch {args.batch}; CPU ms per sample")
+    print(
+        f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples, {args.workers} workers, "
+        f"batch {args.batch}; CPU ms per sample"
+    )
     print(f"{'':<34}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
         print(f"{fmt + ', ' + what:<34}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
@@ -169,14 +176,14 @@ def main() -> None:
 def s3_columns(args) -> None:
 
     from s3_server import SeaweedS3
+
     from shared.remote_cache import publish_cache
     from shared.storage import StorageConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     spec = CacheSpec(format="webdataset", views=("plain", "flip"))
     local = work / "cache"
-    write_synthetic_cache(local, spec, n_samples=args.samples, n_shards=args.shards,
-                          buckets=((128, 128), (96, 160)))
+    write_synthetic_cache(local, spec, n_samples=args.samples, n_shards=args.shards, buckets=((128, 128), (96, 160)))
     nbytes = sum(p.stat().st_size for p in (local / "shards").glob("*.tar"))
     print(f"cache: {args.samples} samples in {args.shards} webdataset shards, {nbytes / 2**20:.1f} MiB")
 

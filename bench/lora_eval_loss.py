@@ -34,9 +34,19 @@ def _cfg(cache: Path, run: Path, steps: int, extra: list[str]):
     from shared.config import load_config
     from stage2_train.config import TrainConfig
 
-    base = [f"data.cache={cache}", f"run_dir={run}", f"steps={steps}", "data.num_workers=0", "checkpoint.every=0",
-            "checkpoint.resume=", "logging.tensorboard=false", "logging.progress_bar=false", "logging.every=10",
-            "device=cpu", "precision.mode=fp32"]
+    base = [
+        f"data.cache={cache}",
+        f"run_dir={run}",
+        f"steps={steps}",
+        "data.num_workers=0",
+        "checkpoint.every=0",
+        "checkpoint.resume=",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+        "logging.every=10",
+        "device=cpu",
+        "precision.mode=fp32",
+    ]
     return load_config(TrainConfig, str(ROOT / "configs/train/demo.yaml"), base + extra)
 
 
@@ -65,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     base = base_run / "checkpoints" / f"step_{args.base_steps:07d}" / "model.safetensors"
     print(f"base: {args.base_steps} full steps in {time.perf_counter() - t0:.0f} s -> {base}")
 
-    trainer = Trainer(_cfg(args.cache, out / "lora", args.lora_steps, [
-        "training.parts=lora", f"lora.rank={args.rank}", f"optim.lr={args.lr}", f"model.init_from={base}"]))
+    trainer = Trainer(
+        _cfg(
+            args.cache,
+            out / "lora",
+            args.lora_steps,
+            ["training.parts=lora", f"lora.rank={args.rank}", f"optim.lr={args.lr}", f"model.init_from={base}"],
+        )
+    )
     seeds = (0, 1)
     ev = {"num_samples": args.eval_samples, "timesteps": args.eval_timesteps}
     before = {s: eval_loss(trainer, seed=s, **ev) for s in seeds}
@@ -76,11 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     after = {s: eval_loss(trainer, seed=s, **ev) for s in seeds}
     for s in seeds:
         b, a = before[s], after[s]
-        print(f"noise seed {s}: {b['samples']} samples x {len(b['timesteps'])} timesteps: eval loss "
-              f"{b['loss']:.5f} -> {a['loss']:.5f} ({100 * (1 - a['loss'] / b['loss']):.2f}% lower; mse "
-              f"{b['mse']:.5f} -> {a['mse']:.5f}, vb {b['vb']:.5f} -> {a['vb']:.5f})")
-    print("per timestep (seed 0): " + ", ".join(
-        f"t={t}: {lb:.4f}->{la:.4f}" for (t, lb), (_, la) in zip(before[0]["per_timestep"], after[0]["per_timestep"])))
+        print(
+            f"noise seed {s}: {b['samples']} samples x {len(b['timesteps'])} timesteps: eval loss "
+            f"{b['loss']:.5f} -> {a['loss']:.5f} ({100 * (1 - a['loss'] / b['loss']):.2f}% lower; mse "
+            f"{b['mse']:.5f} -> {a['mse']:.5f}, vb {b['vb']:.5f} -> {a['vb']:.5f})"
+        )
+    print(
+        "per timestep (seed 0): "
+        + ", ".join(
+            f"t={t}: {lb:.4f}->{la:.4f}"
+            for (t, lb), (_, la) in zip(before[0]["per_timestep"], after[0]["per_timestep"])
+        )
+    )
     decrease = 1 - after[0]["loss"] / before[0]["loss"]
     print(f"lora_eval_loss_decrease = {decrease:.4f} (goal > 0)")
     return 0

@@ -78,21 +78,39 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
     from stage2_train.trainer import Trainer
 
     ts = _train_step_module()
-    cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
-        f"data.cache={work / 'cache_zarr'}", f"run_dir={work / 'runs' / args.variant}", f"steps={args.steps}",
-        f"data.batch_size={args.batch}", "data.num_workers=0", f"model.preset={args.model}",
-        "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false", "checkpoint.every=0",
-        "checkpoint.save_final=false", "checkpoint.resume=", f"device={args.device}",
-        "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"), "ema.enable=false",
-        "training.parts=lora", f"lora.rank={args.rank}",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        "configs/train/demo.yaml",
+        [
+            f"data.cache={work / 'cache_zarr'}",
+            f"run_dir={work / 'runs' / args.variant}",
+            f"steps={args.steps}",
+            f"data.batch_size={args.batch}",
+            "data.num_workers=0",
+            f"model.preset={args.model}",
+            "logging.every=1",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+            "checkpoint.resume=",
+            f"device={args.device}",
+            "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
+            "ema.enable=false",
+            "training.parts=lora",
+            f"lora.rank={args.rank}",
+        ],
+    )
     factory = ts.online_factory(work, args) if args.variant == "online" else None
     trainer = Trainer(cfg, batch_source_factory=factory)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak = (torch.cuda.max_memory_allocated() / GIB if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = (
+        torch.cuda.max_memory_allocated() / GIB
+        if args.device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     trainable = sum(p.numel() for p in trainer.inner.parameters() if p.requires_grad)
     return {"variant": args.variant, "peak_gib": peak, "trainable": trainable}
 
@@ -117,8 +135,10 @@ def part_cpu(args: argparse.Namespace) -> dict:
             sys.exit(f"variant {variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[variant] = json.loads(line[0][7:])
     on, ca = results["online"], results["cache"]
-    print(f"\npart 1 (measured): {args.model} LoRA rank {args.rank} ({ca['trainable']:,} trainable), "
-          f"{args.image_size}px, batch {args.batch}, encoders '{args.encoders}', {args.steps} steps, {args.device}")
+    print(
+        f"\npart 1 (measured): {args.model} LoRA rank {args.rank} ({ca['trainable']:,} trainable), "
+        f"{args.image_size}px, batch {args.batch}, encoders '{args.encoders}', {args.steps} steps, {args.device}"
+    )
     print(f"  online (encoders resident, run in the step): peak {on['peak_gib']:.3f} GiB")
     print(f"  cache:                                       peak {ca['peak_gib']:.3f} GiB")
     print(f"  peak memory cache / online = {ca['peak_gib'] / on['peak_gib']:.3f}")
@@ -148,10 +168,13 @@ def static_accounting(rank: int) -> dict:
     base_bf16 = [p for p in base if p.dtype == torch.bfloat16]
     base_fp32 = [p for p in base if p.dtype == torch.float32]
     return {
-        "base_params": sum(p.numel() for p in base), "adapter_params": sum(p.numel() for p in adapter),
+        "base_params": sum(p.numel() for p in base),
+        "adapter_params": sum(p.numel() for p in adapter),
         "trainable_params": sum(p.numel() for p in trainable),
-        "base_bf16_bytes": _bytes(base_bf16), "base_fp32_bytes": _bytes(base_fp32),
-        "adapter_bytes": _bytes(adapter), "grad_bytes": _bytes(trainable),
+        "base_bf16_bytes": _bytes(base_bf16),
+        "base_fp32_bytes": _bytes(base_fp32),
+        "adapter_bytes": _bytes(adapter),
+        "grad_bytes": _bytes(trainable),
         "adam_bytes": 2 * _bytes(trainable),  # exp_avg + exp_avg_sq, fp32 like the parameter
     }
 
@@ -191,12 +214,13 @@ def _measure_saved(rank: int, sizes: tuple[int, ...], depth: int = 4) -> dict:
         def hook(module, args, kwargs):
             current[0] = i
             for a in list(args) + list(kwargs.values()):
-                for t in (a if isinstance(a, tuple) else (a,)):
+                for t in a if isinstance(a, tuple) else (a,):
                     if isinstance(t, torch.Tensor):
                         s = t.untyped_storage()
                         if s.data_ptr() not in inputs.setdefault("_ptrs", set()):
                             inputs["_ptrs"].add(s.data_ptr())
                             inputs[i] = inputs.get(i, 0) + s.nbytes()
+
         return hook
 
     def post(module, args, out):
@@ -217,11 +241,14 @@ def _forwards(model, cfg, size, saved, inputs, seen, pack) -> dict:
 
     h = w = size // 8
     cos, sin = RopeCache(cfg.head_dim, cfg.patch_size, cfg.rope_img).get(size, size, torch.device("cpu"))
-    kw = dict(encoder_hidden_states=torch.randn(1, cfg.text_len, cfg.text_states_dim),
-              text_embedding_mask=torch.ones(1, cfg.text_len, dtype=torch.bool),
-              encoder_hidden_states_t5=torch.randn(1, cfg.text_len_t5, cfg.text_states_dim_t5),
-              text_embedding_mask_t5=torch.ones(1, cfg.text_len_t5, dtype=torch.bool),
-              cos_cis_img=cos, sin_cis_img=sin)
+    kw = dict(
+        encoder_hidden_states=torch.randn(1, cfg.text_len, cfg.text_states_dim),
+        text_embedding_mask=torch.ones(1, cfg.text_len, dtype=torch.bool),
+        encoder_hidden_states_t5=torch.randn(1, cfg.text_len_t5, cfg.text_states_dim_t5),
+        text_embedding_mask_t5=torch.ones(1, cfg.text_len_t5, dtype=torch.bool),
+        cos_cis_img=cos,
+        sin_cis_img=sin,
+    )
     x = torch.randn(1, 4, h, w)
     out = {}
     for ac in (False, True):
@@ -240,8 +267,11 @@ def _forwards(model, cfg, size, saved, inputs, seen, pack) -> dict:
 def part_g(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     st = static_accounting(args.rank)
-    print(f"\npart 2 (accounted): DiT-g/2 1024x1024 batch 1, bf16 base, LoRA rank {args.rank}, AdamW "
-          f"[meta-device tree in {time.perf_counter() - t0:.0f}s]", flush=True)
+    print(
+        f"\npart 2 (accounted): DiT-g/2 1024x1024 batch 1, bf16 base, LoRA rank {args.rank}, AdamW "
+        f"[meta-device tree in {time.perf_counter() - t0:.0f}s]",
+        flush=True,
+    )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     sizes = (256, 512)
     ms = _measure_saved(args.rank, sizes)
@@ -268,18 +298,26 @@ def part_g(args: argparse.Namespace) -> dict:
     act_ac = outside_ac + inputs_ac + max(plain, skip)
     weights = st["base_bf16_bytes"] + st["base_fp32_bytes"]
     static = weights + st["adapter_bytes"] + st["grad_bytes"] + st["adam_bytes"]
-    print(f"  base weights       {st['base_params']:>13,} params: bf16 {st['base_bf16_bytes'] / GIB:7.3f} GiB + "
-          f"fp32 (norms, embeddings, pooler) {st['base_fp32_bytes'] / GIB:.3f} GiB")
-    print(f"  adapter (fp32)     {st['adapter_params']:>13,} params ({st['trainable_params']:,} trainable): "
-          f"{st['adapter_bytes'] / GIB:7.3f} GiB")
+    print(
+        f"  base weights       {st['base_params']:>13,} params: bf16 {st['base_bf16_bytes'] / GIB:7.3f} GiB + "
+        f"fp32 (norms, embeddings, pooler) {st['base_fp32_bytes'] / GIB:.3f} GiB"
+    )
+    print(
+        f"  adapter (fp32)     {st['adapter_params']:>13,} params ({st['trainable_params']:,} trainable): "
+        f"{st['adapter_bytes'] / GIB:7.3f} GiB"
+    )
     print(f"  adapter gradients                        {st['grad_bytes'] / GIB:7.3f} GiB")
     print(f"  AdamW state (m, v)                       {st['adam_bytes'] / GIB:7.3f} GiB")
     print(f"  saved for backward (bytes per block, measured at {sizes} px = {n1}/{n2} tokens): {s0}")
-    print(f"  -> at 4096 tokens: plain block {plain / GIB:.3f} GiB, skip block {skip / GIB:.3f} GiB, outside the "
-          f"blocks {outside / GIB:.3f} GiB")
+    print(
+        f"  -> at 4096 tokens: plain block {plain / GIB:.3f} GiB, skip block {skip / GIB:.3f} GiB, outside the "
+        f"blocks {outside / GIB:.3f} GiB"
+    )
     print(f"  activations, no checkpointing (21 plain + 19 skip blocks):      {act_noac / GIB:7.3f} GiB")
-    print(f"  activations, checkpointing: saved outside {outside_ac / GIB:.3f} + 40 blocks' inputs "
-          f"{inputs_ac / GIB:.3f} + one block recomputed {max(plain, skip) / GIB:.3f} = {act_ac / GIB:7.3f} GiB")
+    print(
+        f"  activations, checkpointing: saved outside {outside_ac / GIB:.3f} + 40 blocks' inputs "
+        f"{inputs_ac / GIB:.3f} + one block recomputed {max(plain, skip) / GIB:.3f} = {act_ac / GIB:7.3f} GiB"
+    )
     total_noac, total_ac = (static + act_noac) / GIB, (static + act_ac) / GIB
     print(f"  total without activation checkpointing: {total_noac:.2f} GiB")
     print(f"  total with activation checkpointing:    {total_ac:.2f} GiB   (+ CUDA context/workspaces, not counted)")

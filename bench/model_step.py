@@ -44,21 +44,34 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", default="DiT-S/2", choices=sorted(DIT_CONFIGS), help="model size (default DiT-S/2)")
     p.add_argument("--image-size", type=int, default=256, help="square image side in pixels (latent = /8)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--text-dims", default="256,77,512,256",
-                   help="BERT dim, BERT len, mT5 dim, mT5 len (default small: 256,77,512,256; "
-                        "'full' = 1024,77,2048,256)")
-    p.add_argument("--caption-tokens", default="25,64",
-                   help="unpadded BERT,mT5 tokens per sample (default 25,64 of 77,256; 'full' = no padding, the case "
-                        "where this model's shared padding rows save nothing)")
+    p.add_argument(
+        "--text-dims",
+        default="256,77,512,256",
+        help="BERT dim, BERT len, mT5 dim, mT5 len (default small: 256,77,512,256; 'full' = 1024,77,2048,256)",
+    )
+    p.add_argument(
+        "--caption-tokens",
+        default="25,64",
+        help="unpadded BERT,mT5 tokens per sample (default 25,64 of 77,256; 'full' = no padding, the case "
+        "where this model's shared padding rows save nothing)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32 = no autocast)")
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flash"])
-    p.add_argument("--repeats", type=int, default=21,
-                   help="timed back-to-back pairs (the headline is the median of the per-pair ratios)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=21,
+        help="timed back-to-back pairs (the headline is the median of the per-pair ratios)",
+    )
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared machine extra OpenMP threads only add noise; "
-                        "0 = torch default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine extra OpenMP threads only add noise; "
+        "0 = torch default)",
+    )
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block (ours only)")
     p.add_argument("--no-baseline", action="store_true", help="only time this project's model (GPU throughput runs)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense)")
@@ -120,10 +133,13 @@ def step_fns(ours: HunYuanDiT, theirs, kw: dict, rope: tuple, dtype: torch.dtype
         ctx = torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t) if hooks else contextlib.nullcontext()
         with ctx, torch.autocast(device.type, dtype=dtype, enabled=autocast):
             out = theirs(
-                kw["x"], kw["t"], encoder_hidden_states=kw["encoder_hidden_states"],
+                kw["x"],
+                kw["t"],
+                encoder_hidden_states=kw["encoder_hidden_states"],
                 text_embedding_mask=kw["text_embedding_mask"],
                 encoder_hidden_states_t5=kw["encoder_hidden_states_t5"],
-                text_embedding_mask_t5=kw["text_embedding_mask_t5"], image_rotary_emb=rope,
+                text_embedding_mask_t5=kw["text_embedding_mask_t5"],
+                image_rotary_emb=rope,
             ).sample
         out.float().square().mean().backward()
         return out
@@ -216,8 +232,10 @@ def report(name: str, times: list[tuple[float, float]], saved: SavedBytes) -> tu
     wall = [w for w, _ in times]
     cpu = [c for _, c in times]
     m_wall, m_cpu = statistics.median(wall), statistics.median(cpu)
-    print(f"{name} : wall median {m_wall * 1e3:8.1f} ms/step (min {min(wall) * 1e3:.1f}, max {max(wall) * 1e3:.1f}) "
-          f"| cpu median {m_cpu * 1e3:8.1f} ms | saved-for-backward {saved.total / 2**20:7.1f} MiB")
+    print(
+        f"{name} : wall median {m_wall * 1e3:8.1f} ms/step (min {min(wall) * 1e3:.1f}, max {max(wall) * 1e3:.1f}) "
+        f"| cpu median {m_cpu * 1e3:8.1f} ms | saved-for-backward {saved.total / 2**20:7.1f} MiB"
+    )
     return m_wall, m_cpu
 
 
@@ -233,7 +251,11 @@ def main() -> None:
     else:
         dims = tuple(int(v) for v in args.text_dims.split(","))
     cfg = DiTConfig.from_name(
-        args.config, text_states_dim=dims[0], text_len=dims[1], text_states_dim_t5=dims[2], text_len_t5=dims[3],
+        args.config,
+        text_states_dim=dims[0],
+        text_len=dims[1],
+        text_states_dim_t5=dims[2],
+        text_len_t5=dims[3],
         attn_backend=args.attn_backend,
     )
     torch.manual_seed(0)
@@ -247,10 +269,12 @@ def main() -> None:
     rope = tuple(r.to(device) for r in rope_tables(args.image_size, args.image_size, cfg.head_dim, cfg.patch_size))
     tokens = args.batch * (args.image_size // 8 // cfg.patch_size) ** 2
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"config {args.config} hidden {cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} params {n_params:,} "
-          f"| text {dims} caption tokens {args.caption_tokens} | image {args.image_size}^2 batch {args.batch} "
-          f"tokens/step {tokens} | {device} {args.dtype} "
-          f"| torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(
+        f"config {args.config} hidden {cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} params {n_params:,} "
+        f"| text {dims} caption tokens {args.caption_tokens} | image {args.image_size}^2 batch {args.batch} "
+        f"tokens/step {tokens} | {device} {args.dtype} "
+        f"| torch {torch.__version__} threads {torch.get_num_threads()}"
+    )
 
     theirs = None
     if not args.no_baseline:
@@ -296,11 +320,15 @@ def main() -> None:
         col = 1 if device.type == "cpu" else 0
         pair_ratios = sorted(a[col] / b[col] for a, b in zip(t_ours, t_theirs))
         best = min(a[col] for a in t_ours) / min(b[col] for b in t_theirs)
-        print(f"ratio of medians {(c_ours / c_theirs if col else m_ours / m_theirs):.3f} | ratio of minimums "
-              f"{best:.3f} | per-pair ratios " + " ".join(f"{r:.3f}" for r in pair_ratios))
+        print(
+            f"ratio of medians {(c_ours / c_theirs if col else m_ours / m_theirs):.3f} | ratio of minimums "
+            f"{best:.3f} | per-pair ratios " + " ".join(f"{r:.3f}" for r in pair_ratios)
+        )
         basis = "cpu time" if device.type == "cpu" else "wall time"
-        print(f"model_step_time_ratio = {statistics.median(pair_ratios):.3f} (goal <= 0.9; {basis}, "
-              f"median of {args.repeats} back-to-back pairs)")
+        print(
+            f"model_step_time_ratio = {statistics.median(pair_ratios):.3f} (goal <= 0.9; {basis}, "
+            f"median of {args.repeats} back-to-back pairs)"
+        )
         return
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -311,8 +339,10 @@ def main() -> None:
     flops = counter.get_total_flops()
     tps = tokens / m_ours
     mfu = flops / m_ours / (args.peak_tflops * 1e12)
-    print(f"flops/step {flops / 1e12:.2f} TFLOP | achieved {flops / m_ours / 1e12:.1f} TFLOP/s "
-          f"of {args.peak_tflops:.0f} peak | {tps:.0f} tokens/s")
+    print(
+        f"flops/step {flops / 1e12:.2f} TFLOP | achieved {flops / m_ours / 1e12:.1f} TFLOP/s "
+        f"of {args.peak_tflops:.0f} peak | {tps:.0f} tokens/s"
+    )
     print(f"mfu = {mfu:.3f} (goal >= 0.45 on an H100)")
 
 

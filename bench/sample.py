@@ -33,8 +33,12 @@ from pipeline.sampler import DiffusionSettings, PromptEmbeds, make_scheduler, sa
 def _embeds(cfg, n: int, tokens: tuple[int, int], g: torch.Generator) -> PromptEmbeds:
     clip_mask = torch.arange(cfg.text_len)[None].expand(n, -1) < tokens[0]
     t5_mask = torch.arange(cfg.text_len_t5)[None].expand(n, -1) < tokens[1]
-    return PromptEmbeds(torch.randn(n, cfg.text_len, cfg.text_states_dim, generator=g), clip_mask,
-                        torch.randn(n, cfg.text_len_t5, cfg.text_states_dim_t5, generator=g), t5_mask)
+    return PromptEmbeds(
+        torch.randn(n, cfg.text_len, cfg.text_states_dim, generator=g),
+        clip_mask,
+        torch.randn(n, cfg.text_len_t5, cfg.text_states_dim_t5, generator=g),
+        t5_mask,
+    )
 
 
 def main() -> None:
@@ -72,9 +76,19 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     def ours() -> torch.Tensor:
-        return sample_latents(model, prompts, negative, size=args.size, seeds=seeds, sampler=args.sampler,
-                              steps=args.steps, guidance_scale=args.cfg, diffusion=d, dtype=args.dtype,
-                              device=device)
+        return sample_latents(
+            model,
+            prompts,
+            negative,
+            size=args.size,
+            seeds=seeds,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.cfg,
+            diffusion=d,
+            dtype=args.dtype,
+            device=device,
+        )
 
     def timed(fn):
         sync()
@@ -86,14 +100,27 @@ def main() -> None:
     warm = dict(steps=2)
 
     def ours_warm() -> None:
-        sample_latents(model, prompts, negative, size=args.size, seeds=seeds, sampler=args.sampler,
-                       guidance_scale=args.cfg, diffusion=d, dtype=args.dtype, device=device, **warm)
+        sample_latents(
+            model,
+            prompts,
+            negative,
+            size=args.size,
+            seeds=seeds,
+            sampler=args.sampler,
+            guidance_scale=args.cfg,
+            diffusion=d,
+            dtype=args.dtype,
+            device=device,
+            **warm,
+        )
 
     ours_warm()  # warm-up (2 steps)
     if args.no_baseline:
         times = [timed(ours)[1][0] for _ in range(args.repeats)]
-        print(f"{args.config} {args.size}x{args.size} {args.sampler} {args.steps} steps {args.dtype}: "
-              f"{[round(t, 2) for t in times]} s per call of {args.images} image(s)")
+        print(
+            f"{args.config} {args.size}x{args.size} {args.sampler} {args.steps} steps {args.dtype}: "
+            f"{[round(t, 2) for t in times]} s per call of {args.images} image(s)"
+        )
         print(f"seconds_per_image = {statistics.median(times) / args.images:.3f}")
         return
 
@@ -107,26 +134,43 @@ def main() -> None:
         transformer = HunyuanDiT2DModel.from_pretrained(export_diffusers(model.cpu(), Path(tmp) / "dit"))
         model.to(device)
         # only the pipeline's constructor needs these: embeddings are passed in, latents come out undecoded
-        enc = load_encoders(write_tiny_suite(Path(tmp) / "t2i", sizes=TinySizes(t5_extra_pieces=50)), clip_len=8,
-                            t5_len=12)
+        enc = load_encoders(
+            write_tiny_suite(Path(tmp) / "t2i", sizes=TinySizes(t5_extra_pieces=50)), clip_len=8, t5_len=12
+        )
     transformer = transformer.to(device).eval()
     pipe = HunyuanDiTPipeline(
-        vae=enc.vae, text_encoder=enc.clip, tokenizer=enc.clip_tokenizer, transformer=transformer,
-        scheduler=make_scheduler(args.sampler, d), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, text_encoder_2=enc.t5, tokenizer_2=enc.t5_tokenizer)
+        vae=enc.vae,
+        text_encoder=enc.clip,
+        tokenizer=enc.clip_tokenizer,
+        transformer=transformer,
+        scheduler=make_scheduler(args.sampler, d),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=enc.t5,
+        tokenizer_2=enc.t5_tokenizer,
+    )
     pipe.set_progress_bar_config(disable=True)
     neg = negative.repeat_to(args.images)
 
     def theirs(steps: int | None = None) -> torch.Tensor:
         return pipe(
-            height=args.size, width=args.size, num_inference_steps=steps or args.steps, guidance_scale=args.cfg,
+            height=args.size,
+            width=args.size,
+            num_inference_steps=steps or args.steps,
+            guidance_scale=args.cfg,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            prompt_embeds=prompts.clip.to(device), prompt_attention_mask=prompts.clip_mask.long().to(device),
-            prompt_embeds_2=prompts.t5.to(device), prompt_attention_mask_2=prompts.t5_mask.long().to(device),
-            negative_prompt_embeds=neg.clip.to(device), negative_prompt_attention_mask=neg.clip_mask.long().to(device),
+            prompt_embeds=prompts.clip.to(device),
+            prompt_attention_mask=prompts.clip_mask.long().to(device),
+            prompt_embeds_2=prompts.t5.to(device),
+            prompt_attention_mask_2=prompts.t5_mask.long().to(device),
+            negative_prompt_embeds=neg.clip.to(device),
+            negative_prompt_attention_mask=neg.clip_mask.long().to(device),
             negative_prompt_embeds_2=neg.t5.to(device),
             negative_prompt_attention_mask_2=neg.t5_mask.long().to(device),
-            output_type="latent", use_resolution_binning=False, original_size=(args.size, args.size),
+            output_type="latent",
+            use_resolution_binning=False,
+            original_size=(args.size, args.size),
         ).images
 
     theirs(2)  # warm-up (2 steps)
@@ -140,12 +184,16 @@ def main() -> None:
     basis = "process cpu time" if col else "wall time"
     so = statistics.median(p[0][col] for p in pairs) / args.images
     st = statistics.median(p[1][col] for p in pairs) / args.images
-    print(f"{args.config} {args.size}x{args.size} {args.sampler} {args.steps} steps cfg {args.cfg} {args.dtype}, "
-          f"{args.threads} thread(s): ours {so:.2f} s/image, HunyuanDiTPipeline {st:.2f} s/image ({basis})")
+    print(
+        f"{args.config} {args.size}x{args.size} {args.sampler} {args.steps} steps cfg {args.cfg} {args.dtype}, "
+        f"{args.threads} thread(s): ours {so:.2f} s/image, HunyuanDiTPipeline {st:.2f} s/image ({basis})"
+    )
     ratios = sorted(p[0][col] / p[1][col] for p in pairs)
     print("per-pair ratios " + " ".join(f"{r:.3f}" for r in ratios))
-    print(f"sample_time_ratio = {statistics.median(ratios):.3f} (goal <= 1.0; {basis}, median of "
-          f"{args.repeats} back-to-back pairs)")
+    print(
+        f"sample_time_ratio = {statistics.median(ratios):.3f} (goal <= 1.0; {basis}, median of "
+        f"{args.repeats} back-to-back pairs)"
+    )
 
 
 if __name__ == "__main__":

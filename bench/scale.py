@@ -25,6 +25,7 @@ baseline is skipped and the issue's table applies (10^5: 0.41 s, 100 MiB RSS, 10
 Headline (last line): `index_rank_rss_mib_at_1e6 = <RSS growth of a rank at the largest N> (goal <= 64)`; the lines
 before it give open + plan time (goal <= 1 s) and worker private memory (goal <= 16 MiB).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ LEGACY_REV = "641d291"  # the last commit with per-sample JSON sidecars
 PER_SHARD = 2048
 BUCKETS = [(1024, 1024), (768, 1280), (1280, 768), (896, 1152), (1152, 896), (640, 1536), (1536, 640), (512, 512)]
 WORLD, BATCH, WORKERS = 8, 32, 2
-MIB = 2 ** 20
+MIB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,8 +65,15 @@ def _shard_lists(n: int, s: int, rng) -> dict:
     f = 10
     sizes = np.zeros((n, f), dtype=np.int64)  # zero-size payloads; offsets as a tar would space 512-byte headers
     offs = (np.arange(n * f, dtype=np.int64) * 512 + 512).reshape(n, f)
-    return {"keys": keys, "buckets": b, "clip_lens": clip, "t5_lens": t5, "t5_unique": np.minimum(t5, 40),
-            "member_offset": offs, "member_size": sizes}
+    return {
+        "keys": keys,
+        "buckets": b,
+        "clip_lens": clip,
+        "t5_lens": t5,
+        "t5_unique": np.minimum(t5, 40),
+        "member_offset": offs,
+        "member_size": sizes,
+    }
 
 
 def _spec():
@@ -78,8 +86,14 @@ def write_new(root: Path, n_total: int) -> None:
     import numpy as np
 
     from shared.fsutil import atomic_write_bytes, atomic_write_json
-    from shared.manifest import (Manifest, ShardInfo, shard_data_path, shard_index_path, shard_sidecar_path,
-                                 write_manifest)
+    from shared.manifest import (
+        Manifest,
+        ShardInfo,
+        shard_data_path,
+        shard_index_path,
+        shard_sidecar_path,
+        write_manifest,
+    )
     from shared.shard_index import INDEX_SUFFIX, INDEX_VERSION, encode_index, index_columns
     from shared.wds_store import ALL_FIELDS
 
@@ -89,19 +103,41 @@ def write_new(root: Path, n_total: int) -> None:
         n = min(PER_SHARD, n_total - s * PER_SHARD)
         name = f"part-{s:06d}"
         d = _shard_lists(n, s, rng)
-        data = encode_index(n, index_columns(d["keys"], d["buckets"], d["clip_lens"], d["t5_lens"], d["t5_unique"],
-                                             d["member_offset"], d["member_size"]), list(ALL_FIELDS))
+        data = encode_index(
+            n,
+            index_columns(
+                d["keys"],
+                d["buckets"],
+                d["clip_lens"],
+                d["t5_lens"],
+                d["t5_unique"],
+                d["member_offset"],
+                d["member_size"],
+            ),
+            list(ALL_FIELDS),
+        )
         shard_data_path(root, name, "webdataset").parent.mkdir(parents=True, exist_ok=True)
         shard_data_path(root, name, "webdataset").write_bytes(b"")
         atomic_write_bytes(shard_index_path(root, name), data)
-        info = ShardInfo(name=name, format="webdataset", n_samples=n, bytes=0, sha256=hashlib.sha256(b"").hexdigest(),
-                         field_bytes={"moments": 65536 * n},
-                         index={"file": name + INDEX_SUFFIX, "bytes": len(data),
-                                "sha256": hashlib.sha256(data).hexdigest(), "version": INDEX_VERSION})
+        info = ShardInfo(
+            name=name,
+            format="webdataset",
+            n_samples=n,
+            bytes=0,
+            sha256=hashlib.sha256(b"").hexdigest(),
+            field_bytes={"moments": 65536 * n},
+            index={
+                "file": name + INDEX_SUFFIX,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "version": INDEX_VERSION,
+            },
+        )
         atomic_write_json(shard_sidecar_path(root, name), info.to_dict())
         entries.append(info.entry())
-    write_manifest(root, Manifest(spec=_spec(), shards=entries, vae_scaling_factor=0.13025,
-                                  buckets=[list(b) for b in BUCKETS]))
+    write_manifest(
+        root, Manifest(spec=_spec(), shards=entries, vae_scaling_factor=0.13025, buckets=[list(b) for b in BUCKETS])
+    )
 
 
 def write_old(root: Path, n_total: int) -> None:
@@ -119,27 +155,46 @@ def write_old(root: Path, n_total: int) -> None:
         name = f"part-{s:06d}"
         d = _shard_lists(n, s, rng)
         (root / "shards" / f"{name}.tar").write_bytes(b"")
-        info = {"name": name, "format": "webdataset", "n_samples": n, "bytes": 0,
-                "sha256": hashlib.sha256(b"").hexdigest(), "keys": d["keys"], "buckets": d["buckets"].tolist(),
-                "clip_lens": d["clip_lens"].tolist(), "t5_lens": d["t5_lens"].tolist(),
-                "t5_unique": d["t5_unique"].tolist(), "field_bytes": {"moments": 65536 * n},
-                "members": {f: {"offset": d["member_offset"][:, j].tolist(), "size": d["member_size"][:, j].tolist()}
-                            for j, f in enumerate(ALL_FIELDS)},
-                "schema_version": 1}
+        info = {
+            "name": name,
+            "format": "webdataset",
+            "n_samples": n,
+            "bytes": 0,
+            "sha256": hashlib.sha256(b"").hexdigest(),
+            "keys": d["keys"],
+            "buckets": d["buckets"].tolist(),
+            "clip_lens": d["clip_lens"].tolist(),
+            "t5_lens": d["t5_lens"].tolist(),
+            "t5_unique": d["t5_unique"].tolist(),
+            "field_bytes": {"moments": 65536 * n},
+            "members": {
+                f: {"offset": d["member_offset"][:, j].tolist(), "size": d["member_size"][:, j].tolist()}
+                for j, f in enumerate(ALL_FIELDS)
+            },
+            "schema_version": 1,
+        }
         atomic_write_json(root / "shards" / f"{name}.json", info)
         entries.append({"name": name, "n_samples": n, "bytes": 0, "sha256": info["sha256"]})
     from shared.manifest import Manifest
 
-    m = Manifest(spec=_spec(), shards=entries, vae_scaling_factor=0.13025, buckets=[list(b) for b in BUCKETS],
-                 created_utc="2026-01-01T00:00:00Z").to_dict()
+    m = Manifest(
+        spec=_spec(),
+        shards=entries,
+        vae_scaling_factor=0.13025,
+        buckets=[list(b) for b in BUCKETS],
+        created_utc="2026-01-01T00:00:00Z",
+    ).to_dict()
     atomic_write_json(root / "manifest.json", m)
 
 
 def legacy_package(dest: Path) -> bool:
     """Put the old shared/ (as package legacy_shared) and stage2_train/data.py (legacy_data) under dest."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "archive", LEGACY_REV, "shared", "stage2_train/data.py"],
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "archive", LEGACY_REV, "shared", "stage2_train/data.py"],
+            capture_output=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return False
     import io
@@ -215,16 +270,18 @@ def child(kind: str, root: Path, legacy_dir: str) -> dict:
     t_open = time.perf_counter() - t0
     t0 = time.perf_counter()
     if kind == "old":
-        plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=BATCH,
-                               world_size=WORLD, seed=0)
+        plan = BucketBatchPlan(
+            [tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=BATCH, world_size=WORLD, seed=0
+        )
         plan.epoch_batches(0)
     else:
         plan = BucketBatchPlan(reader.buckets(), batch_size=BATCH, world_size=WORLD, seed=0)
         plan.epoch_arrays(0)
     t_plan = time.perf_counter() - t0
     rss1, hwm1 = _proc_kib("VmRSS"), _proc_kib("VmHWM")
-    settings = DrawSettings(seed=0, random_flip=False, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000,
-                            scaling_factor=0.13025)
+    settings = DrawSettings(
+        seed=0, random_flip=False, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000, scaling_factor=0.13025
+    )
     pickled = len(pickle.dumps(CacheDataset(reader, settings)))
     rows = [np.asarray([i for _, _, i in plan.rank_items(step, 0)]) for step in range(plan.batches_per_epoch)]
 
@@ -238,6 +295,7 @@ def child(kind: str, root: Path, legacy_dir: str) -> dict:
                     info = reader._readers[s].info
                     info.keys[loc], [int(info.members[f]["offset"][loc]) for f in ALL_FIELDS]
     else:
+
         def touch(items):
             for row in items:
                 for g in row.tolist():
@@ -245,16 +303,25 @@ def child(kind: str, root: Path, legacy_dir: str) -> dict:
                     reader._reader(int(s)).members(int(loc))
 
     workers = _fork_workers(touch, rows)
-    return {"open_s": t_open, "plan_s": t_plan, "rss_mib": (rss1 - rss0) / 1024,
-            "peak_mib": max(0, hwm1 - max(hwm0, rss0)) / 1024, "pickle_mib": pickled / MIB,
-            "worker_private_dirty_mib": max(w["private_dirty_mib"] for w in workers),
-            "worker_private_clean_mib": max(w["private_clean_mib"] for w in workers),
-            "samples_per_worker": sum(len(r) for r in rows) // WORKERS}
+    return {
+        "open_s": t_open,
+        "plan_s": t_plan,
+        "rss_mib": (rss1 - rss0) / 1024,
+        "peak_mib": max(0, hwm1 - max(hwm0, rss0)) / 1024,
+        "pickle_mib": pickled / MIB,
+        "worker_private_dirty_mib": max(w["private_dirty_mib"] for w in workers),
+        "worker_private_clean_mib": max(w["private_clean_mib"] for w in workers),
+        "samples_per_worker": sum(len(r) for r in rows) // WORKERS,
+    }
 
 
 def run_child(kind: str, root: Path, legacy_dir: str) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", kind, "--root", str(root), "--legacy", legacy_dir],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--root", str(root), "--legacy", legacy_dir],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{kind} measurement failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -284,7 +351,7 @@ def main() -> None:
     results = {}
     try:
         for n in args.n:
-            for kind in (["new"] + (["old"] if have_legacy and n in args.baseline_n else [])):
+            for kind in ["new"] + (["old"] if have_legacy and n in args.baseline_n else []):
                 root = out / f"{kind}-{n}"
                 shutil.rmtree(root, ignore_errors=True)
                 t0 = time.perf_counter()
@@ -292,15 +359,19 @@ def main() -> None:
                 t_write = time.perf_counter() - t0
                 r = run_child(kind, root, str(legacy_dir))
                 r["write_s"] = t_write
-                r["index_mib_on_disk"] = sum(p.stat().st_size for p in (root / "shards").iterdir()
-                                             if p.suffix in (".index", ".json")) / MIB
+                r["index_mib_on_disk"] = (
+                    sum(p.stat().st_size for p in (root / "shards").iterdir() if p.suffix in (".index", ".json")) / MIB
+                )
                 results[(kind, n)] = r
-                print(f"{kind:>3} N={n:>9,}: open {r['open_s']:.3f} s  plan {r['plan_s']:.3f} s  "
-                      f"rank RSS +{r['rss_mib']:.1f} MiB (peak +{r['peak_mib']:.1f})  "
-                      f"worker private dirty +{r['worker_private_dirty_mib']:.1f} MiB "
-                      f"(clean +{r['worker_private_clean_mib']:.1f}, {r['samples_per_worker']:,} reads)  "
-                      f"dataset pickle {r['pickle_mib']:.3f} MiB  index on disk {r['index_mib_on_disk']:.1f} MiB  "
-                      f"(synthesis {t_write:.1f} s)", flush=True)
+                print(
+                    f"{kind:>3} N={n:>9,}: open {r['open_s']:.3f} s  plan {r['plan_s']:.3f} s  "
+                    f"rank RSS +{r['rss_mib']:.1f} MiB (peak +{r['peak_mib']:.1f})  "
+                    f"worker private dirty +{r['worker_private_dirty_mib']:.1f} MiB "
+                    f"(clean +{r['worker_private_clean_mib']:.1f}, {r['samples_per_worker']:,} reads)  "
+                    f"dataset pickle {r['pickle_mib']:.3f} MiB  index on disk {r['index_mib_on_disk']:.1f} MiB  "
+                    f"(synthesis {t_write:.1f} s)",
+                    flush=True,
+                )
                 shutil.rmtree(root, ignore_errors=True)
     finally:
         if args.out is None:
@@ -309,10 +380,12 @@ def main() -> None:
     r = results[("new", big)]
     old = results.get(("old", big))
     if old:
-        print(f"at N={big:,}: open+plan {old['open_s'] + old['plan_s']:.2f} s -> {r['open_s'] + r['plan_s']:.3f} s, "
-              f"rank RSS {old['rss_mib']:.0f} -> {r['rss_mib']:.1f} MiB, worker private "
-              f"{old['worker_private_dirty_mib']:.0f} -> {r['worker_private_dirty_mib']:.1f} MiB, pickle "
-              f"{old['pickle_mib']:.0f} -> {r['pickle_mib']:.3f} MiB")
+        print(
+            f"at N={big:,}: open+plan {old['open_s'] + old['plan_s']:.2f} s -> {r['open_s'] + r['plan_s']:.3f} s, "
+            f"rank RSS {old['rss_mib']:.0f} -> {r['rss_mib']:.1f} MiB, worker private "
+            f"{old['worker_private_dirty_mib']:.0f} -> {r['worker_private_dirty_mib']:.1f} MiB, pickle "
+            f"{old['pickle_mib']:.0f} -> {r['pickle_mib']:.3f} MiB"
+        )
     print(f"open_plus_plan_s_at_{big:.0e} = {r['open_s'] + r['plan_s']:.3f} (goal <= 1)".replace("+0", ""))
     print(f"worker_private_mib_at_{big:.0e} = {r['worker_private_dirty_mib']:.1f} (goal <= 16)".replace("+0", ""))
     print(f"index_rank_rss_mib_at_{big:.0e} = {r['rss_mib']:.1f} (goal <= 64)".replace("+0", ""))

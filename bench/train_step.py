@@ -48,8 +48,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the cache variants")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (loader start-up, first-call overheads)")
     p.add_argument("--steps", type=int, default=12, help="timed steps of the cache variants")
-    p.add_argument("--online-steps", type=int, default=4,
-                   help="timed steps of the online variant (each runs the VAE on a whole batch: slow on CPU)")
+    p.add_argument(
+        "--online-steps",
+        type=int,
+        default=4,
+        help="timed steps of the online variant (each runs the VAE on a whole batch: slow on CPU)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default=None, help="keep the encoder suite and caches here (default: a temp dir)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
@@ -63,8 +67,13 @@ def parse_args() -> argparse.Namespace:
 def image_config(args: argparse.Namespace):
     from stage1_encode.config import ImageConfig
 
-    return ImageConfig(multireso=True, resolution=args.image_size, reso_step=max(16, args.image_size // 8 // 8 * 8),
-                       random_flip=True, seed=7)
+    return ImageConfig(
+        multireso=True,
+        resolution=args.image_size,
+        reso_step=max(16, args.image_size // 8 // 8 * 8),
+        random_flip=True,
+        seed=7,
+    )
 
 
 def raw_samples(args: argparse.Namespace):
@@ -120,31 +129,55 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     for s in samples:
         pre = preprocess(s)
         tok = enc.tokenize([s.caption])
-        encoded.append({
-            "key": s.key, "caption": s.caption, "bucket": np.asarray(pre.bucket, np.int32),
-            "image_meta_size": pre.image_meta_size, "moments": enc.encode_images(torch.from_numpy(pre.views)).cpu(),
-            "clip_ids": tok["clip_ids"][0], "clip_mask": tok["clip_mask"][0],
-            "clip_states": enc.encode_clip(tok["clip_ids"], tok["clip_mask"])[0].cpu(),
-            "t5_ids": tok["t5_ids"][0], "t5_mask": tok["t5_mask"][0],
-            "t5_states": enc.encode_t5(tok["t5_ids"], tok["t5_mask"])[0].cpu(),
-        })
+        encoded.append(
+            {
+                "key": s.key,
+                "caption": s.caption,
+                "bucket": np.asarray(pre.bucket, np.int32),
+                "image_meta_size": pre.image_meta_size,
+                "moments": enc.encode_images(torch.from_numpy(pre.views)).cpu(),
+                "clip_ids": tok["clip_ids"][0],
+                "clip_mask": tok["clip_mask"][0],
+                "clip_states": enc.encode_clip(tok["clip_ids"], tok["clip_mask"])[0].cpu(),
+                "t5_ids": tok["t5_ids"][0],
+                "t5_mask": tok["t5_mask"][0],
+                "t5_states": enc.encode_t5(tok["t5_ids"], tok["t5_mask"])[0].cpu(),
+            }
+        )
     print(f"encoded {len(encoded)} samples in {time.perf_counter() - t:.1f}s", flush=True)
     tok = enc.tokenize([""])
-    empty = dict(clip_ids=tok["clip_ids"], clip_mask=tok["clip_mask"],
-                 clip_states=enc.encode_clip(tok["clip_ids"], tok["clip_mask"]).cpu(), t5_ids=tok["t5_ids"],
-                 t5_mask=tok["t5_mask"], t5_states=enc.encode_t5(tok["t5_ids"], tok["t5_mask"]).cpu())
+    empty = dict(
+        clip_ids=tok["clip_ids"],
+        clip_mask=tok["clip_mask"],
+        clip_states=enc.encode_clip(tok["clip_ids"], tok["clip_mask"]).cpu(),
+        t5_ids=tok["t5_ids"],
+        t5_mask=tok["t5_mask"],
+        t5_states=enc.encode_t5(tok["t5_ids"], tok["t5_mask"]).cpu(),
+    )
     for fmt in ("zarr", "webdataset"):
         root = work / f"cache_{fmt}"
-        spec = CacheSpec(format=fmt, views=("plain", "flip"), clip_len=77, clip_dim=enc.clip_dim, t5_len=256,
-                         t5_dim=enc.t5_dim, latent_channels=enc.latent_channels, downsample=enc.vae_downsample)
+        spec = CacheSpec(
+            format=fmt,
+            views=("plain", "flip"),
+            clip_len=77,
+            clip_dim=enc.clip_dim,
+            t5_len=256,
+            t5_dim=enc.t5_dim,
+            latent_channels=enc.latent_channels,
+            downsample=enc.vae_downsample,
+        )
         for shard in range(4):  # a few shards, so workers read from several files
             w = open_shard_writer(root, f"part-{shard:05d}", spec)
             for sample in encoded[shard::4]:
                 w.add(sample)
             w.close()
         sha = write_empty_caption(root, spec, **empty)
-        write_manifest(root, manifest_from_shards(root, spec, encoders=enc.fingerprint(),
-                                                  vae_scaling_factor=enc.scaling_factor, empty_caption_sha256=sha))
+        write_manifest(
+            root,
+            manifest_from_shards(
+                root, spec, encoders=enc.fingerprint(), vae_scaling_factor=enc.scaling_factor, empty_caption_sha256=sha
+            ),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -175,14 +208,29 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
     fmt = "zarr" if args.variant == "online" else args.variant
     timed_steps = args.online_steps if args.variant == "online" else args.steps
     total = args.warmup + timed_steps
-    cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
-        f"data.cache={work / f'cache_{fmt}'}", f"run_dir={work / 'runs' / args.variant}", f"steps={total}",
-        f"data.batch_size={args.batch}", f"data.num_workers={0 if args.variant == 'online' else args.workers}",
-        f"model.preset={args.model}", "logging.every=1", "logging.tensorboard=false",
-        "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
-        f"device={args.device}", "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
-        "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "ema.enable=false",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        "configs/train/demo.yaml",
+        [
+            f"data.cache={work / f'cache_{fmt}'}",
+            f"run_dir={work / 'runs' / args.variant}",
+            f"steps={total}",
+            f"data.batch_size={args.batch}",
+            f"data.num_workers={0 if args.variant == 'online' else args.workers}",
+            f"model.preset={args.model}",
+            "logging.every=1",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+            "checkpoint.resume=",
+            f"device={args.device}",
+            "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
+            "data.uncond_p=0.1",
+            "data.uncond_p_t5=0.1",
+            "ema.enable=false",
+        ],
+    )
     factory = online_factory(work, args) if args.variant == "online" else None
     trainer = Trainer(cfg, batch_source_factory=factory)
     if args.device.startswith("cuda"):
@@ -193,11 +241,19 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
     # per step: samples_per_s = batch / step time; data_wait_share = wait / step time (logging.every=1)
     step_times = [args.batch / r["samples_per_s"] for r in timed]
     waits = [r["data_wait_share"] * t for r, t in zip(timed, step_times)]
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"variant": args.variant, "step_s_median": statistics.median(step_times),
-            "data_wait_share": sum(waits) / sum(step_times), "peak_gib": peak,
-            "loss_first": recs[0]["loss"], "n_steps": len(recs)}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if args.device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "variant": args.variant,
+        "step_s_median": statistics.median(step_times),
+        "data_wait_share": sum(waits) / sum(step_times),
+        "peak_gib": peak,
+        "loss_first": recs[0]["loss"],
+        "n_steps": len(recs),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,8 +274,18 @@ def main() -> None:
     results = {}
     for variant in ("online", "zarr", "webdataset"):
         cmd = [sys.executable, __file__, "--variant", variant, "--work-dir", str(work)]
-        for name in ("encoders", "model", "images", "image_size", "batch", "workers", "warmup", "steps",
-                     "online_steps", "device"):
+        for name in (
+            "encoders",
+            "model",
+            "images",
+            "image_size",
+            "batch",
+            "workers",
+            "warmup",
+            "steps",
+            "online_steps",
+            "device",
+        ):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         t = time.perf_counter()
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
@@ -230,16 +296,23 @@ def main() -> None:
         print(f"{variant}: done in {time.perf_counter() - t:.0f}s", flush=True)
 
     on = results["online"]
-    print(f"\nDiT {args.model}, encoders '{args.encoders}', {args.image_size}px buckets, batch {args.batch}, "
-          f"{args.steps} timed steps (online: {args.online_steps}) after {args.warmup}, device {args.device}, "
-          f"cache loaders with {args.workers} workers")
-    print(f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} "
-          f"{'loss step 1':>12}")
+    print(
+        f"\nDiT {args.model}, encoders '{args.encoders}', {args.image_size}px buckets, batch {args.batch}, "
+        f"{args.steps} timed steps (online: {args.online_steps}) after {args.warmup}, device {args.device}, "
+        f"cache loaders with {args.workers} workers"
+    )
+    print(
+        f"{'variant':<12} {'step (s)':>10} {'vs online':>10} {'data wait':>10} {'peak (GiB)':>11} {'loss step 1':>12}"
+    )
     for name, r in results.items():
-        print(f"{name:<12} {r['step_s_median']:>10.4f} {r['step_s_median'] / on['step_s_median']:>10.3f} "
-              f"{100 * r['data_wait_share']:>9.2f}% {r['peak_gib']:>11.2f} {r['loss_first']:>12.6f}")
-    print(f"step time from cache (zarr) / online = {results['zarr']['step_s_median'] / on['step_s_median']:.3f}; "
-          f"peak memory zarr / online = {results['zarr']['peak_gib'] / on['peak_gib']:.3f}")
+        print(
+            f"{name:<12} {r['step_s_median']:>10.4f} {r['step_s_median'] / on['step_s_median']:>10.3f} "
+            f"{100 * r['data_wait_share']:>9.2f}% {r['peak_gib']:>11.2f} {r['loss_first']:>12.6f}"
+        )
+    print(
+        f"step time from cache (zarr) / online = {results['zarr']['step_s_median'] / on['step_s_median']:.3f}; "
+        f"peak memory zarr / online = {results['zarr']['peak_gib'] / on['peak_gib']:.3f}"
+    )
     worst = max(results["zarr"]["data_wait_share"], results["webdataset"]["data_wait_share"])
     print(f"data_wait_share = {100 * worst:.2f}% (goal < 2%)")
     if tmp is not None:

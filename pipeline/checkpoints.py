@@ -43,8 +43,10 @@ def _unwrap_state_dict(obj: Any, source: str, key: str = "auto") -> dict[str, to
         raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     if key != "auto":
         if not isinstance(obj.get(key), Mapping):
-            raise ValueError(f"{source}: has no {key!r} state dict (top-level entries {sorted(obj)[:5]}); "
-                             "use key 'auto' for a bare state dict")
+            raise ValueError(
+                f"{source}: has no {key!r} state dict (top-level entries {sorted(obj)[:5]}); "
+                "use key 'auto' for a bare state dict"
+            )
         return dict(obj[key])
     for wrapper in ("module", "ema"):  # DeepSpeed model_states / client_state["ema"], the original's resume order
         if isinstance(obj.get(wrapper), Mapping):

@@ -14,7 +14,8 @@ Per-timestep coefficients are looked up in float64 and then cast to float32, lik
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,9 +67,7 @@ def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """log-likelihood (nats) of x under a Gaussian discretised to 8-bit bins on [-1, 1] (ADM's decoder)."""
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
@@ -100,7 +99,8 @@ class GaussianDiffusion:
                 self.min_snr_k: float | None = float(mse_loss_weight_type[len("min_snr_") :])
             except ValueError:
                 raise ValueError(
-                    f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number") from None
+                    f"mse_loss_weight_type={mse_loss_weight_type!r}: <k> in min_snr_<k> must be a number"
+                ) from None
         else:
             self.min_snr_k = None
         if noise_offset < 0:
@@ -179,7 +179,11 @@ class GaussianDiffusion:
         return frac * max_log + (1 - frac) * min_log
 
     def vb_terms_bpd(
-        self, model_output: torch.Tensor, var_values: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
+        self,
+        model_output: torch.Tensor,
+        var_values: torch.Tensor,
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
         t: torch.Tensor,
     ) -> torch.Tensor:
         """Per-sample VLB term in bits/dim (decoder NLL at t == 0, KL otherwise); no clipping of x_0."""

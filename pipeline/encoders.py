@@ -98,7 +98,11 @@ def resolve_encoder_paths(root: str | Path) -> dict[str, Path]:
     for key, folder in paths.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"missing folder {folder} ({key}); expected {root.name}/{SUBFOLDERS[key]}/")
-    for key, candidates in (("vae", _DIFFUSERS_WEIGHTS), ("clip", _TRANSFORMERS_WEIGHTS), ("t5", _TRANSFORMERS_WEIGHTS)):
+    for key, candidates in (
+        ("vae", _DIFFUSERS_WEIGHTS),
+        ("clip", _TRANSFORMERS_WEIGHTS),
+        ("t5", _TRANSFORMERS_WEIGHTS),
+    ):
         config = paths[key] / "config.json"
         if not config.is_file():
             raise FileNotFoundError(
@@ -122,10 +126,10 @@ def _hash_files(folder: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {name: _sha256_file(folder / name) for name in sorted(names) if (folder / name).is_file()}
 
 
-
 def vae_downsample_factor(block_out_channels) -> int:
     """One 2x downsample per encoder block except the last (diffusers' Encoder)."""
     return 2 ** (len(block_out_channels) - 1)
+
 
 class FrozenEncoders:
     """VAE + BERT + mT5, loaded once, eval(), requires_grad False; every encode runs under inference_mode."""
@@ -184,8 +188,8 @@ class FrozenEncoders:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> posterior moments (B, 2C, H/8, W/8) = [mean, logvar] in the VAE dtype.
 
-        logvar is clamped to LOGVAR_RANGE [-30, 20] as diffusers' DiagonalGaussianDistribution does before the original samples
-        from it (`latent_dist.sample()`), so sampling from these moments needs no further clamp.
+        logvar is clamped to LOGVAR_RANGE [-30, 20] as diffusers' DiagonalGaussianDistribution does before the
+        original samples from it (`latent_dist.sample()`), so sampling from these moments needs no further clamp.
         """
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, H, W), got shape {tuple(pixels.shape)}")
@@ -215,9 +219,7 @@ class FrozenEncoders:
         padded, 110 overall; 142 tokens -> 91 of 114 padded. Batched and one-by-one outputs were bit-identical.
         This is why the cache stores T5 rows deduplicated.
         """
-        out = self.t5(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True
-        )
+        out = self.t5(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
         return out["hidden_states"][-1]
 
     # ---- fingerprint ---------------------------------------------------------------------------------------------
@@ -287,7 +289,9 @@ def load_encoders(
     paths = resolve_encoder_paths(root)
 
     vae = AutoencoderKL.from_pretrained(
-        paths["vae"], local_files_only=True, torch_dtype=dtypes.torch_dtype("vae"),
+        paths["vae"],
+        local_files_only=True,
+        torch_dtype=dtypes.torch_dtype("vae"),
         low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # diffusers needs accelerate for it
     )
     clip = BertModel.from_pretrained(
@@ -308,6 +312,14 @@ def load_encoders(
         got = {p.dtype for p in model.parameters()}
         assert got == {dtypes.torch_dtype(key)}, (key, got)
     return FrozenEncoders(
-        vae, clip, clip_tokenizer, t5, t5_tokenizer,
-        paths=paths, dtypes=dtypes, device=device, clip_len=clip_len, t5_len=t5_len,
+        vae,
+        clip,
+        clip_tokenizer,
+        t5,
+        t5_tokenizer,
+        paths=paths,
+        dtypes=dtypes,
+        device=device,
+        clip_len=clip_len,
+        t5_len=t5_len,
     )

@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,9 @@ UNUSED_IN_FORWARD = ("pooler.q_proj",)
 """Adapted modules whose forward reads ``.weight`` directly (as the original), so their adapter never trains."""
 
 
-def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
-                target_modules: Sequence[str] = DEFAULT_TARGETS):
+def lora_config(
+    rank: int, alpha: float | None = None, dropout: float = 0.0, target_modules: Sequence[str] = DEFAULT_TARGETS
+):
     """peft LoraConfig of the original's LoRA (``lora_alpha = rank``); ValueError on what the format cannot hold."""
     from peft import LoraConfig
 
@@ -59,14 +61,15 @@ def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
         raise ValueError(
             f"lora.alpha={alpha} is invalid with lora.rank={rank}: the official adapter file has no alpha key, so "
             "ComfyUI applies it with scale 1 while peft scales by alpha/rank; use alpha = rank (the original's "
-            "choice) or leave alpha unset")
+            "choice) or leave alpha unset"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora.dropout={dropout} is invalid: must be in [0, 1)")
     if not target_modules:
-        raise ValueError("lora.target_modules is empty: give module name suffixes, e.g. "
-                         "[Wqkv, q_proj, kv_proj, out_proj]")
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none")
+        raise ValueError(
+            "lora.target_modules is empty: give module name suffixes, e.g. [Wqkv, q_proj, kv_proj, out_proj]"
+        )
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
 
 
 def check_config(config) -> None:
@@ -74,9 +77,11 @@ def check_config(config) -> None:
     if getattr(config, "peft_type", None) is None or str(config.peft_type).split(".")[-1] != "LORA":
         raise ValueError(f"adapter is a {config.peft_type} adapter; only LoRA is supported")
     if config.lora_alpha != config.r or getattr(config, "use_rslora", False):
-        raise ValueError(f"adapter has r={config.r}, lora_alpha={config.lora_alpha}, use_rslora="
-                         f"{getattr(config, 'use_rslora', False)}: only lora_alpha == r (scale 1, what ComfyUI "
-                         "applies to the official format) is supported")
+        raise ValueError(
+            f"adapter has r={config.r}, lora_alpha={config.lora_alpha}, use_rslora="
+            f"{getattr(config, 'use_rslora', False)}: only lora_alpha == r (scale 1, what ComfyUI "
+            "applies to the official format) is supported"
+        )
     if getattr(config, "use_dora", False):
         raise ValueError("adapter uses DoRA (use_dora=true); only plain LoRA is supported")
 
@@ -89,8 +94,10 @@ def inject_lora(model: nn.Module, config) -> nn.Module:
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as err:  # peft's "Target modules {...} not found in the base model"
-        raise ValueError(f"lora.target_modules={sorted(config.target_modules)} matched no linear layer of the DiT "
-                         f"({err}); the original's are {list(DEFAULT_TARGETS)}") from None
+        raise ValueError(
+            f"lora.target_modules={sorted(config.target_modules)} matched no linear layer of the DiT "
+            f"({err}); the original's are {list(DEFAULT_TARGETS)}"
+        ) from None
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_key(name) and not _unused(name))
     if not any(p.requires_grad for p in model.parameters()):
@@ -116,8 +123,9 @@ def has_lora(model: nn.Module) -> bool:
     return bool(lora_modules(model))
 
 
-def expected_adapter_params(model: nn.Module, rank: int, targets: Iterable[str] = DEFAULT_TARGETS,
-                            *, trainable_only: bool = True) -> int:
+def expected_adapter_params(
+    model: nn.Module, rank: int, targets: Iterable[str] = DEFAULT_TARGETS, *, trainable_only: bool = True
+) -> int:
     """r * (in + out) summed over the plain model's ``nn.Linear`` whose name ends with a target (peft's rule)."""
     targets = tuple(targets)
     total = 0
@@ -166,8 +174,12 @@ def adapter_config(model: nn.Module):
     return model.peft_config[ADAPTER_NAME]
 
 
-def save_adapter(folder: str | os.PathLike, model: nn.Module, state: dict[str, torch.Tensor] | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(
+    folder: str | os.PathLike,
+    model: nn.Module,
+    state: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically (temp folder, then rename)."""
     from safetensors.torch import save_file
 
@@ -176,8 +188,11 @@ def save_adapter(folder: str | os.PathLike, model: nn.Module, state: dict[str, t
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = adapter_state_dict(model, state)
-    save_file({k: v.float() if v.dtype != torch.float32 else v for k, v in tensors.items()},
-              str(tmp / ADAPTER_FILE), {"format": "pt", **(metadata or {})})
+    save_file(
+        {k: v.float() if v.dtype != torch.float32 else v for k, v in tensors.items()},
+        str(tmp / ADAPTER_FILE),
+        {"format": "pt", **(metadata or {})},
+    )
     config = adapter_config(model).to_dict()
     config["target_modules"] = sorted(config["target_modules"])
     config["peft_type"] = "LORA"
@@ -197,12 +212,13 @@ def read_adapter(path: str | os.PathLike):
     folder, weights = (path, path / ADAPTER_FILE) if path.is_dir() else (path.parent, path)
     if not weights.is_file():
         bins = sorted(p.name for p in folder.glob("adapter_model*.bin")) if folder.is_dir() else []
-        hint = (f"; {bins} is a pickle, which this project never loads: convert it to safetensors first"
-                if bins else "")
+        hint = f"; {bins} is a pickle, which this project never loads: convert it to safetensors first" if bins else ""
         raise FileNotFoundError(f"{weights}: no LoRA adapter (expected {ADAPTER_FILE} + {CONFIG_FILE}){hint}")
     if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{folder / CONFIG_FILE}: missing; an adapter folder holds {ADAPTER_FILE} and "
-                                f"{CONFIG_FILE} (peft's save_pretrained layout)")
+        raise FileNotFoundError(
+            f"{folder / CONFIG_FILE}: missing; an adapter folder holds {ADAPTER_FILE} and "
+            f"{CONFIG_FILE} (peft's save_pretrained layout)"
+        )
     config = LoraConfig.from_pretrained(str(folder))
     check_config(config)
     try:
@@ -211,8 +227,10 @@ def read_adapter(path: str | os.PathLike):
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
     bad = sorted(k for k in tensors if not (k.startswith(PREFIX) and is_adapter_key(k)))
     if bad:
-        raise ValueError(f"{weights}: {len(bad)} keys outside the official layout "
-                         f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight', e.g. {bad[:3]}")
+        raise ValueError(
+            f"{weights}: {len(bad)} keys outside the official layout "
+            f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight', e.g. {bad[:3]}"
+        )
     return config, tensors
 
 
@@ -222,16 +240,21 @@ def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"adapter keys do not fit this model and lora.target_modules: {len(missing)} missing "
-                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise ValueError(
+            f"adapter keys do not fit this model and lora.target_modules: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
     for k, v in tensors.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"adapter {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
-                             "(another rank or model size)")
+            raise ValueError(
+                f"adapter {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                "(another rank or model size)"
+            )
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, {k[len(PREFIX):]: v for k, v in tensors.items()},
-                                       adapter_name=ADAPTER_NAME)
+    result = set_peft_model_state_dict(
+        model, {k[len(PREFIX) :]: v for k, v in tensors.items()}, adapter_name=ADAPTER_NAME
+    )
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if is_adapter_key(k)]
     assert not unexpected, f"peft did not place adapter keys {unexpected[:3]}"
 

@@ -98,13 +98,13 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "DiTConfig":
+    def from_name(cls, name: str, **overrides: Any) -> DiTConfig:
         """A registry entry (``DIT_CONFIGS``) with some fields replaced."""
         if name not in DIT_CONFIGS:
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(DIT_CONFIGS)}")
         return DIT_CONFIGS[name].replace(**overrides)
 
-    def replace(self, **overrides: Any) -> "DiTConfig":
+    def replace(self, **overrides: Any) -> DiTConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -256,7 +256,7 @@ class Rope(NamedTuple):
     freqs_cis: torch.Tensor  # (N, 1, d/2) complex: cos + i sin of each pair's angle
 
     @classmethod
-    def from_tables(cls, cos: torch.Tensor, sin: torch.Tensor) -> "Rope":
+    def from_tables(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rope:
         """(N, d) tables with each frequency repeated for a pair of dims (the original's layout)."""
         cos, sin = cos.float(), sin.float()
         sign = torch.tensor([-1.0, 1.0], device=sin.device).repeat(sin.shape[-1] // 2)  # (d,)

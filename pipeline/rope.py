@@ -37,8 +37,9 @@ def fill_resize_and_crop(grid: tuple[int, int], base: int) -> tuple[tuple[int, i
     return (top, left), (top + resize_h, left + resize_w)
 
 
-def grid_positions(rope_img: str, patch_size: int, th: int, tw: int, downsample: int = 8
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def grid_positions(
+    rope_img: str, patch_size: int, th: int, tw: int, downsample: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """Row and column coordinates (float32, length th and tw) of the token grid under a ``rope_img`` rule."""
     if rope_img == "extend":
         start, stop = (0, 0), (th, tw)
@@ -67,8 +68,9 @@ def rope_tables(
         raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D RoPE (two axes, pairs of dims)")
     step = downsample * patch_size
     if height % step or width % step or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} must be positive multiples of {step} (VAE {downsample}x "
-                         "times patch)")
+        raise ValueError(
+            f"image size {height}x{width} must be positive multiples of {step} (VAE {downsample}x times patch)"
+        )
     th, tw = height // step, width // step
     rows, cols = grid_positions(rope_img, patch_size, th, tw, downsample)
     col_grid, row_grid = np.meshgrid(cols, rows)  # (th, tw) each; tokens are row-major
@@ -96,8 +98,9 @@ class RopeCache:
         """(cos, sin) for an image of height x width pixels, each (tokens, head_dim) fp32 on ``device``."""
         key = (int(height), int(width), str(device or "cpu"))
         if key not in self._tables:
-            cos, sin = rope_tables(int(height), int(width), self.head_dim, self.patch_size, self.rope_img,
-                                   self.downsample)
+            cos, sin = rope_tables(
+                int(height), int(width), self.head_dim, self.patch_size, self.rope_img, self.downsample
+            )
             self._tables[key] = (cos.to(device or "cpu"), sin.to(device or "cpu"))
         return self._tables[key]
 

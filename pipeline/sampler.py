@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,10 @@ SAMPLE_DTYPES: tuple[str, ...] = ("fp32", "bf16")
 _FACTORY: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {"steps_offset": 1, "clip_sample": False, "clip_sample_range": 1.0}),
     "ddim": ("DDIMScheduler", {"steps_offset": 1, "clip_sample": False, "clip_sample_range": 1.0}),
-    "dpmms": ("DPMSolverMultistepScheduler", {"trained_betas": None, "solver_order": 2,
-                                             "algorithm_type": "dpmsolver++"}),
+    "dpmms": (
+        "DPMSolverMultistepScheduler",
+        {"trained_betas": None, "solver_order": 2, "algorithm_type": "dpmsolver++"},
+    ),
 }
 
 
@@ -60,7 +63,7 @@ class DiffusionSettings:
     predict_type: str = "v_prediction"
 
     @classmethod
-    def from_section(cls, section: Any) -> "DiffusionSettings":
+    def from_section(cls, section: Any) -> DiffusionSettings:
         """From stage2_train.config.DiffusionSection (or anything with these four attributes)."""
         return cls(section.noise_schedule, float(section.beta_start), float(section.beta_end), section.predict_type)
 
@@ -73,8 +76,11 @@ def make_scheduler(sampler: str, diffusion: DiffusionSettings = DiffusionSetting
         raise ValueError(f"sampler={sampler!r} is not supported; choose one of {SAMPLERS}")
     cls_name, kwargs = _FACTORY[sampler]
     return getattr(schedulers, cls_name)(
-        **kwargs, beta_schedule=diffusion.noise_schedule, beta_start=diffusion.beta_start,
-        beta_end=diffusion.beta_end, prediction_type=diffusion.predict_type,
+        **kwargs,
+        beta_schedule=diffusion.noise_schedule,
+        beta_start=diffusion.beta_start,
+        beta_end=diffusion.beta_end,
+        prediction_type=diffusion.predict_type,
     )
 
 
@@ -89,35 +95,42 @@ class PromptEmbeds:
 
     def __post_init__(self) -> None:
         n = self.clip.shape[0]
-        if not (self.clip.ndim == 3 and self.t5.ndim == 3 and self.clip_mask.shape == self.clip.shape[:2]
-                and self.t5_mask.shape == self.t5.shape[:2] and self.t5.shape[0] == n):
+        if not (
+            self.clip.ndim == 3
+            and self.t5.ndim == 3
+            and self.clip_mask.shape == self.clip.shape[:2]
+            and self.t5_mask.shape == self.t5.shape[:2]
+            and self.t5.shape[0] == n
+        ):
             raise ValueError(
                 f"prompt encodings do not fit together: clip {tuple(self.clip.shape)}, clip_mask "
-                f"{tuple(self.clip_mask.shape)}, t5 {tuple(self.t5.shape)}, t5_mask {tuple(self.t5_mask.shape)}")
+                f"{tuple(self.clip_mask.shape)}, t5 {tuple(self.t5.shape)}, t5_mask {tuple(self.t5_mask.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.clip.shape[0]
 
     @classmethod
-    def from_fields(cls, d: dict[str, torch.Tensor]) -> "PromptEmbeds":
+    def from_fields(cls, d: dict[str, torch.Tensor]) -> PromptEmbeds:
         """From shared.prompts' field dict (clip_states, clip_mask, t5_states, t5_mask)."""
         return cls(d["clip_states"], d["clip_mask"].bool(), d["t5_states"], d["t5_mask"].bool())
 
-    def rows(self, index: Sequence[int] | slice) -> "PromptEmbeds":
+    def rows(self, index: Sequence[int] | slice) -> PromptEmbeds:
         if not isinstance(index, slice):
             index = torch.as_tensor(list(index), dtype=torch.long)
         return PromptEmbeds(self.clip[index], self.clip_mask[index], self.t5[index], self.t5_mask[index])
 
-    def repeat_to(self, n: int) -> "PromptEmbeds":
+    def repeat_to(self, n: int) -> PromptEmbeds:
         """One row (a negative prompt) repeated to n rows."""
         if len(self) != 1:
             raise ValueError(f"a negative prompt is one row of encodings, got {len(self)}")
         return self.rows([0] * n)
 
     @staticmethod
-    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
-        return PromptEmbeds(*(torch.cat([getattr(p, k) for p in parts]) for k in ("clip", "clip_mask", "t5",
-                                                                                   "t5_mask")))
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds(
+            *(torch.cat([getattr(p, k) for p in parts]) for k in ("clip", "clip_mask", "t5", "t5_mask"))
+        )
 
 
 def encode_prompts(encoders: Any, prompts: Sequence[str]) -> PromptEmbeds:
@@ -137,8 +150,9 @@ def _size_of(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def initial_latents(generators: Sequence[torch.Generator], channels: int, height: int, width: int,
-                    device: torch.device) -> torch.Tensor:
+def initial_latents(
+    generators: Sequence[torch.Generator], channels: int, height: int, width: int, device: torch.device
+) -> torch.Tensor:
     """(B, C, H/8, W/8) fp32 noise, one generator per image, as diffusers' pipelines draw it."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -219,20 +233,20 @@ def sample_latents(
     n = len(text)
     if config.size_cond:
         ow, oh = original_size if original_size is not None else (width, height)
-        kwargs["image_meta_size"] = torch.tensor([[ow, oh, width, height, 0, 0]] * n, dtype=torch.float32,
-                                                 device=device)
+        kwargs["image_meta_size"] = torch.tensor(
+            [[ow, oh, width, height, 0, 0]] * n, dtype=torch.float32, device=device
+        )
     if config.use_style_cond:
         kwargs["style"] = torch.zeros(n, dtype=torch.long, device=device)
     rope = rope if rope is not None else RopeCache(config.head_dim, config.patch_size, config.rope_img)
     kwargs["cos_cis_img"], kwargs["sin_cis_img"] = rope.get(height, width, device)
 
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     C = config.in_channels
     # As diffusers' pipelines: the per-image generators go to schedulers that draw noise in step() (DDPM).
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     timesteps = scheduler.timesteps
-    for t in (progress(timesteps) if progress is not None else timesteps):
+    for t in progress(timesteps) if progress is not None else timesteps:
         x_in = torch.cat([latents] * 2) if cfg_on else latents
         x_in = scheduler.scale_model_input(x_in, t)
         t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=device)  # the original's int steps

@@ -59,9 +59,7 @@ def tokenize_t5(
     mask = torch.zeros(len(texts), max_length, dtype=torch.long)  # (B, L)
     if not texts:
         return ids, mask
-    enc = tokenizer(
-        texts, max_length=max_length, truncation=True, add_special_tokens=True, return_attention_mask=True
-    )
+    enc = tokenizer(texts, max_length=max_length, truncation=True, add_special_tokens=True, return_attention_mask=True)
     for row, (row_ids, row_mask) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
         n = len(row_ids)
         assert 0 < n <= max_length, (n, max_length)

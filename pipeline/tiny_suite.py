@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -94,16 +94,26 @@ class TinySizes:
     t5_extra_pieces: int = 1000
 
     @classmethod
-    def bench(cls) -> "TinySizes":
+    def bench(cls) -> TinySizes:
         """Real SDXL-VAE architecture, BERT-base-sized BERT, T5-small-sized gated-gelu encoder (random init)."""
         return cls(
-            vae_block_out_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_norm_num_groups=32,
-            clip_hidden=768, clip_layers=12, clip_heads=12, clip_intermediate=3072,
-            t5_d_model=512, t5_d_kv=64, t5_d_ff=1024, t5_layers=6, t5_heads=8, t5_extra_pieces=4000,
+            vae_block_out_channels=(128, 256, 512, 512),
+            vae_layers_per_block=2,
+            vae_norm_num_groups=32,
+            clip_hidden=768,
+            clip_layers=12,
+            clip_heads=12,
+            clip_intermediate=3072,
+            t5_d_model=512,
+            t5_d_kv=64,
+            t5_d_ff=1024,
+            t5_layers=6,
+            t5_heads=8,
+            t5_extra_pieces=4000,
         )
 
     @classmethod
-    def preset(cls, name: str) -> "TinySizes":
+    def preset(cls, name: str) -> TinySizes:
         if name == "tiny":
             return cls()
         if name == "bench":
@@ -181,11 +191,15 @@ def make_vae_colour_faithful(vae, *, posterior_std: float = 0.02):
     for norm, where in ((enc.conv_norm_out, "encoder"), (dec.conv_norm_out, "decoder")):
         per_group = norm.num_channels // norm.num_groups
         if per_group % 2 or norm.num_channels < 6:
-            raise ValueError(f"{where}.conv_norm_out has {norm.num_channels} channels in {norm.num_groups} groups; "
-                             "the colour-faithful construction needs >= 6 channels and an even number per group")
+            raise ValueError(
+                f"{where}.conv_norm_out has {norm.num_channels} channels in {norm.num_groups} groups; "
+                "the colour-faithful construction needs >= 6 channels and an even number per group"
+            )
     if latent < 3 or vae.config.in_channels != 3 or vae.config.out_channels != 3:
-        raise ValueError("the colour-faithful construction needs 3 image channels and >= 3 latent channels, got "
-                         f"{vae.config.in_channels}/{vae.config.out_channels} and {latent}")
+        raise ValueError(
+            "the colour-faithful construction needs 3 image channels and >= 3 latent channels, got "
+            f"{vae.config.in_channels}/{vae.config.out_channels} and {latent}"
+        )
 
     def identity(conv: nn.Conv2d, gain: float = 1.0) -> None:
         conv.weight.zero_()
@@ -285,11 +299,19 @@ def _write_bert_tokenizer(folder: Path, captions: list[str]) -> int:
         "strip_accents": None,
         "never_split": None,
         "model_max_length": 77,
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     }
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                "mask_token": "[MASK]"}
+    specials = {
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
     return len(vocab)
@@ -338,8 +360,13 @@ def _train_spiece(captions: list[str], extra_pieces: int) -> bytes:
         vocab_size=n_chars + 3 + extra_pieces,
         hard_vocab_limit=False,
         character_coverage=1.0,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
         num_threads=1,  # one thread: EM sums in a fixed order, so the model is byte-identical run to run
         input_sentence_size=0,
         shuffle_input_sentence=False,
@@ -355,8 +382,15 @@ def _write_t5_tokenizer(folder: Path, captions: list[str], extra_pieces: int) ->
     model = _train_spiece(captions, extra_pieces)
     (folder / "spiece.model").write_bytes(model)
     # As google/mt5-*: no sentinel tokens added on top of the sentencepiece vocabulary.
-    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "additional_special_tokens": [],
-              "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 1000000000}
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "extra_ids": 0,
+        "additional_special_tokens": [],
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "model_max_length": 1000000000,
+    }
     specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
@@ -442,8 +476,13 @@ def write_tiny_suite(
     _write_t5(tmp, sizes, n_pieces, seed)
     tmp.rename(root / SUBFOLDERS["t5"])
 
-    info = {"seed": seed, "sizes": asdict(sizes), "n_extra_captions": len(extra),
-            "bert_vocab_size": n_bert, "t5_pieces": n_pieces}
+    info = {
+        "seed": seed,
+        "sizes": asdict(sizes),
+        "n_extra_captions": len(extra),
+        "bert_vocab_size": n_bert,
+        "t5_pieces": n_pieces,
+    }
     (root / "tiny_suite.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return root
 
@@ -467,14 +506,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write (e.g. ckpts/tiny_t2i)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; same seed -> byte-identical files")
     parser.add_argument(
-        "--preset", choices=("tiny", "bench"), default="tiny",
+        "--preset",
+        choices=("tiny", "bench"),
+        default="tiny",
         help="tiny: demo/test sizes (VAE widths 8-16, BERT 32-d, mT5 48-d); bench: real SDXL-VAE architecture, "
-             "BERT-base-sized BERT, T5-small-sized mT5 encoder, for stage-1 throughput measurements",
+        "BERT-base-sized BERT, T5-small-sized mT5 encoder, for stage-1 throughput measurements",
     )
     parser.add_argument(
-        "--captions", type=Path, default=None,
+        "--captions",
+        type=Path,
+        default=None,
         help="UTF-8 text file, one caption per line, added to the built-in captions to train the mT5 "
-             "sentencepiece model and extend the BERT vocabulary (use the corpus' captions for fewer <unk>)",
+        "sentencepiece model and extend the BERT vocabulary (use the corpus' captions for fewer <unk>)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace encoder folders that already exist")
     args = parser.parse_args(argv)
@@ -483,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, UnicodeDecodeError) as err:
         parser.error(str(err))
     root = write_tiny_suite(
-        args.out_dir, seed=args.seed, captions=captions, sizes=TinySizes.preset(args.preset),
+        args.out_dir,
+        seed=args.seed,
+        captions=captions,
+        sizes=TinySizes.preset(args.preset),
         overwrite=args.overwrite,
     )
     print(f"wrote {args.preset} encoder suite (seed {args.seed}) to {root}")

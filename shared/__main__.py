@@ -1,4 +1,5 @@
 """`python -m shared` is `python -m shared.cli`."""
+
 import sys
 
 from .cli import main

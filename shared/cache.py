@@ -9,24 +9,43 @@
 Sample order: manifest shard order, then order inside the shard. Both formats return bit-identical samples.
 summary / decode / grid (for people) and the synthetic-cache writer live in shared/inspection.py.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
 from safetensors import SafetensorError
 
-from .fsutil import atomic_write_bytes, file_sha256
-from .manifest import (EMPTY_CAPTION_NAME, LEGACY_INDEX_FIX, LegacyIndexError, Manifest, ShardInfo, read_manifest,
-                       read_shard_info, shard_data_path)
-from .shard_index import ShardIndex, key_hash, key_hashes
-from .schema import STORAGE_DTYPE, CacheSpec, _float_array, _int_array, _mask_array, check_stored, decode_sample, to_torch
 from .formats import shard_format
+from .fsutil import atomic_write_bytes, file_sha256
+from .manifest import (
+    EMPTY_CAPTION_NAME,
+    LEGACY_INDEX_FIX,
+    LegacyIndexError,
+    Manifest,
+    ShardInfo,
+    read_manifest,
+    read_shard_info,
+    shard_data_path,
+)
+from .schema import (
+    STORAGE_DTYPE,
+    CacheSpec,
+    _float_array,
+    _int_array,
+    _mask_array,
+    check_stored,
+    decode_sample,
+    to_torch,
+)
+from .shard_index import ShardIndex, key_hash, key_hashes
 from .shard_writer import ShardWriterBase
 from .storage import is_remote
 
@@ -46,8 +65,16 @@ def _open_shard_reader(root: Path, spec: CacheSpec, shard: ShardIndex):
 # ---------------------------------------------------------------------------------------------------------------
 # empty caption ("" through both text encoders), for train-time CFG text dropout
 
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"),
-              "I64": np.dtype("<i8"), "BOOL": np.dtype("bool"), "U8": np.dtype("u1"), "I16": np.dtype("<i2")}
+_ST_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "BOOL": np.dtype("bool"),
+    "U8": np.dtype("u1"),
+    "I16": np.dtype("<i2"),
+}
 _EMPTY_FIELDS = ("clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask", "t5_states")
 
 
@@ -93,8 +120,10 @@ def read_empty_caption(root: str | Path, spec: CacheSpec | None = None) -> dict[
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: stage 1 must encode the empty caption for CFG text dropout")
     try:
-        out = {name: np.frombuffer(t["data"], dtype=_ST_DTYPES[t["dtype"]]).reshape(t["shape"])
-               for name, t in safetensors.deserialize(path.read_bytes())}
+        out = {
+            name: np.frombuffer(t["data"], dtype=_ST_DTYPES[t["dtype"]]).reshape(t["shape"])
+            for name, t in safetensors.deserialize(path.read_bytes())
+        }
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     if spec is not None:
@@ -175,8 +204,14 @@ class CacheReader:
     open lazily in each process (DataLoader workers). Views (`filter`) hold a sorted array of global positions.
     """
 
-    def __init__(self, root: str | Path, vae: Any = None, *, _parent: "CacheReader | None" = None,
-                 _indices: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        vae: Any = None,
+        *,
+        _parent: CacheReader | None = None,
+        _indices: np.ndarray | None = None,
+    ) -> None:
         self.root = Path(root)
         self._vae = vae
         if _parent is None:
@@ -184,14 +219,18 @@ class CacheReader:
             self.spec: CacheSpec = self.manifest.spec
             legacy = [e["name"] for e in self.manifest.shards if not e.get("index_sha256")]
             if legacy:
-                raise LegacyIndexError(f"cache {self.root}: shard {legacy[0]!r} and {len(legacy) - 1} more have no "
-                                       f"columnar index: {LEGACY_INDEX_FIX}")
+                raise LegacyIndexError(
+                    f"cache {self.root}: shard {legacy[0]!r} and {len(legacy) - 1} more have no "
+                    f"columnar index: {LEGACY_INDEX_FIX}"
+                )
             self.infos: list[ShardInfo] = []
             for entry in self.manifest.shards:
                 info = read_shard_info(self.root, entry["name"])
                 if info.entry() != {k: entry.get(k) for k in info.entry()}:
-                    raise ValueError(f"shard {entry['name']!r}: its index disagrees with manifest.json "
-                                     "(rewritten after the manifest?); run `python -m shared.cli verify`")
+                    raise ValueError(
+                        f"shard {entry['name']!r}: its index disagrees with manifest.json "
+                        "(rewritten after the manifest?); run `python -m shared.cli verify`"
+                    )
                 self.infos.append(info)
             self.shards: list[ShardIndex] = [ShardIndex(self.root, i) for i in self.infos]
             self._starts = np.zeros(len(self.shards) + 1, dtype=np.int64)  # global position of each shard's first
@@ -210,8 +249,8 @@ class CacheReader:
 
     def _local_state(self) -> None:
         """What each process builds for itself on demand and never pickles."""
-        self._cols: dict[str, np.ndarray] = {}      # cache-wide columns (8 bytes per sample for buckets)
-        self._readers: dict[int, Any] = {}          # open shard readers, least recently used first
+        self._cols: dict[str, np.ndarray] = {}  # cache-wide columns (8 bytes per sample for buckets)
+        self._readers: dict[int, Any] = {}  # open shard readers, least recently used first
         self._key_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
@@ -386,7 +425,7 @@ class CacheReader:
         uniq, members = group_by_bucket(self.buckets())
         return {(int(h), int(w)): m for (h, w), m in zip(uniq.tolist(), members)}
 
-    def filter(self, bucket: tuple[int, int] | None = None, keys: Sequence[str] | None = None) -> "CacheReader":
+    def filter(self, bucket: tuple[int, int] | None = None, keys: Sequence[str] | None = None) -> CacheReader:
         """A view with only the samples of one bucket (H, W) and/or the given keys (in cache order)."""
         sel = np.ones(len(self), dtype=bool)
         if bucket is not None:
@@ -410,15 +449,16 @@ class CacheReader:
         return read_empty_caption(self.root, self.spec)
 
     # -- streaming ------------------------------------------------------------------------------------------
-    def stream(self, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
-               world_size: int | None = None) -> "CacheStream":  # noqa: F821 (built on first use)
+    def stream(
+        self, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None
+    ) -> CacheStream:  # noqa: F821 (built on first use)
         """Iterable over whole shards, split by rank then DataLoader worker; a webdataset shard is read
         sequentially (one pass over the tar). Yields the same logical samples as cache[i]."""
         return _stream_class()(self, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size)
 
     # -- people -----------------------------------------------------------------------------------------------
     # -- people (shared/inspection.py) -------------------------------------------------------------------------
-    def summary(self) -> "CacheSummary":
+    def summary(self) -> CacheSummary:
         from .inspection import summarize  # shared.inspection imports this module: bound at call time
 
         return summarize(self)
@@ -443,8 +483,14 @@ class _CacheStreamBase:
     """Shards split by (rank, worker); samples within a shard in file order. (`CacheStream` adds torch's
     IterableDataset base; it is built on first use so that `import shared.cache` does not import torch.)"""
 
-    def __init__(self, reader: CacheReader, shuffle_shards: bool = False, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        reader: CacheReader,
+        shuffle_shards: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         self.reader, self.shuffle_shards, self.seed = reader, shuffle_shards, seed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -470,7 +516,7 @@ class _CacheStreamBase:
         plan = list(self.shard_plan())
         ahead = r._source.cfg.prefetch_shards if r._source is not None else 0
         for pos, s in enumerate(plan):
-            r._fetch(s, plan[pos + 1:pos + 1 + ahead])
+            r._fetch(s, plan[pos + 1 : pos + 1 + ahead])
             sh, rd = r.shards[s], r._reader(s)
             first = int(r._starts[s])
             in_view = None

@@ -1,4 +1,5 @@
 """`python -m shared.cli inspect|verify|upgrade-index CACHE` (installed as `hydit-cache`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,29 +31,46 @@ def _parse_bucket(s: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydit-cache", description=HELP, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pi = sub.add_parser("inspect", help="summary of a cache (and an optional grid of decoded samples)",
-                        description="Print a summary of a cache; with --grid and --vae also decode samples "
-                        "(posterior mean through the VAE decoder) into a captioned PNG grid. Exit 2 if the cache "
-                        "cannot be opened.")
-    pi.add_argument("cache", type=_cache_arg, help="the cache folder (holds manifest.json and shards/) or its "
-                    "s3://bucket/prefix URL (endpoint from AWS_ENDPOINT_URL)")
+    pi = sub.add_parser(
+        "inspect",
+        help="summary of a cache (and an optional grid of decoded samples)",
+        description="Print a summary of a cache; with --grid and --vae also decode samples "
+        "(posterior mean through the VAE decoder) into a captioned PNG grid. Exit 2 if the cache "
+        "cannot be opened.",
+    )
+    pi.add_argument(
+        "cache",
+        type=_cache_arg,
+        help="the cache folder (holds manifest.json and shards/) or its "
+        "s3://bucket/prefix URL (endpoint from AWS_ENDPOINT_URL)",
+    )
     pi.add_argument("--grid", type=Path, default=None, help="write a PNG grid of decoded samples here")
     pi.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder used to decode (needed for --grid)")
     pi.add_argument("-n", "--num", type=int, default=8, help="samples in the grid (default 8)")
     pi.add_argument("--bucket", type=_parse_bucket, default=None, help="only samples of this bucket, HxW")
-    pv = sub.add_parser("verify", help="check every shard and sample; non-zero exit on any problem",
-                        description="Re-read every shard listed in manifest.json: sha256 and size, every sample's "
-                        "crc32 and shapes, the empty-caption file; warn about leftover temp files and unlisted "
-                        "shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is not a "
-                        "folder.")
-    pv.add_argument("cache", type=_cache_arg, help="the cache folder (holds manifest.json and shards/) or its "
-                    "s3://bucket/prefix URL (downloaded whole to a temporary folder)")
+    pv = sub.add_parser(
+        "verify",
+        help="check every shard and sample; non-zero exit on any problem",
+        description="Re-read every shard listed in manifest.json: sha256 and size, every sample's "
+        "crc32 and shapes, the empty-caption file; warn about leftover temp files and unlisted "
+        "shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is not a "
+        "folder.",
+    )
+    pv.add_argument(
+        "cache",
+        type=_cache_arg,
+        help="the cache folder (holds manifest.json and shards/) or its "
+        "s3://bucket/prefix URL (downloaded whole to a temporary folder)",
+    )
     pv.add_argument("--no-progress", action="store_true", help="no progress bar")
     pv.add_argument("--json", action="store_true", help="print the report as JSON")
-    pu = sub.add_parser("upgrade-index", help="convert an old-layout cache (per-sample JSON sidecars) in place",
-                        description="Write each shard's columnar index file from its old JSON sidecar, replace the "
-                        "sidecar by the per-shard one, and add index_sha256 to the manifest's entries. Shards are "
-                        "not read or changed. Exit 0 when done, 2 if CACHE is not a cache folder.")
+    pu = sub.add_parser(
+        "upgrade-index",
+        help="convert an old-layout cache (per-sample JSON sidecars) in place",
+        description="Write each shard's columnar index file from its old JSON sidecar, replace the "
+        "sidecar by the per-shard one, and add index_sha256 to the manifest's entries. Shards are "
+        "not read or changed. Exit 0 when done, 2 if CACHE is not a cache folder.",
+    )
     pu.add_argument("cache", type=Path, help="the cache folder (holds manifest.json and shards/)")
     return p
 
@@ -98,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     print(cache.summary())
     if args.grid is not None:
         if args.vae is None:
-            print("error: --grid needs --vae PATH (the AutoencoderKL folder, e.g. ckpts/t2i/sdxl-vae-fp16-fix)",
-                  file=sys.stderr)
+            print(
+                "error: --grid needs --vae PATH (the AutoencoderKL folder, e.g. ckpts/t2i/sdxl-vae-fp16-fix)",
+                file=sys.stderr,
+            )
             return 2
         n = min(args.num, len(cache))
         idx = [int(round(i * (len(cache) - 1) / max(1, n - 1))) for i in range(n)] if n else []

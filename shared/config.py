@@ -18,8 +18,9 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -83,7 +84,9 @@ def _expand_bases(data: dict, search: Sequence[Path], seen: tuple[Path, ...] = (
         for name in [bases] if isinstance(bases, str) else list(bases):
             path = _resolve_path(str(name), search)
             if path in seen:
-                raise ConfigError(f"config files include each other in a cycle: {' -> '.join(map(str, seen + (path,)))}")
+                raise ConfigError(
+                    f"config files include each other in a cycle: {' -> '.join(map(str, seen + (path,)))}"
+                )
             merged = _deep_merge(merged, _expand_bases(_read_yaml(path), [path.parent], seen + (path,)))
     for key, value in data.items():
         if isinstance(value, dict):
@@ -108,7 +111,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node = data
-    for i, part in enumerate(parts[:-1]):
+    for _i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if isinstance(child, str) and child.endswith((".yaml", ".yml")):
             child = {BASE_KEY: child}  # a section given as a file: keep the file, override on top of it
@@ -243,7 +246,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", search: Sequence[Path]
         )
     kwargs = {name: _convert(hints[name], value, f"{prefix}{name}", search) for name, value in data.items()}
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -287,14 +291,19 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None,
-                    example: str = "optim.lr=3e-4 data.num_workers=0") -> argparse.ArgumentParser:
+def add_config_args(
+    parser: argparse.ArgumentParser, default: str | None = None, example: str = "optim.lr=3e-4 data.num_workers=0"
+) -> argparse.ArgumentParser:
     parser.add_argument(
-        "--config", default=default, required=default is None,
+        "--config",
+        default=default,
+        required=default is None,
         help="YAML config file (a preset under configs/ or your own); its sections are validated on load",
     )
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help=f"override any config key with a dotted path, e.g. {example} (values are parsed as YAML)",
     )
     return parser

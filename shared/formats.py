@@ -10,10 +10,12 @@ branch on the format; a new format (or a shard layout on an object store) is one
 subclass here. The shard file name suffixes stay in shared/manifest.py (SHARD_SUFFIX): they are part of the cache
 layout that stage 1 resumes from and upgrade-index / the remote mirror list.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .manifest import SHARD_SUFFIX
 from .schema import CacheSpec, CorruptSampleError

@@ -3,6 +3,7 @@
 A reader must never see half of anything: every writer here writes under a `.tmp-` name, fsyncs, then renames.
 Anything still carrying the `.tmp-` prefix is debris from a job that died and is ignored by readers.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -7,12 +7,14 @@ grid, with a CJK font search), and the one synthetic-cache writer.
 
 Nothing here is on the training path; PIL, torch and diffusers are imported only by the functions that need them.
 """
+
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -28,11 +30,13 @@ class CacheSummary(dict):
     """A dict of summary numbers that prints as a readable table."""
 
     def __str__(self) -> str:
-        lines = [f"cache {self['root']}  ({self['format']}, schema v{self['schema_version']})",
-                 f"  samples {self['samples']}  shards {self['shards']}  "
-                 f"on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
-                 f"  ({self['bytes_per_sample_on_disk'] / 1024:.1f} KiB/sample)",
-                 f"  views {self['views']}  dtypes {self['dtypes']}  scaling_factor {self['scaling_factor']}"]
+        lines = [
+            f"cache {self['root']}  ({self['format']}, schema v{self['schema_version']})",
+            f"  samples {self['samples']}  shards {self['shards']}  "
+            f"on disk {self['bytes_on_disk'] / 2**20:.1f} MiB"
+            f"  ({self['bytes_per_sample_on_disk'] / 1024:.1f} KiB/sample)",
+            f"  views {self['views']}  dtypes {self['dtypes']}  scaling_factor {self['scaling_factor']}",
+        ]
         lines.append("  buckets (H x W: samples):")
         for b, n in self["buckets"].items():
             lines.append(f"    {b:>11}: {n}")
@@ -54,8 +58,13 @@ class CacheSummary(dict):
 def _stats(x: np.ndarray) -> dict:
     if x.size == 0:
         return {"min": 0, "p50": 0, "mean": 0.0, "p90": 0, "max": 0}
-    return {"min": int(x.min()), "p50": int(np.percentile(x, 50)), "mean": float(x.mean()),
-            "p90": int(np.percentile(x, 90)), "max": int(x.max())}
+    return {
+        "min": int(x.min()),
+        "p50": int(np.percentile(x, 50)),
+        "mean": float(x.mean()),
+        "p90": int(np.percentile(x, 90)),
+        "max": int(x.max()),
+    }
 
 
 def summarize(reader: CacheReader) -> CacheSummary:
@@ -71,14 +80,22 @@ def summarize(reader: CacheReader) -> CacheSummary:
     buckets = {f"{h}x{w}": len(mm) for (h, w), mm in zip(uniq.tolist(), members)}
     col = reader._view_column
     return CacheSummary(
-        root=getattr(reader, "url", None) or str(reader.root), format=spec.format, schema_version=m.schema_version,
-        samples=len(reader), shards=int(shards_in_view.size), bytes_on_disk=on_disk,
+        root=getattr(reader, "url", None) or str(reader.root),
+        format=spec.format,
+        schema_version=m.schema_version,
+        samples=len(reader),
+        shards=int(shards_in_view.size),
+        bytes_on_disk=on_disk,
         bytes_per_sample_on_disk=on_disk / n_all,
-        views=list(spec.views), dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
+        views=list(spec.views),
+        dtypes={"vae": spec.vae_dtype, "clip": spec.clip_dtype, "t5": spec.t5_dtype},
         scaling_factor=m.vae_scaling_factor,
         buckets=dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-        tokens={"clip_len": _stats(col("clip_len")), "t5_len": _stats(col("t5_len")),
-                "t5_unique_rows": _stats(col("t5_unique"))},
+        tokens={
+            "clip_len": _stats(col("clip_len")),
+            "t5_len": _stats(col("t5_len")),
+            "t5_unique_rows": _stats(col("t5_unique")),
+        },
         bytes_per_sample_by_field={k: v / n_all for k, v in sorted(fb.items(), key=lambda kv: -kv[1])},
         rejects=dict(m.rejects),
     )
@@ -94,8 +111,10 @@ def load_vae(reader: CacheReader, vae_path: str | Path | None = None):
         reader._vae = vae_path
     vae = reader._vae
     if vae is None:
-        raise ValueError("decode needs a VAE: open_cache(root, vae=PATH_OR_MODEL) or decode(i, vae_path=PATH) "
-                         "(the sdxl-vae-fp16-fix folder of ckpts/t2i)")
+        raise ValueError(
+            "decode needs a VAE: open_cache(root, vae=PATH_OR_MODEL) or decode(i, vae_path=PATH) "
+            "(the sdxl-vae-fp16-fix folder of ckpts/t2i)"
+        )
     if isinstance(vae, (str, Path)):
         from diffusers import AutoencoderKL  # heavy: only decoding pays for it
 
@@ -117,17 +136,18 @@ def decode_image(reader: CacheReader, i: int | str, vae_path: str | Path | None 
         raise ValueError(f"view {view!r} is not in this cache; it has {list(spec.views)}")
     vae = load_vae(reader, vae_path)
     s = reader.to_torch(reader[i])
-    mom = s["moments"][spec.views.index(view)]                       # (2C, h, w)
-    mean = mom[: spec.latent_channels][None]                         # (1, C, h, w)
+    mom = s["moments"][spec.views.index(view)]  # (2C, h, w)
+    mean = mom[: spec.latent_channels][None]  # (1, C, h, w)
     p = next(vae.parameters())
     with torch.inference_mode():
-        img = vae.decode(mean.to(p.device, p.dtype)).sample[0]      # (3, H, W) in [-1, 1]
+        img = vae.decode(mean.to(p.device, p.dtype)).sample[0]  # (3, H, W) in [-1, 1]
     arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 
 
-def decode_grid(reader: CacheReader, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256,
-                cols: int = 4):
+def decode_grid(
+    reader: CacheReader, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256, cols: int = 4
+):
     """A PIL grid of decoded samples with (the start of) their captions below each."""
     from PIL import Image, ImageDraw
 
@@ -148,16 +168,29 @@ def decode_grid(reader: CacheReader, indices: Sequence[int], vae_path: str | Pat
     return canvas
 
 
-_CJK_FONT_GLOBS = ("NotoSansCJK*", "NotoSerifCJK*", "wqy-*", "DroidSansFallback*", "SourceHanSans*", "simhei*",
-                   "msyh*", "PingFang*")
+_CJK_FONT_GLOBS = (
+    "NotoSansCJK*",
+    "NotoSerifCJK*",
+    "wqy-*",
+    "DroidSansFallback*",
+    "SourceHanSans*",
+    "simhei*",
+    "msyh*",
+    "PingFang*",
+)
 
 
 def cjk_font(size: int):
     """A TrueType font with CJK glyphs from the usual system folders, or None (PIL's own font has none)."""
     from PIL import ImageFont  # PIL only for people: not imported with the module
 
-    for folder in ("/usr/share/fonts", "/usr/local/share/fonts", str(Path.home() / ".fonts"),
-                   "/System/Library/Fonts", "C:/Windows/Fonts"):
+    for folder in (
+        "/usr/share/fonts",
+        "/usr/local/share/fonts",
+        str(Path.home() / ".fonts"),
+        "/System/Library/Fonts",
+        "C:/Windows/Fonts",
+    ):
         if not os.path.isdir(folder):
             continue
         for pattern in _CJK_FONT_GLOBS:
@@ -197,33 +230,48 @@ def _structured_sample(spec: CacheSpec, i: int, bucket: tuple[int, int], rng: np
     clip_states = rng.standard_normal((spec.clip_len, spec.clip_dim)).astype(np.float32) * clip_mask[:, None]
     t5_states = rng.standard_normal((spec.t5_len, spec.t5_dim)).astype(np.float16)
     return {
-        "key": f"syn-{i:08d}-{i:012x}", "caption": f"caption {i}",
+        "key": f"syn-{i:08d}-{i:012x}",
+        "caption": f"caption {i}",
         "bucket": np.array([h, wd], np.int32),
         "image_meta_size": np.array([wd, h, wd, h, 0, 0], np.int32),
         "moments": moments.astype(np.float32),
-        "clip_ids": np.where(clip_mask, 5 + i, 0).astype(np.int32), "clip_mask": clip_mask,
+        "clip_ids": np.where(clip_mask, 5 + i, 0).astype(np.int32),
+        "clip_mask": clip_mask,
         "clip_states": clip_states,
-        "t5_ids": np.where(t5_mask, 7 + i, 1).astype(np.int32), "t5_mask": t5_mask, "t5_states": t5_states,
+        "t5_ids": np.where(t5_mask, 7 + i, 1).astype(np.int32),
+        "t5_mask": t5_mask,
+        "t5_states": t5_states,
     }
 
 
 def _structured_empty(spec: CacheSpec, bucket: tuple[int, int], rng: np.random.Generator) -> dict:
     em_clip = np.arange(spec.clip_len) < 2
     em_t5 = np.arange(spec.t5_len) < 1
-    return {"clip_ids": np.where(em_clip, 3, 0).astype(np.int32), "clip_mask": em_clip,
-            "clip_states": (rng.standard_normal((spec.clip_len, spec.clip_dim)) * em_clip[:, None]).astype(np.float32),
-            "t5_ids": np.where(em_t5, 2, 1).astype(np.int32), "t5_mask": em_t5,
-            "t5_states": rng.standard_normal((spec.t5_len, spec.t5_dim)).astype(np.float16)}
+    return {
+        "clip_ids": np.where(em_clip, 3, 0).astype(np.int32),
+        "clip_mask": em_clip,
+        "clip_states": (rng.standard_normal((spec.clip_len, spec.clip_dim)) * em_clip[:, None]).astype(np.float32),
+        "t5_ids": np.where(em_t5, 2, 1).astype(np.int32),
+        "t5_mask": em_t5,
+        "t5_states": rng.standard_normal((spec.t5_len, spec.t5_dim)).astype(np.float16),
+    }
 
 
 _SYNTHETIC = {"random": (_random_sample, _random_empty), "structured": (_structured_sample, _structured_empty)}
 
 
-def write_synthetic_cache(root: str | Path, spec: CacheSpec, n_samples: int = 16, n_shards: int = 2,
-                          buckets: Sequence[tuple[int, int]] = ((64, 64), (64, 32)), seed: int = 0,
-                          scaling_factor: float = 0.13025, encoders: dict | None = None,
-                          latents: Literal["random", "structured"] = "random",
-                          shard_names: str = "part-{:06d}") -> Manifest:
+def write_synthetic_cache(
+    root: str | Path,
+    spec: CacheSpec,
+    n_samples: int = 16,
+    n_shards: int = 2,
+    buckets: Sequence[tuple[int, int]] = ((64, 64), (64, 32)),
+    seed: int = 0,
+    scaling_factor: float = 0.13025,
+    encoders: dict | None = None,
+    latents: Literal["random", "structured"] = "random",
+    shard_names: str = "part-{:06d}",
+) -> Manifest:
     """A complete small cache (shards, empty caption, manifest) of synthetic samples, sample i in bucket
     buckets[i % len(buckets)], one seeded generator for everything. `latents`: "random" (synthetic_sample: random
     features of a real sample's structure, for cache tests and benches) or "structured" (latents a DiT can learn,
@@ -242,8 +290,14 @@ def write_synthetic_cache(root: str | Path, spec: CacheSpec, n_samples: int = 16
                 i += 1
     e = make_empty(spec, tuple(buckets[0]), rng)
     sha = write_empty_caption(root, spec, **{k: e[k] for k in _EMPTY_FIELDS})
-    m = manifest_from_shards(root, spec, encoders=encoders if encoders is not None else {"synthetic": {"seed": seed}},
-                             vae_scaling_factor=scaling_factor, buckets=[list(b) for b in buckets],
-                             preprocessing={"synthetic": True, "seed": seed}, empty_caption_sha256=sha)
+    m = manifest_from_shards(
+        root,
+        spec,
+        encoders=encoders if encoders is not None else {"synthetic": {"seed": seed}},
+        vae_scaling_factor=scaling_factor,
+        buckets=[list(b) for b in buckets],
+        preprocessing={"synthetic": True, "seed": seed},
+        empty_caption_sha256=sha,
+    )
     write_manifest(root, m)
     return m

@@ -4,6 +4,7 @@ manifest.json is written LAST and atomically: its presence means the cache is co
 shards/<name>.json (each written after its shard was renamed into place) say which shards are complete, so a
 restarted job resumes by completed shard (`completed_shards`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ def shard_sidecar_path(root: str | Path, name: str) -> Path:
     return Path(root) / SHARDS_DIR / f"{name}.json"
 
 
-LEGACY_INDEX_FIX = ("it was written by an older version with per-sample JSON sidecars; convert it in place (the "
-                    "shards stay as they are) with `python -m shared.cli upgrade-index CACHE`")
+LEGACY_INDEX_FIX = (
+    "it was written by an older version with per-sample JSON sidecars; convert it in place (the "
+    "shards stay as they are) with `python -m shared.cli upgrade-index CACHE`"
+)
 
 
 class LegacyIndexError(ValueError):
@@ -59,15 +62,15 @@ class ShardInfo:
     n_samples: int
     bytes: int
     sha256: str
-    field_bytes: dict[str, int] = field(default_factory=dict)    # raw stored bytes per field, summed over samples
-    index: dict[str, Any] = field(default_factory=dict)          # {"file", "bytes", "sha256", "version"}
+    field_bytes: dict[str, int] = field(default_factory=dict)  # raw stored bytes per field, summed over samples
+    index: dict[str, Any] = field(default_factory=dict)  # {"file", "bytes", "sha256", "version"}
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardInfo":
+    def from_dict(cls, d: dict) -> ShardInfo:
         if "keys" in d and not d.get("index"):
             raise LegacyIndexError(f"shard {d.get('name')!r}: {LEGACY_INDEX_FIX}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -75,8 +78,13 @@ class ShardInfo:
 
     def entry(self) -> dict:
         """The manifest's short line for this shard."""
-        return {"name": self.name, "n_samples": self.n_samples, "bytes": self.bytes, "sha256": self.sha256,
-                "index_sha256": self.index.get("sha256")}
+        return {
+            "name": self.name,
+            "n_samples": self.n_samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "index_sha256": self.index.get("sha256"),
+        }
 
 
 def read_shard_info(root: str | Path, name: str) -> ShardInfo:
@@ -144,11 +152,11 @@ class Manifest:
     """Everything stage 2 must agree with stage 1 on, plus the shard list. See design.md "The cache contract"."""
 
     spec: CacheSpec
-    shards: list[dict]                                    # ShardInfo.entry() per shard, in reading order
-    encoders: dict = field(default_factory=dict)          # FrozenEncoders.fingerprint(): class, config, weights, dtype
+    shards: list[dict]  # ShardInfo.entry() per shard, in reading order
+    encoders: dict = field(default_factory=dict)  # FrozenEncoders.fingerprint(): class, config, weights, dtype
     vae_scaling_factor: float | None = None
     buckets: list[list[int]] = field(default_factory=list)  # all resolution buckets the job could use, (H, W)
-    preprocessing: dict = field(default_factory=dict)     # free dict from stage 1: resize filter, crop policy, seed...
+    preprocessing: dict = field(default_factory=dict)  # free dict from stage 1: resize filter, crop policy, seed...
     rejects: dict[str, int] = field(default_factory=dict)  # rejected inputs by reason
     empty_caption_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -173,11 +181,18 @@ class Manifest:
             "format": self.spec.format,
             "n_samples": self.n_samples,
             "spec": self.spec.to_dict(),
-            "text": {"clip_len": self.spec.clip_len, "t5_len": self.spec.t5_len,
-                     "clip_pad_id": self.spec.clip_pad_id, "t5_pad_id": self.spec.t5_pad_id},
-            "latent": {"channels": self.spec.latent_channels, "downsample": self.spec.downsample,
-                       "scaling_factor": self.vae_scaling_factor,
-                       "stored": "posterior moments [mean, logvar], unscaled"},
+            "text": {
+                "clip_len": self.spec.clip_len,
+                "t5_len": self.spec.t5_len,
+                "clip_pad_id": self.spec.clip_pad_id,
+                "t5_pad_id": self.spec.t5_pad_id,
+            },
+            "latent": {
+                "channels": self.spec.latent_channels,
+                "downsample": self.spec.downsample,
+                "scaling_factor": self.vae_scaling_factor,
+                "stored": "posterior moments [mean, logvar], unscaled",
+            },
             "dtypes": {"vae": self.spec.vae_dtype, "clip": self.spec.clip_dtype, "t5": self.spec.t5_dtype},
             "views": list(self.spec.views),
             "vae_scaling_factor": self.vae_scaling_factor,
@@ -193,17 +208,27 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         ver = d.get("schema_version")
         if ver != SCHEMA_VERSION:
-            raise ValueError(f"cache schema_version={ver!r} but this code reads version {SCHEMA_VERSION}; "
-                             "re-encode the cache or use a matching checkout")
+            raise ValueError(
+                f"cache schema_version={ver!r} but this code reads version {SCHEMA_VERSION}; "
+                "re-encode the cache or use a matching checkout"
+            )
         try:
-            return cls(spec=CacheSpec.from_dict(d["spec"]), shards=list(d["shards"]), encoders=d.get("encoders", {}),
-                       vae_scaling_factor=d.get("vae_scaling_factor"), buckets=d.get("buckets", []),
-                       preprocessing=d.get("preprocessing", {}), rejects=d.get("rejects", {}),
-                       empty_caption_sha256=(d.get("empty_caption") or {}).get("sha256"),
-                       schema_version=ver, created_utc=d.get("created_utc", ""), extra=d.get("extra", {}))
+            return cls(
+                spec=CacheSpec.from_dict(d["spec"]),
+                shards=list(d["shards"]),
+                encoders=d.get("encoders", {}),
+                vae_scaling_factor=d.get("vae_scaling_factor"),
+                buckets=d.get("buckets", []),
+                preprocessing=d.get("preprocessing", {}),
+                rejects=d.get("rejects", {}),
+                empty_caption_sha256=(d.get("empty_caption") or {}).get("sha256"),
+                schema_version=ver,
+                created_utc=d.get("created_utc", ""),
+                extra=d.get("extra", {}),
+            )
         except KeyError as e:
             raise ValueError(f"manifest lacks the field {e}") from None
 
@@ -266,8 +291,10 @@ def read_manifest(root: str | Path) -> Manifest:
     p = root / MANIFEST_NAME
     if not p.exists():
         n = len(completed_shards(root))
-        raise FileNotFoundError(f"{p} does not exist: the cache is incomplete (stage 1 still running or died; "
-                                f"{n} completed shards). Re-run stage 1 to resume it.")
+        raise FileNotFoundError(
+            f"{p} does not exist: the cache is incomplete (stage 1 still running or died; "
+            f"{n} completed shards). Re-run stage 1 to resume it."
+        )
     try:
         d = json.loads(p.read_text("utf-8"))
     except json.JSONDecodeError as e:
@@ -284,7 +311,9 @@ def manifest_from_shards(root: str | Path, spec: CacheSpec, **kw: Any) -> Manife
 # expected key (the cache's own name: a CacheSpec field or a manifest.json key) -> how to fix a mismatch
 _SPEC_CHECKS = {
     **{k: f"model.{k}" for k in ("clip_len", "t5_len", "clip_dim", "t5_dim", "latent_channels")},
-    "downsample": "the VAE", "views": "data.views / stage-1 flip setting", "format": "data.format",
+    "downsample": "the VAE",
+    "views": "data.views / stage-1 flip setting",
+    "format": "data.format",
     **{f"{e}_dtype": "the expected dtype" for e in ("vae", "clip", "t5")},
     **{f"{e}_pad_id": "the tokenizer settings" for e in ("clip", "t5")},
 }
@@ -315,17 +344,25 @@ def check_manifest(manifest: Manifest, expected: dict) -> None:
             for enc in sorted(set(want) | set(manifest.encoders)):
                 have_e, want_e = manifest.encoders.get(enc), want.get(enc)
                 if encoders_hash(have_e) != encoders_hash(want_e):
-                    diff = sorted(kk for kk in set(have_e or {}) | set(want_e or {})
-                                  if (have_e or {}).get(kk) != (want_e or {}).get(kk))
-                    problems.append(f"cache was encoded with a different {enc!r} encoder (differs in {diff}); "
-                                    "re-encode with the same checkpoints or point to the right cache")
+                    diff = sorted(
+                        kk
+                        for kk in set(have_e or {}) | set(want_e or {})
+                        if (have_e or {}).get(kk) != (want_e or {}).get(kk)
+                    )
+                    problems.append(
+                        f"cache was encoded with a different {enc!r} encoder (differs in {diff}); "
+                        "re-encode with the same checkpoints or point to the right cache"
+                    )
             continue
         get, fix = _CHECKS[k]
         have = get(manifest)
         if isinstance(want, tuple):
             want = list(want)
-        same = (have is not None and math.isclose(float(have), float(want), rel_tol=1e-6, abs_tol=0.0)) \
-            if k == "vae_scaling_factor" else have == want
+        same = (
+            (have is not None and math.isclose(float(have), float(want), rel_tol=1e-6, abs_tol=0.0))
+            if k == "vae_scaling_factor"
+            else have == want
+        )
         if not same:
             problems.append(f"cache has {k}={have!r} but the model expects {k}={want!r}; re-encode or change {fix}")
     if problems:

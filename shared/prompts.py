@@ -29,8 +29,15 @@ def prompt_file_path(cache_root: str | Path, name: str) -> Path:
     return Path(cache_root) / PROMPTS_DIR / f"{name}.safetensors"
 
 
-def write_prompt_file(path: str | Path, *, prompts: list[str], negative_prompt: str, encoders_hash: str,
-                      embeds: dict[str, Any], negative: dict[str, Any]) -> Path:
+def write_prompt_file(
+    path: str | Path,
+    *,
+    prompts: list[str],
+    negative_prompt: str,
+    encoders_hash: str,
+    embeds: dict[str, Any],
+    negative: dict[str, Any],
+) -> Path:
     """Write atomically (tmp + rename); ``embeds``/``negative`` hold the four FIELDS as torch tensors."""
     import torch
     from safetensors.torch import save_file
@@ -47,8 +54,12 @@ def write_prompt_file(path: str | Path, *, prompts: list[str], negative_prompt: 
     for f in ("clip_mask", "t5_mask"):
         tensors[f] = tensors[f].to(torch.bool)
         tensors[f"negative.{f}"] = tensors[f"negative.{f}"].to(torch.bool)
-    meta = {"prompts": json.dumps(list(prompts), ensure_ascii=False), "negative_prompt": negative_prompt,
-            "encoders_hash": encoders_hash, "format": PROMPT_FORMAT}
+    meta = {
+        "prompts": json.dumps(list(prompts), ensure_ascii=False),
+        "negative_prompt": negative_prompt,
+        "encoders_hash": encoders_hash,
+        "format": PROMPT_FORMAT,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     save_file(tensors, str(tmp), metadata=meta)
@@ -83,9 +94,15 @@ def read_prompt_file(path: str | Path, expected_encoders_hash: str | None) -> di
         raise ValueError(
             f"{path} was encoded by other encoders (encoders_hash {have[:12]}...) than the run's cache "
             f"({expected_encoders_hash[:12]}...); re-encode the prompts with `python -m stage1_encode.prompts "
-            "--cache <the run's cache> --encoders <the cache's encoders>`")
+            "--cache <the run's cache> --encoders <the cache's encoders>`"
+        )
     prompts = json.loads(meta["prompts"])
     if tensors["clip_states"].shape[0] != len(prompts):
         raise ValueError(f"{path}: {len(prompts)} prompts but {tensors['clip_states'].shape[0]} rows of encodings")
-    return {"prompts": prompts, "negative_prompt": meta.get("negative_prompt", ""), "encoders_hash": have,
-            "embeds": {f: tensors[f] for f in FIELDS}, "negative": {f: tensors[f"negative.{f}"] for f in FIELDS}}
+    return {
+        "prompts": prompts,
+        "negative_prompt": meta.get("negative_prompt", ""),
+        "encoders_hash": have,
+        "embeds": {f: tensors[f] for f in FIELDS},
+        "negative": {f: tensors[f"negative.{f}"] for f in FIELDS},
+    }

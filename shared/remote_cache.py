@@ -21,6 +21,7 @@ and renamed into place while its file lock is held, so it is fetched once and ne
 shard used in the last `min_idle_s` seconds is never evicted, so a reader in another process is not pulled out from
 under (a reader that already holds a file open keeps reading it in any case: POSIX unlink semantics).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -31,9 +32,9 @@ import os
 import tarfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .fsutil import atomic_write_bytes, is_tmp_name, remove_path, tmp_path_for, tree_bytes
 from .manifest import EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARD_SUFFIX, SHARDS_DIR, shard_data_path
@@ -111,8 +112,10 @@ class RemoteCacheMirror:
                         self.store.download_file(f"{SHARDS_DIR}/{entry}", self.root / SHARDS_DIR / entry)
             missing = sorted(n for n in names if not (self.root / SHARDS_DIR / f"{n}.json").exists())
             if missing:
-                raise MissingObjectError(f"object {self.store.url_of(f'{SHARDS_DIR}/{missing[0]}.json')} does not "
-                                         f"exist: the manifest lists {len(missing)} shard(s) without an index")
+                raise MissingObjectError(
+                    f"object {self.store.url_of(f'{SHARDS_DIR}/{missing[0]}.json')} does not "
+                    f"exist: the manifest lists {len(missing)} shard(s) without an index"
+                )
             atomic_write_bytes(local_manifest, raw)  # last: its presence means the mirror's metadata is complete
         return self.root
 
@@ -134,7 +137,7 @@ class RemoteCacheMirror:
                 for m in tar:
                     if m.offset == first.offset:  # iteration starts over at the first member
                         continue
-                    entry = m.name[len(SHARDS_DIR) + 1:] if m.name.startswith(SHARDS_DIR + "/") else ""
+                    entry = m.name[len(SHARDS_DIR) + 1 :] if m.name.startswith(SHARDS_DIR + "/") else ""
                     if not m.isfile() or "/" in entry or _small_file_owner(entry, want, fmt) is None:
                         raise ValueError(f"{self.store.url_of(SMALL_FILES_NAME)}: unexpected member {m.name!r}")
                     atomic_write_bytes(self.root / SHARDS_DIR / entry, tar.extractfile(m).read())
@@ -261,8 +264,9 @@ def shard_files(root: Path, name: str, fmt: str) -> tuple[Path, list[Path], Path
     from .manifest import shard_sidecar_path
 
     data, side = shard_data_path(root, name, fmt), shard_sidecar_path(root, name)
-    others = sorted(p for p in (root / SHARDS_DIR).glob(f"{name}.*")
-                    if p not in (data, side) and not is_tmp_name(p.name))
+    others = sorted(
+        p for p in (root / SHARDS_DIR).glob(f"{name}.*") if p not in (data, side) and not is_tmp_name(p.name)
+    )
     return data, others, side
 
 
@@ -309,8 +313,9 @@ def publish_small_files(store: RemoteStore, root: Path, names: list[str], fmt: s
 def remote_completed(store: RemoteStore, fmt: str) -> list[str]:
     """Names of the shards whose sidecar and data both exist on the store (one LIST)."""
     entries = set(store.listdir(SHARDS_DIR))
-    return sorted(e[:-5] for e in entries if e.endswith(".json") and not is_tmp_name(e)
-                  and e[:-5] + SHARD_SUFFIX[fmt] in entries)
+    return sorted(
+        e[:-5] for e in entries if e.endswith(".json") and not is_tmp_name(e) and e[:-5] + SHARD_SUFFIX[fmt] in entries
+    )
 
 
 def publish_cache(root: str | Path, url: str, cfg: StorageConfig | None = None) -> RemoteStore:

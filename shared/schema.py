@@ -19,6 +19,7 @@ Stored form (identical in both formats, so both return bit-identical samples):
                              bit-identical (same token, same relative-position buckets), hence the dedup.
     crc32                    zlib.crc32 over key, caption and every stored array's bytes, checked on each read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,14 +41,27 @@ STORAGE_DTYPE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"),
 
 # Stored arrays, in the order the crc walks them. (name, dtype or None = the spec's float dtype for that encoder)
 STORED_ARRAYS = (
-    "bucket", "image_meta_size", "moments",
-    "clip_ids", "clip_mask", "clip_rows",
-    "t5_ids", "t5_mask", "t5_rows", "t5_index",
+    "bucket",
+    "image_meta_size",
+    "moments",
+    "clip_ids",
+    "clip_mask",
+    "clip_rows",
+    "t5_ids",
+    "t5_mask",
+    "t5_rows",
+    "t5_index",
 )
 LOGICAL_ARRAYS = (
-    "bucket", "image_meta_size", "moments",
-    "clip_ids", "clip_mask", "clip_states",
-    "t5_ids", "t5_mask", "t5_states",
+    "bucket",
+    "image_meta_size",
+    "moments",
+    "clip_ids",
+    "clip_mask",
+    "clip_states",
+    "t5_ids",
+    "t5_mask",
+    "t5_states",
 )
 LOGICAL_FIELDS = ("key", "caption") + LOGICAL_ARRAYS
 
@@ -100,8 +114,12 @@ class CacheSpec:
 
         if self.format not in FORMATS:
             raise bad("format", self.format, " | ".join(FORMATS))
-        if not self.views or self.views[0] != "plain" or len(set(self.views)) != len(self.views) \
-                or any(v not in VIEWS for v in self.views):
+        if (
+            not self.views
+            or self.views[0] != "plain"
+            or len(set(self.views)) != len(self.views)
+            or any(v not in VIEWS for v in self.views)
+        ):
             raise bad("views", self.views, "('plain',) or ('plain', 'flip')")
         for name in ("clip_len", "clip_dim", "t5_len", "t5_dim", "latent_channels", "downsample"):
             v = getattr(self, name)
@@ -137,7 +155,7 @@ class CacheSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CacheSpec":
+    def from_dict(cls, d: dict) -> CacheSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -167,10 +185,16 @@ def check_key(key: Any) -> str:
 
 
 def check_shard_name(name: Any) -> str:
-    if not isinstance(name, str) or not _SHARD_RE.match(name) or name.startswith(".tmp-") \
-            or name.endswith((".tar", ".zarr", ".json")):
-        raise ValueError(f"shard name {name!r} is invalid: letters, digits, '_', '-', '.', no extension, "
-                         "not starting with '.' (e.g. 'part-000017')")
+    if (
+        not isinstance(name, str)
+        or not _SHARD_RE.match(name)
+        or name.startswith(".tmp-")
+        or name.endswith((".tar", ".zarr", ".json"))
+    ):
+        raise ValueError(
+            f"shard name {name!r} is invalid: letters, digits, '_', '-', '.', no extension, "
+            "not starting with '.' (e.g. 'part-000017')"
+        )
     return name
 
 
@@ -194,12 +218,16 @@ def _float_array(x: Any, want: str, name: str, key: str) -> np.ndarray:
         x = x.view(np.uint16)
     if want == "bfloat16":
         if x.dtype != np.uint16:
-            raise ValueError(f"{name} of {key} has dtype {x.dtype}; the spec says bfloat16 "
-                             "(pass a torch bf16 tensor or its uint16 bit pattern)")
+            raise ValueError(
+                f"{name} of {key} has dtype {x.dtype}; the spec says bfloat16 "
+                "(pass a torch bf16 tensor or its uint16 bit pattern)"
+            )
         return x
     if x.dtype != STORAGE_DTYPE[want]:
-        raise ValueError(f"{name} of {key} has dtype {x.dtype} but the spec says {want}: store what the encoder "
-                         "computed in, or change the spec")
+        raise ValueError(
+            f"{name} of {key} has dtype {x.dtype} but the spec says {want}: store what the encoder "
+            "computed in, or change the spec"
+        )
     return x
 
 
@@ -301,9 +329,11 @@ def encode_sample(sample: dict, spec: CacheSpec) -> dict:
     if mom.ndim == 3 and spec.n_views == 1:
         mom = mom[None]
     if mom.shape != want:
-        raise ValueError(f"moments of {key} has shape {mom.shape}, expected {want} = (views {list(spec.views)}, "
-                         f"2*latent_channels, H/{spec.downsample}, W/{spec.downsample}) for bucket "
-                         f"{tuple(out['bucket'])}")
+        raise ValueError(
+            f"moments of {key} has shape {mom.shape}, expected {want} = (views {list(spec.views)}, "
+            f"2*latent_channels, H/{spec.downsample}, W/{spec.downsample}) for bucket "
+            f"{tuple(out['bucket'])}"
+        )
     out["moments"] = np.ascontiguousarray(mom)
 
     for enc, L, D in (("clip", spec.clip_len, spec.clip_dim), ("t5", spec.t5_len, spec.t5_dim)):
@@ -319,8 +349,11 @@ def encode_sample(sample: dict, spec: CacheSpec) -> dict:
     t5 = out.pop("_t5_states")
     out["t5_rows"], out["t5_index"] = dedup_rows(t5)
 
-    bad = [name for name, enc in (("moments", "vae"), ("clip_rows", "clip"), ("t5_rows", "t5"))
-           if _nonfinite(out[name], getattr(spec, f"{enc}_dtype"))]
+    bad = [
+        name
+        for name, enc in (("moments", "vae"), ("clip_rows", "clip"), ("t5_rows", "t5"))
+        if _nonfinite(out[name], getattr(spec, f"{enc}_dtype"))
+    ]
     if bad:
         raise NonFiniteError(key, bad)
     out["crc32"] = sample_crc(key, caption, out)
@@ -333,19 +366,24 @@ def check_stored(stored: dict, spec: CacheSpec, where: str) -> None:
     try:
         Lc, Lt = spec.clip_len, spec.t5_len
         exp = {
-            "bucket": ((2,), np.int32), "image_meta_size": ((6,), np.int32),
+            "bucket": ((2,), np.int32),
+            "image_meta_size": ((6,), np.int32),
             "moments": (spec.latent_shape(stored["bucket"]), spec.storage_dtype("vae")),
-            "clip_ids": ((Lc,), np.int32), "clip_mask": ((Lc,), np.bool_),
+            "clip_ids": ((Lc,), np.int32),
+            "clip_mask": ((Lc,), np.bool_),
             "clip_rows": ((int(stored["clip_mask"].sum()), spec.clip_dim), spec.storage_dtype("clip")),
-            "t5_ids": ((Lt,), np.int32), "t5_mask": ((Lt,), np.bool_),
+            "t5_ids": ((Lt,), np.int32),
+            "t5_mask": ((Lt,), np.bool_),
             "t5_rows": ((stored["t5_rows"].shape[0], spec.t5_dim), spec.storage_dtype("t5")),
             "t5_index": ((Lt,), np.uint16),
         }
         for name, (shape, dt) in exp.items():
             a = stored[name]
             if a.shape != tuple(shape) or a.dtype != np.dtype(dt):
-                raise CorruptSampleError(f"{where}: sample {key!r}: {name} has shape {a.shape} {a.dtype}, expected "
-                                         f"{tuple(shape)} {np.dtype(dt)}")
+                raise CorruptSampleError(
+                    f"{where}: sample {key!r}: {name} has shape {a.shape} {a.dtype}, expected "
+                    f"{tuple(shape)} {np.dtype(dt)}"
+                )
         if stored["t5_index"].size and int(stored["t5_index"].max()) >= stored["t5_rows"].shape[0]:
             raise CorruptSampleError(f"{where}: sample {key!r}: t5_index points past t5_rows")
     except CorruptSampleError:
@@ -354,9 +392,11 @@ def check_stored(stored: dict, spec: CacheSpec, where: str) -> None:
         raise CorruptSampleError(f"{where}: sample {key!r} is malformed: {e}") from e
     crc = sample_crc(stored["key"], stored["caption"], stored)
     if crc != int(stored["crc32"]):
-        raise CorruptSampleError(f"{where}: sample {key!r} failed its crc32 check "
-                                 f"(stored {int(stored['crc32']):#010x}, "
-                                 f"computed {crc:#010x}): the shard is corrupt; run `python -m shared.cli verify`")
+        raise CorruptSampleError(
+            f"{where}: sample {key!r} failed its crc32 check "
+            f"(stored {int(stored['crc32']):#010x}, "
+            f"computed {crc:#010x}): the shard is corrupt; run `python -m shared.cli verify`"
+        )
 
 
 def decode_sample(stored: dict, spec: CacheSpec) -> dict:
@@ -404,9 +444,16 @@ def to_torch(sample: dict, spec: CacheSpec) -> dict:
     return out
 
 
-def synthetic_sample(spec: CacheSpec, key: str, bucket: tuple[int, int], rng: np.random.Generator,
-                     caption: str | None = None, clip_len: int | None = None, t5_len: int | None = None,
-                     t5_pad_pattern: np.ndarray | None = None) -> dict:
+def synthetic_sample(
+    spec: CacheSpec,
+    key: str,
+    bucket: tuple[int, int],
+    rng: np.random.Generator,
+    caption: str | None = None,
+    clip_len: int | None = None,
+    t5_len: int | None = None,
+    t5_pad_pattern: np.ndarray | None = None,
+) -> dict:
     """A random logical sample with the structure of a real one (for tests, benches and demos, not training).
 
     BERT rows past the mask are zero (as stored); mT5 padded rows repeat in runs like a relative-attention encoder's

@@ -19,6 +19,7 @@ Columns (N samples):
                                                      the order of header["fields"]
 The same inputs always give the same bytes (the sidecar records the file's sha256, the manifest repeats it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,17 @@ INDEX_VERSION = 1
 INDEX_SUFFIX = ".index"
 _MAGIC = b"HYDIDX1\n"
 _ALIGN = 64
-_COLUMN_DTYPES = {"key_blob": "|u1", "key_offsets": "<i8", "key_hash": "<u8", "bucket": "<i4", "clip_len": "<i4",
-                  "t5_len": "<i4", "t5_unique": "<i4", "member_offset": "<i8", "member_size": "<i8"}
+_COLUMN_DTYPES = {
+    "key_blob": "|u1",
+    "key_offsets": "<i8",
+    "key_hash": "<u8",
+    "bucket": "<i4",
+    "clip_len": "<i4",
+    "t5_len": "<i4",
+    "t5_unique": "<i4",
+    "member_offset": "<i8",
+    "member_size": "<i8",
+}
 
 
 def key_hash(key: str) -> int:
@@ -49,18 +59,29 @@ def key_hashes(keys: list[str]) -> np.ndarray:
     return np.fromiter((key_hash(k) for k in keys), dtype="<u8", count=len(keys))
 
 
-def index_columns(keys: list[str], buckets: Any, clip_lens: Any, t5_lens: Any, t5_unique: Any,
-                  member_offset: Any = None, member_size: Any = None) -> dict[str, np.ndarray]:
+def index_columns(
+    keys: list[str],
+    buckets: Any,
+    clip_lens: Any,
+    t5_lens: Any,
+    t5_unique: Any,
+    member_offset: Any = None,
+    member_size: Any = None,
+) -> dict[str, np.ndarray]:
     """The columns of one shard from per-sample lists (what a writer collected, or an old JSON sidecar held)."""
     n = len(keys)
     enc = [k.encode("utf-8") for k in keys]
     offs = np.zeros(n + 1, dtype="<i8")
     np.cumsum([len(b) for b in enc], out=offs[1:])
-    cols = {"key_blob": np.frombuffer(b"".join(enc), dtype="|u1"), "key_offsets": offs, "key_hash": key_hashes(keys),
-            "bucket": np.asarray(buckets, dtype="<i4").reshape(n, 2),
-            "clip_len": np.asarray(clip_lens, dtype="<i4").reshape(n),
-            "t5_len": np.asarray(t5_lens, dtype="<i4").reshape(n),
-            "t5_unique": np.asarray(t5_unique, dtype="<i4").reshape(n)}
+    cols = {
+        "key_blob": np.frombuffer(b"".join(enc), dtype="|u1"),
+        "key_offsets": offs,
+        "key_hash": key_hashes(keys),
+        "bucket": np.asarray(buckets, dtype="<i4").reshape(n, 2),
+        "clip_len": np.asarray(clip_lens, dtype="<i4").reshape(n),
+        "t5_len": np.asarray(t5_lens, dtype="<i4").reshape(n),
+        "t5_unique": np.asarray(t5_unique, dtype="<i4").reshape(n),
+    }
     if member_offset is not None:
         n_fields = len(member_offset[0]) if n else np.shape(member_offset)[-1] if np.ndim(member_offset) == 2 else 0
         cols["member_offset"] = np.asarray(member_offset, dtype="<i8").reshape(n, n_fields)
@@ -81,7 +102,7 @@ def encode_index(n_samples: int, columns: dict[str, np.ndarray], fields: list[st
     h = json.dumps(header, sort_keys=True).encode("utf-8")
     h += b" " * (-(len(_MAGIC) + 8 + len(h)) % _ALIGN)
     out = bytearray(_MAGIC + len(h).to_bytes(8, "little") + h)
-    for name, a in columns.items():
+    for a in columns.values():
         out += np.ascontiguousarray(a).tobytes()
         out += b"\0" * (-len(out) % _ALIGN)
     return bytes(out)
@@ -92,7 +113,7 @@ def _parse_header(head: bytes, path: Path, file_size: int) -> tuple[dict, int]:
         raise CorruptSampleError(f"shard index {path} is not an index file (bad magic)")
     n = int.from_bytes(head[8:16], "little")
     try:
-        header = json.loads(head[16:16 + n])
+        header = json.loads(head[16 : 16 + n])
         start = 16 + n
         for name, c in header["columns"].items():
             if name not in _COLUMN_DTYPES or c["dtype"] != _COLUMN_DTYPES[name]:
@@ -101,11 +122,13 @@ def _parse_header(head: bytes, path: Path, file_size: int) -> tuple[dict, int]:
             if end > file_size:
                 raise ValueError(f"column {name} ends at byte {end}, past the end of the file ({file_size} bytes)")
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptSampleError(f"shard index {path} is damaged ({type(e).__name__}: {e}); "
-                                 "run `python -m shared.cli verify`") from e
+        raise CorruptSampleError(
+            f"shard index {path} is damaged ({type(e).__name__}: {e}); run `python -m shared.cli verify`"
+        ) from e
     if header.get("version") != INDEX_VERSION:
-        raise CorruptSampleError(f"shard index {path} has version {header.get('version')!r}; this code reads "
-                                 f"{INDEX_VERSION}")
+        raise CorruptSampleError(
+            f"shard index {path} has version {header.get('version')!r}; this code reads {INDEX_VERSION}"
+        )
     return header, start
 
 
@@ -152,24 +175,26 @@ class MappedIndex:
         self.path = Path(path)
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.header, start = _parse_header(self._mm[:16 + int.from_bytes(self._mm[8:16], "little")], self.path,
-                                           len(self._mm))
+        self.header, start = _parse_header(
+            self._mm[: 16 + int.from_bytes(self._mm[8:16], "little")], self.path, len(self._mm)
+        )
         self.n_samples = int(self.header["n_samples"])
         self.fields: list[str] = list(self.header["fields"])
         self.columns: dict[str, np.ndarray] = {}
         for name, c in self.header["columns"].items():
             count = math.prod(c["shape"])
-            self.columns[name] = np.frombuffer(self._mm, dtype=c["dtype"], count=count,
-                                               offset=start + int(c["offset"])).reshape(c["shape"])
+            self.columns[name] = np.frombuffer(
+                self._mm, dtype=c["dtype"], count=count, offset=start + int(c["offset"])
+            ).reshape(c["shape"])
 
     def key(self, i: int) -> str:
         o = self.columns["key_offsets"]
-        return self.columns["key_blob"][int(o[i]):int(o[i + 1])].tobytes().decode("utf-8")
+        return self.columns["key_blob"][int(o[i]) : int(o[i + 1])].tobytes().decode("utf-8")
 
     def keys(self) -> list[str]:
         blob = self.columns["key_blob"].tobytes()
         o = self.columns["key_offsets"].tolist()
-        return [blob[o[i]:o[i + 1]].decode("utf-8") for i in range(self.n_samples)]
+        return [blob[o[i] : o[i + 1]].decode("utf-8") for i in range(self.n_samples)]
 
 
 class ShardIndex:
@@ -183,7 +208,7 @@ class ShardIndex:
         self.name: str = info.name
         self.format: str = info.format
         self.n_samples: int = int(info.n_samples)
-        self.nbytes_expected: int = int(info.bytes)         # the data file (or zarr folder), as the sidecar says
+        self.nbytes_expected: int = int(info.bytes)  # the data file (or zarr folder), as the sidecar says
         self.sha256: str = info.sha256
         self.index_nbytes_expected: int = int(info.index.get("bytes", -1))
         self.index_sha256: str | None = info.index.get("sha256")
@@ -205,11 +230,15 @@ class ShardIndex:
             except (OSError, ValueError) as e:
                 if isinstance(e, CorruptSampleError):
                     raise
-                raise CorruptSampleError(f"shard index {self.index_path} cannot be read ({type(e).__name__}: {e}); "
-                                         "run `python -m shared.cli verify`") from e
+                raise CorruptSampleError(
+                    f"shard index {self.index_path} cannot be read ({type(e).__name__}: {e}); "
+                    "run `python -m shared.cli verify`"
+                ) from e
             if m.n_samples != self.n_samples:
-                raise CorruptSampleError(f"shard index {self.index_path} holds {m.n_samples} samples, its sidecar "
-                                         f"says {self.n_samples}; run `python -m shared.cli verify`")
+                raise CorruptSampleError(
+                    f"shard index {self.index_path} holds {m.n_samples} samples, its sidecar "
+                    f"says {self.n_samples}; run `python -m shared.cli verify`"
+                )
             self._mapped, self._pid = m, os.getpid()
         return self._mapped
 
@@ -221,8 +250,10 @@ class ShardIndex:
         """A column read into memory without keeping a mapping (for cache-wide columns)."""
         a = read_index_column(self.index_path, name)
         if name != "key_blob" and a.shape[0] != self.n_samples + (name == "key_offsets"):
-            raise CorruptSampleError(f"shard index {self.index_path}: column {name} has {a.shape[0]} rows, the "
-                                     f"sidecar says {self.n_samples} samples")
+            raise CorruptSampleError(
+                f"shard index {self.index_path}: column {name} has {a.shape[0]} rows, the "
+                f"sidecar says {self.n_samples} samples"
+            )
         return a
 
     def key(self, i: int) -> str:
@@ -231,7 +262,7 @@ class ShardIndex:
     def keys(self) -> list[str]:
         """Every key of the shard (read, not mapped: bulk listings must not pin mappings)."""
         blob, o = self.column("key_blob").tobytes(), self.column("key_offsets").tolist()
-        return [blob[o[i]:o[i + 1]].decode("utf-8") for i in range(self.n_samples)]
+        return [blob[o[i] : o[i + 1]].decode("utf-8") for i in range(self.n_samples)]
 
     def __repr__(self) -> str:
         return f"ShardIndex({self.name!r}, {self.n_samples} samples)"

@@ -1,6 +1,7 @@
 """What every shard format's writer shares: the per-sample index a writer collects (ShardInfoBuilder) and the
 writer base (ShardWriterBase: name and target checks, the `with` block, the commit order). The formats themselves
 are shared/zarr_store.py and shared/wds_store.py, behind shared/formats.py."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,16 +40,28 @@ class ShardInfoBuilder:
         for k, v in stored_nbytes(stored).items():
             self.field_bytes[k] = self.field_bytes.get(k, 0) + v
 
-    def build(self, nbytes: int, sha256: str, members: tuple[list[str], Any, Any] | None = None
-              ) -> tuple[ShardInfo, bytes]:
+    def build(
+        self, nbytes: int, sha256: str, members: tuple[list[str], Any, Any] | None = None
+    ) -> tuple[ShardInfo, bytes]:
         """(the sidecar, the index file's bytes). `members`: webdataset (fields, (N, F) offsets, (N, F) sizes)."""
         fields, off, size = members if members is not None else ([], None, None)
         cols = index_columns(self.keys, self.buckets, self.clip_lens, self.t5_lens, self.t5_unique, off, size)
         data = encode_index(len(self.keys), cols, fields)
-        index = {"file": f"{self.name}{INDEX_SUFFIX}", "bytes": len(data),
-                 "sha256": hashlib.sha256(data).hexdigest(), "version": INDEX_VERSION}
-        info = ShardInfo(name=self.name, format=self.format, n_samples=len(self.keys), bytes=nbytes, sha256=sha256,
-                         field_bytes=self.field_bytes, index=index)
+        index = {
+            "file": f"{self.name}{INDEX_SUFFIX}",
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "version": INDEX_VERSION,
+        }
+        info = ShardInfo(
+            name=self.name,
+            format=self.format,
+            n_samples=len(self.keys),
+            bytes=nbytes,
+            sha256=sha256,
+            field_bytes=self.field_bytes,
+            index=index,
+        )
         return info, data
 
 
@@ -96,7 +109,7 @@ class ShardWriterBase:
     def abort(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> "ShardWriterBase":
+    def __enter__(self) -> ShardWriterBase:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -16,14 +16,16 @@ Faults. Every operation is retried with exponential backoff for transient errors
 timeouts, 5xx, throttling); after `retries` attempts a `StorageError` names the object and the last error. A missing
 object raises `MissingObjectError` (a FileNotFoundError) naming it, at once: retrying cannot make it appear.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .fsutil import fsync_dir, remove_path, tmp_path_for
 
@@ -139,7 +141,6 @@ class RemoteStore:
         _FILESYSTEMS.pop(_fs_key(self.cfg), None)
         self._fs = None
 
-
     def path(self, rel: str = "") -> str:
         rel = str(rel).strip("/")
         return f"{self.base}/{rel}" if rel else self.base
@@ -166,12 +167,15 @@ class RemoteStore:
                 last = err
                 self._drop_fs()
                 if attempt + 1 < cfg.retries:
-                    delay = cfg.backoff_s * (2 ** attempt)
-                    logger.warning(f"{what} {self.url_of(rel)}: {type(err).__name__}: {err}; retry "
-                                   f"{attempt + 1}/{cfg.retries - 1} in {delay:.1f}s")
+                    delay = cfg.backoff_s * (2**attempt)
+                    logger.warning(
+                        f"{what} {self.url_of(rel)}: {type(err).__name__}: {err}; retry "
+                        f"{attempt + 1}/{cfg.retries - 1} in {delay:.1f}s"
+                    )
                     time.sleep(delay)
-        raise StorageError(f"{what} {self.url_of(rel)} failed after {cfg.retries} attempts: "
-                           f"{type(last).__name__}: {last}") from last
+        raise StorageError(
+            f"{what} {self.url_of(rel)} failed after {cfg.retries} attempts: {type(last).__name__}: {last}"
+        ) from last
 
     # -- operations ------------------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -179,12 +183,14 @@ class RemoteStore:
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under rel; [] if there is nothing."""
+
         def ls() -> list[str]:
             try:
                 entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
             except FileNotFoundError:
                 return []
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+
         return self._retry("list", rel, ls)
 
     def find(self, rel: str = "") -> dict[str, int]:
@@ -196,8 +202,12 @@ class RemoteStore:
                 out = self.fs.find(base, detail=True)
             except FileNotFoundError:
                 return {}
-            return {p[len(base):].lstrip("/"): int(i.get("size") or 0) for p, i in out.items()
-                    if i.get("type") != "directory"}
+            return {
+                p[len(base) :].lstrip("/"): int(i.get("size") or 0)
+                for p, i in out.items()
+                if i.get("type") != "directory"
+            }
+
         return self._retry("list", rel, find)
 
     def read_bytes(self, rel: str) -> bytes:
@@ -238,6 +248,7 @@ class RemoteStore:
             except BaseException:
                 remove_path(tmp)
                 raise
+
         self.gets += 1
         self._retry("download", rel, get)
         os.replace(tmp, local)
@@ -267,6 +278,7 @@ class RemoteStore:
 
     def remove(self, rel: str) -> None:
         """Delete an object or everything below a prefix (no error if absent)."""
+
         def rm() -> None:
             p = self.path(rel)
             try:
@@ -276,6 +288,7 @@ class RemoteStore:
                     self.fs.rm_file(p)
             except FileNotFoundError:
                 pass
+
         self._retry("delete", rel, rm)
 
 
@@ -299,10 +312,18 @@ def _filesystem(cfg: StorageConfig):
         if cfg.region:
             client_kwargs["region_name"] = cfg.region
         # botocore's own retries off: ours name the object and back off the same way for every operation
-        config_kwargs = {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
-                         "retries": {"max_attempts": 1, "mode": "standard"}}
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, session=_session(),
-                               skip_instance_cache=True, use_listings_cache=False)
+        config_kwargs = {
+            "connect_timeout": cfg.connect_timeout_s,
+            "read_timeout": cfg.read_timeout_s,
+            "retries": {"max_attempts": 1, "mode": "standard"},
+        }
+        fs = s3fs.S3FileSystem(
+            client_kwargs=client_kwargs,
+            config_kwargs=config_kwargs,
+            session=_session(),
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
         fs.retries = 1  # s3fs's internal retry loop as well
         _FILESYSTEMS[key] = fs
     return fs

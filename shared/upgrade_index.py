@@ -7,6 +7,7 @@ index_sha256 last. Each file is replaced atomically, and a shard already convert
 upgrade is finished by running it again. The result is byte-identical to what the current writers produce for the
 same shards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from .fsutil import atomic_write_bytes, atomic_write_json, is_tmp_name
-from .manifest import (MANIFEST_NAME, SHARD_SUFFIX, SHARDS_DIR, ShardInfo, shard_data_path, shard_index_path)
+from .manifest import MANIFEST_NAME, SHARD_SUFFIX, SHARDS_DIR, ShardInfo, shard_data_path, shard_index_path
 from .shard_index import INDEX_SUFFIX, INDEX_VERSION, encode_index, index_columns
 
 
@@ -35,18 +36,35 @@ def _convert_sidecar(root: Path, d: dict) -> ShardInfo:
         fields = list(ALL_FIELDS)
         off = [list(r) for r in zip(*(members[f]["offset"] for f in fields))] if n else []
         size = [list(r) for r in zip(*(members[f]["size"] for f in fields))] if n else []
-    cols = index_columns(lists["keys"], lists["buckets"], lists["clip_lens"], lists["t5_lens"], lists["t5_unique"],
-                         off if fields else None, size if fields else None)
+    cols = index_columns(
+        lists["keys"],
+        lists["buckets"],
+        lists["clip_lens"],
+        lists["t5_lens"],
+        lists["t5_unique"],
+        off if fields else None,
+        size if fields else None,
+    )
     if fields and n == 0:
         cols["member_offset"] = cols["member_offset"].reshape(0, len(fields))
         cols["member_size"] = cols["member_size"].reshape(0, len(fields))
     data = encode_index(n, cols, fields)
     atomic_write_bytes(shard_index_path(root, name), data)
-    info = ShardInfo(name=name, format=d["format"], n_samples=n, bytes=int(d["bytes"]), sha256=d["sha256"],
-                     field_bytes=dict(d.get("field_bytes", {})),
-                     index={"file": f"{name}{INDEX_SUFFIX}", "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(), "version": INDEX_VERSION},
-                     schema_version=d.get("schema_version", 1))
+    info = ShardInfo(
+        name=name,
+        format=d["format"],
+        n_samples=n,
+        bytes=int(d["bytes"]),
+        sha256=d["sha256"],
+        field_bytes=dict(d.get("field_bytes", {})),
+        index={
+            "file": f"{name}{INDEX_SUFFIX}",
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "version": INDEX_VERSION,
+        },
+        schema_version=d.get("schema_version", 1),
+    )
     return info
 
 
@@ -88,6 +106,8 @@ def upgrade_index(root: str | Path, log=print) -> dict:
                 manifest_updated = True
         if manifest_updated:
             atomic_write_json(mp, m)
-    log(f"upgrade-index {root}: {converted} shards converted, {current} already current"
-        f"{', manifest updated' if manifest_updated else ''}")
+    log(
+        f"upgrade-index {root}: {converted} shards converted, {current} already current"
+        f"{', manifest updated' if manifest_updated else ''}"
+    )
     return {"converted": converted, "current": current, "manifest_updated": manifest_updated}

@@ -1,4 +1,5 @@
 """Re-read a whole cache: shard checksums, every sample's crc and schema, the empty caption, stray files."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,18 @@ from tqdm import tqdm
 from .cache import _open_shard_reader, read_empty_caption
 from .formats import shard_format
 from .fsutil import file_sha256, is_tmp_name, tree_bytes, tree_sha256
-from .manifest import (EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARDS_DIR, LegacyIndexError, completed_shards,
-                       read_manifest, read_shard_info, shard_data_path)
-from .shard_index import INDEX_SUFFIX, ShardIndex
+from .manifest import (
+    EMPTY_CAPTION_NAME,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    LegacyIndexError,
+    completed_shards,
+    read_manifest,
+    read_shard_info,
+    shard_data_path,
+)
 from .schema import CorruptSampleError, check_stored
+from .shard_index import INDEX_SUFFIX, ShardIndex
 from .storage import is_remote
 
 MAX_SAMPLE_ERRORS_PER_SHARD = 20
@@ -37,8 +46,10 @@ class VerifyReport:
         return not self.errors
 
     def __str__(self) -> str:
-        head = (f"verify {self.root}: {'OK' if self.ok else 'FAILED'} - {self.shards_checked} shards, "
-                f"{self.samples_checked} samples, {len(self.errors)} errors, {len(self.warnings)} warnings")
+        head = (
+            f"verify {self.root}: {'OK' if self.ok else 'FAILED'} - {self.shards_checked} shards, "
+            f"{self.samples_checked} samples, {len(self.errors)} errors, {len(self.warnings)} warnings"
+        )
         return "\n".join([head] + [f"  ERROR {e}" for e in self.errors] + [f"  warning {w}" for w in self.warnings])
 
 
@@ -56,8 +67,10 @@ def scaling_factor_problem(m) -> str | None:
         return None
     have = m.vae_scaling_factor
     if have is None or not math.isclose(float(have), float(recorded), rel_tol=1e-6, abs_tol=0.0):
-        return (f"{MANIFEST_NAME}: vae_scaling_factor={have!r} but the VAE config recorded in encoders.vae.config says "
-                f"scaling_factor={recorded!r} (manifest edited?)")
+        return (
+            f"{MANIFEST_NAME}: vae_scaling_factor={have!r} but the VAE config recorded in encoders.vae.config says "
+            f"scaling_factor={recorded!r} (manifest edited?)"
+        )
     return None
 
 
@@ -69,8 +82,10 @@ def _index_problem(shard, data_nbytes: int) -> str | None:
         return f"{path} is missing"
     size = path.stat().st_size
     if shard.index_nbytes_expected >= 0 and size != shard.index_nbytes_expected:
-        return (f"{path} has {size} bytes, its sidecar says {shard.index_nbytes_expected} (truncated, grown or "
-                "swapped with another shard's)")
+        return (
+            f"{path} has {size} bytes, its sidecar says {shard.index_nbytes_expected} (truncated, grown or "
+            "swapped with another shard's)"
+        )
     try:
         _ = shard.mapped.columns  # maps the file and parses its header: a damaged one raises here
         return shard_format(shard.format).index_problem(shard, data_nbytes)
@@ -120,8 +135,12 @@ def check_structure(reader) -> VerifyReport:
             continue
         nbytes = tree_bytes(path)
         if nbytes != entry["bytes"]:
-            _bad_shard(rep, entry["name"], f"{path} has {nbytes} bytes, the manifest says {entry['bytes']} "
-                                           "(truncated, grown or swapped with another shard)")
+            _bad_shard(
+                rep,
+                entry["name"],
+                f"{path} has {nbytes} bytes, the manifest says {entry['bytes']} "
+                "(truncated, grown or swapped with another shard)",
+            )
             continue
         problem = _index_problem(shard, nbytes)
         if problem:
@@ -131,8 +150,10 @@ def check_structure(reader) -> VerifyReport:
         try:
             check_stored(reader.read_stored(0), spec, f"shard {name!r}")
         except Exception as e:  # any failure to read the very first sample
-            rep.errors.append(f"shard {name!r}: first sample {key!r} does not read back with the manifest's spec "
-                              f"({type(e).__name__}: {e})")
+            rep.errors.append(
+                f"shard {name!r}: first sample {key!r} does not read back with the manifest's spec "
+                f"({type(e).__name__}: {e})"
+            )
     return rep
 
 
@@ -159,8 +180,9 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
         raise FileNotFoundError(f"{root} is not a folder")
     shards_dir = root / SHARDS_DIR
     for p in sorted(list(shards_dir.glob(".tmp-*")) + list(root.glob(".tmp-*"))):
-        rep.warnings.append(f"leftover temp file {p.relative_to(root)} from an interrupted write: ignored by "
-                            "readers, safe to delete")
+        rep.warnings.append(
+            f"leftover temp file {p.relative_to(root)} from an interrupted write: ignored by readers, safe to delete"
+        )
     try:
         m = read_manifest(root)
     except (FileNotFoundError, ValueError) as e:
@@ -209,8 +231,12 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
             _bad_shard(rep, name, f"{nbytes} bytes on disk, the manifest says {entry['bytes']} (truncated or grown)")
         sha = tree_sha256(path)
         if sha != entry["sha256"]:
-            _bad_shard(rep, name, f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
-                                  "(corrupt or rewritten); checking its samples")
+            _bad_shard(
+                rep,
+                name,
+                f"sha256 {sha[:12]}... differs from the manifest's {entry['sha256'][:12]}... "
+                "(corrupt or rewritten); checking its samples",
+            )
         if info.entry() != {k: entry.get(k) for k in info.entry()}:
             _bad_shard(rep, name, "its sidecar (shards/<name>.json) disagrees with the manifest")
         shard = ShardIndex(root, info)
@@ -219,8 +245,9 @@ def verify_cache(root: str | Path, progress: bool = True, check_samples: bool = 
             _bad_shard(rep, name, f"{ipath.relative_to(root)} (its index file) is missing")
             continue
         if file_sha256(ipath) != info.index.get("sha256"):
-            _bad_shard(rep, name, f"{ipath.relative_to(root)}: sha256 differs from its sidecar's (corrupt or "
-                                  "rewritten)")
+            _bad_shard(
+                rep, name, f"{ipath.relative_to(root)}: sha256 differs from its sidecar's (corrupt or rewritten)"
+            )
             continue
         try:
             keys = shard.keys()

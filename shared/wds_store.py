@@ -11,6 +11,7 @@ too. Member headers have fixed mtime/owner, so the same samples give the same by
 The shard's index file shards/<name>.index (shared.shard_index) records each member's data offset and size, which
 gives random access with one pread per sample and no tar scan.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,16 +20,16 @@ import math
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .fsutil import file_sha256, remove_path, tmp_path_for
 from .manifest import ShardInfo
-from .shard_writer import ShardWriterBase
-from .shard_index import ShardIndex
 from .schema import CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
+from .shard_index import ShardIndex
+from .shard_writer import ShardWriterBase
 
 NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
 ALL_FIELDS = ("caption", "meta") + NPY_FIELDS
@@ -63,9 +64,11 @@ def _compress(npy: bytes, itemsize: int, level: int) -> bytes:
 
 def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
     """(field, payload bytes) for one stored sample, in member order."""
-    meta = {"bucket": [int(x) for x in stored["bucket"]],
-            "image_meta_size": [int(x) for x in stored["image_meta_size"]],
-            "crc32": int(stored["crc32"])}
+    meta = {
+        "bucket": [int(x) for x in stored["bucket"]],
+        "image_meta_size": [int(x) for x in stored["image_meta_size"]],
+        "crc32": int(stored["crc32"]),
+    }
     out = [("caption", stored["caption"].encode("utf-8")), ("meta", json.dumps(meta).encode("utf-8"))]
     for f in NPY_FIELDS:
         a = stored[f]
@@ -85,10 +88,13 @@ def decode_members(key: str, payloads: dict[str, bytes | memoryview], spec: Cach
         raise CorruptSampleError(f"{where}: sample {key!r} lacks members {missing}")
     try:
         meta = json.loads(bytes(payloads["meta"]).decode("utf-8"))
-        out = {"key": key, "caption": bytes(payloads["caption"]).decode("utf-8"),
-               "bucket": np.asarray(meta["bucket"], dtype=np.int32),
-               "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
-               "crc32": int(meta["crc32"])}
+        out = {
+            "key": key,
+            "caption": bytes(payloads["caption"]).decode("utf-8"),
+            "bucket": np.asarray(meta["bucket"], dtype=np.int32),
+            "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
+            "crc32": int(meta["crc32"]),
+        }
         z = _blosc(spec.zstd_level) if spec.compression == "zstd" else None
         for f in NPY_FIELDS:
             b = payloads[f]
@@ -102,8 +108,9 @@ def decode_members(key: str, payloads: dict[str, bytes | memoryview], spec: Cach
         if z is not None:
             out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"))
     except Exception as e:
-        raise CorruptSampleError(f"{where}: sample {key!r} is unreadable ({type(e).__name__}: {e}); "
-                                 "run `python -m shared.cli verify`") from e
+        raise CorruptSampleError(
+            f"{where}: sample {key!r} is unreadable ({type(e).__name__}: {e}); run `python -m shared.cli verify`"
+        ) from e
     return out
 
 
@@ -153,8 +160,9 @@ class WdsShardWriter(ShardWriterBase):
         stored = encode_sample(sample, self.spec)
         self._stats.add(stored)  # raises on a duplicate key before anything is written
         for field, payload in encode_members(stored, self.spec):
-            self._tar.addfile(_tarinfo(f"{stored['key']}.{field}.{_ext(field, self.spec)}", len(payload)),
-                              io.BytesIO(payload))
+            self._tar.addfile(
+                _tarinfo(f"{stored['key']}.{field}.{_ext(field, self.spec)}", len(payload)), io.BytesIO(payload)
+            )
 
     def close(self) -> ShardInfo:
         self._check_open()
@@ -240,8 +248,10 @@ class WdsShardReader:
         """(key, member data offsets, member sizes) of sample i, in ALL_FIELDS order, from the mapped index."""
         m = self.shard.mapped
         if m.fields != list(ALL_FIELDS) or "member_offset" not in m.columns:
-            raise CorruptSampleError(f"shard {self.path}: its index {self.shard.index_path.name} has no member "
-                                     f"offsets for {list(ALL_FIELDS)}; run `python -m shared.cli verify`")
+            raise CorruptSampleError(
+                f"shard {self.path}: its index {self.shard.index_path.name} has no member "
+                f"offsets for {list(ALL_FIELDS)}; run `python -m shared.cli verify`"
+            )
         return m.key(i), m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
 
     def read_stored(self, i: int) -> dict:
@@ -249,33 +259,43 @@ class WdsShardReader:
         fd = self._open()
         bad = [f for f, o, n in zip(ALL_FIELDS, offs, sizes) if o < 0 or n < 0]
         if bad:
-            raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {bad[0]}: bad member index in "
-                                     f"{self.shard.index_path.name} (offset/size < 0)")
+            raise CorruptSampleError(
+                f"shard {self.path}: sample {key!r} field {bad[0]}: bad member index in "
+                f"{self.shard.index_path.name} (offset/size < 0)"
+            )
         lo, hi = min(offs), max(o + n for o, n in zip(offs, sizes))
         payloads = {}
         if hi - lo <= sum(sizes) + _MAX_HEADER_GAP * len(offs):
             try:
                 span = os.pread(fd, hi - lo, lo)
             except (OSError, ValueError, OverflowError) as e:
-                raise CorruptSampleError(f"shard {self.path}: sample {key!r}: bad member index in "
-                                         f"{self.shard.index_path.name} ({type(e).__name__}: {e})") from e
+                raise CorruptSampleError(
+                    f"shard {self.path}: sample {key!r}: bad member index in "
+                    f"{self.shard.index_path.name} ({type(e).__name__}: {e})"
+                ) from e
             view = memoryview(span)  # members as views of the one read, not copies
             for f, o, n in zip(ALL_FIELDS, offs, sizes):
-                b = view[o - lo:o - lo + n]
+                b = view[o - lo : o - lo + n]
                 if len(b) != n:
-                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
-                                             f"({len(b)} of {n} bytes); run `python -m shared.cli verify`")
+                    raise CorruptSampleError(
+                        f"shard {self.path}: sample {key!r} field {f} is truncated "
+                        f"({len(b)} of {n} bytes); run `python -m shared.cli verify`"
+                    )
                 payloads[f] = b
         else:  # members far apart: the index is odd, read field by field so that no huge read happens
             for f, o, n in zip(ALL_FIELDS, offs, sizes):
                 try:
                     b = os.pread(fd, n, o)
                 except (OSError, ValueError, OverflowError) as e:
-                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f}: bad member index in "
-                                             f"{self.shard.index_path.name} ({type(e).__name__}: {e})") from e
+                    raise CorruptSampleError(
+                        f"shard {self.path}: sample {key!r} field {f}: bad member index in "
+                        f"{self.shard.index_path.name} ({type(e).__name__}: {e})"
+                    ) from e
                 if len(b) != n:
-                    raise CorruptSampleError(f"shard {self.path}: sample {key!r} field {f} is truncated "
-                                             f"({len(b)} of {n} bytes); run `python -m shared.cli verify`")
+                    raise CorruptSampleError(
+                        f"shard {self.path}: sample {key!r} field {f} is truncated "
+                        f"({len(b)} of {n} bytes); run `python -m shared.cli verify`"
+                    )
                 payloads[f] = b
         return decode_members(key, payloads, self.spec, f"shard {self.path}")
 
@@ -287,8 +307,10 @@ def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = 
 
     def emit() -> dict:
         if keys is not None and (n >= len(keys) or keys[n] != cur):
-            raise CorruptSampleError(f"{where}: sample #{n} has key {cur!r}, the shard index says "
-                                     f"{keys[n] if n < len(keys) else 'nothing'!r}")
+            raise CorruptSampleError(
+                f"{where}: sample #{n} has key {cur!r}, the shard index says "
+                f"{keys[n] if n < len(keys) else 'nothing'!r}"
+            )
         return decode_members(cur, payloads, spec, where)
 
     try:
@@ -306,8 +328,9 @@ def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = 
                 f = tf.extractfile(m)
                 payloads[field] = f.read() if f is not None else b""
     except tarfile.TarError as e:
-        raise CorruptSampleError(f"{where}: broken tar after sample #{n} ({e}); run `python -m shared.cli verify`") \
-            from e
+        raise CorruptSampleError(
+            f"{where}: broken tar after sample #{n} ({e}); run `python -m shared.cli verify`"
+        ) from e
     if cur is not None:
         yield emit()
         n += 1

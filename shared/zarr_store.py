@@ -14,6 +14,7 @@ of files and a sample read touches one or two inner chunks. The writer buffers t
 and writes every array with a single assignment: zarr 3.1 rewrites a whole shard object on a partial write, and two
 writers on one shard lose data (ecosystem-notes 3.3), so one writer owns one group, start to finish.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,12 +25,25 @@ import numpy as np
 
 from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
 from .manifest import ShardInfo
-from .shard_writer import ShardWriterBase
-from .shard_index import ShardIndex
 from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
+from .shard_index import ShardIndex
+from .shard_writer import ShardWriterBase
 
-_SMALL = ("bucket", "image_meta_size", "crc32", "clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index",
-          "caption_utf8", "caption_offsets", "moments_offsets", "clip_row_offsets", "t5_row_offsets")
+_SMALL = (
+    "bucket",
+    "image_meta_size",
+    "crc32",
+    "clip_ids",
+    "clip_mask",
+    "t5_ids",
+    "t5_mask",
+    "t5_index",
+    "caption_utf8",
+    "caption_offsets",
+    "moments_offsets",
+    "clip_row_offsets",
+    "t5_row_offsets",
+)
 _FLAT_CHUNK_BYTES = 1 << 18
 _ROW_CHUNK = 64
 
@@ -82,12 +96,19 @@ class ZarrShardWriter(ShardWriterBase):
         spec, S, n = self.spec, self._samples, len(self._samples)
         comp = _compressors(spec)
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
-        g.attrs.update({"schema_version": SCHEMA_VERSION, "spec": spec.to_dict(), "keys": [s["key"] for s in S],
-                        "shard": self.name})
+        g.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "spec": spec.to_dict(),
+                "keys": [s["key"] for s in S],
+                "shard": self.name,
+            }
+        )
 
         def small(name: str, data: np.ndarray) -> None:
-            g.create_array(name, data=data, chunks=tuple(max(1, d) for d in data.shape), compressors=comp,
-                           write_data=True)
+            g.create_array(
+                name, data=data, chunks=tuple(max(1, d) for d in data.shape), compressors=comp, write_data=True
+            )
 
         def big(name: str, data: np.ndarray) -> None:
             if data.ndim == 1:
@@ -158,8 +179,9 @@ class _FlatShardArray:
     `layout()` returns None for any other layout, and the reader falls back to zarr for that array.
     """
 
-    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, inner: int, fill: Any, blosc: bool,
-                 n_chunks: int) -> None:
+    def __init__(
+        self, path: Path, shape: tuple, dtype: np.dtype, inner: int, fill: Any, blosc: bool, n_chunks: int
+    ) -> None:
         self.path, self.shape, self.dtype, self.inner, self.blosc = path, shape, dtype, inner, blosc
         self.fill, self.n_chunks = fill, n_chunks
         self.index: np.ndarray | None = None
@@ -177,21 +199,35 @@ class _FlatShardArray:
             inner = tuple(int(v) for v in conf["chunk_shape"])
             names = [c["name"] for c in conf["codecs"]]
             index_names = [c["name"] for c in conf["index_codecs"]]
-            ok = (meta["chunk_grid"]["name"] == "regular" and shard["name"] == "sharding_indexed"
-                  and meta["chunk_key_encoding"]["name"] == "default"
-                  and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
-                  and conf.get("index_location", "end") == "end" and index_names == ["bytes", "crc32c"]
-                  and names in (["bytes"], ["bytes", "blosc"])
-                  and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                  and len(shape) >= 1 and shape[0] <= outer[0] and outer[1:] == shape[1:] == inner[1:]
-                  and outer[0] % inner[0] == 0 and meta.get("storage_transformers", []) == [])
+            ok = (
+                meta["chunk_grid"]["name"] == "regular"
+                and shard["name"] == "sharding_indexed"
+                and meta["chunk_key_encoding"]["name"] == "default"
+                and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
+                and conf.get("index_location", "end") == "end"
+                and index_names == ["bytes", "crc32c"]
+                and names in (["bytes"], ["bytes", "blosc"])
+                and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                and len(shape) >= 1
+                and shape[0] <= outer[0]
+                and outer[1:] == shape[1:] == inner[1:]
+                and outer[0] % inner[0] == 0
+                and meta.get("storage_transformers", []) == []
+            )
             if not ok:
                 return None
             dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return cls(array_dir / "c" / "/".join("0" * len(shape)), shape, dtype, inner[0], meta["fill_value"],
-                   names[-1] == "blosc", outer[0] // inner[0])
+        return cls(
+            array_dir / "c" / "/".join("0" * len(shape)),
+            shape,
+            dtype,
+            inner[0],
+            meta["fill_value"],
+            names[-1] == "blosc",
+            outer[0] // inner[0],
+        )
 
     def _read_index(self, fd: int, size: int) -> np.ndarray:
         import google_crc32c  # zarr's own dependency (its crc32c codec); needed only when reading zarr shards
@@ -238,18 +274,20 @@ class _FlatShardArray:
             if not w:
                 parts.append(np.full((self.inner, *tail), self.fill, dtype=self.dtype))
                 continue
-            raw = view[off - lo:off - lo + nbytes]
+            raw = view[off - lo : off - lo + nbytes]
             if self.blosc:
                 dest = bytearray(chunk_items * self.dtype.itemsize)
                 blosc_codec.decode(raw, out=dest)
                 raw = dest
             if len(raw) != chunk_items * self.dtype.itemsize:
-                raise CorruptSampleError(f"{self.path}: an inner chunk decodes to {len(raw)} bytes, expected "
-                                         f"{chunk_items * self.dtype.itemsize}")
+                raise CorruptSampleError(
+                    f"{self.path}: an inner chunk decodes to {len(raw)} bytes, expected "
+                    f"{chunk_items * self.dtype.itemsize}"
+                )
             parts.append(np.frombuffer(raw, dtype=self.dtype).reshape(self.inner, *tail))
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         start = a - c0 * self.inner
-        return out[start:start + b - a]
+        return out[start : start + b - a]
 
 
 class ZarrShardReader:
@@ -286,8 +324,9 @@ class ZarrShardReader:
             self._flat = {k: _FlatShardArray.layout(self.path / k) for k in self._g}
             self._pid = os.getpid()
         except Exception as e:  # any decode/IO error inside a shard is corruption from the reader's view
-            raise CorruptSampleError(f"shard {self.path}: cannot open ({type(e).__name__}: {e}); "
-                                     "run `python -m shared.cli verify`") from e
+            raise CorruptSampleError(
+                f"shard {self.path}: cannot open ({type(e).__name__}: {e}); run `python -m shared.cli verify`"
+            ) from e
 
     def _read_big(self, reads: tuple) -> list[np.ndarray]:
         """The three big reads of a sample: through the stored offsets, or (another layout) in one trip through
@@ -312,13 +351,21 @@ class ZarrShardReader:
         self._open()
         try:
             sm = self._small
-            co, mo, c1, t1 = (sm["caption_offsets"], sm["moments_offsets"], sm["clip_row_offsets"],
-                              sm["t5_row_offsets"])
+            co, mo, c1, t1 = (
+                sm["caption_offsets"],
+                sm["moments_offsets"],
+                sm["clip_row_offsets"],
+                sm["t5_row_offsets"],
+            )
             bucket = sm["bucket"][i]
             mom, clip_rows, t5_rows = self._read_big(
-                (("moments", slice(mo[i], mo[i + 1])), ("clip_rows", slice(c1[i], c1[i + 1])),
-                 ("t5_rows", slice(t1[i], t1[i + 1]))))
-            caption = sm["caption_utf8"][co[i]:co[i + 1]].tobytes().decode("utf-8")
+                (
+                    ("moments", slice(mo[i], mo[i + 1])),
+                    ("clip_rows", slice(c1[i], c1[i + 1])),
+                    ("t5_rows", slice(t1[i], t1[i + 1])),
+                )
+            )
+            caption = sm["caption_utf8"][co[i] : co[i + 1]].tobytes().decode("utf-8")
             out = {
                 "key": key,
                 "caption": caption,
@@ -326,9 +373,12 @@ class ZarrShardReader:
                 "image_meta_size": sm["image_meta_size"][i],
                 "crc32": sm["crc32"][i],
                 "moments": mom.reshape(self.spec.latent_shape(bucket)),
-                "clip_ids": sm["clip_ids"][i], "clip_mask": sm["clip_mask"][i],
+                "clip_ids": sm["clip_ids"][i],
+                "clip_mask": sm["clip_mask"][i],
                 "clip_rows": clip_rows,
-                "t5_ids": sm["t5_ids"][i], "t5_mask": sm["t5_mask"][i], "t5_index": sm["t5_index"][i],
+                "t5_ids": sm["t5_ids"][i],
+                "t5_mask": sm["t5_mask"][i],
+                "t5_index": sm["t5_index"][i],
                 "t5_rows": t5_rows,
             }
             if self.spec.compression == "zstd":
@@ -336,6 +386,8 @@ class ZarrShardReader:
         except CorruptSampleError:
             raise
         except Exception as e:
-            raise CorruptSampleError(f"shard {self.path}: sample {key!r} (#{i}) is unreadable "
-                                     f"({type(e).__name__}: {e}); run `python -m shared.cli verify`") from e
+            raise CorruptSampleError(
+                f"shard {self.path}: sample {key!r} (#{i}) is unreadable "
+                f"({type(e).__name__}: {e}); run `python -m shared.cli verify`"
+            ) from e
         return out

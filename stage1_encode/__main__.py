@@ -40,15 +40,23 @@ examples:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stage1_encode", description=DESCRIPTION, epilog=EPILOG,
+        prog="python -m stage1_encode",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(parser, example="output.root=/tmp/cache image.random_flip=true")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to attach to (host:port or 'auto'); default: RAY_ADDRESS if set (ray job "
-                             "submit), else an embedded local Ray sized by the config's ray section")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing cache in output.root that was made with a different config")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to attach to (host:port or 'auto'); default: RAY_ADDRESS if set (ray job "
+        "submit), else an embedded local Ray sized by the config's ray section",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing cache in output.root that was made with a different config",
+    )
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may come before or after the options
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

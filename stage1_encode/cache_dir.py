@@ -24,7 +24,13 @@ except ImportError:  # pragma: no cover - Windows
 from shared.config import config_to_dict, from_dict, save_config
 from shared.fsutil import remove_tmp_leftovers
 from shared.manifest import (
-    EMPTY_CAPTION_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, ShardInfo, read_shard_info, shard_index_path,
+    EMPTY_CAPTION_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    ShardInfo,
+    read_shard_info,
+    shard_index_path,
 )
 from shared.remote_cache import remote_completed
 from shared.storage import RemoteStore, default_dir
@@ -72,8 +78,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(old: dict, new: dict) -> list[str]:
     """Human lines `key: old -> new` for every dotted key whose value differs."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
 
 
 def _load_saved_identity(root: Path) -> dict:
@@ -89,8 +98,16 @@ def _saved_identity(data: dict) -> dict:
     return _content_part(data)
 
 
-_CACHE_ENTRIES = (CONFIG_NAME, MANIFEST_NAME, EMPTY_CAPTION_NAME, REJECTS_NAME, SHARDS_DIR, PARTS_DIR,
-                  ENCODERS_NAME, LOG_NAME)
+_CACHE_ENTRIES = (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    EMPTY_CAPTION_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    PARTS_DIR,
+    ENCODERS_NAME,
+    LOG_NAME,
+)
 # What may be in a folder without a config that is still ours (a fresh run killed before it wrote its config).
 _OURS_WITHOUT_CONFIG = (LOG_NAME, LOCK_NAME)
 
@@ -131,8 +148,11 @@ class CacheLock:
 def _refuse_foreign(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise CacheConflictError(f"output.root {root} exists and is not a folder")
-    if root.is_dir() and not (root / CONFIG_NAME).is_file() and any(
-            p.name not in _OURS_WITHOUT_CONFIG for p in root.iterdir()):
+    if (
+        root.is_dir()
+        and not (root / CONFIG_NAME).is_file()
+        and any(p.name not in _OURS_WITHOUT_CONFIG for p in root.iterdir())
+    ):
         raise CacheConflictError(
             f"output.root {root} is not empty and is not a stage-1 cache (no {CONFIG_NAME}); refusing to write "
             "into it. Choose an empty or new folder."
@@ -160,7 +180,8 @@ def _prepare_locked(root: Path, cfg: EncodeConfig, overwrite: bool) -> str:
             return "complete" if (root / MANIFEST_NAME).is_file() else "resume"
         if not overwrite:
             raise CacheConflictError(
-                f"{root} holds a cache made with a different config; changed:\n  " + "\n  ".join(diff)
+                f"{root} holds a cache made with a different config; changed:\n  "
+                + "\n  ".join(diff)
                 + "\nRe-run with the original config to resume, choose another output.root, or pass --overwrite "
                 "to delete that cache and start over."
             )
@@ -214,12 +235,16 @@ def prepare_remote_output(store: RemoteStore, staging: Path, cfg: EncodeConfig, 
             state = "complete" if MANIFEST_NAME in names else "resume"
         elif not overwrite:
             raise CacheConflictError(
-                f"{store.url} holds a cache made with a different config; changed:\n  " + "\n  ".join(diff)
+                f"{store.url} holds a cache made with a different config; changed:\n  "
+                + "\n  ".join(diff)
                 + "\nRe-run with the original config to resume, choose another output.root, or pass --overwrite "
-                "to delete that cache and start over.")
+                "to delete that cache and start over."
+            )
     elif names - {LOG_NAME}:
-        raise CacheConflictError(f"output.root {store.url} is not empty and is not a stage-1 cache (no "
-                                 f"{CONFIG_NAME}); refusing to write into it. Choose an empty or new prefix.")
+        raise CacheConflictError(
+            f"output.root {store.url} is not empty and is not a stage-1 cache (no "
+            f"{CONFIG_NAME}); refusing to write into it. Choose an empty or new prefix."
+        )
     save_config(cfg, staging / CONFIG_NAME)
     if state != "fresh" and LOG_NAME in names:  # the log is appended to, as in a local cache
         store.download_file(LOG_NAME, staging / LOG_NAME)

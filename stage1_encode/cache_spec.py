@@ -33,10 +33,19 @@ def encoder_dims(encoder_root: str | Path) -> dict[str, Any]:
 def cache_spec(cfg: EncodeConfig, dims: dict[str, Any]) -> CacheSpec:
     e = cfg.encoders
     return CacheSpec(
-        format=cfg.output.format, views=pp.image_views(cfg.image), clip_len=e.clip_len, clip_dim=dims["clip_dim"],
-        t5_len=e.t5_len, t5_dim=dims["t5_dim"], latent_channels=dims["latent_channels"],
-        downsample=dims["downsample"], vae_dtype=e.vae_dtype, clip_dtype=e.clip_dtype, t5_dtype=e.t5_dtype,
-        compression=cfg.output.compression, t5_pad_id=T5_TRAIN_PAD_ID,  # clip_pad_id: checked in _accept_encoders
+        format=cfg.output.format,
+        views=pp.image_views(cfg.image),
+        clip_len=e.clip_len,
+        clip_dim=dims["clip_dim"],
+        t5_len=e.t5_len,
+        t5_dim=dims["t5_dim"],
+        latent_channels=dims["latent_channels"],
+        downsample=dims["downsample"],
+        vae_dtype=e.vae_dtype,
+        clip_dtype=e.clip_dtype,
+        t5_dtype=e.t5_dtype,
+        compression=cfg.output.compression,
+        t5_pad_id=T5_TRAIN_PAD_ID,  # clip_pad_id: checked in _accept_encoders
     )
 
 
@@ -47,8 +56,11 @@ def preprocessing_record(cfg: EncodeConfig) -> dict:
         "image": config_to_dict(im),
         "text": config_to_dict(cfg.text),
         "resize_filter": "LANCZOS",
-        "crop_rule": ("ArrowIndexV2.resize_and_crop (cover resize, int(round()))" if im.multireso
-                      else "random_crop_image (short side to R, int(), crop along the long side)"),
+        "crop_rule": (
+            "ArrowIndexV2.resize_and_crop (cover resize, int(round()))"
+            if im.multireso
+            else "random_crop_image (short side to R, int(), crop along the long side)"
+        ),
         "crop_rng": "random.Random(sha256(f'{seed}\\0{key}')[:8]); multireso draws top then left",
         "normalize": "ToTensor + Normalize(0.5, 0.5), float32",
         "views": list(pp.image_views(im)),

@@ -125,8 +125,16 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_encoder_actors", "preprocess_tasks", "num_writers")
-        _at_least(self, 0, "num_gpus_per_actor", "num_cpus_per_actor", "preprocess_num_cpus", "torch_threads",
-                  "writer_num_cpus", "writer_retries")
+        _at_least(
+            self,
+            0,
+            "num_gpus_per_actor",
+            "num_cpus_per_actor",
+            "preprocess_num_cpus",
+            "torch_threads",
+            "writer_num_cpus",
+            "writer_retries",
+        )
         if self.actor_memory_gb <= 0:
             raise ValueError(f"actor_memory_gb must be > 0, got {self.actor_memory_gb}")
 

@@ -123,8 +123,9 @@ def _describe_en(shapes: tuple[tuple[int, int, int, int], ...], background: int)
 
 def _describe_mixed(shapes: tuple[tuple[int, int, int, int], ...], background: int) -> str:
     s, c, p, z = shapes[0]
-    return (f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, "
-            f"background {COLORS[background][1]}")
+    return (
+        f"一个{COLORS[c][1]}的{SHAPES[s][0]} ({SHAPES[s][1]}) 在{POSITIONS[p][0]}, background {COLORS[background][1]}"
+    )
 
 
 def demo_row(index: int, seed: int = 0) -> DemoRow:
@@ -444,7 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         "--no-bad-rows", action="store_true", help="leave out the rows with a corrupt image or empty/null caption"
     )
     parser.add_argument(
-        "--image-list", type=int, default=0, metavar="N",
+        "--image-list",
+        type=int,
+        default=0,
+        metavar="N",
         help="also write the first N rows as an image folder with .txt sidecars, list.jsonl and list.csv (in loose/)",
     )
     args = parser.parse_args(argv)

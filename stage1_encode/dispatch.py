@@ -51,22 +51,27 @@ class _Open:
 
 
 class Dispatcher:
-    def __init__(self, cfg: EncodeConfig, spec: CacheSpec, writer_job: WriterJob, todo: list[Partition],
-                 progress: Progress) -> None:
+    def __init__(
+        self, cfg: EncodeConfig, spec: CacheSpec, writer_job: WriterJob, todo: list[Partition], progress: Progress
+    ) -> None:
         r = cfg.ray
         self.cfg, self.spec, self.base_job, self.progress = cfg, spec, writer_job, progress
         self.cfg_dict = config_to_dict(cfg)
         self.queue = deque(todo)
         self.max_open = r.preprocess_tasks + r.num_writers
         self.preprocess = ray.remote(preprocess_partition).options(
-            num_returns="streaming", num_cpus=r.preprocess_num_cpus,
-            _generator_backpressure_num_objects=GENERATOR_AHEAD)
+            num_returns="streaming", num_cpus=r.preprocess_num_cpus, _generator_backpressure_num_objects=GENERATOR_AHEAD
+        )
         self.writer = ray.remote(write_shard).options(num_cpus=r.writer_num_cpus, max_retries=r.writer_retries)
         # `memory=` reserves the weights' room; restarts: an actor that died is rebuilt and its call retried (a
         # chunk's encoding is a pure function of the chunk).
         actor_cls = ray.remote(EncoderActor).options(
-            num_gpus=r.num_gpus_per_actor, num_cpus=r.num_cpus_per_actor, memory=int(r.actor_memory_gb * 1024**3),
-            max_restarts=2, max_task_retries=2)
+            num_gpus=r.num_gpus_per_actor,
+            num_cpus=r.num_cpus_per_actor,
+            memory=int(r.actor_memory_gb * 1024**3),
+            max_restarts=2,
+            max_task_retries=2,
+        )
         self.actors = [actor_cls.remote(self.cfg_dict) for _ in range(r.num_encoder_actors)]
         self.load = [0] * len(self.actors)
         self.encoding: dict[Any, int] = {}  # encoded ref -> actor index
@@ -142,13 +147,17 @@ class Dispatcher:
                 raise e.cause from None
             raise RuntimeError(f"the writer of shard {name} failed: {e}; re-run to resume") from e
         except ray.exceptions.RayError as e:  # its worker died more often than ray.writer_retries allows
-            raise RuntimeError(f"the writer of shard {name} died ({type(e).__name__}: {e}) after "
-                               f"ray.writer_retries={self.cfg.ray.writer_retries} retries; re-run to resume") from e
+            raise RuntimeError(
+                f"the writer of shard {name} died ({type(e).__name__}: {e}) after "
+                f"ray.writer_retries={self.cfg.ray.writer_retries} retries; re-run to resume"
+            ) from e
         self.n_open -= 1
         self.results.append(res)
         self.progress.update(res["written"], res["rejected"])
-        logger.info(f"shard {name}: {res['written']} samples, {res['rejected']} rejects, {res['bytes']} bytes "
-                    f"(writer on {res['node']})")
+        logger.info(
+            f"shard {name}: {res['written']} samples, {res['rejected']} rejects, {res['bytes']} bytes "
+            f"(writer on {res['node']})"
+        )
 
 
 def read_empty(item: Item) -> tuple[dict, dict]:
@@ -159,4 +168,3 @@ def read_empty(item: Item) -> tuple[dict, dict]:
 def steady_span(results: list[dict]) -> tuple[float, float] | None:
     spans = [r["t_encode"] for r in results if r["t_encode"]]
     return (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
-

@@ -25,8 +25,13 @@ class EncoderActor:
         if r.torch_threads > 0:
             torch.set_num_threads(r.torch_threads)
         device = "cuda" if r.num_gpus_per_actor > 0 else "cpu"
-        self.enc = load_encoders(e.root, EncoderDtypes(vae=e.vae_dtype, clip=e.clip_dtype, t5=e.t5_dtype),
-                                 device=device, clip_len=e.clip_len, t5_len=e.t5_len)
+        self.enc = load_encoders(
+            e.root,
+            EncoderDtypes(vae=e.vae_dtype, clip=e.clip_dtype, t5=e.t5_dtype),
+            device=device,
+            clip_len=e.clip_len,
+            t5_len=e.t5_len,
+        )
         self.views = pp.image_views(self.cfg.image)
 
     def encode(self, item: Item) -> Item:
@@ -69,9 +74,19 @@ class EncoderActor:
 
     def encode_empty(self, a: dict) -> tuple[bytes, dict]:
         clip, t5 = self._text(a)
-        out = {"clip_ids": a["clip_ids"], "clip_mask": a["clip_mask"], "clip_states": clip,
-               "t5_ids": a["t5_ids"], "t5_mask": a["t5_mask"], "t5_states": t5}
-        meta = {"fingerprint": self.enc.fingerprint(), "scaling_factor": self.enc.scaling_factor,
-                "latent_channels": self.enc.latent_channels,
-                "clip_dim": self.enc.clip_dim, "t5_dim": self.enc.t5_dim}
+        out = {
+            "clip_ids": a["clip_ids"],
+            "clip_mask": a["clip_mask"],
+            "clip_states": clip,
+            "t5_ids": a["t5_ids"],
+            "t5_mask": a["t5_mask"],
+            "t5_states": t5,
+        }
+        meta = {
+            "fingerprint": self.enc.fingerprint(),
+            "scaling_factor": self.enc.scaling_factor,
+            "latent_channels": self.enc.latent_channels,
+            "clip_dim": self.enc.clip_dim,
+            "t5_dim": self.enc.t5_dim,
+        }
         return pack(out), meta

@@ -57,7 +57,12 @@ from shared.cache import write_empty_caption
 from shared.config import config_to_dict, dump_config
 from shared.fsutil import atomic_write_bytes, atomic_write_json, remove_path, tmp_path_for
 from shared.manifest import (
-    EMPTY_CAPTION_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, completed_shards, read_manifest,
+    EMPTY_CAPTION_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    Manifest,
+    completed_shards,
+    read_manifest,
     write_manifest,
 )
 from shared.remote_cache import publish_small_files
@@ -65,8 +70,20 @@ from shared.schema import CacheSpec
 from shared.storage import RemoteStore, is_remote
 from stage1_encode import preprocess as pp
 from stage1_encode.cache_dir import (  # noqa: F401 - re-exported: tests and tools import them from here
-    CONFIG_NAME, ENCODERS_NAME, LOCK_NAME, LOG_NAME, PARTS_DIR, CacheConflictError, CacheLock, _remote_done,
-    config_diff, identity, prepare_output, prepare_remote_output, remove_leftovers, staging_root,
+    CONFIG_NAME,
+    ENCODERS_NAME,
+    LOCK_NAME,
+    LOG_NAME,
+    PARTS_DIR,
+    CacheConflictError,
+    CacheLock,
+    _remote_done,
+    config_diff,
+    identity,
+    prepare_output,
+    prepare_remote_output,
+    remove_leftovers,
+    staging_root,
 )
 from stage1_encode.cache_spec import cache_spec, encoder_dims, preprocessing_record  # noqa: F401
 from stage1_encode.config import EncodeConfig
@@ -138,20 +155,29 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
     try:
         leftovers = remove_leftovers(root)
         if leftovers:
-            logger.info(f"removed {len(leftovers)} temp leftovers of interrupted writes: "
-                        + ", ".join(str(p.relative_to(root)) for p in leftovers[:5])
-                        + (" ..." if len(leftovers) > 5 else ""))
+            logger.info(
+                f"removed {len(leftovers)} temp leftovers of interrupted writes: "
+                + ", ".join(str(p.relative_to(root)) for p in leftovers[:5])
+                + (" ..." if len(leftovers) > 5 else "")
+            )
         if state == "complete":
             m = read_manifest(root)
-            summary = {"status": "already complete", "root": where, "samples": m.n_samples,
-                       "rejected": dict(m.rejects), "shards": len(m.shards)}
+            summary = {
+                "status": "already complete",
+                "root": where,
+                "samples": m.n_samples,
+                "rejected": dict(m.rejects),
+                "shards": len(m.shards),
+            }
             logger.info(f"{where}: cache already complete with this config ({m.n_samples} samples); nothing to do")
             return summary
         done = completed_shards(root) if store is None else _remote_done(store, root, spec.format)
         todo = [p for p in partitions if p.name not in done]
         total = sum(p.num_rows for p in todo)
-        logger.info(f"{state} cache {where}: {len(partitions)} partitions, {len(partitions) - len(todo)} already "
-                    f"complete, {len(todo)} to encode ({total} input rows)")
+        logger.info(
+            f"{state} cache {where}: {len(partitions)} partitions, {len(partitions) - len(todo)} already "
+            f"complete, {len(todo)} to encode ({total} input rows)"
+        )
         logger.info("config:\n" + dump_config(cfg))
 
         started, reaper = init_ray(cfg, address)
@@ -177,14 +203,24 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         rejects, captions = _merge_notes(root, partitions)
         shards = [done[n].entry() for n in names]
         manifest = Manifest(
-            spec=spec, shards=shards, encoders=result["fingerprint"], vae_scaling_factor=result["scaling_factor"],
-            buckets=([list(b) for b in pp.resolution_buckets(cfg.image.resolution, cfg.image.reso_step,
-                                                             cfg.image.align)]
-                     if cfg.image.multireso else [[cfg.image.resolution, cfg.image.resolution]]),
-            preprocessing=preprocessing_record(cfg), rejects=dict(sorted(rejects.items())),
+            spec=spec,
+            shards=shards,
+            encoders=result["fingerprint"],
+            vae_scaling_factor=result["scaling_factor"],
+            buckets=(
+                [list(b) for b in pp.resolution_buckets(cfg.image.resolution, cfg.image.reso_step, cfg.image.align)]
+                if cfg.image.multireso
+                else [[cfg.image.resolution, cfg.image.resolution]]
+            ),
+            preprocessing=preprocessing_record(cfg),
+            rejects=dict(sorted(rejects.items())),
             empty_caption_sha256=result["empty_sha256"],
-            extra={"input": config_to_dict(cfg.input), "n_inputs": sum(p.num_rows for p in partitions),
-                   **captions, "null_caption_rule": cfg.text.null_caption},
+            extra={
+                "input": config_to_dict(cfg.input),
+                "n_inputs": sum(p.num_rows for p in partitions),
+                **captions,
+                "null_caption_rule": cfg.text.null_caption,
+            },
         )
         if store is None:
             write_manifest(root, manifest)
@@ -196,15 +232,24 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
         elapsed = time.time() - t0
         nbytes = sum(done[n].bytes for n in names)
         summary = {
-            "status": "complete", "root": where, "samples": manifest.n_samples,
-            "written_this_run": result["written"], "rejected": dict(sorted(rejects.items())),
-            "rejected_total": sum(rejects.values()), "substituted_captions": captions["substituted_captions"],
-            "null_captions": captions["null_captions"], "null_caption_rule": cfg.text.null_caption,
-            "shards": len(names), "shards_this_run": len(todo), "bytes": nbytes,
-            "seconds": round(elapsed, 2), "encode_seconds": round(result["seconds"], 2),
+            "status": "complete",
+            "root": where,
+            "samples": manifest.n_samples,
+            "written_this_run": result["written"],
+            "rejected": dict(sorted(rejects.items())),
+            "rejected_total": sum(rejects.values()),
+            "substituted_captions": captions["substituted_captions"],
+            "null_captions": captions["null_captions"],
+            "null_caption_rule": cfg.text.null_caption,
+            "shards": len(names),
+            "shards_this_run": len(todo),
+            "bytes": nbytes,
+            "seconds": round(elapsed, 2),
+            "encode_seconds": round(result["seconds"], 2),
             "samples_per_s": round(result["written"] / result["seconds"], 3) if result["seconds"] > 0 else None,
             "steady_samples_per_s": round(result["steady"], 3) if result.get("steady") else None,
-            "driver_cpu_s": round(result["driver_cpu_s"], 4), "driver_thread_cpu_s": round(result["driver_thread_cpu_s"], 4),
+            "driver_cpu_s": round(result["driver_cpu_s"], 4),
+            "driver_thread_cpu_s": round(result["driver_thread_cpu_s"], 4),
         }
         logger.info("summary: " + json.dumps(summary, ensure_ascii=False))
         return summary
@@ -226,8 +271,15 @@ def _upload_log(store: RemoteStore, root: Path) -> None:
         logger.warning(f"could not upload {LOG_NAME} to {store.url}: {e}")
 
 
-def _execute(cfg: EncodeConfig, root: Path, spec: CacheSpec, dims: dict, todo: list[Partition], total: int,
-             store: RemoteStore | None = None) -> dict:
+def _execute(
+    cfg: EncodeConfig,
+    root: Path,
+    spec: CacheSpec,
+    dims: dict,
+    todo: list[Partition],
+    total: int,
+    store: RemoteStore | None = None,
+) -> dict:
     progress = Progress(total, cfg.log.progress, cfg.log.interval_s)
     t_start = time.time()
     marker = None
@@ -279,8 +331,10 @@ def _accept_encoders(root: Path, spec: CacheSpec, dims: dict, arrays: dict, meta
         pads = set(int(x) for x in ids[~mask.astype(bool)])
         want = getattr(spec, f"{enc}_pad_id")
         if pads - {want}:
-            raise ValueError(f"the {enc} tokenizer in encoders.root pads with ids {sorted(pads)} but the cache "
-                             f"records {enc}_pad_id={want} (the original's): use the original tokenizer files")
+            raise ValueError(
+                f"the {enc} tokenizer in encoders.root pads with ids {sorted(pads)} but the cache "
+                f"records {enc}_pad_id={want} (the original's): use the original tokenizer files"
+            )
     fp = meta["fingerprint"]
     fp_path = root / ENCODERS_NAME
     if fp_path.exists():

@@ -8,7 +8,8 @@ Original code paths reproduced:
     image for an undecodable one; we reject it instead (a silent substitute would be trained on).
   * buckets: `ResolutionGroup(base, step)._calc_by_step` (`bucket.py:144-172`), nearest `h / w` by `np.argmin`
     (`bucket.py:945-947`), images with a side `< min_size` skipped.
-  * single resolution: `TextImageArrowStream.random_crop_image` (short side to R with LANCZOS, crop along the long side).
+  * single resolution: `TextImageArrowStream.random_crop_image` (short side to R with LANCZOS, crop along the long
+    side).
   * multi resolution: `ArrowIndexV2.resize_and_crop(image, (tw, th), LANCZOS, "random")` (cover-resize with
     `int(round(...))`, `crop_top` drawn before `crop_left`).
   * `image_meta_size = (orig_W, orig_H, target_W, target_H, crop_left, crop_top)`; flip after the meta tuple, crop
@@ -29,8 +30,9 @@ import hashlib
 import io
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -155,11 +157,12 @@ def check_size(width: int, height: int, min_size: int, max_aspect_ratio: float) 
         raise Reject("too_small", f"{width}x{height} has a side < min_size {min_size}")
     if max_aspect_ratio and max(width, height) / min(width, height) > max_aspect_ratio:
         raise Reject(
-            "aspect_ratio", f"{width}x{height}: aspect {max(width, height) / min(width, height):.3g} > {max_aspect_ratio}"
+            "aspect_ratio",
+            f"{width}x{height}: aspect {max(width, height) / min(width, height):.3g} > {max_aspect_ratio}",
         )
 
 
-def target_size(width: int, height: int, cfg: "ImageConfig") -> tuple[int, int]:
+def target_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int]:
     """(H, W) the image is encoded at: its bucket (multi-resolution) or (R, R)."""
     if cfg.multireso:
         return assign_bucket(width, height, _buckets(cfg.resolution, cfg.reso_step, cfg.align))
@@ -182,7 +185,7 @@ def _buckets(base: int, step: int, align: int) -> list[tuple[int, int]]:
 
 def crop_rng(key: str, seed: int) -> random.Random:
     """A `random.Random` seeded by (sample key, seed): the same crop for a sample on every run and cluster size."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{int(seed)}\x00{key}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
@@ -243,14 +246,14 @@ class CroppedImage:
     bucket: tuple[int, int]  # (H, W)
 
 
-def resize_and_crop(img: Image.Image, key: str, cfg: "ImageConfig") -> CroppedImage:
+def resize_and_crop(img: Image.Image, key: str, cfg: ImageConfig) -> CroppedImage:
     """Size checks, target size, resize and crop of a decoded RGB image (the crop RNG seeded by key and cfg.seed)."""
     w, h = img.size
     check_size(w, h, cfg.min_size, cfg.max_aspect_ratio)
     return crop_to_target(img, key, cfg, target_size(w, h, cfg))
 
 
-def crop_to_target(img: Image.Image, key: str, cfg: "ImageConfig", target: tuple[int, int]) -> CroppedImage:
+def crop_to_target(img: Image.Image, key: str, cfg: ImageConfig, target: tuple[int, int]) -> CroppedImage:
     """Resize and crop a decoded RGB image already checked by check_size to its `target_size` (H, W)."""
     w, h = img.size
     th, tw = target
@@ -291,12 +294,12 @@ def make_views(pixels: np.ndarray, views: Sequence[str]) -> np.ndarray:
     return np.stack(out)  # (V, 3, H, W)
 
 
-def image_views(cfg: "ImageConfig") -> tuple[str, ...]:
+def image_views(cfg: ImageConfig) -> tuple[str, ...]:
     """("plain",) or ("plain", "flip") when random_flip is on: both are cached, stage 2 draws one per step."""
     return ("plain", "flip") if cfg.random_flip else ("plain",)
 
 
-def preprocess_image(img: Image.Image, key: str, cfg: "ImageConfig") -> PreprocessedImage:
+def preprocess_image(img: Image.Image, key: str, cfg: ImageConfig) -> PreprocessedImage:
     """Decoded RGB image -> normalised views, image_meta_size and bucket. Raises Reject for filtered images."""
     cropped = resize_and_crop(img, key, cfg)
     return PreprocessedImage(

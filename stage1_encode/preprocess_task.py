@@ -6,7 +6,8 @@ it yields, in order, and hands each chunk's ref to an encoder actor and the fina
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +35,13 @@ def _tokenizers(root: str) -> tuple[Any, Any]:
 
 
 def reject_record(row: dict, reason: str, detail: str) -> dict:
-    return {"key": row.get("key"), "source": row.get("source"), "row": row.get("row"), "reason": reason,
-            "detail": detail}
+    return {
+        "key": row.get("key"),
+        "source": row.get("source"),
+        "row": row.get("row"),
+        "reason": reason,
+        "detail": detail,
+    }
 
 
 def _reject_from(row: dict, err: Exception) -> dict:
@@ -45,8 +51,9 @@ def _reject_from(row: dict, err: Exception) -> dict:
     return reject_record(row, "preprocess_error", f"{type(err).__name__}: {err}")
 
 
-def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, Any]
-                     ) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
+def partition_chunks(
+    part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, Any]
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
     """Yield ("chunk", arrays, meta) per encoder batch of `part`, then ("end", {}, meta) with the rejects.
 
     Pass 1 reads every row, checks the caption and the image header (size, pixel limit) and assigns the bucket;
@@ -78,8 +85,15 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     # A row the plan counted but the reader never returned (the file changed since planning) is recorded, not lost.
     planned = part.rows if part.rows is not None else range(part.start, part.stop)
     for r in sorted(set(planned) - seen_rows):
-        rejects.append({"key": None, "source": part.source, "row": r, "reason": "read_error",
-                        "detail": "planned but not returned by the reader (source changed since planning?)"})
+        rejects.append(
+            {
+                "key": None,
+                "source": part.source,
+                "row": r,
+                "reason": "read_error",
+                "detail": "planned but not returned by the reader (source changed since planning?)",
+            }
+        )
         n_rows += 1
 
     seq = 0
@@ -87,7 +101,7 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
     for bucket, members in groups.items():
         for start in range(0, len(members), B):
             pixels, metas, keep = [], [], []
-            for row, caption, substituted, img in members[start:start + B]:
+            for row, caption, substituted, img in members[start : start + B]:
                 try:
                     cropped = pp.crop_to_target(pp.to_rgb(img), row["key"], im, bucket)
                 except Exception as err:
@@ -104,8 +118,11 @@ def partition_chunks(part: Partition, cfg: EncodeConfig, tokenizers: tuple[Any, 
             arrays = {"pixels": np.stack(pixels), "image_meta_size": np.stack(metas)}  # (B, H, W, 3), (B, 6)
             arrays.update(pp.tokenize(clip_tok, t5_tok, captions, cfg.encoders.clip_len, cfg.encoders.t5_len))
             meta = {
-                "bucket": list(bucket), "keys": [r["key"] for r, _, _ in keep], "captions": captions,
-                "sources": [r["source"] for r, _, _ in keep], "rows": [int(r["row"]) for r, _, _ in keep],
+                "bucket": list(bucket),
+                "keys": [r["key"] for r, _, _ in keep],
+                "captions": captions,
+                "sources": [r["source"] for r, _, _ in keep],
+                "rows": [int(r["row"]) for r, _, _ in keep],
                 "substituted": [bool(s) for _, _, s in keep],
                 "null": [r["caption"] is None for r, _, _ in keep],
             }

@@ -38,8 +38,10 @@ class Progress:
         dt = max(time.time() - self.t0, 1e-9)
         rate = self.done / dt
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (f"progress {self.done}/{self.total} inputs ({self.written} written, {self.rejected} rejected), "
-                f"{rate:.2f} samples/s, ETA {eta:.0f}s")
+        return (
+            f"progress {self.done}/{self.total} inputs ({self.written} written, {self.rejected} rejected), "
+            f"{rate:.2f} samples/s, ETA {eta:.0f}s"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

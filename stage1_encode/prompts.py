@@ -21,9 +21,16 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def encode_prompt_file(cache: str | Path, encoders_root: str | Path, prompts: list[str], *,
-                       negative_prompt: str | None = None, name: str = "validation", out: str | Path | None = None,
-                       device: str = "cpu") -> Path:
+def encode_prompt_file(
+    cache: str | Path,
+    encoders_root: str | Path,
+    prompts: list[str],
+    *,
+    negative_prompt: str | None = None,
+    name: str = "validation",
+    out: str | Path | None = None,
+    device: str = "cpu",
+) -> Path:
     """Load the cache's encoders, check their fingerprint against the manifest, encode, write; returns the path."""
     from pipeline.encoders import EncoderDtypes, load_encoders
     from pipeline.sampler import NEGATIVE_PROMPT, encode_prompts
@@ -34,16 +41,24 @@ def encode_prompt_file(cache: str | Path, encoders_root: str | Path, prompts: li
         raise ValueError("no prompts given; pass --prompt TEXT (repeatable) or --prompts FILE")
     manifest = read_manifest(cache)
     if not manifest.encoders:
-        raise ValueError(f"{cache}/manifest.json records no encoder fingerprint, so no encoders can be checked "
-                         "against it; prompt files need a cache written by stage 1")
+        raise ValueError(
+            f"{cache}/manifest.json records no encoder fingerprint, so no encoders can be checked "
+            "against it; prompt files need a cache written by stage 1"
+        )
     spec = manifest.spec
-    enc = load_encoders(encoders_root, EncoderDtypes(vae=spec.vae_dtype, clip=spec.clip_dtype, t5=spec.t5_dtype),
-                        device, clip_len=spec.clip_len, t5_len=spec.t5_len)
+    enc = load_encoders(
+        encoders_root,
+        EncoderDtypes(vae=spec.vae_dtype, clip=spec.clip_dtype, t5=spec.t5_dtype),
+        device,
+        clip_len=spec.clip_len,
+        t5_len=spec.t5_len,
+    )
     have = encoders_hash(enc.fingerprint())
     if have != manifest.encoders_hash:
         raise ValueError(
             f"the encoders in {encoders_root} (encoders_hash {have[:12]}...) are not the ones that made {cache} "
-            f"({manifest.encoders_hash[:12]}...); pass the ckpts/t2i folder stage 1 used for this cache")
+            f"({manifest.encoders_hash[:12]}...); pass the ckpts/t2i folder stage 1 used for this cache"
+        )
     negative_prompt = NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     pe = encode_prompts(enc, prompts)
     ne = encode_prompts(enc, [negative_prompt])
@@ -52,13 +67,22 @@ def encode_prompt_file(cache: str | Path, encoders_root: str | Path, prompts: li
         return {"clip_states": p.clip, "clip_mask": p.clip_mask, "t5_states": p.t5, "t5_mask": p.t5_mask}
 
     path = Path(out) if out else prompt_file_path(cache, name)
-    return write_prompt_file(path, prompts=list(prompts), negative_prompt=negative_prompt,
-                             encoders_hash=manifest.encoders_hash, embeds=fields(pe), negative=fields(ne))
+    return write_prompt_file(
+        path,
+        prompts=list(prompts),
+        negative_prompt=negative_prompt,
+        encoders_hash=manifest.encoders_hash,
+        embeds=fields(pe),
+        negative=fields(ne),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stage1_encode.prompts", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m stage1_encode.prompts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--cache", required=True, help="the stage-1 cache folder (holding manifest.json)")
     ap.add_argument("--encoders", required=True, help="the ckpts/t2i folder stage 1 encoded the cache with")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -73,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     try:
-        path = encode_prompt_file(args.cache, args.encoders, prompts, negative_prompt=args.negative, name=args.name,
-                                  out=args.out, device=args.device)
+        path = encode_prompt_file(
+            args.cache,
+            args.encoders,
+            prompts,
+            negative_prompt=args.negative,
+            name=args.name,
+            out=args.out,
+            device=args.device,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -41,9 +41,12 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
         os.environ[REAPER_ENV_VAR] = reaper.token
     try:
         ray.init(
-            address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-            object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3), include_dashboard=False,
-            runtime_env={"env_vars": env}, log_to_driver=True,
+            address="local",
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
         )
     except BaseException:
         if reaper is not None:

@@ -90,8 +90,9 @@ def ray_tree(token: str, exclude: tuple[int, ...], noted: dict[int, int]) -> dic
     return {p: table[p][1] for p in tree}
 
 
-def reap(token: str, exclude: tuple[int, ...] = (), noted: dict[int, int] | None = None,
-         grace_s: float = GRACE_S) -> int:
+def reap(
+    token: str, exclude: tuple[int, ...] = (), noted: dict[int, int] | None = None, grace_s: float = GRACE_S
+) -> int:
     """SIGTERM, then after `grace_s` SIGKILL, this run's Ray (see ray_tree); returns how many were signalled."""
     exclude = (*exclude, os.getpid())
     noted = dict(noted or {})
@@ -132,8 +133,12 @@ class RayReaper:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(
             [sys.executable, "-m", "stage1_encode.ray_reaper", token, str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-            start_new_session=True, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
         )
         return cls(proc, token)
 

@@ -222,8 +222,9 @@ class S3Path:
     def glob(self, pattern: str) -> list[S3Path]:
         """Objects (not prefixes) matching `pattern` below this prefix (`**` recursive, as fsspec's glob)."""
         found = self._call("list", lambda fs, k: fs.glob(f"{k.rstrip('/')}/{pattern}", detail=True))
-        return sorted(S3Path(f"{self.scheme}://{k}", self.storage) for k, info in found.items()
-                      if info.get("type") != "directory")
+        return sorted(
+            S3Path(f"{self.scheme}://{k}", self.storage) for k, info in found.items() if info.get("type") != "directory"
+        )
 
     def read_bytes(self) -> bytes:
         return self.store.read_bytes(self.key)
@@ -231,8 +232,9 @@ class S3Path:
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
-    def open(self, mode: str = "r", newline: str | None = None, encoding: str | None = None,
-             block_size: int = 8 << 20) -> Any:
+    def open(
+        self, mode: str = "r", newline: str | None = None, encoding: str | None = None, block_size: int = 8 << 20
+    ) -> Any:
         """A seekable file over ranged GETs of `block_size` (s3fs's read-ahead buffer); text mode wraps it."""
         fh = self._call("open", lambda fs, k: fs.open(k, "rb", block_size=block_size, cache_type="readahead"))
         if "b" in mode:
@@ -307,16 +309,23 @@ def _allowed_roots(cfg: InputConfig) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def _plan_source(path: Path | S3Path, stem: str, cfg: InputConfig, rows_per_shard: int,
-                 extra_roots: tuple[str, ...] | None) -> list[Partition]:
+def _plan_source(
+    path: Path | S3Path, stem: str, cfg: InputConfig, rows_per_shard: int, extra_roots: tuple[str, ...] | None
+) -> list[Partition]:
     # reads stay under the list's folder (or the image folder itself) and the configured roots
     base = path if cfg.format == "folder" else path.parent
     roots = None if extra_roots is None else (str(base), *extra_roots)
     if cfg.format == "folder":
         files = _list_images(path, cfg)
         return [
-            _partition(str(path), stem, s, min(s + rows_per_shard, len(files)),
-                       files=tuple(files[s : s + rows_per_shard]), roots=roots)
+            _partition(
+                str(path),
+                stem,
+                s,
+                min(s + rows_per_shard, len(files)),
+                files=tuple(files[s : s + rows_per_shard]),
+                roots=roots,
+            )
             for s in range(0, len(files), rows_per_shard)
         ]
     if cfg.format == "jsonl":
@@ -336,8 +345,9 @@ def _plan_source(path: Path | S3Path, stem: str, cfg: InputConfig, rows_per_shar
     if n == 0:
         logger.warning("%s has no rows", path)
     roots = roots if cfg.format == "csv" else None  # arrow / parquet rows carry their bytes
-    return [_partition(str(path), stem, s, min(s + rows_per_shard, n), roots=roots)
-            for s in range(0, n, rows_per_shard)]
+    return [
+        _partition(str(path), stem, s, min(s + rows_per_shard, n), roots=roots) for s in range(0, n, rows_per_shard)
+    ]
 
 
 def _expand_paths(cfg: InputConfig, storage: StorageConfig | None = None) -> list[Path | S3Path]:
@@ -358,7 +368,9 @@ def _expand_paths(cfg: InputConfig, storage: StorageConfig | None = None) -> lis
         for m in matches:
             if cfg.format == "folder":
                 if not m.is_dir():
-                    raise ValueError(f"input.paths: {str(m)!r} is not a directory (format 'folder' takes image folders)")
+                    raise ValueError(
+                        f"input.paths: {str(m)!r} is not a directory (format 'folder' takes image folders)"
+                    )
                 out.add(m.resolve())
             elif m.is_dir():
                 found = sorted(m.glob(_DIR_PATTERNS[cfg.format]))
@@ -377,8 +389,10 @@ def _expand_remote(entry: str, cfg: InputConfig, storage: StorageConfig | None) 
     """An s3:// entry of `input.paths`: an object, a prefix (every object of the format directly below it) or a
     glob pattern."""
     if cfg.format in ("folder", "indexkits"):
-        raise ValueError(f"input.paths: {entry!r}: format {cfg.format!r} reads local files only; on object storage "
-                         "use arrow, parquet, or a jsonl/csv list of image URLs")
+        raise ValueError(
+            f"input.paths: {entry!r}: format {cfg.format!r} reads local files only; on object storage "
+            "use arrow, parquet, or a jsonl/csv list of image URLs"
+        )
     if any(c in entry for c in "*?["):
         found = glob_remote(entry, storage)
         if not found:
@@ -390,8 +404,9 @@ def _expand_remote(entry: str, cfg: InputConfig, storage: StorageConfig | None) 
     if p.is_dir():
         found = p.glob(_DIR_PATTERNS[cfg.format])
         if not found:
-            raise ValueError(f"input.paths: prefix {entry!r} holds no {_DIR_PATTERNS[cfg.format]} object "
-                             f"(format {cfg.format!r})")
+            raise ValueError(
+                f"input.paths: prefix {entry!r} holds no {_DIR_PATTERNS[cfg.format]} object (format {cfg.format!r})"
+            )
         return found
     raise ValueError(f"input.paths: {entry!r} matches no object or prefix")
 
@@ -409,8 +424,9 @@ def _source_stems(paths: list) -> dict:
 
     Adding a source whose stem is already taken lengthens both stems, so both get new keys (and shard names).
     """
+
     def stem_at(p: Path, depth: int) -> str:
-        parts = list(p.parent.parts[-(depth - 1):]) if depth > 1 else []
+        parts = list(p.parent.parts[-(depth - 1) :]) if depth > 1 else []
         # s3:// sources are always objects (image folders are local only): no HEAD request per source
         return "_".join(_safe(x) for x in parts + [p.stem if isinstance(p, S3Path) or p.is_file() else p.name])
 
@@ -427,7 +443,9 @@ def _source_stems(paths: list) -> dict:
     return stems
 
 
-def _resolve_columns(names: list[str], types: dict[str, pa.DataType], cfg: InputConfig, path: Path) -> tuple[str, str, str | None]:
+def _resolve_columns(
+    names: list[str], types: dict[str, pa.DataType], cfg: InputConfig, path: Path
+) -> tuple[str, str, str | None]:
     """(image, caption, md5 or None) column names of one Arrow/Parquet file; ValueError when the schema won't do."""
     have = ", ".join(f"{n} ({types[n]})" for n in names)
     image = cfg.image_column
@@ -453,8 +471,9 @@ def _resolve_columns(names: list[str], types: dict[str, pa.DataType], cfg: Input
     return image, cfg.caption_column, md5
 
 
-def _open_arrow(path: Path | S3Path, included_fields: list[int] | None = None,
-                small: bool = False) -> pa.ipc.RecordBatchFileReader:
+def _open_arrow(
+    path: Path | S3Path, included_fields: list[int] | None = None, small: bool = False
+) -> pa.ipc.RecordBatchFileReader:
     """Local files are memory-mapped (zero copy); an object is read through ranged GETs as batches are asked for,
     in small blocks when only metadata and a small column are wanted (`small`)."""
     # a StorageError opening an object is the server's, not the file's
@@ -506,8 +525,11 @@ def _list_images(folder: Path, cfg: InputConfig) -> list[str]:
     """Everything with an image extension that is not a folder: symlinks (broken ones too), FIFOs and devices are
     listed so that the reader records them as rejects instead of skipping them unseen."""
     exts = set(cfg.image_extensions)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.suffix.lower() in exts and (p.is_symlink() or not p.is_dir()))
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in exts and (p.is_symlink() or not p.is_dir())
+    )
     if not files:
         raise ValueError(f"{folder}: no image files (input.image_extensions: {', '.join(cfg.image_extensions)})")
     return files
@@ -628,8 +650,7 @@ def _index_indices(index_file: Path, doc: dict) -> np.ndarray:
 # Reading
 
 
-def read_partition(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
-                   ) -> Iterator[dict[str, Any]]:
+def read_partition(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
     """Yield the raw rows of `part` in row order (see the module docstring for the row dict); `storage` is how
     s3:// sources and image URLs are reached."""
     fmt = cfg.format
@@ -647,8 +668,16 @@ def read_partition(part: Partition, cfg: InputConfig, storage: StorageConfig | N
         raise AssertionError(fmt)
 
 
-def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any, error: str | None = None,
-         source: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def _row(
+    part: Partition,
+    row: int,
+    image: bytes | None,
+    caption: Any,
+    md5: Any,
+    error: str | None = None,
+    source: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
     if not (isinstance(md5, str) and _MD5_RE.match(md5)):
         md5 = hashlib.md5(image or b"").hexdigest()
     md5 = md5.lower()
@@ -664,8 +693,9 @@ def _row(part: Partition, row: int, image: bytes | None, caption: Any, md5: Any,
     }
 
 
-def _arrow_batches(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
-                   ) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+def _arrow_batches(
+    part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
     """(first row, batch, columns) of the record batches overlapping [start, stop); memory-mapped, zero-copy."""
     path = as_source(part.source, storage)
     # batches before the partition are counted, not read (one small column; see _arrow_batch_rows)
@@ -686,8 +716,9 @@ def _arrow_batches(part: Partition, cfg: InputConfig, storage: StorageConfig | N
             break
 
 
-def _parquet_batches(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
-                     ) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
+def _parquet_batches(
+    part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
+) -> Iterator[tuple[int, pa.RecordBatch, tuple]]:
     """(first row, batch, columns) of the row groups overlapping [start, stop); only the needed columns are read."""
     path = as_source(part.source, storage)
     pf = _open_parquet(path)
@@ -708,8 +739,9 @@ def _parquet_batches(part: Partition, cfg: InputConfig, storage: StorageConfig |
             break
 
 
-def _read_table_rows(part: Partition, cfg: InputConfig, batches: Iterator[tuple[int, pa.RecordBatch, tuple]]
-                     ) -> Iterator[dict[str, Any]]:
+def _read_table_rows(
+    part: Partition, cfg: InputConfig, batches: Iterator[tuple[int, pa.RecordBatch, tuple]]
+) -> Iterator[dict[str, Any]]:
     wanted = None if part.rows is None else np.asarray(part.rows, dtype=np.int64)
     for first, batch, (image_col, caption_col, md5_col) in batches:
         lo, hi = max(part.start, first), min(part.stop, first + batch.num_rows)
@@ -739,8 +771,13 @@ _O_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW"
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -757,8 +794,11 @@ def _safe_read(path: Path, roots: tuple[str, ...] | None, what: str = "image") -
     real = os.path.realpath(path)
     if roots is not None and not any(Path(real).is_relative_to(r) for r in roots):
         where = f" (resolves to {real})" if real != os.path.abspath(path) else ""
-        raise _Refused("outside_roots", f"{what} file {path}{where} is outside the allowed folders {list(roots)} "
-                       "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)")
+        raise _Refused(
+            "outside_roots",
+            f"{what} file {path}{where} is outside the allowed folders {list(roots)} "
+            "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)",
+        )
     if not os.path.lexists(path):
         raise _Refused("read_error", f"cannot read {what} file {path}: FileNotFoundError: no such file")
     try:
@@ -810,24 +850,31 @@ def _remote_read(p: S3Path, roots: tuple[str, ...] | None) -> bytes:
     otherwise or when it does not exist. A StorageError (server unreachable after retries) propagates."""
     url = str(p)
     if roots is not None and not any(is_remote(r) and (url + "/").startswith(r.rstrip("/") + "/") for r in roots):
-        raise _Refused("outside_roots", f"image object {url} is outside the allowed folders {list(roots)} "
-                       "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)")
+        raise _Refused(
+            "outside_roots",
+            f"image object {url} is outside the allowed folders {list(roots)} "
+            "(input.allowed_roots; input.allow_outside_paths: true reads anywhere)",
+        )
     try:
         return p.read_bytes()
     except MissingObjectError as e:
         raise _Refused("read_error", f"cannot read image object {url}: {e}") from None
 
 
-def _list_image(part: Partition, value: Any, storage: StorageConfig | None = None
-                ) -> tuple[bytes | None, str | None, str | None]:
+def _list_image(
+    part: Partition, value: Any, storage: StorageConfig | None = None
+) -> tuple[bytes | None, str | None, str | None]:
     """(bytes, error, reason) of the image a list row names; paths are relative to the list's folder (or
     prefix), s3:// URLs are objects."""
     if not isinstance(value, str) or not value:
         return None, f"image path is {value!r}, expected a non-empty string", "read_error"
     if is_remote(value) or is_remote(part.source):
         try:
-            p = as_source(part.source, storage).parent / value if not (is_remote(value) or value.startswith("/")) \
+            p = (
+                as_source(part.source, storage).parent / value
+                if not (is_remote(value) or value.startswith("/"))
                 else as_source(value, storage)
+            )
             if isinstance(p, S3Path):
                 return _remote_read(p, part.roots), None, None
         except ValueError as e:  # an s3:// URL without a bucket
@@ -843,8 +890,7 @@ def _list_image(part: Partition, value: Any, storage: StorageConfig | None = Non
         return None, str(e), e.reason
 
 
-def _read_jsonl(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None
-                ) -> Iterator[dict[str, Any]]:
+def _read_jsonl(part: Partition, cfg: InputConfig, storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
     path = as_source(part.source, storage)
     with path.open("rb") as fh:
         fh.seek(part.offset)
@@ -863,8 +909,9 @@ def _read_jsonl(part: Partition, cfg: InputConfig, storage: StorageConfig | None
                 yield _row(part, row, None, None, None, f"record {row} is not a JSON object: {e}")
             else:
                 image, error, reason = _list_image(part, rec.get(cfg.image_path_column), storage)
-                yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
-                           reason=reason)
+                yield _row(
+                    part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error, reason=reason
+                )
             row += 1
 
 
@@ -877,8 +924,9 @@ def _read_csv(part: Partition, cfg: InputConfig, storage: StorageConfig | None =
             if row >= part.stop:
                 break
             image, error, reason = _list_image(part, rec.get(cfg.image_path_column), storage)
-            yield _row(part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error,
-                       reason=reason)
+            yield _row(
+                part, row, image, rec.get(cfg.caption_column), rec.get(cfg.md5_column or ""), error, reason=reason
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -898,8 +946,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--show", type=int, default=3, help="rows to print from the first partition")
     args = parser.parse_args(argv)
-    cfg = InputConfig(format=args.format, paths=args.paths, image_column=args.image_column,
-                      caption_column=args.caption_column, image_path_column=args.image_path_column)
+    cfg = InputConfig(
+        format=args.format,
+        paths=args.paths,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        image_path_column=args.image_path_column,
+    )
     parts = plan_partitions(cfg, args.rows_per_shard)
     print(f"{len(parts)} partitions, {sum(p.num_rows for p in parts)} rows")
     for p in parts:
@@ -908,7 +961,9 @@ def main(argv: list[str] | None = None) -> None:
         if i >= args.show:
             break
         size = len(row["image"]) if row["image"] is not None else None
-        print(f"  {row['key']}  {size} bytes  {row['caption']!r}" + (f"  error: {row['error']}" if row["error"] else ""))
+        print(
+            f"  {row['key']}  {size} bytes  {row['caption']!r}" + (f"  error: {row['error']}" if row["error"] else "")
+        )
 
 
 if __name__ == "__main__":

@@ -93,14 +93,29 @@ class ShardAssembler:
         bucket = np.array(m["bucket"], dtype=np.int32)
         for b, key in enumerate(m["keys"]):
             sample = {"key": key, "caption": m["captions"][b], "bucket": bucket}
-            for k in ("image_meta_size", "moments", "clip_ids", "clip_mask", "clip_states", "t5_ids", "t5_mask",
-                      "t5_states"):
+            for k in (
+                "image_meta_size",
+                "moments",
+                "clip_ids",
+                "clip_mask",
+                "clip_states",
+                "t5_ids",
+                "t5_mask",
+                "t5_states",
+            ):
                 sample[k] = arrays[k][b]
             try:
                 self.writer.add(sample)
             except NonFiniteError as err:  # checked before anything of the sample is written
-                self.rejects.append({"key": key, "source": m["sources"][b], "row": m["rows"][b],
-                                     "reason": "nonfinite_output", "detail": f"inf/NaN in {', '.join(err.fields)}"})
+                self.rejects.append(
+                    {
+                        "key": key,
+                        "source": m["sources"][b],
+                        "row": m["rows"][b],
+                        "reason": "nonfinite_output",
+                        "detail": f"inf/NaN in {', '.join(err.fields)}",
+                    }
+                )
                 continue
             self.n_written += 1
             self.n_substituted += bool(m["substituted"][b])
@@ -115,11 +130,15 @@ class ShardAssembler:
         assert self.next_seq == end["n_chunks"], (self.name, self.next_seq, end["n_chunks"])
         rejects = end["rejects"] + self.rejects
         # every input row is accounted for: written or rejected, never silently dropped on the way
-        assert self.n_written + len(rejects) == end["n_rows"], (self.name, self.n_written, len(rejects),
-                                                                end["n_rows"])
+        assert self.n_written + len(rejects) == end["n_rows"], (self.name, self.n_written, len(rejects), end["n_rows"])
         self.rejects = rejects
-        note = {"name": self.name, "written": self.n_written, "substituted_captions": self.n_substituted,
-                "null_captions": self.n_null, "rejects": rejects}
+        note = {
+            "name": self.name,
+            "written": self.n_written,
+            "substituted_captions": self.n_substituted,
+            "null_captions": self.n_null,
+            "rejects": rejects,
+        }
         path = self.root / PARTS_DIR / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, note)
@@ -182,5 +201,11 @@ def write_shard(job: WriterJob, chunks: list, end: Any) -> dict:
         publish_shard(store, root, job.name, job.spec.format)
         remove_path(shard_data_path(root, job.name, job.spec.format))  # this node's disk holds shards in flight only
     t = asm.t_encode
-    return {"name": job.name, "written": asm.n_written, "rejected": len(asm.rejects), "bytes": info.bytes,
-            "t_encode": t if t[1] >= t[0] else None, "node": socket.gethostname()}
+    return {
+        "name": job.name,
+        "written": asm.n_written,
+        "rejected": len(asm.rejects),
+        "bytes": info.bytes,
+        "t_encode": t if t[1] >= t[0] else None,
+        "node": socket.gethostname(),
+    }

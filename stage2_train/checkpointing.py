@@ -69,8 +69,11 @@ def read_trainer_state(path: Path) -> dict:
         raise CheckpointError(f"{state_file} is missing (the checkpoint was never completed)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{state_file} is not valid JSON (truncated or damaged: {err})") from None
-    missing = [k for k in ("step", "schedule", "world_size", "batch_size", "grad_accum", "seed") if
-               not isinstance(state, dict) or k not in state]
+    missing = [
+        k
+        for k in ("step", "schedule", "world_size", "batch_size", "grad_accum", "seed")
+        if not isinstance(state, dict) or k not in state
+    ]
     if missing:
         raise CheckpointError(f"{state_file} lacks {missing}: not a stage-2 trainer state")
     return state
@@ -109,13 +112,15 @@ def verify_checkpoint(path: Path) -> dict:
     for rel, want in files.items():
         got = file_sha256(path / rel)
         if got != want["sha256"]:
-            raise CheckpointError(f"{path / rel}: sha256 {got[:12]}... differs from the checkpoint index's "
-                                  f"{want['sha256'][:12]}... (damaged)")
+            raise CheckpointError(
+                f"{path / rel}: sha256 {got[:12]}... differs from the checkpoint index's "
+                f"{want['sha256'][:12]}... (damaged)"
+            )
     return state
 
 
 def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """"" -> None; "auto" -> newest checkpoint that verifies, or None if there is none; a path -> that folder,
+    """ "" -> None; "auto" -> newest checkpoint that verifies, or None if there is none; a path -> that folder,
     verified. Raises CheckpointError when checkpoints exist but none verifies (starting fresh would silently throw
     the training away)."""
     if not resume:
@@ -131,18 +136,27 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
                 skipped.append(str(err))
                 continue
             if skipped:
-                logger.warning("checkpoint.resume=auto: resuming from %s, the newest checkpoint that verifies "
-                               "(skipped %d damaged)", path.name, len(skipped))
+                logger.warning(
+                    "checkpoint.resume=auto: resuming from %s, the newest checkpoint that verifies "
+                    "(skipped %d damaged)",
+                    path.name,
+                    len(skipped),
+                )
             return path
         if skipped:
-            raise CheckpointError(f"checkpoint.resume=auto: no checkpoint in {ckpt_root} verifies:\n  "
-                                  + "\n  ".join(skipped) + "\nDelete them to start fresh, or restore a good copy")
+            raise CheckpointError(
+                f"checkpoint.resume=auto: no checkpoint in {ckpt_root} verifies:\n  "
+                + "\n  ".join(skipped)
+                + "\nDelete them to start fresh, or restore a good copy"
+            )
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         hint = f"; complete ones in {ckpt_root}: {[p.name for p in list_checkpoints(ckpt_root)]}"
-        raise CheckpointError(f"checkpoint.resume={resume!r} is not a complete stage-2 checkpoint folder "
-                              f"(no {STATE_FILE}){hint}; use checkpoint.resume=auto to pick the latest")
+        raise CheckpointError(
+            f"checkpoint.resume={resume!r} is not a complete stage-2 checkpoint folder "
+            f"(no {STATE_FILE}){hint}; use checkpoint.resume=auto to pick the latest"
+        )
     verify_checkpoint(path)
     return path
 
@@ -167,8 +181,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     osd = optimizer.state_dict()
@@ -180,7 +195,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
 
         options = StateDictOptions(full_state_dict=True)
@@ -195,8 +212,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
     if unknown:
         raise ValueError(f"optimizer state names parameters the model lacks, e.g. {unknown[:3]}")
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
-    optimizer.load_state_dict({"state": {index[n]: st for n, st in optim_sd["state"].items()},
-                               "param_groups": groups})
+    optimizer.load_state_dict({"state": {index[n]: st for n, st in optim_sd["state"].items()}, "param_groups": groups})
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -259,8 +275,9 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, em
         dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except Exception as err:  # DCP wraps per-rank failures in its own CheckpointException
-        raise CheckpointError(f"{folder} does not fit this model or is damaged ({type(err).__name__}: "
-                              f"{str(err)[:2000]})") from None
+        raise CheckpointError(
+            f"{folder} does not fit this model or is damaged ({type(err).__name__}: {str(err)[:2000]})"
+        ) from None
     if ema is not None and not has_ema:
         with torch.no_grad():
             for shadow, value in zip(ema.shadow, ema.tensors_of(model)):
@@ -268,8 +285,17 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, em
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, trainer_state: dict,
-    config_yaml: str, info: DistInfo, keep_last: int, consolidated: bool = True,
+    ckpt_root: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: Any,
+    trainer_state: dict,
+    config_yaml: str,
+    info: DistInfo,
+    keep_last: int,
+    consolidated: bool = True,
 ) -> Path:
     """Collective: every rank must call it. Returns the final folder."""
     final = ckpt_root / step_dir_name(step)
@@ -301,8 +327,9 @@ def save_checkpoint(
     if info.is_main:
         meta = {"step": str(step)}
         if model_sd is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
-                      meta)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"), meta
+            )
         if ema_sd is not None:
             save_file(ema_sd, str(tmp / "ema.safetensors"), meta)
         if optim_sd is not None:
@@ -334,7 +361,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, info: DistInfo,
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: Any,
+    info: DistInfo,
 ) -> dict:
     """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state for the caller.
 
@@ -359,8 +391,9 @@ def load_checkpoint(
     try:
         load_full_state(model, optimizer, model_sd, optim_sd)
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: model.safetensors / optimizer.safetensors do not fit this model "
-                              f"({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{path}: model.safetensors / optimizer.safetensors do not fit this model ({type(err).__name__}: {err})"
+        ) from None
     if ema is not None:
         ema_file = path / "ema.safetensors"
         if ema_file.is_file():

@@ -8,12 +8,16 @@ from typing import Any, Literal
 
 from shared.storage import StorageConfig
 
-
 # The model's text and latent geometry, in the cache's names (shared.schema.CacheSpec, manifest.json) -> the
 # DiTConfig field each one sets (DiTConfig keeps the original's and diffusers' argument names). This is the one
 # place the two sets of names meet.
-CACHE_GEOMETRY: dict[str, str] = {"clip_len": "text_len", "t5_len": "text_len_t5", "clip_dim": "text_states_dim",
-                                  "t5_dim": "text_states_dim_t5", "latent_channels": "in_channels"}
+CACHE_GEOMETRY: dict[str, str] = {
+    "clip_len": "text_len",
+    "t5_len": "text_len_t5",
+    "clip_dim": "text_states_dim",
+    "t5_dim": "text_states_dim_t5",
+    "latent_channels": "in_channels",
+}
 
 
 @dataclass
@@ -201,6 +205,7 @@ class TrainingSection:
 @dataclass
 class LoraSection:
     """Used when training.parts=lora. Defaults as the original (hydit/config.py, train_deepspeed.py)."""
+
     rank: int = 64
     alpha: float = 0.0
     """lora_alpha; 0 = rank (the original). Any other value is refused: the official file has no alpha key, so
@@ -249,6 +254,7 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Value checks the type loader cannot make; ValueError names the field."""
+
     def bad(key: str, value: Any, allowed: str) -> ValueError:
         return ValueError(f"config {key}={value!r} is invalid: {allowed}")
 

@@ -17,8 +17,9 @@ import math
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,16 +46,17 @@ def sample_seed(seed: int, micro_step: int, slot: int, key: str) -> int:
 
 @dataclass
 class SampleDraws:
-    view: int                 # index into the sample's views ("plain" = 0, "flip" = 1)
-    drop_clip: bool           # use the empty caption's BERT encoding
-    drop_t5: bool             # use the empty caption's mT5 encoding (independent of drop_clip)
-    t: int                    # diffusion timestep in [0, num_timesteps)
+    view: int  # index into the sample's views ("plain" = 0, "flip" = 1)
+    drop_clip: bool  # use the empty caption's BERT encoding
+    drop_t5: bool  # use the empty caption's mT5 encoding (independent of drop_clip)
+    t: int  # diffusion timestep in [0, num_timesteps)
     latent_eps: torch.Tensor  # (C, h, w) fp32: standard normal for the VAE posterior sample
-    noise: torch.Tensor       # (C, h, w) fp32: the diffusion noise (offset noise included)
+    noise: torch.Tensor  # (C, h, w) fp32: the diffusion noise (offset noise included)
 
 
-def scalar_draws(g: torch.Generator, *, num_views: int, random_flip: bool, uncond_p: float, uncond_p_t5: float,
-                 num_timesteps: int) -> tuple[int, bool, bool, int]:
+def scalar_draws(
+    g: torch.Generator, *, num_views: int, random_flip: bool, uncond_p: float, uncond_p_t5: float, num_timesteps: int
+) -> tuple[int, bool, bool, int]:
     """(view, drop_clip, drop_t5, t): the first draws of a sample's stream (CPU generator), in this order."""
     u_view, u_clip, u_t5 = torch.rand(3, generator=g, dtype=torch.float64).tolist()
     view = int(u_view < 0.5) if (random_flip and num_views > 1) else 0
@@ -62,8 +64,9 @@ def scalar_draws(g: torch.Generator, *, num_views: int, random_flip: bool, uncon
     return view, u_clip < uncond_p, u_t5 < uncond_p_t5, t
 
 
-def tensor_draws(g: torch.Generator, latent_shape: Sequence[int], noise_offset: float,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def tensor_draws(
+    g: torch.Generator, latent_shape: Sequence[int], noise_offset: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent_eps, noise): the tensor draws that follow `scalar_draws` in a sample's stream, on g's device."""
     shape = tuple(latent_shape)
     latent_eps = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
@@ -73,13 +76,29 @@ def tensor_draws(g: torch.Generator, latent_shape: Sequence[int], noise_offset: 
 
 
 def draw_sample(
-    seed: int, micro_step: int, slot: int, key: str, *, num_views: int, latent_shape: Sequence[int],
-    random_flip: bool, uncond_p: float, uncond_p_t5: float, num_timesteps: int, noise_offset: float = 0.0,
+    seed: int,
+    micro_step: int,
+    slot: int,
+    key: str,
+    *,
+    num_views: int,
+    latent_shape: Sequence[int],
+    random_flip: bool,
+    uncond_p: float,
+    uncond_p_t5: float,
+    num_timesteps: int,
+    noise_offset: float = 0.0,
 ) -> SampleDraws:
     """All random draws of one training sample, always in this order and always all of them (CPU generator)."""
     g = torch.Generator().manual_seed(sample_seed(seed, micro_step, slot, key))
-    view, drop_clip, drop_t5, t = scalar_draws(g, num_views=num_views, random_flip=random_flip, uncond_p=uncond_p,
-                                               uncond_p_t5=uncond_p_t5, num_timesteps=num_timesteps)
+    view, drop_clip, drop_t5, t = scalar_draws(
+        g,
+        num_views=num_views,
+        random_flip=random_flip,
+        uncond_p=uncond_p,
+        uncond_p_t5=uncond_p_t5,
+        num_timesteps=num_timesteps,
+    )
     latent_eps, noise = tensor_draws(g, latent_shape, noise_offset)
     return SampleDraws(view, drop_clip, drop_t5, t, latent_eps, noise)
 
@@ -102,10 +121,10 @@ def sample_latent(moments: torch.Tensor, eps: torch.Tensor, scaling_factor: floa
 class BucketBatchPlan:
     """Deterministic epoch plans of bucket-pure global batches, split into disjoint per-rank slices.
 
-    Per epoch (seeded by (seed, epoch)): shuffle each bucket's sample indices, repeat them up to a multiple of the global
-    batch (as the original's MultiResolutionBucketIndexV2 does), cut global batches, shuffle the batch order. Rank r
-    reads slots [r*B, (r+1)*B) of every global batch. The position is just the global micro-step, so resuming needs
-    nothing but the step count.
+    Per epoch (seeded by (seed, epoch)): shuffle each bucket's sample indices, repeat them up to a multiple of the
+    global batch (as the original's MultiResolutionBucketIndexV2 does), cut global batches, shuffle the batch order.
+    Rank r reads slots [r*B, (r+1)*B) of every global batch. The position is just the global micro-step, so resuming
+    needs nothing but the step count.
 
     Built in numpy (an (N, 2) bucket array in, no per-sample Python objects); only the current epoch's plan is held,
     as two arrays. The random draws and their order are those of the original per-sample loop (kept in
@@ -148,8 +167,10 @@ class BucketBatchPlan:
         for bucket_id, order in enumerate(orders):
             n = math.ceil(len(order) / self.global_batch) * self.global_batch
             k = n // self.global_batch
-            indices[dest[first:first + k]] = np.resize(order, n).reshape(k, self.global_batch)  # repeats from the start
-            bucket_ids[dest[first:first + k]] = bucket_id
+            indices[dest[first : first + k]] = np.resize(order, n).reshape(
+                k, self.global_batch
+            )  # repeats from the start
+            bucket_ids[dest[first : first + k]] = bucket_id
             first += k
         self._epoch_cache = (epoch, bucket_ids, indices)
         return bucket_ids, indices
@@ -218,17 +239,32 @@ def build_item(
     num_views, two_c, h, w = moments.shape
     key = str(sample["key"])
     d = draw_sample(
-        settings.seed, micro_step, slot, key, num_views=num_views, latent_shape=(two_c // 2, h, w),
-        random_flip=settings.random_flip, uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
-        num_timesteps=settings.num_timesteps, noise_offset=settings.noise_offset,
+        settings.seed,
+        micro_step,
+        slot,
+        key,
+        num_views=num_views,
+        latent_shape=(two_c // 2, h, w),
+        random_flip=settings.random_flip,
+        uncond_p=settings.uncond_p,
+        uncond_p_t5=settings.uncond_p_t5,
+        num_timesteps=settings.num_timesteps,
+        noise_offset=settings.noise_offset,
     )
-    return training_item(key, _tensor(sample["bucket"]).tolist(), d,
-                         sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
-                         empty if d.drop_clip else sample, empty if d.drop_t5 else sample, sample["image_meta_size"])
+    return training_item(
+        key,
+        _tensor(sample["bucket"]).tolist(),
+        d,
+        sample_latent(moments[d.view], d.latent_eps, settings.scaling_factor),
+        empty if d.drop_clip else sample,
+        empty if d.drop_t5 else sample,
+        sample["image_meta_size"],
+    )
 
 
-def training_item(key: str, bucket: Sequence[int], d: SampleDraws, x_start: torch.Tensor, clip: Any, t5: Any,
-                  image_meta_size: Any) -> dict[str, Any]:
+def training_item(
+    key: str, bucket: Sequence[int], d: SampleDraws, x_start: torch.Tensor, clip: Any, t5: Any, image_meta_size: Any
+) -> dict[str, Any]:
     """The item `collate` stacks, for the cache (build_item) and for online encoding (stage2_train.online) alike.
     `clip` / `t5`: mappings with clip_states + clip_mask / t5_states + t5_mask (the sample's, or the empty
     caption's on text dropout)."""
@@ -256,8 +292,15 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for name in ("key", "view", "drop_clip", "drop_t5"):
         batch[name] = [it[name] for it in items]
     batch["t"] = torch.tensor([it["t"] for it in items], dtype=torch.long)
-    for name in ("x_start", "noise", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
-                 "text_embedding_mask_t5", "image_meta_size"):
+    for name in (
+        "x_start",
+        "noise",
+        "encoder_hidden_states",
+        "text_embedding_mask",
+        "encoder_hidden_states_t5",
+        "text_embedding_mask_t5",
+        "image_meta_size",
+    ):
         batch[name] = torch.stack([it[name] for it in items])
     batch["style"] = torch.zeros(len(items), dtype=torch.long)  # the original only ever uses style 0
     batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]
@@ -282,22 +325,40 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 # values, as no CUDA generator reproduces CPU mt19937 streams.
 
 
-def compact_item(stored: dict[str, Any], empty: dict[str, np.ndarray], settings: DrawSettings, micro_step: int,
-                 slot: int, bf16_moments: bool) -> dict[str, Any]:
+def compact_item(
+    stored: dict[str, Any],
+    empty: dict[str, np.ndarray],
+    settings: DrawSettings,
+    micro_step: int,
+    slot: int,
+    bf16_moments: bool,
+) -> dict[str, Any]:
     """One stored sample (numpy, as the reader returns it; bf16 as uint16) -> the compact item a worker sends.
     `empty`: the empty caption's clip_mask and t5_mask, and clip_rows/t5_rows with no rows (see `empty_rows`)."""
     moments = stored["moments"]  # (V, 2C, h, w) storage dtype
     key = str(stored["key"])
     seed = sample_seed(settings.seed, micro_step, slot, key)
     view, drop_clip, drop_t5, t = scalar_draws(
-        torch.Generator().manual_seed(seed), num_views=moments.shape[0], random_flip=settings.random_flip,
-        uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5, num_timesteps=settings.num_timesteps)
+        torch.Generator().manual_seed(seed),
+        num_views=moments.shape[0],
+        random_flip=settings.random_flip,
+        uncond_p=settings.uncond_p,
+        uncond_p_t5=settings.uncond_p_t5,
+        num_timesteps=settings.num_timesteps,
+    )
     mom = torch.from_numpy(np.ascontiguousarray(moments[view]))
     if bf16_moments:
         mom = mom.view(torch.int16).view(torch.bfloat16)
     return {
-        "key": key, "bucket": (int(stored["bucket"][0]), int(stored["bucket"][1])), "num_views": moments.shape[0],
-        "seed": seed, "view": view, "drop_clip": drop_clip, "drop_t5": drop_t5, "t": t, "moments": mom,
+        "key": key,
+        "bucket": (int(stored["bucket"][0]), int(stored["bucket"][1])),
+        "num_views": moments.shape[0],
+        "seed": seed,
+        "view": view,
+        "drop_clip": drop_clip,
+        "drop_t5": drop_t5,
+        "t": t,
+        "moments": mom,
         # a dropped caption sends no rows: the step gathers the empty caption's (kept on its device)
         "clip_rows": empty["clip_rows"] if drop_clip else stored["clip_rows"],
         "clip_mask": empty["clip_mask"] if drop_clip else stored["clip_mask"],
@@ -340,8 +401,12 @@ def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
     assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
     B = len(items)
     Lc, Lt = items[0]["clip_mask"].shape[0], items[0]["t5_mask"].shape[0]
-    batch: dict[str, Any] = {"compact": True, "bucket": items[0]["bucket"], "num_views": items[0]["num_views"],
-                             "text_lens": (Lc, Lt)}
+    batch: dict[str, Any] = {
+        "compact": True,
+        "bucket": items[0]["bucket"],
+        "num_views": items[0]["num_views"],
+        "text_lens": (Lc, Lt),
+    }
     for name in ("key", "view", "drop_clip", "drop_t5"):
         batch[name] = [it[name] for it in items]
     small = np.empty((B, 8 + 2 * Lc + 2 * Lt), dtype=np.int64)
@@ -350,7 +415,7 @@ def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
     small[:, 2:8] = [it["image_meta_size"] for it in items]
     col = 8
     for enc, L, first in (("clip", Lc, 1), ("t5", Lt, 0)):
-        gather, mask = small[:, col:col + L], small[:, col + L:col + 2 * L]
+        gather, mask = small[:, col : col + L], small[:, col + L : col + 2 * L]
         col += 2 * L
         parts, start = [], L + first  # BERT: row L of the table is the zero row of padded positions
         for b, it in enumerate(items):
@@ -380,12 +445,15 @@ def empty_table(empty: dict[str, torch.Tensor], device: torch.device | str) -> d
     states (cache dtype) and, for BERT, one zero row for the padded positions (stored BERT rows are masked-in only,
     and padded positions read back as zeros, as shared.schema.decode_sample gives them)."""
     clip = empty["clip_states"]
-    return {"clip": torch.cat([clip, clip.new_zeros((1, clip.shape[1]))]).to(device),
-            "t5": empty["t5_states"].to(device)}
+    return {
+        "clip": torch.cat([clip, clip.new_zeros((1, clip.shape[1]))]).to(device),
+        "t5": empty["t5_states"].to(device),
+    }
 
 
-def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings: DrawSettings,
-                 device: torch.device | str) -> dict[str, Any]:
+def expand_batch(
+    batch: dict[str, Any], table: dict[str, torch.Tensor], settings: DrawSettings, device: torch.device | str
+) -> dict[str, Any]:
     """A compact batch -> the dense batch `collate` makes (every tensor on `device`): text padded by one gather per
     encoder, the latent sampled from the moments and the noise drawn, per sample from its seed (see the contract
     above). On CPU the values are bit-identical to build_item's; nothing here waits for the device."""
@@ -395,14 +463,16 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
     Lc, Lt = batch["text_lens"]
     small = batch["small"].to(device, non_blocking=nb)
     col = 8
-    for enc, L, states, mask in (("clip", Lc, "encoder_hidden_states", "text_embedding_mask"),
-                                 ("t5", Lt, "encoder_hidden_states_t5", "text_embedding_mask_t5")):
+    for enc, L, states, mask in (
+        ("clip", Lc, "encoder_hidden_states", "text_embedding_mask"),
+        ("t5", Lt, "encoder_hidden_states_t5", "text_embedding_mask_t5"),
+    ):
         rows = batch[f"{enc}_rows"]
         if table[enc].dtype == torch.bfloat16:
             rows = rows.view(torch.bfloat16)  # stored as the uint16 bit pattern
         rows = rows.to(device, non_blocking=nb)
-        out[states] = torch.cat([table[enc], rows])[small[:, col:col + L]]
-        out[mask] = small[:, col + L:col + 2 * L].bool()
+        out[states] = torch.cat([table[enc], rows])[small[:, col : col + L]]
+        out[mask] = small[:, col + L : col + 2 * L].bool()
         col += 2 * L
     out["t"] = small[:, 0].contiguous()
     out["image_meta_size"] = small[:, 2:8].float()  # small integers: exact
@@ -415,11 +485,17 @@ def expand_batch(batch: dict[str, Any], table: dict[str, torch.Tensor], settings
     for b, seed in enumerate(seeds):
         if device.type == "cpu":  # replay the sample's CPU stream: its scalar draws come first
             g = torch.Generator().manual_seed(seed)
-            again = scalar_draws(g, num_views=batch["num_views"], random_flip=settings.random_flip,
-                                 uncond_p=settings.uncond_p, uncond_p_t5=settings.uncond_p_t5,
-                                 num_timesteps=settings.num_timesteps)
-            assert again == (batch["view"][b], batch["drop_clip"][b], batch["drop_t5"][b], t_cpu[b]), \
+            again = scalar_draws(
+                g,
+                num_views=batch["num_views"],
+                random_flip=settings.random_flip,
+                uncond_p=settings.uncond_p,
+                uncond_p_t5=settings.uncond_p_t5,
+                num_timesteps=settings.num_timesteps,
+            )
+            assert again == (batch["view"][b], batch["drop_clip"][b], batch["drop_t5"][b], t_cpu[b]), (
                 "the step's replay of a sample's draws disagrees with its worker's"
+            )
         else:
             g = torch.Generator(device=device).manual_seed(seed)
         eps, n = tensor_draws(g, latent_shape, settings.noise_offset, device)
@@ -455,8 +531,10 @@ def check_cache_against_model(manifest: Any, model_config: Any, cache_path: str,
             "supplies them) or point data.cache at a cache encoded for this model."
         ) from None
     if manifest.vae_scaling_factor is None:
-        raise ValueError(f"data.cache={cache_path!r}: the manifest has no vae_scaling_factor; re-run stage 1 "
-                         "(the factor must come from the VAE that encoded the cache, never from a constant)")
+        raise ValueError(
+            f"data.cache={cache_path!r}: the manifest has no vae_scaling_factor; re-run stage 1 "
+            "(the factor must come from the VAE that encoded the cache, never from a constant)"
+        )
     return float(manifest.vae_scaling_factor)
 
 
@@ -475,9 +553,11 @@ def check_cache_integrity(reader: Any, mode: str, cache_path: str, info: Any) ->
             raise ValueError(f"data.cache={cache_path!r} failed `verify` on rank 0 (see its message)")
     if not rep.ok:
         raise ValueError(
-            f"data.cache={cache_path!r} is damaged (data.verify={mode}):\n  " + "\n  ".join(rep.errors[:20])
+            f"data.cache={cache_path!r} is damaged (data.verify={mode}):\n  "
+            + "\n  ".join(rep.errors[:20])
             + f"\nRun `python -m shared.cli verify {cache_path}` for the full report; re-encode the named shards "
-            "with stage 1 (resume re-encodes what is missing)")
+            "with stage 1 (resume re-encodes what is missing)"
+        )
 
 
 class CorruptCacheError(RuntimeError):
@@ -498,7 +578,7 @@ class CacheDataset(torch.utils.data.Dataset):
     in the item's "corrupt" list; CacheBatchSource counts them against data.max_corrupt_samples.
     """
 
-    def __init__(self, reader: Any, settings: DrawSettings, plan: "BucketBatchPlan | None" = None) -> None:
+    def __init__(self, reader: Any, settings: DrawSettings, plan: BucketBatchPlan | None = None) -> None:
         self.reader, self.settings, self.plan = reader, settings, plan
         self._empty: dict[str, torch.Tensor] | None = None
         self._empty_rows: dict[str, np.ndarray] | None = None
@@ -519,8 +599,12 @@ class CacheDataset(torch.utils.data.Dataset):
         """What a dropped caption sends: the empty caption's masks and no rows (the step holds its states)."""
         if self._empty_rows is None:
             e = self.reader.empty_caption()
-            self._empty_rows = {"clip_mask": e["clip_mask"], "t5_mask": e["t5_mask"],
-                                "clip_rows": e["clip_states"][:0], "t5_rows": e["t5_states"][:0]}
+            self._empty_rows = {
+                "clip_mask": e["clip_mask"],
+                "t5_mask": e["t5_mask"],
+                "clip_rows": e["clip_states"][:0],
+                "t5_rows": e["t5_states"][:0],
+            }
         return self._empty_rows
 
     def _read(self, index: int) -> dict[str, Any]:
@@ -567,9 +651,11 @@ class CacheDataset(torch.utils.data.Dataset):
                 raise CorruptCacheError(
                     f"no readable sample left in bucket {tuple(self.reader.bucket_of(index))}: "
                     + "; ".join(f"shard {s!r} sample {k!r}: {r}" for s, k, r in corrupt[:5])
-                    + f". Check the cache with `python -m shared.cli verify {self.reader.root}`") from None
-        out = compact_item(sample, self.empty_rows(), self.settings, micro_step, slot,
-                           self.reader.spec.vae_dtype == "bfloat16")
+                    + f". Check the cache with `python -m shared.cli verify {self.reader.root}`"
+                ) from None
+        out = compact_item(
+            sample, self.empty_rows(), self.settings, micro_step, slot, self.reader.spec.vae_dtype == "bfloat16"
+        )
         out["corrupt"] = corrupt
         return out
 
@@ -583,6 +669,7 @@ def _worker_init(release: Any, worker_id: int) -> None:
     SIGTERMs and joins daemonic children with no timeout, and a worker still ignoring SIGTERM would hang the exit
     forever.
     """
+
     def on_sigterm(signum: int, frame: Any) -> None:
         if release.value:
             os._exit(0)
@@ -598,16 +685,22 @@ class _Batches:
     """The batch iterator of one CacheBatchSource.batches() call: counts corrupt samples, expands each compact batch
     on the step's device, closes its workers."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader, release: Any, max_corrupt: int, cache: str,
-                 after_batch: Callable[[], None] | None = None,
-                 expand: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        loader: torch.utils.data.DataLoader,
+        release: Any,
+        max_corrupt: int,
+        cache: str,
+        after_batch: Callable[[], None] | None = None,
+        expand: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self._it: Any = iter(loader)
         self._expand = expand
         self._release, self.max_corrupt, self.cache = release, max_corrupt, cache
         self._after_batch = after_batch  # remote caches: queue the shards of the coming steps for download
         self.corrupt_seen = 0
 
-    def __iter__(self) -> "_Batches":
+    def __iter__(self) -> _Batches:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -620,15 +713,22 @@ class _Batches:
             self.corrupt_seen += 1
             from stage2_train.metrics import logger
 
-            logger.warning("corrupt sample %r in shard %r (%s): replaced by another sample of its bucket "
-                           "(%d of at most data.max_corrupt_samples=%d)", key, shard, reason, self.corrupt_seen,
-                           self.max_corrupt)
+            logger.warning(
+                "corrupt sample %r in shard %r (%s): replaced by another sample of its bucket "
+                "(%d of at most data.max_corrupt_samples=%d)",
+                key,
+                shard,
+                reason,
+                self.corrupt_seen,
+                self.max_corrupt,
+            )
             if self.corrupt_seen > self.max_corrupt:
                 raise CorruptCacheError(
                     f"data.cache={self.cache!r}: shard {shard!r} sample {key!r} is corrupt ({reason}); "
                     f"{self.corrupt_seen} corrupt samples so far, more than data.max_corrupt_samples="
                     f"{self.max_corrupt}. Check the cache with `python -m shared.cli verify {self.cache}` and "
-                    "re-encode the bad shards (or raise data.max_corrupt_samples)")
+                    "re-encode the bad shards (or raise data.max_corrupt_samples)"
+                )
         return self._expand(batch) if self._expand is not None else batch
 
     def close(self) -> None:
@@ -643,9 +743,19 @@ class _Batches:
 class CacheBatchSource:
     """Batches of one rank read from a stage-1 cache through a DataLoader (workers prefetch ahead of the step)."""
 
-    def __init__(self, reader: Any, plan: BucketBatchPlan, settings: DrawSettings, *, rank: int, num_workers: int,
-                 prefetch_factor: int, pin_memory: bool, max_corrupt_samples: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        reader: Any,
+        plan: BucketBatchPlan,
+        settings: DrawSettings,
+        *,
+        rank: int,
+        num_workers: int,
+        prefetch_factor: int,
+        pin_memory: bool,
+        max_corrupt_samples: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.reader, self.plan, self.settings, self.rank = reader, plan, settings, rank
         self.device = torch.device(device)  # where the step runs: compact batches are expanded there
         self._table: dict[str, torch.Tensor] | None = None
@@ -658,17 +768,29 @@ class CacheBatchSource:
         atexit.register(_set_flag, self._release)
 
     @classmethod
-    def from_config(cls, data: DataSection, *, reader: CacheReader, model_config: Any, info: Any, seed: int,
-                    batch_size: int, num_timesteps: int, noise_offset: float, device: torch.device
-                    ) -> "CacheBatchSource":
+    def from_config(
+        cls,
+        data: DataSection,
+        *,
+        reader: CacheReader,
+        model_config: Any,
+        info: Any,
+        seed: int,
+        batch_size: int,
+        num_timesteps: int,
+        noise_offset: float,
+        device: torch.device,
+    ) -> CacheBatchSource:
         """The data section and what it needs from the run: the opened cache (`open_train_cache`), the model config
         it must fit, the rank layout, the run seed, the per-rank batch size, the diffusion's step count and offset
         noise, and the step's device (pinned memory on CUDA only)."""
         scaling_factor = check_cache_against_model(reader.manifest, model_config, data.cache, data.encoders_hash)
         check_cache_integrity(reader, data.verify, data.cache, info)
         if data.random_flip and "flip" not in reader.spec.views:
-            logger.warning("data.random_flip is set but the cache holds only the plain view: no flips will happen "
-                           "(encode with flip views in stage 1 to get them)")
+            logger.warning(
+                "data.random_flip is set but the cache holds only the plain view: no flips will happen "
+                "(encode with flip views in stage 1 to get them)"
+            )
         # one pass over the cache-wide bucket column (8 bytes per sample, freed once the plan is built)
         plan = BucketBatchPlan(reader.buckets(), batch_size=batch_size, world_size=info.world_size, seed=seed)
         step = reader.spec.downsample * model_config.patch_size
@@ -677,29 +799,51 @@ class CacheBatchSource:
                 raise ValueError(
                     f"data.cache={data.cache!r} has bucket {height}x{width}, which is not a multiple of "
                     f"VAE downsample x patch size = {step} in both sides; re-encode with buckets aligned to {step} "
-                    "(stage 1's align / reso_step)")
+                    "(stage 1's align / reso_step)"
+                )
         settings = DrawSettings(
-            seed=seed, random_flip=data.random_flip, uncond_p=data.uncond_p, uncond_p_t5=data.uncond_p_t5,
-            num_timesteps=num_timesteps, scaling_factor=scaling_factor,
+            seed=seed,
+            random_flip=data.random_flip,
+            uncond_p=data.uncond_p,
+            uncond_p_t5=data.uncond_p_t5,
+            num_timesteps=num_timesteps,
+            scaling_factor=scaling_factor,
             noise_offset=noise_offset,
         )
-        source = cls(reader, plan, settings, rank=info.rank, num_workers=data.num_workers,
-                     prefetch_factor=data.prefetch_factor,
-                     pin_memory=data.pin_memory and device.type == "cuda",
-                     max_corrupt_samples=data.max_corrupt_samples, device=device)
+        source = cls(
+            reader,
+            plan,
+            settings,
+            rank=info.rank,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            pin_memory=data.pin_memory and device.type == "cuda",
+            max_corrupt_samples=data.max_corrupt_samples,
+            device=device,
+        )
         source.encoders_hash = reader.manifest.encoders_hash
         return source
 
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:
         sampler = PlanSampler(self.plan, rank=self.rank, start_step=start_micro_step, end_step=end_micro_step)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate_compact, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_compact,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             worker_init_fn=functools.partial(_worker_init, self._release),
         )
         self._release.value = 0
-        return _Batches(loader, self._release, self.max_corrupt_samples, str(self.reader.root),
-                        self._shard_prefetch(start_micro_step, end_micro_step), self.expand)
+        return _Batches(
+            loader,
+            self._release,
+            self.max_corrupt_samples,
+            str(self.reader.root),
+            self._shard_prefetch(start_micro_step, end_micro_step),
+            self.expand,
+        )
 
     def expand(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A compact batch from the loader -> the dense batch on the step's device (`expand_batch`)."""

@@ -43,8 +43,14 @@ def _noise_seed(seed: int, key: str, slot: int) -> int:
 
 
 def eval_loss(
-    trainer: Any, reader: Any = None, *, indices: Sequence[int] | None = None, num_samples: int = 32,
-    timesteps: int = 16, seed: int = 0, batch_size: int = 16,
+    trainer: Any,
+    reader: Any = None,
+    *,
+    indices: Sequence[int] | None = None,
+    num_samples: int = 32,
+    timesteps: int = 16,
+    seed: int = 0,
+    batch_size: int = 16,
 ) -> dict[str, Any]:
     """Mean training loss (mse + vb, as the trainer's) of `trainer`'s current weights over a fixed evaluation set.
 
@@ -69,13 +75,17 @@ def eval_loss(
     for i in indices:
         s = reader.to_torch(reader[int(i)])
         moments = s["moments"][0].float()  # plain view, (2C, h, w)
-        by_bucket.setdefault(tuple(int(v) for v in s["bucket"].tolist()), []).append({
-            "key": str(s["key"]),
-            "x_start": moments[: moments.shape[0] // 2] * scaling_factor,  # the posterior mean, scaled
-            "encoder_hidden_states": s["clip_states"].float(), "text_embedding_mask": s["clip_mask"].bool(),
-            "encoder_hidden_states_t5": s["t5_states"].float(), "text_embedding_mask_t5": s["t5_mask"].bool(),
-            "image_meta_size": s["image_meta_size"].float(),
-        })
+        by_bucket.setdefault(tuple(int(v) for v in s["bucket"].tolist()), []).append(
+            {
+                "key": str(s["key"]),
+                "x_start": moments[: moments.shape[0] // 2] * scaling_factor,  # the posterior mean, scaled
+                "encoder_hidden_states": s["clip_states"].float(),
+                "text_embedding_mask": s["clip_mask"].bool(),
+                "encoder_hidden_states_t5": s["t5_states"].float(),
+                "text_embedding_mask_t5": s["t5_mask"].bool(),
+                "image_meta_size": s["image_meta_size"].float(),
+            }
+        )
 
     model = trainer.model
     was_training = model.training
@@ -90,17 +100,31 @@ def eval_loss(
                 for start in range(0, len(pairs), batch_size):
                     chunk = pairs[start : start + batch_size]
                     x_start = torch.stack([it["x_start"] for it, _, _ in chunk]).to(device)
-                    noise = torch.stack([
-                        torch.randn(it["x_start"].shape, dtype=torch.float32,
-                                    generator=torch.Generator().manual_seed(_noise_seed(seed, it["key"], slot)))
-                        for it, slot, _ in chunk]).to(device)
+                    noise = torch.stack(
+                        [
+                            torch.randn(
+                                it["x_start"].shape,
+                                dtype=torch.float32,
+                                generator=torch.Generator().manual_seed(_noise_seed(seed, it["key"], slot)),
+                            )
+                            for it, slot, _ in chunk
+                        ]
+                    ).to(device)
                     t = torch.tensor([t for _, _, t in chunk], dtype=torch.long, device=device)
-                    kwargs = {k: torch.stack([it[k] for it, _, _ in chunk]).to(device) for k in (
-                        "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
-                        "text_embedding_mask_t5")}
+                    kwargs = {
+                        k: torch.stack([it[k] for it, _, _ in chunk]).to(device)
+                        for k in (
+                            "encoder_hidden_states",
+                            "text_embedding_mask",
+                            "encoder_hidden_states_t5",
+                            "text_embedding_mask_t5",
+                        )
+                    }
                     kwargs.update(cos_cis_img=cos, sin_cis_img=sin)
                     if mcfg.size_cond:
-                        kwargs["image_meta_size"] = torch.stack([it["image_meta_size"] for it, _, _ in chunk]).to(device)
+                        kwargs["image_meta_size"] = torch.stack([it["image_meta_size"] for it, _, _ in chunk]).to(
+                            device
+                        )
                     if mcfg.use_style_cond:
                         kwargs["style"] = torch.zeros(len(chunk), dtype=torch.long, device=device)
                     terms = trainer.diffusion.training_losses(call, x_start, kwargs, t=t, noise=noise)
@@ -110,5 +134,11 @@ def eval_loss(
 
     arr = np.array(rows, dtype=np.float64)  # (rows, 3)
     per_t = [(t, float(arr[arr[:, 0] == t, 1:].sum(1).mean())) for t in ts]
-    return {"loss": float(arr[:, 1:].sum(1).mean()), "mse": float(arr[:, 1].mean()), "vb": float(arr[:, 2].mean()),
-            "per_timestep": per_t, "samples": len(indices), "timesteps": ts}
+    return {
+        "loss": float(arr[:, 1:].sum(1).mean()),
+        "mse": float(arr[:, 1].mean()),
+        "vb": float(arr[:, 2].mean()),
+        "per_timestep": per_t,
+        "samples": len(indices),
+        "timesteps": ts,
+    }

@@ -30,12 +30,16 @@ def validate_lora(cfg: TrainConfig) -> None:
     lora_config(lc.rank, lc.alpha, lc.dropout, lc.target_modules)  # rank / alpha / dropout / targets
     if lc.base_dtype == "bfloat16":
         if cfg.precision.mode != "bf16":
-            raise ValueError(f"lora.base_dtype=bfloat16 needs precision.mode=bf16 (got {cfg.precision.mode!r}): "
-                             "outside bf16 autocast a bf16 weight would meet fp32 activations; use "
-                             "lora.base_dtype=float32")
+            raise ValueError(
+                f"lora.base_dtype=bfloat16 needs precision.mode=bf16 (got {cfg.precision.mode!r}): "
+                "outside bf16 autocast a bf16 weight would meet fp32 activations; use "
+                "lora.base_dtype=float32"
+            )
         if cfg.parallel.strategy == "fsdp2":
-            raise ValueError("lora.base_dtype=bfloat16 with parallel.strategy=fsdp2: FSDP2 needs one dtype per "
-                             "sharded block (bf16 base + fp32 adapter); use ddp or lora.base_dtype=float32")
+            raise ValueError(
+                "lora.base_dtype=bfloat16 with parallel.strategy=fsdp2: FSDP2 needs one dtype per "
+                "sharded block (bf16 base + fp32 adapter); use ddp or lora.base_dtype=float32"
+            )
 
 
 def setup_lora(model: nn.Module, cfg: TrainConfig, *, resuming: bool) -> nn.Module:
@@ -50,8 +54,10 @@ def setup_lora(model: nn.Module, cfg: TrainConfig, *, resuming: bool) -> nn.Modu
         mine = (config.r, config.lora_alpha, sorted(config.target_modules))
         other = (theirs.r, theirs.lora_alpha, sorted(theirs.target_modules))
         if mine != other:
-            raise ValueError(f"lora.init_adapter={lc.init_adapter!r} has (rank, alpha, target_modules) {other}, the "
-                             f"config {mine}: set lora.rank/alpha/target_modules to the adapter's")
+            raise ValueError(
+                f"lora.init_adapter={lc.init_adapter!r} has (rank, alpha, target_modules) {other}, the "
+                f"config {mine}: set lora.rank/alpha/target_modules to the adapter's"
+            )
         lora.load_adapter(model, tensors)
         from stage2_train.metrics import logger
 

@@ -63,16 +63,18 @@ def truncate_metrics(path: Path, last_step: int) -> int:
         from shared.fsutil import atomic_write_bytes
 
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
-        logger.info("%s: dropped %d records after step %d (logged by the run that was interrupted)", path, dropped,
-                    last_step)
+        logger.info(
+            "%s: dropped %d records after step %d (logged by the run that was interrupted)", path, dropped, last_step
+        )
     return dropped
 
 
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a no-op."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress_bar: bool, total: int,
-                 initial: int) -> None:
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress_bar: bool, total: int, initial: int
+    ) -> None:
         self.enabled = enabled
         self.jsonl = self.tb = self.bar = None
         if not enabled:
@@ -88,8 +90,7 @@ class MetricsLogger:
         if progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            disable=None)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

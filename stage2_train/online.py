@@ -10,8 +10,9 @@ depend on stage 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ from stage2_train.data import BucketBatchPlan, DrawSettings, collate, draw_sampl
 @dataclass
 class RawSample:
     key: str
-    image: Any      # whatever `preprocess` takes (encoded bytes, a PIL image)
-    caption: str    # already cleaned (stripped, default caption substituted), as stage 1 encodes it
+    image: Any  # whatever `preprocess` takes (encoded bytes, a PIL image)
+    caption: str  # already cleaned (stripped, default caption substituted), as stage 1 encodes it
 
 
 class OnlineBatchSource:
@@ -39,9 +40,16 @@ class OnlineBatchSource:
     """
 
     def __init__(
-        self, samples: Sequence[RawSample], buckets: Sequence[tuple[int, int]],
-        preprocess: Callable[[RawSample], PreprocessedImage], encoders: Any, plan: BucketBatchPlan,
-        settings: DrawSettings, *, rank: int = 0, per_sample: bool = False,
+        self,
+        samples: Sequence[RawSample],
+        buckets: Sequence[tuple[int, int]],
+        preprocess: Callable[[RawSample], PreprocessedImage],
+        encoders: Any,
+        plan: BucketBatchPlan,
+        settings: DrawSettings,
+        *,
+        rank: int = 0,
+        per_sample: bool = False,
     ) -> None:
         if len(samples) != len(buckets):
             raise ValueError(f"{len(samples)} samples but {len(buckets)} buckets")
@@ -53,8 +61,7 @@ class OnlineBatchSource:
         """The chosen view of each sample -> (B, 2C, h, w) moments."""
         enc = self.encoders
         if self.per_sample:  # all of a sample's views in one call, as stage 1 encodes them
-            return torch.stack([enc.encode_images(torch.from_numpy(p.views)).cpu()[d.view]
-                                for p, d in zip(pre, draws)])
+            return torch.stack([enc.encode_images(torch.from_numpy(p.views)).cpu()[d.view] for p, d in zip(pre, draws)])
         pixels = torch.from_numpy(np.stack([p.views[d.view] for p, d in zip(pre, draws)]))  # (B, 3, H, W)
         return enc.encode_images(pixels).cpu()
 
@@ -63,7 +70,7 @@ class OnlineBatchSource:
         enc = self.encoders
         encode = enc.encode_clip if encoder == "clip" else enc.encode_t5
         toks, states = [], []
-        for part in ([[t] for t in texts] if self.per_sample else [texts]):
+        for part in [[t] for t in texts] if self.per_sample else [texts]:
             tok = enc.tokenize(part)
             toks.append(tok)
             states.append(encode(tok[f"{encoder}_ids"], tok[f"{encoder}_mask"]).cpu())
@@ -79,9 +86,16 @@ class OnlineBatchSource:
             num_views, _, height, width = p.views.shape
             f = enc.vae_downsample
             d = draw_sample(
-                s.seed, micro_step, slot, sample.key, num_views=num_views,
-                latent_shape=(enc.latent_channels, height // f, width // f), random_flip=s.random_flip,
-                uncond_p=s.uncond_p, uncond_p_t5=s.uncond_p_t5, num_timesteps=s.num_timesteps,
+                s.seed,
+                micro_step,
+                slot,
+                sample.key,
+                num_views=num_views,
+                latent_shape=(enc.latent_channels, height // f, width // f),
+                random_flip=s.random_flip,
+                uncond_p=s.uncond_p,
+                uncond_p_t5=s.uncond_p_t5,
+                num_timesteps=s.num_timesteps,
                 noise_offset=s.noise_offset,
             )
             pre.append(p)
@@ -93,10 +107,17 @@ class OnlineBatchSource:
         t5_tok, t5_states = self._encode_texts(t5_texts, "t5")  # (B, Lt, Dt)
         out = []
         for b, ((_, _, index), p, d) in enumerate(zip(items, pre, draws)):
-            out.append(training_item(
-                self.samples[index].key, p.bucket, d, sample_latent(moments[b], d.latent_eps, s.scaling_factor),
-                {"clip_states": clip_states[b], "clip_mask": clip_tok["clip_mask"][b]},
-                {"t5_states": t5_states[b], "t5_mask": t5_tok["t5_mask"][b]}, np.asarray(p.image_meta_size)))
+            out.append(
+                training_item(
+                    self.samples[index].key,
+                    p.bucket,
+                    d,
+                    sample_latent(moments[b], d.latent_eps, s.scaling_factor),
+                    {"clip_states": clip_states[b], "clip_mask": clip_tok["clip_mask"][b]},
+                    {"t5_states": t5_states[b], "t5_mask": t5_tok["t5_mask"][b]},
+                    np.asarray(p.image_meta_size),
+                )
+            )
         return collate(out)
 
     def batches(self, start_micro_step: int, end_micro_step: int) -> Iterator[dict[str, Any]]:

@@ -16,7 +16,11 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     """One param group over every trainable parameter, as the original (utils/tools.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         fused=cfg.fused or None,
     )
 

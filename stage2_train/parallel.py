@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,11 @@ def apply_parallelism(model: nn.Module, cfg: ParallelSection, info: DistInfo, *,
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                    cast_forward_inputs=False) if precision == "bf16" else None
+        bf16 = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+            if precision == "bf16"
+            else None
+        )
         fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
         for block in model.blocks:
             if bf16 is not None:
@@ -124,8 +127,14 @@ def apply_parallelism(model: nn.Module, cfg: ParallelSection, info: DistInfo, *,
 
 
 def build_parallel_model(
-    build: Callable[[], nn.Module], cfg: ParallelSection, info: DistInfo, *, seed: int, fresh: bool,
-    init_weights: Callable[[nn.Module], None] | None = None, precision: str = "fp32",
+    build: Callable[[], nn.Module],
+    cfg: ParallelSection,
+    info: DistInfo,
+    *,
+    seed: int,
+    fresh: bool,
+    init_weights: Callable[[nn.Module], None] | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """Build, initialise and wrap the model; returns what apply_parallelism returns.
 

@@ -39,9 +39,10 @@ def _slug(text: str, n: int = 40) -> str:
 
 def load_run(run: Path, step: int | None, ema: bool) -> dict[str, Any]:
     """Model (weights loaded), diffusion settings, cache manifest (or None) of a stage-2 run."""
+    from safetensors.torch import load_file
+
     from pipeline.models import HunYuanDiT
     from pipeline.sampler import DiffusionSettings
-    from safetensors.torch import load_file
     from shared.config import load_config
     from stage2_train.checkpointing import list_checkpoints, step_dir_name
     from stage2_train.config import TrainConfig
@@ -71,10 +72,18 @@ def load_run(run: Path, step: int | None, ema: bool) -> dict[str, Any]:
 
         manifest = read_manifest(cfg.data.cache)
     except (FileNotFoundError, ValueError) as err:
-        print(f"note: the run's cache {cfg.data.cache!r} is not readable ({err}); using the VAE's scaling factor "
-              "and no encoder check", file=sys.stderr)
-    return {"model": model, "diffusion": DiffusionSettings.from_section(cfg.diffusion), "manifest": manifest,
-            "cache": cfg.data.cache, "label": f"{run.name} {folder.name}{' ema' if ema else ''}"}
+        print(
+            f"note: the run's cache {cfg.data.cache!r} is not readable ({err}); using the VAE's scaling factor "
+            "and no encoder check",
+            file=sys.stderr,
+        )
+    return {
+        "model": model,
+        "diffusion": DiffusionSettings.from_section(cfg.diffusion),
+        "manifest": manifest,
+        "cache": cfg.data.cache,
+        "label": f"{run.name} {folder.name}{' ema' if ema else ''}",
+    }
 
 
 def load_checkpoint_file(path: Path, preset: str, overrides: dict[str, Any], key: str) -> Any:
@@ -91,16 +100,22 @@ def load_checkpoint_file(path: Path, preset: str, overrides: dict[str, Any], key
 def main(argv: list[str] | None = None) -> int:
     from pipeline.sampler import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLE_DTYPES, SAMPLERS
 
-    ap = argparse.ArgumentParser(prog="python -m stage2_train.sample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m stage2_train.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a stage-2 run_dir")
     src.add_argument("--checkpoint", help="an original .pt/.safetensors or a diffusers HunyuanDiT2DModel folder")
     ap.add_argument("--step", type=int, default=None, help="with --run: the checkpoint step (default: latest)")
     ap.add_argument("--ema", action="store_true", help="with --run: the EMA weights")
     ap.add_argument("--preset", default="DiT-g/2", help="with --checkpoint .pt: the architecture")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="DiTConfig field for --checkpoint (JSON value), e.g. use_style_cond=true")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DiTConfig field for --checkpoint (JSON value), e.g. use_style_cond=true",
+    )
     ap.add_argument("--key", default="auto", choices=["auto", "module", "ema"], help="state dict in a .pt")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; needs --encoders)")
     ap.add_argument("--prompts", help="text file, one prompt a line (needs --encoders)")
@@ -116,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=SAMPLE_DTYPES)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--beta-end", type=float, default=None, help="with --checkpoint: the schedule's beta_end "
-                    "(default 0.02, the original's inference default; v1.1 weights: 0.03)")
+    ap.add_argument(
+        "--beta-end",
+        type=float,
+        default=None,
+        help="with --checkpoint: the schedule's beta_end "
+        "(default 0.02, the original's inference default; v1.1 weights: 0.03)",
+    )
     ap.add_argument("--save-latents", action="store_true", help="also write the final latents (latents.safetensors)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
@@ -129,13 +149,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from PIL import Image
     from tqdm.auto import tqdm
 
     from pipeline.sampler import (
-        NEGATIVE_PROMPT, DiffusionSettings, PromptEmbeds, decode_latents, encode_prompts, image_grid,
+        NEGATIVE_PROMPT,
+        DiffusionSettings,
+        PromptEmbeds,
+        decode_latents,
+        encode_prompts,
+        image_grid,
         sample_latents,
     )
-    from PIL import Image
 
     size = parse_size(args.size)
     device = torch.device(args.device)
@@ -163,8 +188,11 @@ def _run(args: argparse.Namespace) -> int:
         from shared.prompts import prompt_file_path, read_prompt_file
 
         pf = args.prompt_file
-        path = Path(pf) if pf.endswith(".safetensors") else (
-            prompt_file_path(loaded["cache"], pf) if loaded["cache"] else Path(pf))
+        path = (
+            Path(pf)
+            if pf.endswith(".safetensors")
+            else (prompt_file_path(loaded["cache"], pf) if loaded["cache"] else Path(pf))
+        )
         data = read_prompt_file(path, manifest.encoders_hash if manifest is not None else None)
         prompts = data["prompts"]
         embeds, negative = PromptEmbeds.from_fields(data["embeds"]), PromptEmbeds.from_fields(data["negative"])
@@ -184,11 +212,18 @@ def _run(args: argparse.Namespace) -> int:
         cfg = model.config
         if manifest is not None:
             s = manifest.spec
-            enc = load_encoders(args.encoders, EncoderDtypes(vae=s.vae_dtype, clip=s.clip_dtype, t5=s.t5_dtype),
-                                device, clip_len=s.clip_len, t5_len=s.t5_len)
+            enc = load_encoders(
+                args.encoders,
+                EncoderDtypes(vae=s.vae_dtype, clip=s.clip_dtype, t5=s.t5_dtype),
+                device,
+                clip_len=s.clip_len,
+                t5_len=s.t5_len,
+            )
             if manifest.encoders and encoders_hash(enc.fingerprint()) != manifest.encoders_hash:
-                raise ValueError(f"--encoders {args.encoders} are not the encoders of the run's cache "
-                                 "(fingerprint differs): the model was trained on other text features")
+                raise ValueError(
+                    f"--encoders {args.encoders} are not the encoders of the run's cache "
+                    "(fingerprint differs): the model was trained on other text features"
+                )
         else:
             enc = load_encoders(args.encoders, device=device, clip_len=cfg.text_len, t5_len=cfg.text_len_t5)
         embeds = encode_prompts(enc, prompts)
@@ -222,9 +257,19 @@ def _run(args: argparse.Namespace) -> int:
     for start in range(0, n, bs):
         rows = list(range(start, min(n, start + bs)))
         latents = sample_latents(
-            model, embeds.rows(rows), negative, size=size, seeds=[args.seed + i for i in rows],
-            sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg, diffusion=loaded["diffusion"],
-            dtype=args.dtype, device=device, progress=progress)
+            model,
+            embeds.rows(rows),
+            negative,
+            size=size,
+            seeds=[args.seed + i for i in rows],
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.cfg,
+            diffusion=loaded["diffusion"],
+            dtype=args.dtype,
+            device=device,
+            progress=progress,
+        )
         images = decode_latents(vae, latents, scaling)
         all_latents.append(latents.cpu())
         for i, img in zip(rows, images):
@@ -237,8 +282,16 @@ def _run(args: argparse.Namespace) -> int:
         save_file({"latents": torch.cat(all_latents).contiguous()}, str(out / "latents.safetensors"))
     grid = image_grid(torch.cat(all_images), prompts)
     grid.save(out / "grid.png")
-    meta = {"source": loaded["label"], "prompts": prompts, "sampler": args.sampler, "steps": args.steps,
-            "cfg": args.cfg, "size": list(size), "seed": args.seed, "dtype": args.dtype}
+    meta = {
+        "source": loaded["label"],
+        "prompts": prompts,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "size": list(size),
+        "seed": args.seed,
+        "dtype": args.dtype,
+    }
     (out / "samples.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {n} images and grid.png to {out}")
     return 0

@@ -48,12 +48,16 @@ from stage2_train.config import TrainConfig  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(parser)
-    parser.add_argument("--resume", default=None,
-                        help='"auto" (latest complete checkpoint in <run_dir>/checkpoints) or a step folder; '
-                             "same as checkpoint.resume=...")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help='"auto" (latest complete checkpoint in <run_dir>/checkpoints) or a step folder; '
+        "same as checkpoint.resume=...",
+    )
     return parser.parse_args(argv)
 
 

@@ -9,8 +9,9 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,22 +23,43 @@ from pipeline.models import DiTConfig, HunYuanDiT
 from pipeline.rope import RopeCache
 from shared.config import dump_config, save_config
 from stage2_train.checkpointing import (
-    CheckpointError, full_model_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+    CheckpointError,
+    full_model_state,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
 )
+from stage2_train.config import CACHE_GEOMETRY, ModelSection, TrainConfig, validate_config
 from stage2_train.data import CacheBatchSource, open_train_cache
 from stage2_train.lora import export_adapter, setup_lora, trainable_summary
-from stage2_train.config import CACHE_GEOMETRY, ModelSection, TrainConfig, validate_config
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
 from stage2_train.parallel import (
-    DistInfo, all_reduce_mean, any_rank, apply_parallelism, barrier, build_parallel_model, grad_sync, init_distributed,
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    apply_parallelism,
+    barrier,
+    build_parallel_model,
+    grad_sync,
+    init_distributed,
     unwrap,
 )
 from stage2_train.validation import Validator
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BATCH_TENSORS = ("x_start", "t", "noise", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
-                 "text_embedding_mask_t5", "image_meta_size", "style")
+BATCH_TENSORS = (
+    "x_start",
+    "t",
+    "noise",
+    "encoder_hidden_states",
+    "text_embedding_mask",
+    "encoder_hidden_states_t5",
+    "text_embedding_mask_t5",
+    "image_meta_size",
+    "style",
+)
 
 
 class BatchSource(Protocol):
@@ -52,18 +74,22 @@ def model_geometry(model: ModelSection, spec: Any = None, cache: str = "") -> di
     (left out). A set value the cache contradicts is a ValueError naming both."""
     for old in sorted(set(model.overrides) & set(CACHE_GEOMETRY.values())):
         new = next(k for k, v in CACHE_GEOMETRY.items() if v == old)
-        raise ValueError(f"model.overrides.{old}={model.overrides[old]!r}: the text and latent sizes are now "
-                         f"model.{new} (the cache's names), and are best left unset: the cache's manifest supplies "
-                         "them")
+        raise ValueError(
+            f"model.overrides.{old}={model.overrides[old]!r}: the text and latent sizes are now "
+            f"model.{new} (the cache's names), and are best left unset: the cache's manifest supplies "
+            "them"
+        )
     out: dict[str, int] = {}
     for name, dit_field in CACHE_GEOMETRY.items():
         want, have = int(getattr(model, name)), None if spec is None else int(getattr(spec, name))
         if want < 0:
             raise ValueError(f"model.{name}={want} is invalid: must be > 0, or 0 for the cache manifest's value")
         if want and have is not None and want != have:
-            raise ValueError(f"model.{name}={want} but data.cache={cache!r} was encoded with {name}={have}; leave "
-                             f"model.{name} unset (0) to take the cache's, or point data.cache at a cache encoded "
-                             "for this model")
+            raise ValueError(
+                f"model.{name}={want} but data.cache={cache!r} was encoded with {name}={have}; leave "
+                f"model.{name} unset (0) to take the cache's, or point data.cache at a cache encoded "
+                "for this model"
+            )
         if want or have:
             out[dit_field] = want or have
     return out
@@ -97,21 +123,25 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> None:
     except ValueError as err:
         raise ValueError(f"model.init_from={str(path)!r} / model.init_key={cfg.model.init_key!r}: {err}") from None
     except Exception as err:
-        raise ValueError(f"model.init_from={str(path)!r} cannot be read as weights ({type(err).__name__}: {err}); "
-                         "is it damaged, or not a HunyuanDiT checkpoint?") from None
+        raise ValueError(
+            f"model.init_from={str(path)!r} cannot be read as weights ({type(err).__name__}: {err}); "
+            "is it damaged, or not a HunyuanDiT checkpoint?"
+        ) from None
     try:
         report = load_original_state_dict(model, state, strict=cfg.model.strict)
     except (ValueError, RuntimeError, KeyError) as err:
-        raise ValueError(f"model.init_from={str(path)!r} does not fit model.preset={cfg.model.preset!r}: "
-                         f"{err}") from None
-    logger.info("initialised from %s (missing %d, unexpected %d keys)", path, len(report["missing"]),
-                len(report["unexpected"]))
+        raise ValueError(
+            f"model.init_from={str(path)!r} does not fit model.preset={cfg.model.preset!r}: {err}"
+        ) from None
+    logger.info(
+        "initialised from %s (missing %d, unexpected %d keys)", path, len(report["missing"]), len(report["unexpected"])
+    )
 
 
 class Trainer:
     """Owns the model, optimizer, schedule, EMA and loop; everything long-lived has state_dict()/load_state_dict()."""
 
-    def __init__(self, cfg: TrainConfig, *, batch_source_factory: Callable[["Trainer"], BatchSource] | None = None):
+    def __init__(self, cfg: TrainConfig, *, batch_source_factory: Callable[[Trainer], BatchSource] | None = None):
         validate_config(cfg)
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.parallel, cfg.device)
@@ -133,8 +163,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.diffusion = self._build_diffusion()
-        self.rope = RopeCache(self.model_config.head_dim, self.model_config.patch_size, self.model_config.rope_img,
-                              downsample=spec.downsample)
+        self.rope = RopeCache(
+            self.model_config.head_dim,
+            self.model_config.patch_size,
+            self.model_config.rope_img,
+            downsample=spec.downsample,
+        )
         self.source: BatchSource = self.cache_source() if batch_source_factory is None else batch_source_factory(self)
 
         resume_from = self._resolve_resume()
@@ -153,16 +187,24 @@ class Trainer:
         else:
             # Seeded: identical initial weights on every rank and strategy (FSDP2 builds on meta, see parallel.py).
             self.model = build_parallel_model(
-                lambda: HunYuanDiT(self.model_config), cfg.parallel, self.info, seed=cfg.seed,
+                lambda: HunYuanDiT(self.model_config),
+                cfg.parallel,
+                self.info,
+                seed=cfg.seed,
                 fresh=resume_from is None,
                 init_weights=(lambda m: load_init_weights(m, cfg)) if cfg.model.init_from else None,
-                precision=cfg.precision.mode)
+                precision=cfg.precision.mode,
+            )
         self.inner = unwrap(self.model)  # what state dicts and the EMA see (original key names)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, base_lr=cfg.optim.lr, total_steps=cfg.steps)
-        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=cfg.precision.init_scale,
-                                            growth_interval=cfg.precision.growth_interval)
-                       if cfg.precision.mode == "fp16" else None)
+        self.scaler = (
+            torch.amp.GradScaler(
+                self.device.type, init_scale=cfg.precision.init_scale, growth_interval=cfg.precision.growth_interval
+            )
+            if cfg.precision.mode == "fp16"
+            else None
+        )
         if self.lora and cfg.ema.enable:
             logger.warning("ema.enable=true ignored: EMA is off for training.parts=lora, as in the original")
         self.ema = EMA(self.inner, cfg.ema) if cfg.ema.enable and not self.lora else None
@@ -174,8 +216,9 @@ class Trainer:
         # checkpointed anyway, for whatever a user adds.
         torch.manual_seed(cfg.seed * 1000 + self.info.rank)
         if resume_from is not None:
-            state = load_checkpoint(resume_from, model=self.inner, optimizer=self.optimizer, ema=self.ema,
-                                    info=self.info)
+            state = load_checkpoint(
+                resume_from, model=self.inner, optimizer=self.optimizer, ema=self.ema, info=self.info
+            )
             self.load_state_dict(state)
             logger.info("resumed from %s at step %d", resume_from, self.step)
         elif cfg.checkpoint.resume == "auto":
@@ -183,11 +226,20 @@ class Trainer:
 
         n_params = sum(p.numel() for p in self.inner.parameters())
         if self.lora:
-            logger.info("LoRA rank %d on %s: %s params", cfg.lora.rank, cfg.lora.target_modules,
-                        trainable_summary(self.inner))
-        logger.info("model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, "
-                    "device %s", cfg.model.preset, f"{n_params:,}", cfg.parallel.strategy, self.info.world_size,
-                    self.batch_size, cfg.grad_accum, cfg.precision.mode, self.device)
+            logger.info(
+                "LoRA rank %d on %s: %s params", cfg.lora.rank, cfg.lora.target_modules, trainable_summary(self.inner)
+            )
+        logger.info(
+            "model %s (%s params), %s x %d rank(s), per-rank batch %d, grad_accum %d, precision %s, device %s",
+            cfg.model.preset,
+            f"{n_params:,}",
+            cfg.parallel.strategy,
+            self.info.world_size,
+            self.batch_size,
+            cfg.grad_accum,
+            cfg.precision.mode,
+            self.device,
+        )
         self._stop_requested = False
         self.validator = Validator(self) if cfg.validation.every > 0 else None
 
@@ -196,9 +248,16 @@ class Trainer:
         """The run's cache as its batch source (the default; a batch_source_factory may wrap or replace it)."""
         cfg = self.cfg
         return CacheBatchSource.from_config(
-            cfg.data, reader=self.cache_reader, model_config=self.model_config, info=self.info, seed=cfg.seed,
-            batch_size=self.batch_size, num_timesteps=self.diffusion.num_timesteps,
-            noise_offset=cfg.diffusion.noise_offset, device=self.device)
+            cfg.data,
+            reader=self.cache_reader,
+            model_config=self.model_config,
+            info=self.info,
+            seed=cfg.seed,
+            batch_size=self.batch_size,
+            num_timesteps=self.diffusion.num_timesteps,
+            noise_offset=cfg.diffusion.noise_offset,
+            device=self.device,
+        )
 
     def _resolve_resume(self) -> Path | None:
         """Which checkpoint to resume (verified); rank 0 decides and hashes, every rank gets its answer or error."""
@@ -233,8 +292,15 @@ class Trainer:
         d = self.cfg.diffusion
         # Offset noise is drawn per sample with the other draws (stage2_train.data); training_losses takes the
         # batch's noise as final, so the offset is added once.
-        return create_diffusion(d.noise_schedule, d.predict_type, self.model_config.learn_sigma, d.beta_start,
-                                d.beta_end, d.mse_loss_weight_type, d.noise_offset)
+        return create_diffusion(
+            d.noise_schedule,
+            d.predict_type,
+            self.model_config.learn_sigma,
+            d.beta_start,
+            d.beta_end,
+            d.mse_loss_weight_type,
+            d.noise_offset,
+        )
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -260,23 +326,31 @@ class Trainer:
         # The plan depends on the global batch only (BucketBatchPlan): another world size with the same global
         # batch (data.global_batch_size) continues the same data order, resharded across the ranks.
         same = (state["world_size"] * state["batch_size"], state["grad_accum"], state["seed"]) == (
-            self.info.world_size * self.batch_size, self.cfg.grad_accum, self.cfg.seed)
+            self.info.world_size * self.batch_size,
+            self.cfg.grad_accum,
+            self.cfg.seed,
+        )
         if same and state["world_size"] != self.info.world_size:
-            logger.info("resuming on %d rank(s) (saved by %d) with the same global batch: the data order continues",
-                        self.info.world_size, state["world_size"])
+            logger.info(
+                "resuming on %d rank(s) (saved by %d) with the same global batch: the data order continues",
+                self.info.world_size,
+                state["world_size"],
+            )
         if not same:
             logger.warning(
                 "resuming with world_size/batch_size/grad_accum/seed %s instead of %s: training continues, but the "
                 "data order differs from an uninterrupted run",
                 (self.info.world_size, self.batch_size, self.cfg.grad_accum, self.cfg.seed),
-                (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]))
+                (state["world_size"], state["batch_size"], state["grad_accum"], state["seed"]),
+            )
         trained_on, now = state.get("cache_encoders_hash"), getattr(self.source, "encoders_hash", None)
         if trained_on and now and trained_on != now:
             raise ValueError(
                 f"the checkpoint was trained on a cache made by other encoders (encoders_hash {trained_on[:12]}... "
                 f"vs data.cache's {now[:12]}...): its weights expect other text/latent features. Point data.cache at "
                 "a cache encoded with the same encoders, or start a new run_dir (model.init_from=<checkpoint "
-                "model.safetensors>) to fine-tune on the new features on purpose.")
+                "model.safetensors>) to fine-tune on the new features on purpose."
+            )
         self.step = int(state["step"])
         self.consecutive_bad = int(state["consecutive_bad"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -286,9 +360,16 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(
-            self.ckpt_root, self.step, model=self.inner, optimizer=self.optimizer, ema=self.ema,
-            trainer_state=self.state_dict(), config_yaml=dump_config(self.cfg), info=self.info,
-            keep_last=self.cfg.checkpoint.keep_last, consolidated=self.cfg.checkpoint.consolidated,
+            self.ckpt_root,
+            self.step,
+            model=self.inner,
+            optimizer=self.optimizer,
+            ema=self.ema,
+            trainer_state=self.state_dict(),
+            config_yaml=dump_config(self.cfg),
+            info=self.info,
+            keep_last=self.cfg.checkpoint.keep_last,
+            consolidated=self.cfg.checkpoint.consolidated,
         )
         logger.info("saved checkpoint %s", path)
         if self.lora:
@@ -326,8 +407,7 @@ class Trainer:
         if self.model_config.use_style_cond:
             kwargs["style"] = b["style"]
         with grad_sync(self.model, sync):
-            terms = self.diffusion.training_losses(self._model_call(), b["x_start"], kwargs, t=b["t"],
-                                                   noise=b["noise"])
+            terms = self.diffusion.training_losses(self._model_call(), b["x_start"], kwargs, t=b["t"], noise=b["noise"])
             loss = terms["loss"].mean()
             scaled = loss / self.cfg.grad_accum
             if self.scaler is not None:
@@ -366,11 +446,25 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.grad_accum
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.logging.tensorboard,
-                                progress_bar=cfg.logging.progress_bar, total=cfg.steps, initial=self.step)
+        metrics = MetricsLogger(
+            self.run_dir,
+            enabled=self.info.is_main,
+            tensorboard=cfg.logging.tensorboard,
+            progress_bar=cfg.logging.progress_bar,
+            total=cfg.steps,
+            initial=self.step,
+        )
         batches = self.source.batches(self.step * accum, cfg.steps * accum)
-        window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0,
-                                    "wait": 0.0, "time": 0.0, "samples": 0}
+        window: dict[str, float] = {
+            "loss": 0.0,
+            "mse": 0.0,
+            "vb": 0.0,
+            "grad_norm": 0.0,
+            "n": 0,
+            "wait": 0.0,
+            "time": 0.0,
+            "samples": 0,
+        }
         stopped_by_signal = False
         last_saved = None
         sample_log = None
@@ -387,8 +481,12 @@ class Trainer:
                     batch = next(batches)
                     wait += time.perf_counter() - tw
                     if sample_log is not None:
-                        sample_log.write(json.dumps({"step": self.step + 1, "micro": micro, "key": batch["key"],
-                                                     "view": batch["view"]}) + "\n")
+                        sample_log.write(
+                            json.dumps(
+                                {"step": self.step + 1, "micro": micro, "key": batch["key"], "view": batch["view"]}
+                            )
+                            + "\n"
+                        )
                     out = self.forward_backward(batch, sync=micro == accum - 1)
                     for k in sums:
                         sums[k] += float(out[k]) / accum
@@ -396,8 +494,13 @@ class Trainer:
                 if not (stepped and math.isfinite(sums["loss"])):
                     self.consecutive_bad += 1
                     self.skipped_steps += 1
-                    logger.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d in a row)",
-                                   self.step + 1, sums["loss"], norm, self.consecutive_bad)
+                    logger.warning(
+                        "step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d in a row)",
+                        self.step + 1,
+                        sums["loss"],
+                        norm,
+                        self.consecutive_bad,
+                    )
                     if self.consecutive_bad > cfg.max_bad_steps:
                         raise RuntimeError(
                             f"{self.consecutive_bad} steps in a row had a non-finite loss or gradient (limit "
@@ -422,13 +525,22 @@ class Trainer:
                 if self.step % cfg.logging.every == 0 or self.step == cfg.steps:
                     n = window["n"]
                     loss, mse, vb, gn = all_reduce_mean(
-                        [window["loss"] / n, window["mse"] / n, window["vb"] / n, window["grad_norm"] / n], self.info)
-                    metrics.log(self.step, {
-                        "loss": loss, "mse": mse, "vb": vb, "grad_norm": gn, "lr": self.schedule.lr_at(self.step - 1),
-                        "samples_per_s": window["samples"] / max(window["time"], 1e-9),
-                        "data_wait_share": window["wait"] / max(window["time"], 1e-9),
-                        "memory_gib": memory_gib(self.device), "skipped_steps": self.skipped_steps,
-                    })
+                        [window["loss"] / n, window["mse"] / n, window["vb"] / n, window["grad_norm"] / n], self.info
+                    )
+                    metrics.log(
+                        self.step,
+                        {
+                            "loss": loss,
+                            "mse": mse,
+                            "vb": vb,
+                            "grad_norm": gn,
+                            "lr": self.schedule.lr_at(self.step - 1),
+                            "samples_per_s": window["samples"] / max(window["time"], 1e-9),
+                            "data_wait_share": window["wait"] / max(window["time"], 1e-9),
+                            "memory_gib": memory_gib(self.device),
+                            "skipped_steps": self.skipped_steps,
+                        },
+                    )
                     window = {k: 0.0 for k in window}
 
                 if self.validator is not None:
@@ -453,8 +565,13 @@ class Trainer:
                 sample_log.close()
             signal.signal(signal.SIGTERM, previous)
         self.check_replicas_agree()
-        return {"step": self.step, "stopped_by_signal": stopped_by_signal, "last_checkpoint": last_saved,
-                "skipped_steps": self.skipped_steps, "checkpoints": [p.name for p in list_checkpoints(self.ckpt_root)]}
+        return {
+            "step": self.step,
+            "stopped_by_signal": stopped_by_signal,
+            "last_checkpoint": last_saved,
+            "skipped_steps": self.skipped_steps,
+            "checkpoints": [p.name for p in list_checkpoints(self.ckpt_root)],
+        }
 
     def weights_digest(self) -> str:
         """sha256 over this rank's full weights (collective under FSDP2)."""

@@ -39,8 +39,10 @@ def _load_vae(path: str, manifest: Any):
     if recorded:
         have = {p.name: _sha256_file(p) for p in _weight_files(folder, _DIFFUSERS_WEIGHTS)}
         if have != recorded:
-            raise ValueError(f"validation.vae={path!r}: its weights are not those of the VAE that encoded the cache "
-                             "(sha256 differs from the manifest's encoders.vae.weights)")
+            raise ValueError(
+                f"validation.vae={path!r}: its weights are not those of the VAE that encoded the cache "
+                "(sha256 differs from the manifest's encoders.vae.weights)"
+            )
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     return vae.eval().requires_grad_(False)
 
@@ -103,9 +105,17 @@ class Validator:
             self.model.requires_grad_(False)
         self.device = trainer.device
         self.tb = None
-        logger.info("validation: %d prompts from %s at %s every %d steps (%s weights, %s %d steps, cfg %.1f)",
-                    len(self.prompts), path, self.sizes, self.v.every, "EMA" if self.use_ema else "live",
-                    self.v.sampler, self.v.steps, self.v.guidance_scale)
+        logger.info(
+            "validation: %d prompts from %s at %s every %d steps (%s weights, %s %d steps, cfg %.1f)",
+            len(self.prompts),
+            path,
+            self.sizes,
+            self.v.every,
+            "EMA" if self.use_ema else "live",
+            self.v.sampler,
+            self.v.steps,
+            self.v.guidance_scale,
+        )
 
     def due(self, step: int) -> bool:
         return self.v.every > 0 and step % self.v.every == 0
@@ -140,8 +150,13 @@ class Validator:
         if not self.info.is_main:
             return None
         dt = time.perf_counter() - t0
-        logger.info("validation step %d: %d images in %.1f s -> %s", step, len(self.prompts) * len(self.sizes), dt,
-                    self.out_dir / f"step_{step:07d}.png")
+        logger.info(
+            "validation step %d: %d images in %.1f s -> %s",
+            step,
+            len(self.prompts) * len(self.sizes),
+            dt,
+            self.out_dir / f"step_{step:07d}.png",
+        )
         if tb is not None:
             tb.add_scalar("validation/seconds", dt, step)
         return dt
@@ -158,9 +173,18 @@ class Validator:
         grids = []
         for h, w in self.sizes:
             latents = sample_latents(
-                self.model, self.embeds, self.negative, size=(h, w), seeds=seeds, sampler=self.v.sampler,
-                steps=self.v.steps, guidance_scale=self.v.guidance_scale, diffusion=self.diffusion,
-                dtype=self.v.dtype, device=self.device)
+                self.model,
+                self.embeds,
+                self.negative,
+                size=(h, w),
+                seeds=seeds,
+                sampler=self.v.sampler,
+                steps=self.v.steps,
+                guidance_scale=self.v.guidance_scale,
+                diffusion=self.diffusion,
+                dtype=self.v.dtype,
+                device=self.device,
+            )
             images = decode_latents(self.vae, latents, self.scaling_factor)
             grid = image_grid(images, [f"{p} ({h}x{w})" for p in self.prompts])
             grids.append(grid)

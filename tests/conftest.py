@@ -23,8 +23,11 @@ def s3(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     server.start()
     # the default shard cache and staging folders too, so that no test writes to ~/.cache
-    env = dict(server.env, HYDIT_SHARD_CACHE=str(tmp_path_factory.mktemp("shard-cache")),
-               HYDIT_STAGING=str(tmp_path_factory.mktemp("staging")))
+    env = dict(
+        server.env,
+        HYDIT_SHARD_CACHE=str(tmp_path_factory.mktemp("shard-cache")),
+        HYDIT_STAGING=str(tmp_path_factory.mktemp("staging")),
+    )
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield server

@@ -33,8 +33,10 @@ def main() -> None:
 
     torch.manual_seed(SEED)
     reference = HunYuanDiT(cfg).state_dict()
-    models = {p: build_parallel_model(lambda: HunYuanDiT(cfg), par, info, seed=SEED, fresh=True, precision=p)
-              for p in ("fp32", "bf16")}
+    models = {
+        p: build_parallel_model(lambda: HunYuanDiT(cfg), par, info, seed=SEED, fresh=True, precision=p)
+        for p in ("fp32", "bf16")
+    }
     for prec, model in models.items():
         full = full_model_state(model)  # collective; rank 0 gets the full tensors
         if info.is_main:
@@ -54,6 +56,7 @@ def main() -> None:
     def record(what: str, tensor):
         def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
             seen.setdefault(what, tensor(module).dtype)
+
         return hook
 
     bf16_model = models["bf16"]
@@ -69,9 +72,13 @@ def main() -> None:
         losses = []
         for micro in range(2):
             b = 2
-            kw = dict(encoder_hidden_states=torch.randn(b, 8, 32, generator=g), text_embedding_mask=torch.ones(b, 8),
-                      encoder_hidden_states_t5=torch.randn(b, 12, 48, generator=g),
-                      text_embedding_mask_t5=torch.ones(b, 12), image_meta_size=torch.tensor([[64.0] * 4 + [0, 0]] * b))
+            kw = dict(
+                encoder_hidden_states=torch.randn(b, 8, 32, generator=g),
+                text_embedding_mask=torch.ones(b, 8),
+                encoder_hidden_states_t5=torch.randn(b, 12, 48, generator=g),
+                text_embedding_mask_t5=torch.ones(b, 12),
+                image_meta_size=torch.tensor([[64.0] * 4 + [0, 0]] * b),
+            )
             x, t = torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)
             with grad_sync(model, micro == 1), torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x, t, **kw, cos_cis_img=cos, sin_cis_img=sin)["x"].float()

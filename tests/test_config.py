@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -29,7 +29,7 @@ class Cfg:
     model: Model = field(default_factory=Model)
     steps: int = 10
     out: Path = Path("runs")
-    resume: Optional[str] = None
+    resume: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from dit_helpers import CASES, golden_model, single_thread  # noqa: F401 (autouse fixture)
 
 from pipeline.diffusion import (
     GaussianDiffusion,
@@ -16,7 +17,6 @@ from pipeline.diffusion import (
     make_betas,
     normal_kl,
 )
-from dit_helpers import CASES, golden_model, single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.exact

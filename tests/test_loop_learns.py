@@ -59,30 +59,89 @@ def test_captions_fix_colours_end_to_end(tmp_path, tmp_path_factory):
             (corpus / f"{name}_{j}.txt").write_text(name, encoding="utf-8")
 
     cache = tmp_path / "cache"
-    enc_cfg = load_config(EncodeConfig, "configs/encode/demo.yaml", [
-        "input.format=folder", f"input.paths=[{corpus}]", f"encoders.root={suite}", f"output.root={cache}",
-        "output.rows_per_shard=24", "encoders.batch_size=8", "encoders.clip_len=8", "encoders.t5_len=12",
-        "image.multireso=false", "image.resolution=32", "image.min_size=32", "image.random_flip=false", "ray.num_cpus=2",
-        "ray.preprocess_tasks=1", "ray.preprocess_num_cpus=0.25", "ray.num_cpus_per_actor=0.5",
-        "ray.torch_threads=1", "ray.object_store_memory_gb=0.3", "ray.actor_memory_gb=0.3", "log.interval_s=5"])
+    enc_cfg = load_config(
+        EncodeConfig,
+        "configs/encode/demo.yaml",
+        [
+            "input.format=folder",
+            f"input.paths=[{corpus}]",
+            f"encoders.root={suite}",
+            f"output.root={cache}",
+            "output.rows_per_shard=24",
+            "encoders.batch_size=8",
+            "encoders.clip_len=8",
+            "encoders.t5_len=12",
+            "image.multireso=false",
+            "image.resolution=32",
+            "image.min_size=32",
+            "image.random_flip=false",
+            "ray.num_cpus=2",
+            "ray.preprocess_tasks=1",
+            "ray.preprocess_num_cpus=0.25",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.torch_threads=1",
+            "ray.object_store_memory_gb=0.3",
+            "ray.actor_memory_gb=0.3",
+            "log.interval_s=5",
+        ],
+    )
     summary = job_mod.run(enc_cfg)
     assert summary["status"] == "complete", summary
 
     run = tmp_path / "run"
     steps = 120
-    train_cfg = load_config(TrainConfig, "configs/train/demo.yaml", [
-        f"data.cache={cache}", f"run_dir={run}", f"steps={steps}", "data.batch_size=8", "data.num_workers=0",
-        "data.uncond_p=0.1", "data.uncond_p_t5=0.1", "optim.lr=1e-3", "ema.enable=false", "checkpoint.every=0",
-        "checkpoint.resume=", "logging.every=20", "logging.tensorboard=false", "logging.progress_bar=false",
-        "model.clip_len=8", "model.t5_len=12", "device=cpu", "precision.mode=fp32"])
+    train_cfg = load_config(
+        TrainConfig,
+        "configs/train/demo.yaml",
+        [
+            f"data.cache={cache}",
+            f"run_dir={run}",
+            f"steps={steps}",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.uncond_p=0.1",
+            "data.uncond_p_t5=0.1",
+            "optim.lr=1e-3",
+            "ema.enable=false",
+            "checkpoint.every=0",
+            "checkpoint.resume=",
+            "logging.every=20",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "model.clip_len=8",
+            "model.t5_len=12",
+            "device=cpu",
+            "precision.mode=fp32",
+        ],
+    )
     torch.set_num_threads(1)
     Trainer(train_cfg).train()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     out = tmp_path / "samples"
     prompts = [name for name in COLOURS for _ in range(SEEDS_PER_CAPTION)]
-    args = ["--run", str(run), "--encoders", str(suite), "--size", "32x32", "--sampler", "ddim", "--steps", "20",
-            "--cfg", "3", "--negative", "", "--batch-size", "16", "--seed", "7", "--out", str(out)]
+    args = [
+        "--run",
+        str(run),
+        "--encoders",
+        str(suite),
+        "--size",
+        "32x32",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "20",
+        "--cfg",
+        "3",
+        "--negative",
+        "",
+        "--batch-size",
+        "16",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+    ]
     for p in prompts:
         args += ["--prompt", p]
     assert sample_main(args) == 0
@@ -97,9 +156,11 @@ def test_captions_fix_colours_end_to_end(tmp_path, tmp_path_factory):
     accuracy = float((nearest == truth).mean())
     own = dist[np.arange(len(truth)), truth]
     other = np.where(np.arange(len(COLOURS))[None] == truth[:, None], np.inf, dist).min(1)  # nearest wrong colour
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; nearest-colour accuracy {accuracy:.2f} (chance 0.25); "
-          f"distance to own colour mean {own.mean():.1f} (max {own.max():.1f}), to the nearest other colour mean "
-          f"{other.mean():.1f} (min {other.min():.1f}); generated mean colours {got.round().astype(int).tolist()}",
-          file=sys.stderr)
+    print(
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; nearest-colour accuracy {accuracy:.2f} (chance 0.25); "
+        f"distance to own colour mean {own.mean():.1f} (max {own.max():.1f}), to the nearest other colour mean "
+        f"{other.mean():.1f} (min {other.min():.1f}); generated mean colours {got.round().astype(int).tolist()}",
+        file=sys.stderr,
+    )
     assert accuracy >= 0.75, (accuracy, nearest.tolist())
     assert own.mean() < 0.5 * other.mean(), (own.mean(), other.mean())

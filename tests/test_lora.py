@@ -13,20 +13,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from dit_helpers import CASES, golden_model, perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
+from safetensors.torch import load_file, save_file
+from test_stage2_common import (
+    ROOT,
+    TINY_TEXT,
+    read_metrics,
+    run_script,
+    tiny_overrides,
+    train_cmd,
+    write_synthetic_cache,
+)
+
 from pipeline import lora
 from pipeline.models import DiTConfig, HunYuanDiT
 from shared.config import load_config
 from stage2_train.config import TrainConfig
-from test_stage2_common import (
-    ROOT, TINY_TEXT, read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache,
-)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lora" / "comfyui_hydit_keys_tiny_d2_r4.json"
-MODEL_TEXT = dict(text_len=TINY_TEXT["clip_len"], text_states_dim=TINY_TEXT["clip_dim"],
-                  text_len_t5=TINY_TEXT["t5_len"], text_states_dim_t5=TINY_TEXT["t5_dim"])
+MODEL_TEXT = dict(
+    text_len=TINY_TEXT["clip_len"],
+    text_states_dim=TINY_TEXT["clip_dim"],
+    text_len_t5=TINY_TEXT["t5_len"],
+    text_states_dim_t5=TINY_TEXT["t5_dim"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +70,15 @@ def _tiny_inputs(cfg: DiTConfig, B: int = 2, size: int = 16, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     cos, sin = RopeCache(cfg.head_dim, cfg.patch_size, cfg.rope_img).get(size * 8, size * 8, torch.device("cpu"))
     return dict(
-        x=torch.randn(B, cfg.in_channels, size, size, generator=g), t=torch.tensor([10.0, 700.0])[:B],
+        x=torch.randn(B, cfg.in_channels, size, size, generator=g),
+        t=torch.tensor([10.0, 700.0])[:B],
         encoder_hidden_states=torch.randn(B, cfg.text_len, cfg.text_states_dim, generator=g),
         text_embedding_mask=torch.ones(B, cfg.text_len, dtype=torch.bool),
         encoder_hidden_states_t5=torch.randn(B, cfg.text_len_t5, cfg.text_states_dim_t5, generator=g),
-        text_embedding_mask_t5=torch.ones(B, cfg.text_len_t5, dtype=torch.bool), cos_cis_img=cos, sin_cis_img=sin)
+        text_embedding_mask_t5=torch.ones(B, cfg.text_len_t5, dtype=torch.bool),
+        cos_cis_img=cos,
+        sin_cis_img=sin,
+    )
 
 
 def _randomise_adapter(model: torch.nn.Module, seed: int = 0) -> None:
@@ -125,7 +139,7 @@ def test_official_key_layout_matches_comfyui_mapping():
     assert {k: list(v.shape) for k, v in saved.items()} == fixture["keys"]  # exact names and shapes
     assert not any(k.endswith(".alpha") for k in saved)  # ComfyUI: no alpha key -> scale 1 = peft's alpha/r
     for k in saved:  # ComfyUI's rule: base_model.model.{x} -> diffusion_model.{x}.weight must be a real weight
-        x = k[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        x = k[len("base_model.model.") :].rsplit(".lora_", 1)[0]
         assert f"{x}.weight" in plain_keys, k
 
 
@@ -149,9 +163,11 @@ def test_loss_goes_down(setup, tmp_path):
     after = eval_loss(trainer, timesteps=16)
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    print(f"\nLoRA mean loss steps 1-10: {first:.4f}, steps 21-30: {last:.4f} ({100 * (1 - last / first):.0f}% lower);"
-          f" eval loss {before['loss']:.4f} -> {after['loss']:.4f} ({100 * (1 - after['loss'] / before['loss']):.1f}%"
-          " lower)")
+    print(
+        f"\nLoRA mean loss steps 1-10: {first:.4f}, steps 21-30: {last:.4f} ({100 * (1 - last / first):.0f}% lower);"
+        f" eval loss {before['loss']:.4f} -> {after['loss']:.4f} ({100 * (1 - after['loss'] / before['loss']):.1f}%"
+        " lower)"
+    )
     assert last < 0.8 * first
     assert after["loss"] < 0.85 * before["loss"]
 
@@ -267,11 +283,16 @@ def test_merge_reload_and_diffusers_export_on_golden(case, tmp_path):
     assert "blocks.0.attn1.to_q.weight" in sd and not any("Wqkv" in k for k in sd)
     d = merged.config.hidden_size
     qkv = merged.state_dict()["blocks.0.attn1.Wqkv.weight"]
-    assert torch.equal(sd["blocks.0.attn1.to_k.weight"], qkv[d:2 * d])
-    dkw = dict(hidden_states=x, timestep=t, encoder_hidden_states=kw["encoder_hidden_states"],
-               text_embedding_mask=kw["text_embedding_mask"], encoder_hidden_states_t5=kw["encoder_hidden_states_t5"],
-               text_embedding_mask_t5=kw["text_embedding_mask_t5"],
-               image_rotary_emb=(kw["cos_cis_img"], kw["sin_cis_img"]))
+    assert torch.equal(sd["blocks.0.attn1.to_k.weight"], qkv[d : 2 * d])
+    dkw = dict(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=kw["encoder_hidden_states"],
+        text_embedding_mask=kw["text_embedding_mask"],
+        encoder_hidden_states_t5=kw["encoder_hidden_states_t5"],
+        text_embedding_mask_t5=kw["text_embedding_mask_t5"],
+        image_rotary_emb=(kw["cos_cis_img"], kw["sin_cis_img"]),
+    )
     if merged.config.size_cond:
         dkw["image_meta_size"], dkw["style"] = kw["image_meta_size"], kw["style"]
     with torch.no_grad():
@@ -285,10 +306,20 @@ def test_merge_cli_writes_original_layout_and_diffusers(setup, tmp_path):
     torch.set_num_threads(1)
     Trainer(_cfg(setup, tmp_path / "run", steps=2)).train()
     out = tmp_path / "merged"
-    res = run_script([sys.executable, "-m", "stage2_train.merge_lora",
-                      "--config", str(tmp_path / "run" / "config.yaml"),
-                      "--adapter", str(tmp_path / "run" / "adapters" / "step_0000002"), "--out", str(out),
-                      "--diffusers"])
+    res = run_script(
+        [
+            sys.executable,
+            "-m",
+            "stage2_train.merge_lora",
+            "--config",
+            str(tmp_path / "run" / "config.yaml"),
+            "--adapter",
+            str(tmp_path / "run" / "adapters" / "step_0000002"),
+            "--out",
+            str(out),
+            "--diffusers",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     merged = load_file(out / "model.safetensors")
     base = load_file(setup[1])
@@ -303,9 +334,18 @@ def test_merge_cli_writes_original_layout_and_diffusers(setup, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_with_lora(setup, tmp_path, strategy):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "stage2_train/train.py", "--config", "configs/train/demo.yaml",
-            *_lora_args(*setup, run, steps=3, **{"parallel.strategy": strategy})]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "stage2_train/train.py",
+        "--config",
+        "configs/train/demo.yaml",
+        *_lora_args(*setup, run, steps=3, **{"parallel.strategy": strategy}),
+    ]
     res = run_script(args, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     saved = load_file(run / "adapters" / "step_0000003" / lora.ADAPTER_FILE)
@@ -326,10 +366,17 @@ def test_porcelain_preset_is_the_original_lora_recipe():
     m = build_model_config(cfg)
     assert (m.hidden_size, m.depth) == (1408, 40)
     assert (cfg.training.parts, cfg.lora.rank, sorted(cfg.lora.target_modules)) == (
-        "lora", 128, sorted(lora.DEFAULT_TARGETS))
+        "lora",
+        128,
+        sorted(lora.DEFAULT_TARGETS),
+    )
     assert (cfg.optim.lr, cfg.steps, cfg.data.batch_size, cfg.checkpoint.every, cfg.seed) == (1e-4, 2000, 2, 100, 999)
     assert (cfg.diffusion.beta_end, cfg.data.uncond_p, cfg.data.uncond_p_t5, cfg.data.random_flip) == (
-        0.018, 0.0, 0.0, True)
+        0.018,
+        0.0,
+        0.0,
+        True,
+    )
     assert cfg.parallel.activation_checkpointing and not cfg.ema.enable
 
 

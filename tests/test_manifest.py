@@ -1,4 +1,5 @@
 """The manifest: written last and atomically, read back exactly, and the compatibility check stage 2 runs."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,23 @@ from shared.manifest import Manifest, check_manifest, encoders_hash, read_manife
 from shared.schema import SCHEMA_VERSION, CacheSpec
 
 SMALL = dict(clip_len=12, clip_dim=16, t5_len=24, t5_dim=20)
-ENCODERS = {"vae": {"class": "AutoencoderKL", "weights": {"diffusion_pytorch_model.safetensors": "aa"},
-                    "dtype": "float32"},
-            "t5": {"class": "T5EncoderModel", "weights": {"model.safetensors": "bb"}, "dtype": "float16"}}
+ENCODERS = {
+    "vae": {"class": "AutoencoderKL", "weights": {"diffusion_pytorch_model.safetensors": "aa"}, "dtype": "float32"},
+    "t5": {"class": "T5EncoderModel", "weights": {"model.safetensors": "bb"}, "dtype": "float16"},
+}
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> tuple[Manifest, object]:
     root = tmp_path_factory.mktemp("cache")
-    write_synthetic_cache(root, CacheSpec(format="webdataset", **SMALL), n_samples=3, n_shards=1,
-                          encoders=ENCODERS, scaling_factor=0.13025)
+    write_synthetic_cache(
+        root,
+        CacheSpec(format="webdataset", **SMALL),
+        n_samples=3,
+        n_shards=1,
+        encoders=ENCODERS,
+        scaling_factor=0.13025,
+    )
     return read_manifest(root), root
 
 
@@ -39,22 +47,41 @@ def test_manifest_contents(manifest):
 
 def test_compatible_passes(manifest):
     m, _ = manifest
-    m.check_compatible(clip_len=12, t5_len=24, clip_dim=16, t5_dim=20, latent_channels=4,
-                       vae_scaling_factor=0.13025, encoders_hash=encoders_hash(ENCODERS), encoders=ENCODERS,
-                       views=("plain",), format="webdataset", t5_dtype="float16", downsample=8)
+    m.check_compatible(
+        clip_len=12,
+        t5_len=24,
+        clip_dim=16,
+        t5_dim=20,
+        latent_channels=4,
+        vae_scaling_factor=0.13025,
+        encoders_hash=encoders_hash(ENCODERS),
+        encoders=ENCODERS,
+        views=("plain",),
+        format="webdataset",
+        t5_dtype="float16",
+        downsample=8,
+    )
 
 
-@pytest.mark.parametrize("expected, message", [
-    ({"clip_len": 64}, "cache has clip_len=12 but the model expects clip_len=64; re-encode or change model.clip_len"),
-    ({"t5_len": 256}, "cache has t5_len=24 but the model expects t5_len=256"),
-    ({"clip_dim": 1024}, "cache has clip_dim=16 but the model expects clip_dim=1024"),
-    ({"t5_dim": 2048}, "cache has t5_dim=20 but the model expects t5_dim=2048"),
-    ({"latent_channels": 16}, "cache has latent_channels=4 but the model expects latent_channels=16"),
-    ({"vae_scaling_factor": 0.18215},
-     "cache has vae_scaling_factor=0.13025 but the model expects vae_scaling_factor=0.18215"),
-    ({"encoders_hash": "0" * 64}, "cache has encoders_hash="),
-    ({"views": ["plain", "flip"]}, "cache has views=['plain'] but the model expects views=['plain', 'flip']"),
-])
+@pytest.mark.parametrize(
+    "expected, message",
+    [
+        (
+            {"clip_len": 64},
+            "cache has clip_len=12 but the model expects clip_len=64; re-encode or change model.clip_len",
+        ),
+        ({"t5_len": 256}, "cache has t5_len=24 but the model expects t5_len=256"),
+        ({"clip_dim": 1024}, "cache has clip_dim=16 but the model expects clip_dim=1024"),
+        ({"t5_dim": 2048}, "cache has t5_dim=20 but the model expects t5_dim=2048"),
+        ({"latent_channels": 16}, "cache has latent_channels=4 but the model expects latent_channels=16"),
+        (
+            {"vae_scaling_factor": 0.18215},
+            "cache has vae_scaling_factor=0.13025 but the model expects vae_scaling_factor=0.18215",
+        ),
+        ({"encoders_hash": "0" * 64}, "cache has encoders_hash="),
+        ({"views": ["plain", "flip"]}, "cache has views=['plain'] but the model expects views=['plain', 'flip']"),
+    ],
+)
 def test_mismatch_is_refused_with_its_name(manifest, expected, message):
     m, _ = manifest
     with pytest.raises(ValueError) as e:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from dit_helpers import CASES, golden_model, perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 from pipeline import models
 from pipeline.models import (
@@ -18,7 +17,6 @@ from pipeline.models import (
     timestep_embedding,
 )
 from pipeline.rope import rope_tables
-from dit_helpers import CASES, golden_model, perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
 def tiny_inputs(cfg: DiTConfig, B: int = 2, h: int = 8, w: int = 12, seed: int = 0) -> dict:
@@ -68,11 +66,14 @@ def test_golden_forward_with_shared_padding_rows(case: str) -> None:
     # original's output for its sample.
     model, _, data, inputs = golden_model(case)
     order = torch.tensor([0, 1, 0, 1, 0])
-    batch = {k: (v[order] if v.shape[0] == 2 and k not in ("cos_cis_img", "sin_cis_img") else v)
-             for k, v in inputs.items()}
+    batch = {
+        k: (v[order] if v.shape[0] == 2 and k not in ("cos_cis_img", "sin_cis_img") else v) for k, v in inputs.items()
+    }
     text = model.text_tokens(
-        batch["encoder_hidden_states"], batch["text_embedding_mask"],
-        batch["encoder_hidden_states_t5"], batch["text_embedding_mask_t5"],
+        batch["encoder_hidden_states"],
+        batch["text_embedding_mask"],
+        batch["encoder_hidden_states_t5"],
+        batch["text_embedding_mask_t5"],
     )
     n_valid = int(batch["text_embedding_mask"].sum() + batch["text_embedding_mask_t5"].sum())
     assert text.index is not None and text.rows.shape[0] == n_valid + 12 < 5 * 20  # 12 positions padded somewhere
@@ -91,8 +92,12 @@ def test_shared_padding_rows_give_the_dense_gradients() -> None:
     kw["t"] = torch.tensor([3.0, 700.0, 250.0, 999.0, 40.0])
     kw["text_embedding_mask"][4] = 0  # a sample whose text is all padding
     kw["text_embedding_mask_t5"][4] = 0
-    text = model.text_tokens(kw["encoder_hidden_states"], kw["text_embedding_mask"],
-                             kw["encoder_hidden_states_t5"], kw["text_embedding_mask_t5"])
+    text = model.text_tokens(
+        kw["encoder_hidden_states"],
+        kw["text_embedding_mask"],
+        kw["encoder_hidden_states_t5"],
+        kw["text_embedding_mask_t5"],
+    )
     assert text.index is not None
 
     def loss_and_grads(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -106,8 +111,15 @@ def test_shared_padding_rows_give_the_dense_gradients() -> None:
     total: dict[str, torch.Tensor] = {}
     for i in range(5):
         one = {k: (v[i : i + 1] if v.shape[0] == 5 and "cis" not in k else v) for k, v in kw.items()}
-        assert model.text_tokens(one["encoder_hidden_states"], one["text_embedding_mask"],
-                                 one["encoder_hidden_states_t5"], one["text_embedding_mask_t5"]).index is None
+        assert (
+            model.text_tokens(
+                one["encoder_hidden_states"],
+                one["text_embedding_mask"],
+                one["encoder_hidden_states_t5"],
+                one["text_embedding_mask_t5"],
+            ).index
+            is None
+        )
         o, g = loss_and_grads(one)
         singles.append(o)
         total = {n: total.get(n, 0) + g[n] for n in g}
@@ -384,6 +396,7 @@ def test_rope_under_bf16_autocast_computes_in_fp32(rope_form: str, monkeypatch: 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = apply_rope(x, Rope.from_tables(cos, sin))
     assert out.dtype == torch.bfloat16
+
     # fp32 math may differ from `expected` by a fused multiply-add (complex multiplication kernels use one on some
     # CPUs): at most 2 fp32 ulp before the cast, so after rounding to bf16 (16 fewer mantissa bits) an element
     # changes only when it sits within 2 fp32 ulp of a bf16 rounding midpoint, p ~ 4 / 2**16 per element, i.e.
@@ -463,8 +476,12 @@ def test_compiled_blocks_do_not_recompile_when_the_text_row_count_changes() -> N
         kw["t"] = torch.rand(B, generator=g) * 999
         kw["text_embedding_mask"] = (torch.rand(B, model.config.text_len, generator=g) < 0.6).long()
         kw["text_embedding_mask_t5"] = (torch.rand(B, model.config.text_len_t5, generator=g) < 0.6).long()
-        text = model.text_tokens(kw["encoder_hidden_states"], kw["text_embedding_mask"],
-                                 kw["encoder_hidden_states_t5"], kw["text_embedding_mask_t5"])
+        text = model.text_tokens(
+            kw["encoder_hidden_states"],
+            kw["text_embedding_mask"],
+            kw["encoder_hidden_states_t5"],
+            kw["text_embedding_mask_t5"],
+        )
         assert text.index is not None
         rows.add(text.rows.shape[0])
         model(**kw)["x"].square().mean().backward()

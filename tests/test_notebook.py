@@ -3,6 +3,7 @@
 The VAE is a committed 45 KB fixture (tests/fixtures/cache_tiny_vae) so that only the notebook kernel pays for
 importing diffusers.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,8 @@ import nbformat
 import pytest
 
 from shared.cache import open_cache
-from shared.inspection import write_synthetic_cache
 from shared.cli import main as cli_main
+from shared.inspection import write_synthetic_cache
 from shared.schema import CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,17 +44,21 @@ def test_notebook_executes_headless_and_decodes(cache_dir, tmp_path):
     nb = nbformat.read(ROOT / "examples" / "inspect_cache.ipynb", as_version=4)
     # the last cell also runs the CLI's --grid path, so the kernel imports diffusers once for both
     grid = tmp_path / "grid.png"
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "from shared.cli import main\n"
-        f"assert main(['inspect', CACHE, '--grid', {str(grid)!r}, '--vae', VAE, '-n', '3']) == 0\n"
-        "flipped = cache.decode(1, view='flip')\n"
-        "print('flip decode', flipped.size, flipped.mode)"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "from shared.cli import main\n"
+            f"assert main(['inspect', CACHE, '--grid', {str(grid)!r}, '--vae', VAE, '-n', '3']) == 0\n"
+            "flipped = cache.decode(1, view='flip')\n"
+            "print('flip decode', flipped.size, flipped.mode)"
+        )
+    )
     env = {"HYDIT_CACHE": str(cache_dir), "HYDIT_VAE": str(TINY_VAE), "HYDIT_REPO": str(ROOT)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(nb, timeout=180, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "examples")}}).execute()
+        NotebookClient(
+            nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "examples")}}
+        ).execute()
     finally:
         for k, v in old.items():
             if v is None:

@@ -4,6 +4,7 @@ Stage 1 -> S3 is checked bit for bit against the same corpus cached on local dis
 run), including a server killed mid-job and restarted; stage 2 reading from S3 trains with losses bit-identical to
 the same cache on local disk (same files, same readers, same kernels: exact by construction).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from shared.storage import MissingObjectError, RemoteStore, StorageConfig, StorageError
 from test_stage1_job import DEMO_CFG, ENV, REPO, assert_same_cache, corpus, overrides, reference, suite  # noqa: F401
 from test_stage2_common import read_metrics, tiny_overrides, write_synthetic_cache
 
+from shared.storage import MissingObjectError, RemoteStore, StorageConfig, StorageError
+
 
 def _samples(cache) -> dict:
-    return {s["key"]: {k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v
-                       for k, v in s.items()} for s in (cache[i] for i in range(len(cache)))}
+    return {
+        s["key"]: {k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+        for s in (cache[i] for i in range(len(cache)))
+    }
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
@@ -127,8 +130,12 @@ def test_stage2_losses_from_s3_equal_local_disk(s3, tmp_path):
 
 
 def _cli(args: list[str], s3, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=REPO,
-                            env=dict(ENV, **s3.env), **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
+        cwd=REPO,
+        env=dict(ENV, **s3.env),
+        **kw,
+    )
 
 
 @pytest.mark.exact
@@ -140,8 +147,12 @@ def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_
     from shared.remote_cache import download_cache, remote_completed
 
     url = s3.url()
-    args = overrides(corpus, suite, url, **{"storage.retries": 2, "storage.backoff_s": 0.2,
-                                            "storage.staging_dir": str(tmp_path / "staging")})
+    args = overrides(
+        corpus,
+        suite,
+        url,
+        **{"storage.retries": 2, "storage.backoff_s": 0.2, "storage.staging_dir": str(tmp_path / "staging")},
+    )
     store = RemoteStore(url)
     log = tmp_path / "driver.log"
     with open(log, "w") as f:
@@ -161,8 +172,14 @@ def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_
     first = remote_completed(store, "webdataset")
     assert 1 <= len(first) < 4 and not store.exists("manifest.json")
 
-    r = subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=REPO,
-                       env=dict(ENV, **s3.env), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
+        cwd=REPO,
+        env=dict(ENV, **s3.env),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout)
     assert summary["status"] == "complete" and summary["root"] == url
@@ -238,9 +255,12 @@ def test_readers_on_s3_give_the_local_rows(s3, tmp_path, monkeypatch):
     # a list on s3:// naming image URLs: inside its prefix, outside it (refused unless allowed), and missing
     inside, outside = f"{url}/loose/images/00000.png", f"{url}/elsewhere/x.png"
     store.write_bytes("elsewhere/x.png", loose["images"].joinpath("00000.png").read_bytes())
-    lines = [{"img_path": inside, "text_zh": "a"}, {"img_path": outside, "text_zh": "b"},
-             {"img_path": "images/../../elsewhere/x.png", "text_zh": "c"},
-             {"img_path": "images/nope.png", "text_zh": "d"}]
+    lines = [
+        {"img_path": inside, "text_zh": "a"},
+        {"img_path": outside, "text_zh": "b"},
+        {"img_path": "images/../../elsewhere/x.png", "text_zh": "c"},
+        {"img_path": "images/nope.png", "text_zh": "d"},
+    ]
     store.write_bytes("loose/urls.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
     cfg = InputConfig(format="jsonl", paths=[f"{url}/loose/urls.jsonl"])
     rows = [r for p in plan_partitions(cfg, 10) for r in read_partition(p, cfg)]
@@ -268,13 +288,33 @@ def _ray_node(args: list[str], home: Path, temp_dir: Path, env: dict) -> subproc
     --temp-dir: Ray's socket paths must stay under 108 bytes) and its own process group, so that teardown kills
     exactly its processes."""
     home.mkdir(parents=True, exist_ok=True)
-    node_env = dict(env, HOME=str(home), HYDIT_STAGING=str(home / "staging"), HYDIT_SHARD_CACHE=str(home / "cache"),
-                    TMPDIR=str(home))
+    node_env = dict(
+        env,
+        HOME=str(home),
+        HYDIT_STAGING=str(home / "staging"),
+        HYDIT_SHARD_CACHE=str(home / "cache"),
+        TMPDIR=str(home),
+    )
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(home / "ray.log", "w")
-    return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir",
-                             str(temp_dir), "--disable-usage-stats", *args], cwd=home, env=node_env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            str(temp_dir),
+            "--disable-usage-stats",
+            *args,
+        ],
+        cwd=home,
+        env=node_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop_node(proc: subprocess.Popen) -> None:
@@ -318,16 +358,24 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     Only code and the encoder weights are at one path for every process, as on any cluster (installed on each
     machine); whichever process writes the shards (the driver, or tasks on the nodes) has only its own folders."""
     from ray.util.state import list_actors, list_tasks
+    from test_stage1_job import _free_port, cache_content
 
     from shared.remote_cache import download_cache
-    from test_stage1_job import _free_port, cache_content
 
     url, corpus_url = s3.url(), s3.url()  # the output prefix must be empty
     RemoteStore(corpus_url).upload(corpus["arrow_dir"], "arrow")
     env = dict(ENV, **s3.env)
-    names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port"]
+    names = [
+        "port",
+        "dashboard-port",
+        "object-manager-port",
+        "node-manager-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
     ports: dict[str, int] = {}
     while len(set(ports.values())) < len(names) * 3:
         ports = {f"{n}@{i}": _free_port() for n in names for i in range(3)}
@@ -335,19 +383,37 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     head = f"127.0.0.1:{ports['port@0']}"
     dashboard = f"http://127.0.0.1:{ports['dashboard-port@0']}"
     temp_dirs = [Path(tempfile.mkdtemp(prefix=f"hyray{i}-")) for i in range(3)]
-    args = {0: ["--head", "--num-cpus", "0", "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
-                "--object-store-memory", str(100 * 1024**2), *own(0)]}
+    args = {
+        0: [
+            "--head",
+            "--num-cpus",
+            "0",
+            "--include-dashboard=true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--object-store-memory",
+            str(100 * 1024**2),
+            *own(0),
+        ]
+    }
     # 3 logical CPUs each: one encoder actor (1.75 CPU) per node, by resources, and room beside it for the 1-CPU
     # tasks Ray Data runs between the operators (with 1 CPU per node and 0.75 per actor they wait forever)
     for i in (1, 2):
-        args[i] = ["--address", head, "--num-cpus", "3", "--object-store-memory", str(200 * 1024**2),
-                   *own(i, skip=("port", "dashboard-port", "ray-client-server-port"))]
+        args[i] = [
+            "--address",
+            head,
+            "--num-cpus",
+            "3",
+            "--object-store-memory",
+            str(200 * 1024**2),
+            *own(i, skip=("port", "dashboard-port", "ray-client-server-port")),
+        ]
     nodes: list[subprocess.Popen] = []
     try:
         # one at a time (a worker that starts before the head's GCS is up gives up); a node whose start hits Ray's
         # fixed 30 s registration timeout on a loaded machine is started again, twice at most
         for i in range(3):
-            for attempt in range(3):
+            for _attempt in range(3):
                 proc = _ray_node(args[i], tmp_path / f"node{i}", temp_dirs[i], env)
                 alive = _wait_nodes(dashboard, 1 + i, nodes + [proc], tmp_path)
                 if alive is not None:
@@ -360,17 +426,34 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
 
         driver = tmp_path / "driver"
         driver.mkdir()
-        args = overrides(corpus, suite, url, **{
-            "input.paths": f"[{corpus_url}/arrow]", "ray.address": head, "ray.num_encoder_actors": 2,
-            "ray.num_cpus_per_actor": 1.75, "ray.preprocess_tasks": 2})
-        r = subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=driver,
-                           env=dict(env, HOME=str(driver), HYDIT_STAGING=str(driver / "staging"), TMPDIR=str(driver)),
-                           capture_output=True, text=True, timeout=500)
+        args = overrides(
+            corpus,
+            suite,
+            url,
+            **{
+                "input.paths": f"[{corpus_url}/arrow]",
+                "ray.address": head,
+                "ray.num_encoder_actors": 2,
+                "ray.num_cpus_per_actor": 1.75,
+                "ray.preprocess_tasks": 2,
+            },
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
+            cwd=driver,
+            env=dict(env, HOME=str(driver), HYDIT_STAGING=str(driver / "staging"), TMPDIR=str(driver)),
+            capture_output=True,
+            text=True,
+            timeout=500,
+        )
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         assert json.loads(r.stdout)["status"] == "complete"
 
-        actors = [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "MapWorker" in a.class_name
-                  or "Encoder" in a.class_name]
+        actors = [
+            a
+            for a in list_actors(address=dashboard, detail=True, limit=1000)
+            if "MapWorker" in a.class_name or "Encoder" in a.class_name
+        ]
         # both worker nodes host map actors (the encoders: 1.75 of their 3 CPUs each); actors that need no CPU (e.g.
         # a shard writer) may run on the head as well
         assert workers <= {a.node_id for a in actors}, [(a.class_name, a.node_id) for a in actors]
@@ -386,6 +469,7 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     want = cache_content(reference)
     # rejects name their source: the s3:// object here, the local file there; everything else is equal
     for c in (got, want):
-        c["rejects"] = [{k: v for k, v in json.loads(line).items() if k != "source"}
-                        for line in c["rejects"].splitlines()]
+        c["rejects"] = [
+            {k: v for k, v in json.loads(line).items() if k != "source"} for line in c["rejects"].splitlines()
+        ]
     assert got["shards"] == want["shards"] and got == want

@@ -16,8 +16,23 @@ from stage1_encode.config import ImageConfig
 # The 33 buckets of ResolutionGroup(1024, step=64)._calc_by_step, sorted by h / w (spec 8.3), written out.
 BUCKETS_1024 = (
     [(512, w) for w in range(2048, 1535, -64)]
-    + [(576, 1472), (640, 1408), (704, 1344), (768, 1280), (832, 1216), (896, 1152), (960, 1088), (1024, 1024),
-       (1088, 960), (1152, 896), (1216, 832), (1280, 768), (1344, 704), (1408, 640), (1472, 576)]
+    + [
+        (576, 1472),
+        (640, 1408),
+        (704, 1344),
+        (768, 1280),
+        (832, 1216),
+        (896, 1152),
+        (960, 1088),
+        (1024, 1024),
+        (1088, 960),
+        (1152, 896),
+        (1216, 832),
+        (1280, 768),
+        (1344, 704),
+        (1408, 640),
+        (1472, 576),
+    ]
     + [(h, 512) for h in range(1536, 2049, 64)]
 )
 
@@ -50,8 +65,17 @@ def test_bucket_list_is_the_originals_33():
 
 
 def test_bucket_list_small_base_and_bad_args():
-    assert pp.resolution_buckets(256, 64) == [(128, 512), (128, 448), (128, 384), (192, 320), (256, 256),
-                                              (320, 192), (384, 128), (448, 128), (512, 128)]
+    assert pp.resolution_buckets(256, 64) == [
+        (128, 512),
+        (128, 448),
+        (128, 384),
+        (192, 320),
+        (256, 256),
+        (320, 192),
+        (384, 128),
+        (448, 128),
+        (512, 128),
+    ]
     with pytest.raises(ValueError, match="step"):
         pp.resolution_buckets(256, 200)
     with pytest.raises(ValueError, match="align"):
@@ -150,8 +174,9 @@ def test_crop_rng_draw_order_and_determinism():
     offsets = {int(pp.resize_and_crop(wide, f"k{i}", single).image_meta_size[4]) for i in range(8)}
     assert len(offsets) > 1
     s1 = ImageConfig(multireso=False, resolution=64, seed=1)
-    assert [pp.resize_and_crop(wide, f"k{i}", s1).image_meta_size[4] for i in range(8)] != \
-        [pp.resize_and_crop(wide, f"k{i}", single).image_meta_size[4] for i in range(8)]
+    assert [pp.resize_and_crop(wide, f"k{i}", s1).image_meta_size[4] for i in range(8)] != [
+        pp.resize_and_crop(wide, f"k{i}", single).image_meta_size[4] for i in range(8)
+    ]
 
 
 @pytest.mark.exact
@@ -283,7 +308,7 @@ def test_decode_converts_modes_like_the_original(mode):
         ("", DEFAULT_CAPTION, True),
         ("\u3000 \t", DEFAULT_CAPTION, True),  # str.strip() removes the ideographic space, as the original
         (None, DEFAULT_CAPTION, True),
-        ("一只猫".encode("utf-8"), "一只猫", False),
+        ("一只猫".encode(), "一只猫", False),
     ],
 )
 def test_clean_caption(value, expected, substituted):
@@ -348,8 +373,14 @@ def test_tokenisation_matches_original_rules(tiny_tokenizers):
         ref = clip_tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         np.testing.assert_array_equal(out["clip_ids"][i], ref.input_ids[0].numpy())
         np.testing.assert_array_equal(out["clip_mask"][i], ref.attention_mask[0].bool().numpy())
-        r5 = t5_tok(text, max_length=256, truncation=True, return_attention_mask=True, add_special_tokens=True,
-                    return_tensors="pt")
+        r5 = t5_tok(
+            text,
+            max_length=256,
+            truncation=True,
+            return_attention_mask=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         n = r5["input_ids"].shape[1]
         ids = torch.cat([r5["input_ids"], torch.ones(1, 256 - n)], dim=1).long()[0]
         mask = torch.cat([r5["attention_mask"], torch.zeros(1, 256 - n)], dim=1).bool()[0]

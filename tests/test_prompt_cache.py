@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
+from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
+from test_sampler import shared_tiny_suite
+from test_stage2_common import write_synthetic_cache
 
 from pipeline.encoders import EncoderDtypes, load_encoders
 from pipeline.sampler import NEGATIVE_PROMPT, PromptEmbeds, encode_prompts, sample_latents
 from shared.manifest import encoders_hash
 from shared.prompts import prompt_file_path, read_prompt_file
 from stage1_encode.prompts import main as prompts_main
-from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
-from test_sampler import shared_tiny_suite
-from test_stage2_common import write_synthetic_cache
 
 PROMPTS = ["a red square", "zwei blaue Kreise", "一只猫"]
 
@@ -38,8 +38,10 @@ def test_cached_prompts_sample_bit_identical_to_encoded_ones(tmp_path, suite, en
     cache = write_synthetic_cache(tmp_path / "cache", n=2, encoders=encoders.fingerprint())
     plist = tmp_path / "prompts.txt"
     plist.write_text("# validation prompts\n" + "\n".join(PROMPTS[1:]) + "\n\n", encoding="utf-8")
-    assert prompts_main(["--cache", str(cache), "--encoders", str(suite), "--prompt", PROMPTS[0],
-                         "--prompts", str(plist)]) == 0
+    assert (
+        prompts_main(["--cache", str(cache), "--encoders", str(suite), "--prompt", PROMPTS[0], "--prompts", str(plist)])
+        == 0
+    )
     path = prompt_file_path(cache, "validation")
     assert path.is_file() and str(path) in capsys.readouterr().out
     manifest = json.loads((cache / "manifest.json").read_text())

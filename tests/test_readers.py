@@ -1,12 +1,11 @@
 import hashlib
-import os
 import json
+import os
 import pickle
 import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from stage1_encode.demo_corpus import demo_records, write_demo_corpus, write_demo_image_list
@@ -40,7 +39,12 @@ def test_arrow_and_parquet_give_the_same_rows_keys_and_bytes(corpus):
     assert len(arrow) == len(parquet) == N
     for a, p in zip(arrow, parquet):
         assert (a["key"], a["row"], a["image"], a["caption"], a["md5"]) == (
-            p["key"], p["row"], p["image"], p["caption"], p["md5"])
+            p["key"],
+            p["row"],
+            p["image"],
+            p["caption"],
+            p["md5"],
+        )
     expected = _arrow_rows(corpus)
     for got, want in zip(arrow, expected):
         assert got["image"] == want["image"] and got["caption"] == want["text_zh"] and got["md5"] == want["md5"]
@@ -168,14 +172,19 @@ def test_indexkits_multireso_npz_and_large_index_npz(tmp_path, corpus):
     (corpus["arrow_dir"] / "big.json").write_text(json.dumps(doc))
     rows = _read_all(InputConfig(format="indexkits", paths=[str(corpus["arrow_dir"] / "big.json")]), 2)[1]
     assert [(r["source"][-11:], r["row"]) for r in rows] == [
-        ("00000.arrow", 0), ("00000.arrow", 5), ("00001.arrow", 1), ("00002.arrow", 9)]
+        ("00000.arrow", 0),
+        ("00000.arrow", 5),
+        ("00001.arrow", 1),
+        ("00002.arrow", 9),
+    ]
 
     stale = dict(doc, cum_length=[40, 80, 91])
     (tmp_path / "stale.json").write_text(json.dumps(dict(stale, arrow_files=[str(p) for p in corpus["arrow_files"]])))
     with pytest.raises(ValueError, match=r"stale\.json: 'cum_length' \[40, 80, 91\] does not match"):
         plan_partitions(InputConfig(format="indexkits", paths=[str(tmp_path / "stale.json")]), 10)
-    (tmp_path / "oob.json").write_text(json.dumps(dict(doc, indices=[3, 90], indices_file="",
-                                                       arrow_files=[str(p) for p in corpus["arrow_files"]])))
+    (tmp_path / "oob.json").write_text(
+        json.dumps(dict(doc, indices=[3, 90], indices_file="", arrow_files=[str(p) for p in corpus["arrow_files"]]))
+    )
     with pytest.raises(ValueError, match=r"oob\.json: indices range 3\.\.90 is outside the 90 rows"):
         plan_partitions(InputConfig(format="indexkits", paths=[str(tmp_path / "oob.json")]), 10)
     (tmp_path / "notindex.json").write_text(json.dumps({"rows": []}))
@@ -213,7 +222,9 @@ def test_folder_jsonl_and_csv(tmp_path):
     rows = _read_all(csv_cfg, 5)[1]
     assert [r["image"] for r in rows] == [arrow_by_row[i]["image"] for i in range(8)]
     assert [r["caption"] for r in rows] == [arrow_by_row[i]["text_zh"] for i in range(8)]
-    with pytest.raises(ValueError, match=r"list\.csv: no column 'path' \(input.image_path_column\); columns are: img_path"):
+    with pytest.raises(
+        ValueError, match=r"list\.csv: no column 'path' \(input.image_path_column\); columns are: img_path"
+    ):
         plan_partitions(InputConfig(format="csv", paths=[str(loose["csv"])], image_path_column="path"), 5)
     with pytest.raises(ValueError, match=r"list\.jsonl: no key 'caption' \(input.caption_column\) in line 1"):
         plan_partitions(InputConfig(format="jsonl", paths=[str(loose["jsonl"])], caption_column="caption"), 5)
@@ -273,9 +284,17 @@ def test_list_paths_stay_inside_the_list_folder_unless_allowed(tmp_path):
     _png(outside / "secret.png")
     (corpus / "images" / "link_out.png").symlink_to(outside / "secret.png")  # a symlink out of the folder
     (corpus / "images" / "link_in.png").symlink_to(corpus / "images" / "ok.png")
-    paths = ["images/ok.png", "../outside/secret.png", "../../../../../../etc/passwd", str(outside / "secret.png"),
-             "/etc/passwd", "images/link_out.png", "images/link_in.png", "images/../images/ok.png",
-             str(corpus / "images" / "ok.png")]
+    paths = [
+        "images/ok.png",
+        "../outside/secret.png",
+        "../../../../../../etc/passwd",
+        str(outside / "secret.png"),
+        "/etc/passwd",
+        "images/link_out.png",
+        "images/link_in.png",
+        "images/../images/ok.png",
+        str(corpus / "images" / "ok.png"),
+    ]
     (corpus / "list.jsonl").write_text("".join(json.dumps({"img_path": p, "text_zh": "x"}) + "\n" for p in paths))
     with (corpus / "list.csv").open("w") as fh:
         fh.write("img_path,text_zh\n" + "".join(f"{p},x\n" for p in paths))
@@ -295,8 +314,10 @@ def test_list_paths_stay_inside_the_list_folder_unless_allowed(tmp_path):
         got = _reasons(anywhere)
         assert got == [(None, True)] * len(paths)  # /etc/passwd included: that is what the option means
     with pytest.raises(ValueError, match=r"input.allowed_roots: '.*nowhere' is not a folder"):
-        plan_partitions(InputConfig(format="jsonl", paths=[str(corpus / "list.jsonl")],
-                                    allowed_roots=[str(tmp_path / "nowhere")]), 10)
+        plan_partitions(
+            InputConfig(format="jsonl", paths=[str(corpus / "list.jsonl")], allowed_roots=[str(tmp_path / "nowhere")]),
+            10,
+        )
 
 
 def test_only_regular_files_are_opened_and_refusals_are_rows(tmp_path):
@@ -313,11 +334,19 @@ def test_only_regular_files_are_opened_and_refusals_are_rows(tmp_path):
     _png(folder / "e_caption_fifo.png")
     os.mkfifo(folder / "e_caption_fifo.txt")  # a FIFO sidecar must not block either
     (folder / "f_dir.png").mkdir()  # a folder named like an image is no row (nor a reject)
-    want = [(None, True), ("broken_symlink", False), ("not_regular_file", False), ("outside_roots", False),
-            ("not_regular_file", True)]
-    (folder / "list.jsonl").write_text("".join(  # inside the folder: outside/ is outside the list's folder too
-        json.dumps({"img_path": n, "text_zh": "x"}) + "\n"
-        for n in ("a_ok.png", "b_broken.png", "c_fifo.png", "d_out.png", "e_caption_fifo.png")))
+    want = [
+        (None, True),
+        ("broken_symlink", False),
+        ("not_regular_file", False),
+        ("outside_roots", False),
+        ("not_regular_file", True),
+    ]
+    (folder / "list.jsonl").write_text(
+        "".join(  # inside the folder: outside/ is outside the list's folder too
+            json.dumps({"img_path": n, "text_zh": "x"}) + "\n"
+            for n in ("a_ok.png", "b_broken.png", "c_fifo.png", "d_out.png", "e_caption_fifo.png")
+        )
+    )
     got = {}
 
     def read():

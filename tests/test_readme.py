@@ -42,14 +42,22 @@ def test_readme_names_only_modules_and_files_that_exist():
     for module in sorted(set(re.findall(r"python -m ([a-z_][\w.]*)", README))):
         path = ROOT / module.replace(".", "/")
         assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), f"README runs missing {module}"
-    for name in sorted(set(re.findall(r"\b((?:scripts|stage2_train|stage1_encode|shared|pipeline)/[\w/]+\.(?:py|sh))", README))):
+    for name in sorted(
+        set(re.findall(r"\b((?:scripts|stage2_train|stage1_encode|shared|pipeline)/[\w/]+\.(?:py|sh))", README))
+    ):
         assert (ROOT / name).is_file(), f"README names missing {name}"
 
 
 def test_demo_dry_run_lists_every_step(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path), "--dry-run"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for step in ("corpus", "models", "encode", "train", "inspect", "loss"):
         assert re.search(rf"^  {step}\s+(ok \(dry run\)|NOT BUILT YET|skipped)", out.stdout, flags=re.M), out.stdout
@@ -83,8 +91,9 @@ def test_design_map_names_only_what_exists():
         if package and entry:
             for name in re.findall(r"[\w.]+\.py", entry.group(1)):
                 assert (ROOT / package / name).is_file(), f"design.md lists {package}/{name}, which does not exist"
-    code = "\n".join(p.read_text() for d in ("pipeline", "shared", "stage1_encode", "stage2_train")
-                     for p in (ROOT / d).glob("*.py"))
+    code = "\n".join(
+        p.read_text() for d in ("pipeline", "shared", "stage1_encode", "stage2_train") for p in (ROOT / d).glob("*.py")
+    )
     names = set(re.findall(r"\b(?:[A-Z][a-z0-9]+){2,}\w*\b|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", design))
     names |= set(re.findall(r"\b(?:def|class) (\w+)", design)) | set(re.findall(r"\b([a-z]\w*_\w+)\(", design))
     missing = sorted(n for n in names if not re.search(rf"\b{re.escape(n)}\b", code))

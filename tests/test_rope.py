@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dit_helpers import GOLDEN, single_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
 
 from pipeline.rope import RopeCache, fill_resize_and_crop, grid_positions, rope_tables
-from dit_helpers import GOLDEN, single_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.exact  # golden tables bit for bit: cos/sin kernels differ between CPUs
 

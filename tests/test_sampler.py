@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 from pipeline.checkpoints import export_diffusers
 from pipeline.encoders import EncoderDtypes, load_encoders
 from pipeline.rope import rope_tables
 from pipeline.sampler import NEGATIVE_PROMPT, DiffusionSettings, encode_prompts, make_scheduler, sample_latents
 from pipeline.tiny_suite import write_tiny_suite
-from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 PROMPTS = ["a red square", "a blue circle on grass"]
 SEEDS = [3, 11]
@@ -43,9 +43,16 @@ def _pipeline(encoders, model, folder: Path, sampler: str):
 
     transformer = HunyuanDiT2DModel.from_pretrained(export_diffusers(model, folder)).eval()
     return HunyuanDiTPipeline(
-        vae=encoders.vae, text_encoder=encoders.clip, tokenizer=encoders.clip_tokenizer, transformer=transformer,
-        scheduler=make_scheduler(sampler, DiffusionSettings()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, text_encoder_2=encoders.t5, tokenizer_2=encoders.t5_tokenizer,
+        vae=encoders.vae,
+        text_encoder=encoders.clip,
+        tokenizer=encoders.clip_tokenizer,
+        transformer=transformer,
+        scheduler=make_scheduler(sampler, DiffusionSettings()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=encoders.t5,
+        tokenizer_2=encoders.t5_tokenizer,
     )
 
 
@@ -54,23 +61,35 @@ def _theirs(pipe, embeds, size, steps, cfg):
     neg = negative.repeat_to(len(prompts))
     h, w = size
     out = pipe(
-        height=h, width=w, num_inference_steps=steps, guidance_scale=cfg,
+        height=h,
+        width=w,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
         generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS],
-        prompt_embeds=prompts.clip, prompt_attention_mask=prompts.clip_mask.long(),
-        prompt_embeds_2=prompts.t5, prompt_attention_mask_2=prompts.t5_mask.long(),
-        negative_prompt_embeds=neg.clip, negative_prompt_attention_mask=neg.clip_mask.long(),
-        negative_prompt_embeds_2=neg.t5, negative_prompt_attention_mask_2=neg.t5_mask.long(),
-        output_type="latent", use_resolution_binning=False, original_size=(w, h),
+        prompt_embeds=prompts.clip,
+        prompt_attention_mask=prompts.clip_mask.long(),
+        prompt_embeds_2=prompts.t5,
+        prompt_attention_mask_2=prompts.t5_mask.long(),
+        negative_prompt_embeds=neg.clip,
+        negative_prompt_attention_mask=neg.clip_mask.long(),
+        negative_prompt_embeds_2=neg.t5,
+        negative_prompt_attention_mask_2=neg.t5_mask.long(),
+        output_type="latent",
+        use_resolution_binning=False,
+        original_size=(w, h),
     )
     return out.images
 
 
 @pytest.mark.exact
-@pytest.mark.parametrize("sampler,steps,overrides", [
-    ("ddpm", 50, {}),  # the original's sampler and cfg 6 (its 100 steps cost twice the time for the same check)
-    ("ddim", 25, {}),
-    ("ddim", 20, {"use_style_cond": True, "size_cond": True}),  # v1.1-style: style 0 and the size condition
-])
+@pytest.mark.parametrize(
+    "sampler,steps,overrides",
+    [
+        ("ddpm", 50, {}),  # the original's sampler and cfg 6 (its 100 steps cost twice the time for the same check)
+        ("ddim", 25, {}),
+        ("ddim", 20, {"use_style_cond": True, "size_cond": True}),  # v1.1-style: style 0 and the size condition
+    ],
+)
 def test_square_final_latents_equal_diffusers_pipeline(tmp_path, encoders, embeds, sampler, steps, overrides):
     """fp32, 128x128: the two loops differ only in fp32 rounding (diffusers' attention processors vs SDPA, separate
     vs fused q/k/v), each step's ~1e-6 model difference amplified by cfg 6 (x11); 1e-4 is the issue's bound."""

@@ -32,9 +32,14 @@ from stage1_encode import preprocess_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = REPO / "configs" / "encode" / "demo.yaml"
-ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-           PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           PYTHONPATH=str(REPO))
+ENV = dict(
+    os.environ,
+    RAY_AUTH_MODE="disabled",
+    RAY_USAGE_STATS_ENABLED="0",
+    TOKENIZERS_PARALLELISM="false",
+    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    PYTHONPATH=str(REPO),
+)
 
 
 def shared_tiny_suite(tmp_path_factory) -> Path:
@@ -63,20 +68,37 @@ def corpus(tmp_path_factory) -> dict:
 
 def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
     base = {
-        "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(out),
-        "output.rows_per_shard": 6, "encoders.batch_size": 4, "image.resolution": 64, "image.reso_step": 16,
+        "input.paths": f"[{corpus['arrow_dir']}]",
+        "encoders.root": str(suite),
+        "output.root": str(out),
+        "output.rows_per_shard": 6,
+        "encoders.batch_size": 4,
+        "image.resolution": 64,
+        "image.reso_step": 16,
         "image.min_size": 32,  # scaled down with the resolution (demo.yaml: 64 for base 256); the corpus' least is 38
-        "ray.num_cpus": 3, "ray.preprocess_tasks": 1, "ray.preprocess_num_cpus": 0.25,
-        "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1, "ray.object_store_memory_gb": 0.3,
-        "ray.actor_memory_gb": 0.2, "ray.writer_num_cpus": 0.25, "log.interval_s": 2,
+        "ray.num_cpus": 3,
+        "ray.preprocess_tasks": 1,
+        "ray.preprocess_num_cpus": 0.25,
+        "ray.num_cpus_per_actor": 0.5,
+        "ray.torch_threads": 1,
+        "ray.object_store_memory_gb": 0.3,
+        "ray.actor_memory_gb": 0.2,
+        "ray.writer_num_cpus": 0.25,
+        "log.interval_s": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def load_cfg(args: list[str]):
@@ -95,8 +117,9 @@ def cache_content(root: Path) -> dict:
     samples = {}
     for i in range(len(cache)):
         s = cache[i]
-        samples[s["key"]] = {k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v
-                             for k, v in s.items()}
+        samples[s["key"]] = {
+            k: (v.tobytes(), v.dtype.str, v.shape) if isinstance(v, np.ndarray) else v for k, v in s.items()
+        }
     return {
         "shards": [(s["name"], s["n_samples"], s["sha256"], s["index_sha256"]) for s in m.shards],
         "samples": samples,
@@ -129,16 +152,39 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port"]
+    names = [
+        "port",
+        "dashboard-port",
+        "object-manager-port",
+        "node-manager-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
     ports = {}
     while len(set(ports.values())) < len(names):
         ports = {n: _free_port() for n in names}
     temp_dir = tmp_path_factory.mktemp("raytmp")
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "2", "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--temp-dir",
-           str(temp_dir), "--object-store-memory", str(400 * 1024**2), "--disable-usage-stats"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "2",
+        "--include-dashboard=true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp_dir),
+        "--object-store-memory",
+        str(400 * 1024**2),
+        "--disable-usage-stats",
+    ]
     for name, port in ports.items():
         cmd += [f"--{name}", str(port)]
     log = open(temp_dir / "ray_start.log", "w")
@@ -242,9 +288,22 @@ def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, 
     `encoders.batch_size`; see stage1_encode/job.py), every actor runs one torch thread, so both runs make the same
     encoder calls with the same shapes and contiguous layouts, and the same kernels compute the same bits."""
     out = tmp_path / "cache"
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
-           "--working-dir", str(REPO), "--", "python", "-m", "stage1_encode", "--config",
-           "configs/encode/demo.yaml", *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2, "ray.num_writers": 2})]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "-m",
+        "stage1_encode",
+        "--config",
+        "configs/encode/demo.yaml",
+        *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2, "ray.num_writers": 2}),
+    ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert '"status": "complete"' in r.stdout
@@ -286,7 +345,9 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     assert 1 <= len(first) < 4 and not (out / "manifest.json").exists()
 
     # 3) the same command (here with 2 encoder actors: a runtime setting) finishes only what is missing
-    r = subprocess.run(base + args + ["ray.num_encoder_actors=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        base + args + ["ray.num_encoder_actors=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout)
     assert summary["shards_this_run"] == 4 - len(first)
@@ -308,8 +369,9 @@ def test_sigkill_a_writer_and_resume(cluster, reference, corpus, suite, tmp_path
     args = {"ray.num_writers": 2, "ray.num_encoder_actors": 2}
     monkeypatch.setenv(KILL_ENV, f"{victim}:2:{tmp_path / 'killed-1'}")
     with pytest.raises(RuntimeError, match=rf"the writer of shard {victim} died"):
-        job_mod.run(load_cfg(overrides(corpus, suite, out, **args, **{"ray.writer_retries": 0})),
-                    address=cluster["address"])
+        job_mod.run(
+            load_cfg(overrides(corpus, suite, out, **args, **{"ray.writer_retries": 0})), address=cluster["address"]
+        )
     assert (tmp_path / "killed-1").exists()  # the kill happened, mid-shard
     first = set(completed_shards(out))
     assert victim not in first and not (out / "manifest.json").exists()
@@ -370,8 +432,12 @@ def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
     (outside / "precious").write_text("keep")
     (root / "shards").mkdir()
     (root / "partitions").mkdir()
-    ours = [root / "shards" / ".tmp-00000-00000000.tar-4242-0123abcd", root / ".tmp-manifest.json-17-89abcdef",
-            root / "partitions" / ".tmp-00000-00000000.json-3-00000000", root / ".encode_config.yaml.tmp"]
+    ours = [
+        root / "shards" / ".tmp-00000-00000000.tar-4242-0123abcd",
+        root / ".tmp-manifest.json-17-89abcdef",
+        root / "partitions" / ".tmp-00000-00000000.json-3-00000000",
+        root / ".encode_config.yaml.tmp",
+    ]
     for p in ours:
         p.write_bytes(b"half")
     zarr_tmp = root / "shards" / ".tmp-00000-00000006.zarr-99-deadbeef"
@@ -379,8 +445,11 @@ def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
     (zarr_tmp / "moments" / "c" / "0").write_bytes(b"chunk")
     link = root / "shards" / ".tmp-00000-00000012.zarr-5-abcdef01"
     link.symlink_to(outside, target_is_directory=True)  # unlinked, never followed
-    others = [root / "shards" / ".tmp-made-by-hand", root / "shards" / "notes.txt",
-              tmp_path / ".tmp-x.tar-1-00000000"]  # not a temp name of ours / not in the cache folder
+    others = [
+        root / "shards" / ".tmp-made-by-hand",
+        root / "shards" / "notes.txt",
+        tmp_path / ".tmp-x.tar-1-00000000",
+    ]  # not a temp name of ours / not in the cache folder
     for p in others:
         p.write_bytes(b"not ours")
     state, lock = job_mod.prepare_output(root, cfg, False)
@@ -422,8 +491,12 @@ def test_bad_input_battery(cluster, suite, tmp_path):
         ("good_jpeg", jpeg, "a blue square", None),
         ("cmyk", _img_bytes(noise(60, 80).convert("CMYK"), "JPEG"), "青色", None),
         ("palette", _img_bytes(noise(64, 48).convert("P", palette=Image.ADAPTIVE), "PNG"), "调色板", None),
-        ("sixteen_bit", _img_bytes(Image.fromarray((rng.integers(0, 65535, (40, 56))).astype(np.uint16)), "PNG"),
-         "16 bit", None),
+        (
+            "sixteen_bit",
+            _img_bytes(Image.fromarray((rng.integers(0, 65535, (40, 56))).astype(np.uint16)), "PNG"),
+            "16 bit",
+            None,
+        ),
         ("rgba", _img_bytes(rgba, "PNG"), "透明", None),
         ("empty_caption", _img_bytes(noise(48, 48), "PNG"), "   ", None),
         ("null_caption", _img_bytes(noise(48, 40), "PNG"), None, None),
@@ -459,14 +532,28 @@ def test_bad_input_battery(cluster, suite, tmp_path):
         lines.append(json.dumps({"img_path": img_path, "text_zh": caption}, ensure_ascii=False))
     (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "cache"
-    cfg = load_cfg([
-        "input.format=jsonl", f"input.paths=[{tmp_path / 'list.jsonl'}]", "input.md5_column=null",
-        f"encoders.root={suite}", f"output.root={out}", "output.rows_per_shard=10", "output.format=zarr",
-        "encoders.batch_size=3", "image.resolution=64", "image.reso_step=16", "image.min_size=8",
-        "image.max_aspect_ratio=8", "image.max_pixels=1000000", "image.random_flip=false",
-        "ray.preprocess_num_cpus=0.25", "ray.num_cpus_per_actor=0.5", "ray.torch_threads=1",
-        "ray.actor_memory_gb=0.2",
-    ])
+    cfg = load_cfg(
+        [
+            "input.format=jsonl",
+            f"input.paths=[{tmp_path / 'list.jsonl'}]",
+            "input.md5_column=null",
+            f"encoders.root={suite}",
+            f"output.root={out}",
+            "output.rows_per_shard=10",
+            "output.format=zarr",
+            "encoders.batch_size=3",
+            "image.resolution=64",
+            "image.reso_step=16",
+            "image.min_size=8",
+            "image.max_aspect_ratio=8",
+            "image.max_pixels=1000000",
+            "image.random_flip=false",
+            "ray.preprocess_num_cpus=0.25",
+            "ray.num_cpus_per_actor=0.5",
+            "ray.torch_threads=1",
+            "ray.actor_memory_gb=0.2",
+        ]
+    )
     summary = job_mod.run(cfg, address=cluster["address"])
     assert summary["status"] == "complete"
     good = [name for name, _, _, why in cases if why is None]
@@ -476,7 +563,7 @@ def test_bad_input_battery(cluster, suite, tmp_path):
     cache = open_cache(out)
     assert len(cache) == len(good)
     rows = {json.loads(line)["row"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
-    for i, (name, _, caption, why) in enumerate(cases):
+    for i, (name, _, _caption, why) in enumerate(cases):
         if why is None:
             continue
         assert rows[i]["reason"] == why, (name, rows[i])
@@ -492,18 +579,29 @@ def test_bad_input_battery(cluster, suite, tmp_path):
     assert m.extra["null_captions"] == 1 and m.preprocessing["text"]["null_caption"] == "default"
 
 
-@pytest.mark.parametrize("rule, null_becomes", [("default", DEFAULT_CAPTION), ("original", "None"),
-                                                ("reject", None)])
+@pytest.mark.parametrize("rule, null_becomes", [("default", DEFAULT_CAPTION), ("original", "None"), ("reject", None)])
 def test_null_caption_rule(suite, tmp_path, rule, null_becomes):
     """text.null_caption: the default caption (default), the original's text "None", or a reject; always counted."""
     img = _img_bytes(Image.new("RGB", (64, 64), (200, 30, 30)), "PNG")
     (tmp_path / "a.png").write_bytes(img)
-    rows = [{"img_path": "a.png", "text_zh": "红色"}, {"img_path": "a.png", "text_zh": None},
-            {"img_path": "a.png", "text_zh": " "}]
+    rows = [
+        {"img_path": "a.png", "text_zh": "红色"},
+        {"img_path": "a.png", "text_zh": None},
+        {"img_path": "a.png", "text_zh": " "},
+    ]
     (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    cfg = load_cfg(["input.format=jsonl", f"input.paths=[{tmp_path / 'list.jsonl'}]", "input.md5_column=null",
-                    f"encoders.root={suite}", f"output.root={tmp_path / 'c'}", "image.resolution=64",
-                    "image.reso_step=16", f"text.null_caption={rule}"])
+    cfg = load_cfg(
+        [
+            "input.format=jsonl",
+            f"input.paths=[{tmp_path / 'list.jsonl'}]",
+            "input.md5_column=null",
+            f"encoders.root={suite}",
+            f"output.root={tmp_path / 'c'}",
+            "image.resolution=64",
+            "image.reso_step=16",
+            f"text.null_caption={rule}",
+        ]
+    )
     from stage1_encode.readers import plan_partitions
 
     got = list(job_mod.partition_chunks(plan_partitions(cfg.input, 10)[0], cfg, pp.load_tokenizers(str(suite))))
@@ -546,7 +644,7 @@ def test_chunks_are_bucket_pure_in_row_order(suite, corpus):
     got = list(job_mod.partition_chunks(parts[0], cfg, toks))
     assert got[-1][0] == "end" and got[-1][2]["n_chunks"] == len(got) - 1
     seen = []
-    for kind, arrays, meta in got[:-1]:
+    for _kind, arrays, meta in got[:-1]:
         H, W = meta["bucket"]
         assert arrays["pixels"].shape[1:] == (H, W, 3) and 1 <= len(meta["keys"]) <= 4
         assert meta["rows"] == sorted(meta["rows"])
@@ -594,8 +692,12 @@ def test_tokenizer_pad_ids_are_checked_against_the_manifest(tmp_path):
 
     spec = CacheSpec(clip_len=4, clip_dim=2, t5_len=4, t5_dim=2)
     dims = {"latent_channels": 4, "downsample": 8, "clip_dim": 2, "t5_dim": 2}
-    arrays = {"clip_ids": torch.tensor([[101, 102, 5, 5]]), "clip_mask": torch.tensor([[True, True, False, False]]),
-              "t5_ids": torch.tensor([[1, 1, 1, 1]]), "t5_mask": torch.tensor([[True, False, False, False]])}
+    arrays = {
+        "clip_ids": torch.tensor([[101, 102, 5, 5]]),
+        "clip_mask": torch.tensor([[True, True, False, False]]),
+        "t5_ids": torch.tensor([[1, 1, 1, 1]]),
+        "t5_mask": torch.tensor([[True, False, False, False]]),
+    }
     with pytest.raises(ValueError, match=r"clip tokenizer .* pads with ids \[5\] .* clip_pad_id=0"):
         job_mod._accept_encoders(tmp_path, spec, dims, arrays, dict(dims))
     assert not list(tmp_path.iterdir())  # refused before anything was written
@@ -612,8 +714,12 @@ def test_non_utf8_file_names_travel_and_are_recorded(tmp_path):
     assert read_item(item)[2]["sources"] == [source]
     part = job_mod.Partition(name="p", source=source, source_stem="p", start=0, stop=1)
     (tmp_path / job_mod.PARTS_DIR).mkdir()
-    note = {"name": "p", "written": 0, "substituted_captions": 0,
-            "rejects": [{"key": None, "source": source, "row": 0, "reason": "read_error", "detail": source}]}
+    note = {
+        "name": "p",
+        "written": 0,
+        "substituted_captions": 0,
+        "rejects": [{"key": None, "source": source, "row": 0, "reason": "read_error", "detail": source}],
+    }
     (tmp_path / job_mod.PARTS_DIR / "p.json").write_text(json.dumps(note))
     counts, _ = job_mod._merge_notes(tmp_path, [part])
     assert counts == {"read_error": 1}
@@ -644,16 +750,36 @@ def test_nonfinite_outputs_are_rejected(tmp_path):
     actor = object.__new__(job_mod.EncoderActor)
     actor.enc, actor.views = FakeEncoders(), ("plain", "flip")
     B = 4
-    arrays = {"pixels": torch.zeros(B, 16, 16, 3, dtype=torch.uint8),
-              "image_meta_size": torch.tensor([[16, 16, 16, 16, 0, 0]] * B, dtype=torch.int32),
-              "clip_ids": torch.zeros(B, 5, dtype=torch.int32), "clip_mask": torch.ones(B, 5, dtype=torch.bool),
-              "t5_ids": torch.zeros(B, 6, dtype=torch.int32), "t5_mask": torch.ones(B, 6, dtype=torch.bool)}
-    meta = {"bucket": [16, 16], "keys": list("abcd"), "captions": list("ABCD"), "sources": ["s"] * B,
-            "rows": [0, 1, 2, 3], "substituted": [False] * B, "null": [False] * B, "seq": 0}
+    arrays = {
+        "pixels": torch.zeros(B, 16, 16, 3, dtype=torch.uint8),
+        "image_meta_size": torch.tensor([[16, 16, 16, 16, 0, 0]] * B, dtype=torch.int32),
+        "clip_ids": torch.zeros(B, 5, dtype=torch.int32),
+        "clip_mask": torch.ones(B, 5, dtype=torch.bool),
+        "t5_ids": torch.zeros(B, 6, dtype=torch.int32),
+        "t5_mask": torch.ones(B, 6, dtype=torch.bool),
+    }
+    meta = {
+        "bucket": [16, 16],
+        "keys": list("abcd"),
+        "captions": list("ABCD"),
+        "sources": ["s"] * B,
+        "rows": [0, 1, 2, 3],
+        "substituted": [False] * B,
+        "null": [False] * B,
+        "seq": 0,
+    }
     payload, out_meta = actor.encode_chunk(arrays, meta)
     assert job_mod.unpack(payload)["moments"].shape == (4, 2, 8, 2, 2)  # all samples: the writer decides
-    spec = CacheSpec(views=("plain", "flip"), clip_len=5, clip_dim=4, t5_len=6, t5_dim=4, latent_channels=4,
-                     downsample=8, t5_dtype="float16")
+    spec = CacheSpec(
+        views=("plain", "flip"),
+        clip_len=5,
+        clip_dim=4,
+        t5_len=6,
+        t5_dim=4,
+        latent_channels=4,
+        downsample=8,
+        t5_dtype="float16",
+    )
     asm = ShardAssembler(tmp_path, "p", spec)
     asm.add_chunk(job_mod.unpack(payload), out_meta)
     info = asm.finish({"n_chunks": 1, "n_rows": 4, "rejects": []})
@@ -671,6 +797,9 @@ def test_a_writer_refuses_an_output_root_it_does_not_see(tmp_path):
     (tmp_path / ".tmp-writer-check-1-0badf00d").write_text("token-of-the-driver")
     check_root_visible(tmp_path, ".tmp-writer-check-1-0badf00d", "token-of-the-driver")
     for marker, token in ((".tmp-writer-check-1-0badf00d", "another-driver"), (".tmp-writer-check-2-deadbeef", "t")):
-        with pytest.raises(ValueError, match=rf"output.root {tmp_path} is not the driver's folder.*shared "
-                                             r"filesystem.*s3://"):
+        with pytest.raises(
+            ValueError,
+            match=rf"output.root {tmp_path} is not the driver's folder.*shared "
+            r"filesystem.*s3://",
+        ):
             check_root_visible(tmp_path, marker, token)

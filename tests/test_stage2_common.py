@@ -8,32 +8,57 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TEXT = dict(clip_len=8, clip_dim=32, t5_len=12, t5_dim=48)
 
 
-def write_synthetic_cache(root: Path, *, n: int = 12, buckets=((32, 32), (32, 48)), fmt: str = "zarr",
-                          views=("plain", "flip"), seed: int = 0, scaling_factor: float = 0.13025,
-                          shards: int = 2, encoders: dict | None = None) -> Path:
+def write_synthetic_cache(
+    root: Path,
+    *,
+    n: int = 12,
+    buckets=((32, 32), (32, 48)),
+    fmt: str = "zarr",
+    views=("plain", "flip"),
+    seed: int = 0,
+    scaling_factor: float = 0.13025,
+    shards: int = 2,
+    encoders: dict | None = None,
+) -> Path:
     """A small valid cache with structured (learnable) latents; text states random but fixed per sample."""
     from shared.inspection import write_synthetic_cache as write
     from shared.schema import CacheSpec
 
     spec = CacheSpec(format=fmt, views=tuple(views), **TINY_TEXT)
-    write(root, spec, n_samples=n, n_shards=shards, buckets=buckets, seed=seed, scaling_factor=scaling_factor,
-          encoders=encoders or {}, latents="structured", shard_names="part-{:05d}")
+    write(
+        root,
+        spec,
+        n_samples=n,
+        n_shards=shards,
+        buckets=buckets,
+        seed=seed,
+        scaling_factor=scaling_factor,
+        encoders=encoders or {},
+        latents="structured",
+        shard_names="part-{:05d}",
+    )
     return root
 
 
 def tiny_overrides(cache: Path, run_dir: Path, **extra) -> list[str]:
     """Overrides for configs/train/demo.yaml that make a fast deterministic CPU run."""
     base = {
-        "data.cache": str(cache), "run_dir": str(run_dir), "data.num_workers": 0, "data.batch_size": 2,
-        "logging.every": 1, "logging.tensorboard": False, "logging.progress_bar": False, "checkpoint.every": 0,
-        "checkpoint.resume": "", "device": "cpu", "precision.mode": "fp32",
+        "data.cache": str(cache),
+        "run_dir": str(run_dir),
+        "data.num_workers": 0,
+        "data.batch_size": 2,
+        "logging.every": 1,
+        "logging.tensorboard": False,
+        "logging.progress_bar": False,
+        "checkpoint.every": 0,
+        "checkpoint.resume": "",
+        "device": "cpu",
+        "precision.mode": "fp32",
     }  # the model's text sizes come from the synthetic cache's manifest
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -88,8 +88,7 @@ def test_empty_cache_is_a_clear_error():
 
 
 def test_draws_depend_only_on_seed_step_slot_key():
-    kw = dict(num_views=2, latent_shape=(4, 3, 5), random_flip=True, uncond_p=0.3, uncond_p_t5=0.3,
-              num_timesteps=1000)
+    kw = dict(num_views=2, latent_shape=(4, 3, 5), random_flip=True, uncond_p=0.3, uncond_p_t5=0.3, num_timesteps=1000)
     a = draw_sample(1, 7, 2, "k", **kw)
     b = draw_sample(1, 7, 2, "k", **kw)
     assert (a.view, a.drop_clip, a.drop_t5, a.t) == (b.view, b.drop_clip, b.drop_t5, b.t)
@@ -101,8 +100,7 @@ def test_draws_depend_only_on_seed_step_slot_key():
 
 
 def test_draw_frequencies_views_dropout_and_timesteps():
-    kw = dict(num_views=2, latent_shape=(1, 1, 1), random_flip=True, uncond_p=0.2, uncond_p_t5=0.5,
-              num_timesteps=1000)
+    kw = dict(num_views=2, latent_shape=(1, 1, 1), random_flip=True, uncond_p=0.2, uncond_p_t5=0.5, num_timesteps=1000)
     draws = [draw_sample(0, s, 0, "key", **kw) for s in range(4000)]
     views = np.mean([d.view for d in draws])
     clip = np.mean([d.drop_clip for d in draws])
@@ -132,15 +130,22 @@ def test_build_item_substitutes_the_empty_caption_per_encoder():
     from stage2_train.data import DrawSettings
 
     sample = {
-        "key": "a", "bucket": np.array([16, 16], np.int32), "image_meta_size": np.arange(6, dtype=np.int32),
+        "key": "a",
+        "bucket": np.array([16, 16], np.int32),
+        "image_meta_size": np.arange(6, dtype=np.int32),
         "moments": np.zeros((2, 8, 2, 2), np.float32),
-        "clip_states": np.ones((8, 32), np.float32), "clip_mask": np.ones(8, bool),
-        "t5_states": np.ones((12, 48), np.float16), "t5_mask": np.ones(12, bool),
+        "clip_states": np.ones((8, 32), np.float32),
+        "clip_mask": np.ones(8, bool),
+        "t5_states": np.ones((12, 48), np.float16),
+        "t5_mask": np.ones(12, bool),
     }
-    empty = {"clip_states": torch.zeros(8, 32), "clip_mask": torch.zeros(8, dtype=torch.bool),
-             "t5_states": torch.zeros(12, 48, dtype=torch.float16), "t5_mask": torch.zeros(12, dtype=torch.bool)}
-    s = DrawSettings(seed=0, random_flip=True, uncond_p=0.5, uncond_p_t5=0.5, num_timesteps=1000,
-                     scaling_factor=1.0)
+    empty = {
+        "clip_states": torch.zeros(8, 32),
+        "clip_mask": torch.zeros(8, dtype=torch.bool),
+        "t5_states": torch.zeros(12, 48, dtype=torch.float16),
+        "t5_mask": torch.zeros(12, dtype=torch.bool),
+    }
+    s = DrawSettings(seed=0, random_flip=True, uncond_p=0.5, uncond_p_t5=0.5, num_timesteps=1000, scaling_factor=1.0)
     outcomes = set()
     for step in range(40):
         item = build_item(sample, empty, s, step, 0)
@@ -168,18 +173,27 @@ def test_ema_and_lr_schedule():
         ema.update(model)
         sd = ema.state_dict()
         assert sd["weight"].dtype == (torch.float16 if dtype == "float16" else torch.float32)
-        torch.testing.assert_close(sd["weight"].float(), (0.9 * start["weight"] + 0.1 * model.weight).float(),
-                                   rtol=1e-3 if dtype == "float16" else 1e-6, atol=1e-3 if dtype == "float16" else 0)
+        torch.testing.assert_close(
+            sd["weight"].float(),
+            (0.9 * start["weight"] + 0.1 * model.weight).float(),
+            rtol=1e-3 if dtype == "float16" else 1e-6,
+            atol=1e-3 if dtype == "float16" else 0,
+        )
         torch.testing.assert_close(sd["bias"].float(), start["bias"], rtol=1e-3, atol=1e-3)
         ema.load_state_dict({k: v * 0 for k, v in sd.items()})
         assert all(v.abs().sum() == 0 for v in ema.state_dict().values())
 
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    cos = LRSchedule(opt, ScheduleSection(kind="cosine", warmup_steps=2, warmup_kind="linear", min_lr=0.1),
-                     base_lr=1.0, total_steps=12)
+    cos = LRSchedule(
+        opt,
+        ScheduleSection(kind="cosine", warmup_steps=2, warmup_kind="linear", min_lr=0.1),
+        base_lr=1.0,
+        total_steps=12,
+    )
     assert [round(cos.lr_at(s), 6) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, round(0.1 + 0.9 * 0.5, 6), 0.1]
-    log = LRSchedule(opt, ScheduleSection(warmup_steps=10, warmup_kind="log", warmup_min_lr=1e-6),
-                     base_lr=1e-4, total_steps=100)
+    log = LRSchedule(
+        opt, ScheduleSection(warmup_steps=10, warmup_kind="log", warmup_min_lr=1e-6), base_lr=1e-4, total_steps=100
+    )
     assert log.lr_at(0) == 1e-6 and log.lr_at(10) == 1e-4
     assert math.isclose(log.lr_at(4), 1e-6 + (1e-4 - 1e-6) * math.log(5) / math.log(10))
     log.step()
@@ -190,8 +204,10 @@ def test_ema_and_lr_schedule():
 
 
 @pytest.mark.exact
-@pytest.mark.parametrize("fmt,dtypes,workers", [("webdataset", ("float32", "float16", "bfloat16"), 2),
-                                                 ("zarr", ("bfloat16", "bfloat16", "float32"), 0)])
+@pytest.mark.parametrize(
+    "fmt,dtypes,workers",
+    [("webdataset", ("float32", "float16", "bfloat16"), 2), ("zarr", ("bfloat16", "bfloat16", "float32"), 0)],
+)
 def test_compact_rows_expand_to_the_dense_batch_bit_identically(tmp_path, fmt, dtypes, workers):
     """The cache's loader sends compact stored rows and the step expands them (stage2_train.data.expand_batch): every
     tensor equals the dense path's (build_item + collate on the decoded sample), bit for bit, with flips, text
@@ -202,21 +218,41 @@ def test_compact_rows_expand_to_the_dense_batch_bit_identically(tmp_path, fmt, d
     from stage2_train.data import CacheBatchSource, DrawSettings
 
     vae, clip, t5 = dtypes
-    spec = CacheSpec(format=fmt, views=("plain", "flip"), clip_len=8, clip_dim=16, t5_len=12, t5_dim=24,
-                     vae_dtype=vae, clip_dtype=clip, t5_dtype=t5)
+    spec = CacheSpec(
+        format=fmt,
+        views=("plain", "flip"),
+        clip_len=8,
+        clip_dim=16,
+        t5_len=12,
+        t5_dim=24,
+        vae_dtype=vae,
+        clip_dtype=clip,
+        t5_dtype=t5,
+    )
     write_synthetic_cache(tmp_path / "c", spec, n_samples=12, n_shards=2, buckets=((16, 16), (16, 32)))
     reader = open_cache(tmp_path / "c")
     plan = BucketBatchPlan(reader.buckets(), batch_size=3, world_size=2, seed=5)
-    settings = DrawSettings(seed=5, random_flip=True, uncond_p=0.4, uncond_p_t5=0.4, num_timesteps=1000,
-                            scaling_factor=0.13025, noise_offset=0.1)
+    settings = DrawSettings(
+        seed=5,
+        random_flip=True,
+        uncond_p=0.4,
+        uncond_p_t5=0.4,
+        num_timesteps=1000,
+        scaling_factor=0.13025,
+        noise_offset=0.1,
+    )
     src = CacheBatchSource(reader, plan, settings, rank=1, num_workers=workers, prefetch_factor=2, pin_memory=False)
     empty = reader.to_torch(reader.empty_caption())
     batches = src.batches(0, 6)
     drops = set()
     try:
         for step, got in enumerate(batches):
-            want = collate([build_item(reader.to_torch(reader[i]), empty, settings, m, slot)
-                            for m, slot, i in plan.rank_items(step, 1)])
+            want = collate(
+                [
+                    build_item(reader.to_torch(reader[i]), empty, settings, m, slot)
+                    for m, slot, i in plan.rank_items(step, 1)
+                ]
+            )
             assert set(got) == set(want)
             for k, v in want.items():
                 if isinstance(v, torch.Tensor):

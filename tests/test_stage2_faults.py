@@ -22,10 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 from test_stage2_reliability import (
-    CACHE_DAMAGE, VAE_FP, _cfg, _train, biggest_chunk, copy_cache, flip_byte, run_bounded,
+    CACHE_DAMAGE,
+    VAE_FP,
+    _cfg,
+    _train,
+    biggest_chunk,
+    copy_cache,
+    flip_byte,
+    run_bounded,
 )
 
 pytestmark = pytest.mark.slow
@@ -60,21 +66,31 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(cache, tm
         mode = "in checkpoint write" if trial % 2 == 0 else "between steps"
         args = train_cmd(*tiny_overrides(cache, run, steps=STEPS, **{**common, "checkpoint.resume": "auto"}))
         before = len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + BOUND_S
         if mode == "between steps":
             wait_lines = rng.randint(1, 2)
-            while proc.poll() is None and time.monotonic() < deadline and (
-                    not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < before + wait_lines):
+            while (
+                proc.poll() is None
+                and time.monotonic() < deadline
+                and (not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < before + wait_lines)
+            ):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.05))
         else:  # the moment a step folder's temp name appears: the save is under way
-            while proc.poll() is None and time.monotonic() < deadline and not (
-                    ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())):
+            while (
+                proc.poll() is None
+                and time.monotonic() < deadline
+                and not (ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir()))
+            ):
                 time.sleep(0.001)
-        landed = "inside a write" if ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir()) \
+        landed = (
+            "inside a write"
+            if ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
             else "between steps"
+        )
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -92,8 +108,10 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(cache, tm
     assert [m["step"] for m in mb] == list(range(1, STEPS + 1))  # each step once, after 6 kills
     assert [m["loss"] for m in mb] == [m["loss"] for m in ma]
     inside = sum(1 for o in killed if o[1] == "inside a write")
-    print(f"\n| SIGKILL at random moments, then resume=auto | {len(killed)} ({inside} inside a checkpoint write) "
-          f"| final weights bit-identical to the uninterrupted run, each step once in metrics.jsonl |")
+    print(
+        f"\n| SIGKILL at random moments, then resume=auto | {len(killed)} ({inside} inside a checkpoint write) "
+        f"| final weights bit-identical to the uninterrupted run, each step once in metrics.jsonl |"
+    )
 
 
 def _battery_cli(cache: Path, run: Path, **extra) -> tuple[int | None, str, float]:
@@ -118,21 +136,33 @@ def test_flipped_sample_byte_mid_run_exits_naming_shard_and_sample(cache, tmp_pa
     rc, out, took = _battery_cli(c, tmp_path / "run", **{"data.max_corrupt_samples": 0})
     assert rc is not None, f"hung:\n{out[-2000:]}"
     assert rc == 1 and re.search(r"shard 'part-00001' sample 'syn-", out), out[-2000:]
-    print(f"\n| flipped byte in a shard (met mid-run, limit 0) | 1 | exit {rc} in {took:.1f} s naming shard and "
-          "sample |")
+    print(
+        f"\n| flipped byte in a shard (met mid-run, limit 0) | 1 | exit {rc} in {took:.1f} s naming shard and sample |"
+    )
 
 
 def test_flipped_sample_byte_under_torchrun_exits_on_every_rank(cache, tmp_path):
     c = copy_cache(cache, tmp_path / "cache")
     flip_byte(biggest_chunk(c / "shards" / "part-00001.zarr"))
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "stage2_train/train.py", "--config", "configs/train/demo.yaml",
-            *tiny_overrides(c, tmp_path / "run", steps=20, **{"data.num_workers": 1, "data.max_corrupt_samples": 0})]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "stage2_train/train.py",
+        "--config",
+        "configs/train/demo.yaml",
+        *tiny_overrides(c, tmp_path / "run", steps=20, **{"data.num_workers": 1, "data.max_corrupt_samples": 0}),
+    ]
     rc, out, took = run_bounded(args, timeout=2 * BOUND_S)
     assert rc is not None, f"hung:\n{out[-3000:]}"
     assert rc != 0 and "shard 'part-00001' sample 'syn-" in out, out[-3000:]
-    print(f"\n| flipped byte in a shard, torchrun x2 ranks | 1 | torchrun exit {rc} in {took:.1f} s (both ranks "
-          "gone), the failing rank names shard and sample |")
+    print(
+        f"\n| flipped byte in a shard, torchrun x2 ranks | 1 | torchrun exit {rc} in {took:.1f} s (both ranks "
+        "gone), the failing rank names shard and sample |"
+    )
 
 
 @pytest.mark.parametrize("what", ["flipped byte in model.safetensors", "truncated trainer_state.json"])
@@ -148,5 +178,7 @@ def test_damaged_checkpoint_falls_back_to_a_verified_one(cache, tmp_path, what):
     rc, out, took = _battery_cli(cache, run, **{"checkpoint.resume": "auto", "checkpoint.every": 2})
     assert rc == 0, out[-2000:]
     assert "skipping step_0000004" in out and "resumed from" in out and "step_0000002" in out, out[-2000:]
-    print(f"\n| damaged checkpoint: {what} | 1 | resume=auto skipped step_0000004 (named the file), resumed "
-          f"step_0000002, exit 0 in {took:.1f} s |")
+    print(
+        f"\n| damaged checkpoint: {what} | 1 | resume=auto skipped step_0000004 (named the file), resumed "
+        f"step_0000002, exit 0 in {took:.1f} s |"
+    )

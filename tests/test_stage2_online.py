@@ -31,8 +31,8 @@ from stage2_train.config import TrainConfig
 pytestmark = pytest.mark.exact
 
 # Batched vs per-sample encoding (see test_batched_online_encoding_differs_only_by_rounding for the derivation).
-X_START_ULPS = 64      # |diff| of x_start in units of float32 eps at the tensor's max magnitude
-LOSS_RTOL = 1e-6       # per step
+X_START_ULPS = 64  # |diff| of x_start in units of float32 eps at the tensor's max magnitude
+LOSS_RTOL = 1e-6  # per step
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,8 +72,16 @@ def encoded(tmp_path_factory, suite):
     records = demo_records(N_IMAGES, seed=CORPUS_SEED, bad_rows=False)
     enc = load_encoders(suite, clip_len=8, t5_len=12)
     img_cfg = ImageConfig(multireso=True, resolution=64, reso_step=16, random_flip=True, seed=7)
-    spec = CacheSpec(format="zarr", views=("plain", "flip"), clip_len=8, clip_dim=enc.clip_dim, t5_len=12,
-                     t5_dim=enc.t5_dim, latent_channels=enc.latent_channels, downsample=enc.vae_downsample)
+    spec = CacheSpec(
+        format="zarr",
+        views=("plain", "flip"),
+        clip_len=8,
+        clip_dim=enc.clip_dim,
+        t5_len=12,
+        t5_dim=enc.t5_dim,
+        latent_channels=enc.latent_channels,
+        downsample=enc.vae_downsample,
+    )
     root = tmp / "cache"
     samples = []
     writer = open_shard_writer(root, "part-00000", spec)
@@ -83,24 +91,40 @@ def encoded(tmp_path_factory, suite):
         pre = preprocess_image(decode_image(r["image"], 10**8), key, img_cfg)
         moments = enc.encode_images(torch.from_numpy(pre.views))  # (V, 2C, h, w), one sample per call
         tok = enc.tokenize([caption])
-        writer.add({
-            "key": key, "caption": caption, "bucket": np.asarray(pre.bucket, np.int32),
-            "image_meta_size": pre.image_meta_size, "moments": moments,
-            "clip_ids": tok["clip_ids"][0], "clip_mask": tok["clip_mask"][0],
-            "clip_states": enc.encode_clip(tok["clip_ids"], tok["clip_mask"])[0],
-            "t5_ids": tok["t5_ids"][0], "t5_mask": tok["t5_mask"][0],
-            "t5_states": enc.encode_t5(tok["t5_ids"], tok["t5_mask"])[0],
-        })
+        writer.add(
+            {
+                "key": key,
+                "caption": caption,
+                "bucket": np.asarray(pre.bucket, np.int32),
+                "image_meta_size": pre.image_meta_size,
+                "moments": moments,
+                "clip_ids": tok["clip_ids"][0],
+                "clip_mask": tok["clip_mask"][0],
+                "clip_states": enc.encode_clip(tok["clip_ids"], tok["clip_mask"])[0],
+                "t5_ids": tok["t5_ids"][0],
+                "t5_mask": tok["t5_mask"][0],
+                "t5_states": enc.encode_t5(tok["t5_ids"], tok["t5_mask"])[0],
+            }
+        )
         samples.append(RawSample(key=key, image=r["image"], caption=caption))
     writer.close()
     tok = enc.tokenize([""])
     sha = write_empty_caption(
-        root, spec, clip_ids=tok["clip_ids"], clip_mask=tok["clip_mask"],
-        clip_states=enc.encode_clip(tok["clip_ids"], tok["clip_mask"]), t5_ids=tok["t5_ids"],
-        t5_mask=tok["t5_mask"], t5_states=enc.encode_t5(tok["t5_ids"], tok["t5_mask"]),
+        root,
+        spec,
+        clip_ids=tok["clip_ids"],
+        clip_mask=tok["clip_mask"],
+        clip_states=enc.encode_clip(tok["clip_ids"], tok["clip_mask"]),
+        t5_ids=tok["t5_ids"],
+        t5_mask=tok["t5_mask"],
+        t5_states=enc.encode_t5(tok["t5_ids"], tok["t5_mask"]),
     )
-    write_manifest(root, manifest_from_shards(root, spec, encoders=enc.fingerprint(),
-                                              vae_scaling_factor=enc.scaling_factor, empty_caption_sha256=sha))
+    write_manifest(
+        root,
+        manifest_from_shards(
+            root, spec, encoders=enc.fingerprint(), vae_scaling_factor=enc.scaling_factor, empty_caption_sha256=sha
+        ),
+    )
 
     def preprocess(sample):
         return preprocess_image(decode_image(sample.image, 10**8), sample.key, img_cfg)
@@ -116,20 +140,39 @@ class Recorder:
 
     def batches(self, start, end):
         for batch in self.source.batches(start, end):
-            self.seen.append({k: batch[k] for k in ("key", "view", "drop_clip", "drop_t5", "bucket")} |
-                             {"t": batch["t"].clone(), "noise": batch["noise"].clone(),
-                              "x_start": batch["x_start"].clone()})
+            self.seen.append(
+                {k: batch[k] for k in ("key", "view", "drop_clip", "drop_t5", "bucket")}
+                | {"t": batch["t"].clone(), "noise": batch["noise"].clone(), "x_start": batch["x_start"].clone()}
+            )
             yield batch
 
 
 def _cfg(cache: Path, run_dir: Path) -> TrainConfig:
-    return load_config(TrainConfig, "configs/train/demo.yaml", [
-        f"data.cache={cache}", f"run_dir={run_dir}", "data.num_workers=0", "data.batch_size=2", "steps=4",
-        "data.uncond_p=0.5", "data.uncond_p_t5=0.5", "logging.every=1", "logging.tensorboard=false",
-        "logging.progress_bar=false", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=",
-        "precision.mode=fp32", "device=cpu", "model.clip_len=8", "model.t5_len=12",
-        "model.clip_dim=32", "model.t5_dim=48",
-    ])
+    return load_config(
+        TrainConfig,
+        "configs/train/demo.yaml",
+        [
+            f"data.cache={cache}",
+            f"run_dir={run_dir}",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "steps=4",
+            "data.uncond_p=0.5",
+            "data.uncond_p_t5=0.5",
+            "logging.every=1",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+            "checkpoint.resume=",
+            "precision.mode=fp32",
+            "device=cpu",
+            "model.clip_len=8",
+            "model.t5_len=12",
+            "model.clip_dim=32",
+            "model.t5_dim=48",
+        ],
+    )
 
 
 @dataclasses.dataclass
@@ -145,9 +188,10 @@ class Runs:
 
 def train_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Path, *, per_sample: bool) -> Runs:
     """Train 4 steps from the cache and 4 online with the same draws."""
+    from test_stage2_common import read_metrics
+
     from stage2_train.online import OnlineBatchSource
     from stage2_train.trainer import Trainer
-    from test_stage2_common import read_metrics
 
     cached = {}
 
@@ -169,8 +213,11 @@ def train_cache_and_online(samples, enc, preprocess, cache: Path, tmp_path: Path
         # Online, the latent scale comes from the VAE itself, as in the original trainer; the cache's comes from
         # its manifest. Taking both from the cache would hide a wrong factor written by stage 1.
         settings = dataclasses.replace(cached["src"].source.settings, scaling_factor=enc.scaling_factor)
-        online["src"] = Recorder(OnlineBatchSource(ordered, buckets, preprocess, enc, cached["src"].source.plan,
-                                                   settings, per_sample=per_sample))
+        online["src"] = Recorder(
+            OnlineBatchSource(
+                ordered, buckets, preprocess, enc, cached["src"].source.plan, settings, per_sample=per_sample
+            )
+        )
         return online["src"]
 
     t_online = Trainer(_cfg(cache, tmp_path / "online_run"), batch_source_factory=online_factory)
@@ -236,9 +283,11 @@ def test_batched_online_encoding_differs_only_by_rounding(encoded, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("STAGE2_WITH_STAGE1_JOB"),
-                    reason="opt-in (STAGE2_WITH_STAGE1_JOB=1): starts Ray, ~1-3 min on 2 cores; the direct-encoding "
-                           "test above checks the same promise")
+@pytest.mark.skipif(
+    not os.environ.get("STAGE2_WITH_STAGE1_JOB"),
+    reason="opt-in (STAGE2_WITH_STAGE1_JOB=1): starts Ray, ~1-3 min on 2 cores; the direct-encoding "
+    "test above checks the same promise",
+)
 def test_cache_from_the_stage1_job_equals_online_training(suite, tmp_path):
     """The same promise with the cache written by the real stage-1 Ray job (embedded Ray).
 
@@ -253,16 +302,38 @@ def test_cache_from_the_stage1_job_equals_online_training(suite, tmp_path):
     from stage1_encode.preprocess import decode_image, preprocess_image
     from stage2_train.online import RawSample
 
-    corpus = write_demo_corpus(tmp_path / "corpus", n=N_IMAGES, seed=CORPUS_SEED, rows_per_file=N_IMAGES,
-                               bad_rows=False)
-    cfg = load_config(EncodeConfig, "configs/encode/demo.yaml", [f"{k}={v}" for k, v in {
-        "input.paths": f"[{corpus['arrow_dir']}]", "encoders.root": str(suite), "output.root": str(tmp_path / "c"),
-        "output.format": "zarr", "output.rows_per_shard": 4, "encoders.batch_size": 1, "encoders.clip_len": 8,
-        "encoders.t5_len": 12, "encoders.t5_dtype": "float32", "image.resolution": 64, "image.reso_step": 16,
-        "image.random_flip": True, "image.seed": 7, "ray.num_cpus": 3, "ray.preprocess_tasks": 1,
-        "ray.preprocess_num_cpus": 0.25, "ray.num_cpus_per_actor": 0.5, "ray.torch_threads": 1,
-        "ray.object_store_memory_gb": 0.3, "ray.actor_memory_gb": 0.2,
-    }.items()])
+    corpus = write_demo_corpus(
+        tmp_path / "corpus", n=N_IMAGES, seed=CORPUS_SEED, rows_per_file=N_IMAGES, bad_rows=False
+    )
+    cfg = load_config(
+        EncodeConfig,
+        "configs/encode/demo.yaml",
+        [
+            f"{k}={v}"
+            for k, v in {
+                "input.paths": f"[{corpus['arrow_dir']}]",
+                "encoders.root": str(suite),
+                "output.root": str(tmp_path / "c"),
+                "output.format": "zarr",
+                "output.rows_per_shard": 4,
+                "encoders.batch_size": 1,
+                "encoders.clip_len": 8,
+                "encoders.t5_len": 12,
+                "encoders.t5_dtype": "float32",
+                "image.resolution": 64,
+                "image.reso_step": 16,
+                "image.random_flip": True,
+                "image.seed": 7,
+                "ray.num_cpus": 3,
+                "ray.preprocess_tasks": 1,
+                "ray.preprocess_num_cpus": 0.25,
+                "ray.num_cpus_per_actor": 0.5,
+                "ray.torch_threads": 1,
+                "ray.object_store_memory_gb": 0.3,
+                "ray.actor_memory_gb": 0.2,
+            }.items()
+        ],
+    )
     job.run(cfg)
     cache = open_cache(tmp_path / "c")
     assert len(cache) == N_IMAGES
@@ -271,8 +342,12 @@ def test_cache_from_the_stage1_job_equals_online_training(suite, tmp_path):
     for i in range(len(cache)):
         s = cache[i]
         samples.append(RawSample(key=s["key"], image=records[s["key"][-12:]]["image"], caption=s["caption"]))
-    enc = load_encoders(suite, EncoderDtypes(vae=cfg.encoders.vae_dtype, clip=cfg.encoders.clip_dtype,
-                                             t5=cfg.encoders.t5_dtype), clip_len=8, t5_len=12)
+    enc = load_encoders(
+        suite,
+        EncoderDtypes(vae=cfg.encoders.vae_dtype, clip=cfg.encoders.clip_dtype, t5=cfg.encoders.t5_dtype),
+        clip_len=8,
+        t5_len=12,
+    )
 
     def preprocess(sample):
         return preprocess_image(decode_image(sample.image, 10**8), sample.key, cfg.image)

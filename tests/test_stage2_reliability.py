@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 
 from shared.config import load_config
 from stage2_train.config import TrainConfig, validate_config
-from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 
 # encoders.vae.config as stage 1 records it: what the manifest's vae_scaling_factor is checked against
 VAE_FP = {"vae": {"class": "AutoencoderKL", "config": {"scaling_factor": 0.13025}}}
@@ -47,8 +47,9 @@ def run_bounded(args: list[str], timeout: float) -> tuple[int | None, str, float
     """Run in its own process group; on timeout kill the whole group (loader workers too). rc None = it hung."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out, time.monotonic() - t0
@@ -77,11 +78,13 @@ def biggest_chunk(shard_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ 1: a failing run exits
 
+
 def test_failing_run_with_loader_workers_exits_promptly(cache, tmp_path):
     """An exception in the loop (here: max_bad_steps exceeded at once) with data.num_workers=1 used to print its
     traceback and then hang forever on the SIGTERM-ignoring worker."""
-    args = train_cmd(*tiny_overrides(cache, tmp_path / "run", steps=25, max_bad_steps=0,
-                                     **{"optim.lr": 1e30, "data.num_workers": 1}))
+    args = train_cmd(
+        *tiny_overrides(cache, tmp_path / "run", steps=25, max_bad_steps=0, **{"optim.lr": 1e30, "data.num_workers": 1})
+    )
     rc, out, took = run_bounded(args, timeout=120)
     assert rc is not None, f"the run hung after its error ({took:.0f} s):\n{out[-2000:]}"
     assert rc == 1 and "non-finite" in out, out[-2000:]
@@ -89,11 +92,18 @@ def test_failing_run_with_loader_workers_exits_promptly(cache, tmp_path):
 
 # ------------------------------------------------------------------------------------------ 5: config values
 
-@pytest.mark.parametrize("override,key", [
-    ("optim.lr=.inf", "optim.lr"), ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=-1", "optim.grad_clip"),
-    ("data.num_workers=-1", "data.num_workers"), ("data.prefetch_factor=0", "data.prefetch_factor"),
-    ("data.max_corrupt_samples=-1", "data.max_corrupt_samples"),
-])
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.prefetch_factor=0", "data.prefetch_factor"),
+        ("data.max_corrupt_samples=-1", "data.max_corrupt_samples"),
+    ],
+)
 def test_bad_config_values_are_errors_naming_the_key(cache, tmp_path, override, key):
     cfg = load_config(TrainConfig, "configs/train/demo.yaml", tiny_overrides(cache, tmp_path) + [override])
     with pytest.raises(ValueError, match=re.escape(f"config {key}=")):
@@ -111,6 +121,7 @@ def test_metrics_after_resume_show_each_step_once(cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 2: the cache is checked
+
 
 def _damage_deleted(c: Path) -> str:
     shutil.rmtree(c / "shards" / "part-00001.zarr")
@@ -157,10 +168,15 @@ def _damage_views(c: Path) -> str:
     return "first sample"
 
 
-CACHE_DAMAGE = {"deleted shard": _damage_deleted, "truncated shard": _damage_truncated,
-                "swapped shards": _damage_swapped, "edited vae_scaling_factor": _damage_scaling,
-                "flipped byte in empty caption": _damage_empty_caption, "edited t5 dtype": _damage_dtype,
-                "edited views": _damage_views}
+CACHE_DAMAGE = {
+    "deleted shard": _damage_deleted,
+    "truncated shard": _damage_truncated,
+    "swapped shards": _damage_swapped,
+    "edited vae_scaling_factor": _damage_scaling,
+    "flipped byte in empty caption": _damage_empty_caption,
+    "edited t5 dtype": _damage_dtype,
+    "edited views": _damage_views,
+}
 
 
 @pytest.mark.parametrize("damage", sorted(CACHE_DAMAGE))
@@ -220,8 +236,9 @@ def test_corrupt_sample_mid_run_is_replaced_counted_then_stops(cache, tmp_path):
     assert [m["step"] for m in la] == list(range(1, 7))
     assert [m["loss"] for m in la] == [m["loss"] for m in lb]
     # over the limit, with a loader worker (the case that used to hang): a prompt exit naming shard and sample
-    args = train_cmd(*tiny_overrides(c, tmp_path / "c", steps=6, **{"data.max_corrupt_samples": 0,
-                                                                     "data.num_workers": 1}))
+    args = train_cmd(
+        *tiny_overrides(c, tmp_path / "c", steps=6, **{"data.max_corrupt_samples": 0, "data.num_workers": 1})
+    )
     rc, out, took = run_bounded(args, timeout=120)
     assert rc is not None, f"hung ({took:.0f} s):\n{out[-2000:]}"
     assert rc == 1 and re.search(r"shard 'part-00001' sample 'syn-\d+", out), out[-2000:]
@@ -229,13 +246,14 @@ def test_corrupt_sample_mid_run_is_replaced_counted_then_stops(cache, tmp_path):
 
 
 def test_substitute_comes_from_the_same_bucket_and_is_deterministic(cache, tmp_path):
-    from stage2_train.data import BucketBatchPlan, CacheDataset, DrawSettings
     from shared.cache import open_cache
+    from stage2_train.data import BucketBatchPlan, CacheDataset, DrawSettings
 
     reader = open_cache(cache)
     plan = BucketBatchPlan([tuple(b) for b in reader.meta["bucket"].tolist()], batch_size=2, world_size=1, seed=3)
-    settings = DrawSettings(seed=3, random_flip=True, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000,
-                            scaling_factor=0.13025)
+    settings = DrawSettings(
+        seed=3, random_flip=True, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000, scaling_factor=0.13025
+    )
 
     class Broken(CacheDataset):
         def _read(self, index):
@@ -252,6 +270,7 @@ def test_substitute_comes_from_the_same_bucket_and_is_deterministic(cache, tmp_p
 
 # ------------------------------------------------------------------------------------------ 3: checkpoints
 
+
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory):
     """A run with checkpoints at steps 2 and 4."""
@@ -267,13 +286,19 @@ def _copy_run(trained: Path, dst: Path) -> Path:
 
 def test_checkpoint_index_records_every_file(trained):
     state = json.loads((trained / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
-    assert {"model.safetensors", "optimizer.safetensors", "ema.safetensors", "config.yaml",
-            "rng/rank_00000.safetensors"} <= set(state["files"])
+    assert {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "ema.safetensors",
+        "config.yaml",
+        "rng/rank_00000.safetensors",
+    } <= set(state["files"])
     assert all(len(v["sha256"]) == 64 for v in state["files"].values())
 
 
-@pytest.mark.parametrize("damage", ["flipped byte in model", "flipped byte in optimizer", "truncated optimizer",
-                                    "deleted rng file"])
+@pytest.mark.parametrize(
+    "damage", ["flipped byte in model", "flipped byte in optimizer", "truncated optimizer", "deleted rng file"]
+)
 def test_resume_auto_skips_a_damaged_checkpoint(cache, trained, tmp_path, damage):
     from stage2_train.trainer import Trainer
 

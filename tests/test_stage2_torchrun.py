@@ -10,14 +10,15 @@ import sys
 
 import pytest
 import torch
-
 from test_stage2_common import read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
 
 
 def _torchrun(*overrides: str, script: str = "stage2_train/train.py"):
     args = ["--config", "configs/train/demo.yaml", *overrides] if script == "stage2_train/train.py" else []
-    return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       script, *args], timeout=300)
+    return run_script(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args],
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -32,8 +33,10 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     # each rank read its own samples; the 4 steps are one epoch (2 buckets x 6 samples, global batch 4)
-    per_rank = [[json.loads(line) for line in (a / "samples" / f"rank_{r:05d}.jsonl").read_text().splitlines()]
-                for r in range(2)]
+    per_rank = [
+        [json.loads(line) for line in (a / "samples" / f"rank_{r:05d}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
     assert [len(x) for x in per_rank] == [4, 4]
     for r0, r1 in zip(*per_rank):
         assert r0["step"] == r1["step"] and not set(r0["key"]) & set(r1["key"])
@@ -61,8 +64,15 @@ def test_two_ranks_disjoint_identical_and_resumable(tmp_path):
     c = tmp_path / "c"
     (c / "checkpoints").mkdir(parents=True)
     shutil.copytree(a / "checkpoints" / "step_0000002", c / "checkpoints" / "step_0000002")
-    res = _torchrun(*tiny_overrides(cache, c, steps=4, **common, **{
-        "checkpoint.resume": "auto", "parallel.strategy": "fsdp2", "parallel.activation_checkpointing": True}))
+    res = _torchrun(
+        *tiny_overrides(
+            cache,
+            c,
+            steps=4,
+            **common,
+            **{"checkpoint.resume": "auto", "parallel.strategy": "fsdp2", "parallel.activation_checkpointing": True},
+        )
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lc = {m["step"]: m["loss"] for m in read_metrics(c)}
     assert sorted(lc) == [3, 4]
@@ -112,8 +122,12 @@ def test_fsdp2_sharded_checkpoint_resumes_on_two_and_one_ranks(tmp_path):
     from stage2_train.checkpointing import STATE_FILE, resolve_resume
 
     cache = write_synthetic_cache(tmp_path / "cache", n=12, fmt="webdataset")
-    common = {"data.global_batch_size": 4, "checkpoint.every": 2, "checkpoint.keep_last": 0,
-              "parallel.strategy": "fsdp2"}
+    common = {
+        "data.global_batch_size": 4,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 0,
+        "parallel.strategy": "fsdp2",
+    }
     a = tmp_path / "a"
     # no consolidated export in the uninterrupted run: resuming needs nothing but dcp/
     res = _torchrun(*tiny_overrides(cache, a, steps=4, **common, **{"checkpoint.consolidated": False}))
@@ -123,7 +137,8 @@ def test_fsdp2_sharded_checkpoint_resumes_on_two_and_one_ranks(tmp_path):
     # each rank wrote its own shard file; the sha256 index covers them; nothing gathered on rank 0
     assert state["layout"] == "dcp"
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng/rank_00001.safetensors"} <= set(
-        state["files"])
+        state["files"]
+    )
     assert not any((step2 / f).exists() for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"))
 
     la = {m["step"]: m["loss"] for m in read_metrics(a)}
@@ -135,8 +150,10 @@ def test_fsdp2_sharded_checkpoint_resumes_on_two_and_one_ranks(tmp_path):
         res = launch(*tiny_overrides(cache, run, steps=4, **{**common, "checkpoint.resume": "auto"}))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "resumed from" in res.stdout + res.stderr
-        runs[name] = ({m["step"]: m["loss"] for m in read_metrics(run)},
-                      load_file(run / "checkpoints" / "step_0000004" / "model.safetensors"))
+        runs[name] = (
+            {m["step"]: m["loss"] for m in read_metrics(run)},
+            load_file(run / "checkpoints" / "step_0000004" / "model.safetensors"),
+        )
     (lb, wb), (lc, wc) = runs["b"], runs["c"]
     assert sorted(lb) == sorted(lc) == [3, 4]
     assert [lb[3], lb[4]] == [la[3], la[4]]

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 
 from shared.config import ConfigError, load_config
 from stage2_train.config import TrainConfig
-from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
     args = train_cmd(*tiny_overrides(cache, run, steps=10_000, **{"data.num_workers": 1}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # own process group, signalled as a whole like torchrun and schedulers do: loader workers get SIGTERM too
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
@@ -90,16 +91,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cache, tmp_path):
     state = json.loads((saved[0] / "trainer_state.json").read_text())
     assert 2 <= state["step"] < 10_000 and state["step"] == max(_losses(run))
     assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "config.yaml"} <= {
-        p.name for p in saved[0].iterdir()}
+        p.name for p in saved[0].iterdir()
+    }
 
 
 def test_loss_goes_down(cache, tmp_path):
     from stage2_train.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = _cfg(cache, tmp_path / "run", steps=40, **{"data.batch_size": 4, "optim.lr": 1e-3,
-                                                     "logging.every": 1, "data.uncond_p": 0.0,
-                                                     "data.uncond_p_t5": 0.0})
+    cfg = _cfg(
+        cache,
+        tmp_path / "run",
+        steps=40,
+        **{"data.batch_size": 4, "optim.lr": 1e-3, "logging.every": 1, "data.uncond_p": 0.0, "data.uncond_p_t5": 0.0},
+    )
     trainer = Trainer(cfg)
     trainer.train()
     records = read_metrics(tmp_path / "run")
@@ -136,8 +141,10 @@ def test_log_line_carries_every_metric(tmp_path):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert lines == ["step       7 | loss 0.5000 | mse 0.3750 | vb 0.1250 | grad_norm 1.250 | lr 0.0001 | "
-                     "12.50 samples/s | data_wait 1.5% | mem 1.50 GiB | skipped 2"]
+    assert lines == [
+        "step       7 | loss 0.5000 | mse 0.3750 | vb 0.1250 | grad_norm 1.250 | lr 0.0001 | "
+        "12.50 samples/s | data_wait 1.5% | mem 1.50 GiB | skipped 2"
+    ]
     assert read_metrics(tmp_path) == [{"step": 7, **values}]
 
 
@@ -179,8 +186,13 @@ def test_mixed_precision_modes_train(cache, tmp_path, mode):
 def test_grad_accum_and_warmup_schedule(cache, tmp_path):
     from stage2_train.trainer import Trainer
 
-    cfg = _cfg(cache, tmp_path / "acc", steps=3, grad_accum=2,
-               **{"schedule.warmup_steps": 2, "schedule.warmup_kind": "log", "optim.lr": 1e-3})
+    cfg = _cfg(
+        cache,
+        tmp_path / "acc",
+        steps=3,
+        grad_accum=2,
+        **{"schedule.warmup_steps": 2, "schedule.warmup_kind": "log", "optim.lr": 1e-3},
+    )
     trainer = Trainer(cfg)
     trainer.train()
     rec = read_metrics(tmp_path / "acc")
@@ -215,8 +227,8 @@ def test_user_errors_say_how_to_fix(cache, tmp_path):
 def test_the_manifest_supplies_the_model_geometry(tmp_path):
     """Text and latent sizes the preset does not have come from the cache; config.yaml records them; a set value
     that agrees is accepted."""
-    from shared.schema import CacheSpec
     from shared.inspection import write_synthetic_cache as write
+    from shared.schema import CacheSpec
     from stage2_train.trainer import Trainer
 
     spec = CacheSpec(format="zarr", views=("plain",), clip_len=10, clip_dim=24, t5_len=14, t5_dim=40)
@@ -254,21 +266,39 @@ def test_cli_start_up_errors_exit_2_with_the_message(cache, tmp_path, capsys):
     assert main(["--config", "configs/train/demo.yaml", "precision.mode=fp8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: precision.mode") and err.count("\n") == 1
-    assert main(["--config", "configs/train/demo.yaml", *tiny_overrides(cache, tmp_path / "r"),
-                 "model.overrides.text_states_dim=64"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                "configs/train/demo.yaml",
+                *tiny_overrides(cache, tmp_path / "r"),
+                "model.overrides.text_states_dim=64",
+            ]
+        )
+        == 2
+    )
     assert "model.overrides" in capsys.readouterr().err
 
 
 def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
-    from pipeline.models import DiTConfig, HunYuanDiT
     from safetensors.torch import load_file
+
+    from pipeline.models import DiTConfig, HunYuanDiT
     from stage2_train.trainer import Trainer
 
     torch.manual_seed(123)
     src = HunYuanDiT(DiTConfig.from_name("DiT-tiny/2"))
     torch.save({"module": src.state_dict()}, tmp_path / "pytorch_model_module.pt")
-    cfg = _cfg(cache, tmp_path / "run", steps=4, **{"model.init_from": str(tmp_path / "pytorch_model_module.pt"),
-                                                    "checkpoint.every": 1, "checkpoint.keep_last": 2})
+    cfg = _cfg(
+        cache,
+        tmp_path / "run",
+        steps=4,
+        **{
+            "model.init_from": str(tmp_path / "pytorch_model_module.pt"),
+            "checkpoint.every": 1,
+            "checkpoint.keep_last": 2,
+        },
+    )
     trainer = Trainer(cfg)
     for k, v in src.state_dict().items():
         assert torch.equal(trainer.inner.state_dict()[k], v)
@@ -278,8 +308,13 @@ def test_init_from_original_checkpoint_and_keep_last(cache, tmp_path):
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors")
     assert set(saved) == set(src.state_dict())  # the original key layout
     with pytest.raises(ValueError, match=r"model\.init_key='ema'.*no 'ema' state dict"):
-        Trainer(_cfg(cache, tmp_path / "ema", **{"model.init_from": str(tmp_path / "pytorch_model_module.pt"),
-                                                 "model.init_key": "ema"}))
+        Trainer(
+            _cfg(
+                cache,
+                tmp_path / "ema",
+                **{"model.init_from": str(tmp_path / "pytorch_model_module.pt"), "model.init_key": "ema"},
+            )
+        )
 
 
 def test_presets_load_and_v12_is_the_released_recipe():
@@ -289,11 +324,27 @@ def test_presets_load_and_v12_is_the_released_recipe():
     assert build_model_config(demo).hidden_size == 64
     cfg = load_config(TrainConfig, "configs/train/hunyuandit-v1.2.yaml")
     m = build_model_config(cfg)
-    assert (m.hidden_size, m.depth, m.num_heads, m.learn_sigma, m.text_len, m.text_len_t5) == (1408, 40, 16, True, 77, 256)
+    assert (m.hidden_size, m.depth, m.num_heads, m.learn_sigma, m.text_len, m.text_len_t5) == (
+        1408,
+        40,
+        16,
+        True,
+        77,
+        256,
+    )
     d, o, s = cfg.diffusion, cfg.optim, cfg.schedule
-    assert (d.noise_schedule, d.beta_start, d.beta_end, d.predict_type) == ("scaled_linear", 0.00085, 0.018,
-                                                                            "v_prediction")
+    assert (d.noise_schedule, d.beta_start, d.beta_end, d.predict_type) == (
+        "scaled_linear",
+        0.00085,
+        0.018,
+        "v_prediction",
+    )
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.grad_clip) == (1e-4, [0.9, 0.999], 1e-8, 0.0, 1.0)
     assert (s.kind, s.warmup_steps, cfg.data.uncond_p, cfg.data.uncond_p_t5, cfg.data.batch_size) == (
-        "constant", 0, 0.0, 0.0, 1)
+        "constant",
+        0,
+        0.0,
+        0.0,
+        1,
+    )
     assert cfg.model.init_from == "ckpts/t2i/model/pytorch_model_distill.pt" and cfg.precision.mode == "bf16"

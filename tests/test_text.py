@@ -38,7 +38,11 @@ def original_clip(tokenizer, text):
 def original_t5(tokenizer, text, text_len=256, fill_number=1):
     # arrow_load_stream.py:242-269: unpadded, then filled by hand with id 1 and mask 0
     enc = tokenizer(
-        text, max_length=text_len, truncation=True, return_attention_mask=True, add_special_tokens=True,
+        text,
+        max_length=text_len,
+        truncation=True,
+        return_attention_mask=True,
+        add_special_tokens=True,
         return_tensors="pt",
     )
     ids, mask = enc["input_ids"][0], enc["attention_mask"][0]
@@ -69,7 +73,7 @@ def test_clip_layout(tokenizers):
     bert, _ = tokenizers
     ids, mask = tokenize_clip(bert, SAMPLES, 77)
     cls, sep, pad = bert.cls_token_id, bert.sep_token_id, bert.pad_token_id
-    for row, text in enumerate(SAMPLES):
+    for row, _text in enumerate(SAMPLES):
         n = int(mask[row].sum())
         assert mask[row, :n].all() and not mask[row, n:].any(), "mask must be a prefix"
         assert ids[row, 0] == cls and ids[row, n - 1] == sep
@@ -88,7 +92,7 @@ def test_t5_layout(tokenizers):
     _, mt5 = tokenizers
     assert (mt5.pad_token_id, mt5.eos_token_id, mt5.unk_token_id) == (0, 1, 2)
     ids, mask = tokenize_t5(mt5, SAMPLES, 256)
-    for row, text in enumerate(SAMPLES):
+    for row, _text in enumerate(SAMPLES):
         n = int(mask[row].sum())
         assert mask[row, :n].all() and not mask[row, n:].any()
         assert ids[row, n - 1] == 1, "the unpadded part ends with </s>"

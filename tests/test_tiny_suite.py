@@ -77,7 +77,10 @@ def test_presets_and_bad_values():
     bench = TinySizes.preset("bench")
     assert bench == TinySizes.bench()
     assert (bench.vae_block_out_channels, bench.vae_layers_per_block, bench.vae_norm_num_groups) == (
-        (128, 256, 512, 512), 2, 32)
+        (128, 256, 512, 512),
+        2,
+        32,
+    )
     assert (bench.clip_hidden, bench.clip_layers, bench.clip_heads) == (768, 12, 12)
     assert (bench.t5_d_model, bench.t5_layers, bench.t5_heads, bench.t5_d_ff) == (512, 6, 8, 1024)
     assert TinySizes.preset("tiny") == TinySizes()
@@ -136,6 +139,7 @@ def test_colour_faithful_vae_round_trips_colours(two_seed0, tmp_path):
                 assert torch.allclose(post.std * sf, torch.full_like(post.std, 0.02))
                 assert float((vae.decode(vae.encode(blocky).latent_dist.mean).sample - blocky).abs().max()) < 1e-5
                 z = torch.randn(2, 4, 4, 4, generator=g)
-                assert torch.allclose(vae.decode(z).sample, torch.nn.functional.interpolate(z[:, :3] * sf, scale_factor=8),
-                                      atol=1e-5)
+                assert torch.allclose(
+                    vae.decode(z).sample, torch.nn.functional.interpolate(z[:, :3] * sf, scale_factor=8), atol=1e-5
+                )
     assert errors["suite"] < 1e-5 and errors["random"] > 0.3, errors

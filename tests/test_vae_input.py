@@ -94,12 +94,21 @@ def test_stage1_flat_images_get_float64_accurate_moments(encoders):
     try:
         for name, data in flat_images().items():
             cropped = pp.resize_and_crop(pp.decode_image(data, 10**8), f"k-{name}", cfg)
-            arrays = {"pixels": torch.from_numpy(cropped.pixels[None].copy()),
-                      "image_meta_size": torch.from_numpy(cropped.image_meta_size[None])}
+            arrays = {
+                "pixels": torch.from_numpy(cropped.pixels[None].copy()),
+                "image_meta_size": torch.from_numpy(cropped.image_meta_size[None]),
+            }
             tok = encoders.tokenize(["一张图片"])
             arrays.update({k: v for k, v in tok.items()})
-            meta = {"bucket": list(cropped.bucket), "keys": [name], "captions": ["一张图片"], "sources": ["s"],
-                    "rows": [0], "substituted": [False], "null": [False]}
+            meta = {
+                "bucket": list(cropped.bucket),
+                "keys": [name],
+                "captions": ["一张图片"],
+                "sources": ["s"],
+                "rows": [0],
+                "substituted": [False],
+                "null": [False],
+            }
             payload, _ = actor.encode_chunk(arrays, meta)
             moments = job_mod.unpack(payload)["moments"][0]  # (V, 2C, h, w)
             for v, px in enumerate((cropped.pixels, np.ascontiguousarray(cropped.pixels[:, ::-1]))):
@@ -147,8 +156,15 @@ def test_online_source_feeds_the_vae_contiguous_batches(encoders):
 
     buckets = [(64, 64)] * 4
     plan = BucketBatchPlan(buckets, batch_size=2, world_size=1, seed=0)
-    settings = DrawSettings(seed=0, random_flip=True, uncond_p=0.0, uncond_p_t5=0.0, num_timesteps=1000,
-                            noise_offset=0.0, scaling_factor=encoders.scaling_factor)
+    settings = DrawSettings(
+        seed=0,
+        random_flip=True,
+        uncond_p=0.0,
+        uncond_p_t5=0.0,
+        num_timesteps=1000,
+        noise_offset=0.0,
+        scaling_factor=encoders.scaling_factor,
+    )
     src = OnlineBatchSource(samples, buckets, preprocess, encoders, plan, settings)
     spy = _LayoutSpy(encoders.vae.encoder, encoders.clip, encoders.t5)
     try:

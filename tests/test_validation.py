@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_stage2_common import read_metrics, tiny_overrides, write_synthetic_cache
 
 from shared.config import load_config
 from shared.prompts import prompt_file_path, write_prompt_file
 from stage2_train.config import TrainConfig
-from test_stage2_common import read_metrics, tiny_overrides, write_synthetic_cache
 
 VAE = Path(__file__).parent / "fixtures" / "cache_tiny_vae"
 PROMPTS = ["first prompt", "second prompt", "third"]
@@ -26,12 +26,22 @@ def cache(tmp_path_factory):
     def fields(rows):
         clip_mask = torch.arange(8)[None] < torch.arange(2, 2 + rows)[:, None]
         t5_mask = torch.arange(12)[None] < torch.arange(3, 3 + rows)[:, None]
-        return {"clip_states": torch.randn(rows, 8, 32, generator=g), "clip_mask": clip_mask,
-                "t5_states": torch.randn(rows, 12, 48, generator=g).half(), "t5_mask": t5_mask}
+        return {
+            "clip_states": torch.randn(rows, 8, 32, generator=g),
+            "clip_mask": clip_mask,
+            "t5_states": torch.randn(rows, 12, 48, generator=g).half(),
+            "t5_mask": t5_mask,
+        }
 
     manifest = json.loads((root / "manifest.json").read_text())
-    write_prompt_file(prompt_file_path(root, "validation"), prompts=PROMPTS, negative_prompt="", embeds=fields(n),
-                      negative=fields(1), encoders_hash=manifest["encoders_hash"])
+    write_prompt_file(
+        prompt_file_path(root, "validation"),
+        prompts=PROMPTS,
+        negative_prompt="",
+        embeds=fields(n),
+        negative=fields(1),
+        encoders_hash=manifest["encoders_hash"],
+    )
     return root
 
 
@@ -39,8 +49,12 @@ def _cfg(cache: Path, run_dir: Path, **extra) -> TrainConfig:
     return load_config(TrainConfig, "configs/train/demo.yaml", tiny_overrides(cache, run_dir, **extra))
 
 
-VAL_ON = {"validation.every": 2, "validation.vae": str(VAE), "validation.steps": 3,
-          "validation.sizes": "[[32,32],[32,48]]"}
+VAL_ON = {
+    "validation.every": 2,
+    "validation.vae": str(VAE),
+    "validation.steps": 3,
+    "validation.sizes": "[[32,32],[32,48]]",
+}
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -99,17 +113,24 @@ def test_lora_run_validates_with_the_adapter_applied(cache, tmp_path):
     from stage2_train.trainer import Trainer
 
     torch.set_num_threads(1)
-    t = Trainer(_cfg(cache, tmp_path / "run", steps=1, **{**VAL_ON, "validation.every": 1, "training.parts": "lora",
-                                                           "lora.rank": 4, "ema.enable": False}))
+    t = Trainer(
+        _cfg(
+            cache,
+            tmp_path / "run",
+            steps=1,
+            **{**VAL_ON, "validation.every": 1, "training.parts": "lora", "lora.rank": 4, "ema.enable": False},
+        )
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a non-zero adapter (B starts at 0) and output layer (zero at init), as after training
         for name, p in t.inner.named_parameters():
             if ".lora_B." in name or name.startswith("final_layer.") or "default_modulation" in name:
                 p.normal_(std=0.1, generator=g)
     assert t.validator.maybe_run(t, 1) is not None
+    from test_model import tiny_inputs
+
     from pipeline.lora import base_state_dict
     from pipeline.models import HunYuanDiT
-    from test_model import tiny_inputs
 
     kw = tiny_inputs(t.model_config, B=2, h=4, w=4)
     base = HunYuanDiT(t.model_config).eval()
@@ -143,13 +164,28 @@ def test_fsdp2_two_ranks_validate_without_deadlock_and_fail_together(cache, tmp_
 
     def torchrun(run: Path, **extra):
         over = tiny_overrides(cache, run, steps=4, **{"parallel.strategy": "fsdp2", **extra})
-        return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "stage2_train/train.py", "--config", "configs/train/demo.yaml", *over], timeout=240)
+        return run_script(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "stage2_train/train.py",
+                "--config",
+                "configs/train/demo.yaml",
+                *over,
+            ],
+            timeout=240,
+        )
 
     on = torchrun(tmp_path / "on", **VAL_ON)
     assert on.returncode == 0, on.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "on" / "validation").iterdir()) == ["step_0000002.png",
-                                                                                  "step_0000004.png"]
+    assert sorted(p.name for p in (tmp_path / "on" / "validation").iterdir()) == [
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
     assert sorted(_losses(tmp_path / "on")) == [1, 2, 3, 4]
     t0 = time.monotonic()
     bad = torchrun(tmp_path / "bad", **{**VAL_ON, "validation.sizes": "[[40,40]]"})

@@ -1,4 +1,5 @@
 """Corruption is caught: verify names the shard and sample (CLI exits non-zero), the reader raises, never garbage."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 
 from shared.cache import open_cache
-from shared.inspection import write_synthetic_cache
 from shared.cli import main as cli_main
+from shared.inspection import write_synthetic_cache
 from shared.manifest import shard_index_path
-from shared.shard_index import encode_index, read_index_columns
 from shared.schema import CacheSpec, CorruptSampleError
+from shared.shard_index import encode_index, read_index_columns
 from shared.verify import verify_cache
 
 SMALL = dict(clip_len=12, clip_dim=16, t5_len=24, t5_dim=20)
@@ -34,8 +35,9 @@ def _moments_offset_wds(root: Path, shard: str, i: int) -> int:
     return int(cols["member_offset"][i, j] + cols["member_size"][i, j]) - 7  # inside the array data, past the header
 
 
-@pytest.mark.parametrize("fmt, comp", [("webdataset", "none"), ("webdataset", "zstd"), ("zarr", "none"),
-                                       ("zarr", "zstd")])
+@pytest.mark.parametrize(
+    "fmt, comp", [("webdataset", "none"), ("webdataset", "zstd"), ("zarr", "none"), ("zarr", "zstd")]
+)
 def test_corrupted_byte_is_named(tmp_path, fmt, comp, capsys):
     spec = CacheSpec(format=fmt, compression=comp, **SMALL)
     write_synthetic_cache(tmp_path, spec, n_samples=6, n_shards=2)
@@ -98,8 +100,12 @@ def test_cli_verify_exit_code_and_inspect(tmp_path):
     spec = CacheSpec(format="zarr", **SMALL)
     write_synthetic_cache(tmp_path, spec, n_samples=4, n_shards=1)
     (tmp_path / "manifest.json").unlink()
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "verify", str(tmp_path), "--no-progress"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "verify", str(tmp_path), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "incomplete" in r.stdout
     assert cli_main(["inspect", str(tmp_path)]) == 2
 
