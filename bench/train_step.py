@@ -184,6 +184,21 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 # one variant (own process)
 
 
+def quiet_run_overrides(device: str) -> list[str]:
+    """A measured stage-2 run's settings: a metrics line every step, no TensorBoard, progress bar or checkpoints, and
+    fp32 on CPU / bf16 on a GPU."""
+    return [
+        "logging.every=1",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+        "checkpoint.every=0",
+        "checkpoint.save_final=false",
+        "checkpoint.resume=",
+        f"device={device}",
+        "precision.mode=" + ("fp32" if device == "cpu" else "bf16"),
+    ]
+
+
 def online_factory(work: Path, args: argparse.Namespace):
     """A batch_source_factory encoding online with the cache run's plan and draw settings (the same draws)."""
     from stage2_train.online import OnlineBatchSource
@@ -218,14 +233,7 @@ def run_variant(work: Path, args: argparse.Namespace) -> dict:
             f"data.batch_size={args.batch}",
             f"data.num_workers={0 if args.variant == 'online' else args.workers}",
             f"model.preset={args.model}",
-            "logging.every=1",
-            "logging.tensorboard=false",
-            "logging.progress_bar=false",
-            "checkpoint.every=0",
-            "checkpoint.save_final=false",
-            "checkpoint.resume=",
-            f"device={args.device}",
-            "precision.mode=" + ("fp32" if args.device == "cpu" else "bf16"),
+            *quiet_run_overrides(args.device),
             "data.uncond_p=0.1",
             "data.uncond_p_t5=0.1",
             "ema.enable=false",

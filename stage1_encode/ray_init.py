@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from stage1_encode.ray_reaper import RayReaper
 from stage1_encode.shard_writer import KILL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("stage1_encode")
+
+# Ray waits a fixed 30 s (not configurable, ray/_private/node.py) for a new node to register with its GCS. On a
+# machine whose cores are busy (CI next to other jobs, a workstation mid-build) an embedded start can miss that once;
+# a second start usually works. Only that failure is retried; anything else is raised at once.
+EMBEDDED_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"
 
 
 def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | None]:
@@ -35,29 +43,39 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True, None
-    reaper = RayReaper.start()
-    previous = os.environ.get(REAPER_ENV_VAR)
-    if reaper is not None:  # inherited by every process Ray starts now, and by the workers the raylet starts later
-        os.environ[REAPER_ENV_VAR] = reaper.token
-    try:
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-            object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3),
-            include_dashboard=False,
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-        )
-    except BaseException:
-        if reaper is not None:
-            reaper.close()  # a start that failed half-way leaves processes too
-        raise
-    finally:
-        if previous is None:
-            os.environ.pop(REAPER_ENV_VAR, None)
-        else:
-            os.environ[REAPER_ENV_VAR] = previous
-    return True, reaper
+    for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+        reaper = RayReaper.start()
+        previous = os.environ.get(REAPER_ENV_VAR)
+        if reaper is not None:  # inherited by every process Ray starts now, and by the workers the raylet starts later
+            os.environ[REAPER_ENV_VAR] = reaper.token
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+                object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3),
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+                log_to_driver=True,
+            )
+            return True, reaper
+        except BaseException as e:
+            if reaper is not None:
+                reaper.close()  # a start that failed half-way leaves processes too
+            if attempt == EMBEDDED_START_ATTEMPTS or _STARTUP_TIMEOUT not in str(e):
+                raise
+            ray.shutdown()
+            logger.warning(
+                "the embedded Ray did not come up (%s); starting it again (%d/%d)",
+                str(e).splitlines()[0],
+                attempt + 1,
+                EMBEDDED_START_ATTEMPTS,
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(REAPER_ENV_VAR, None)
+            else:
+                os.environ[REAPER_ENV_VAR] = previous
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _check_resources(cfg: EncodeConfig) -> None:

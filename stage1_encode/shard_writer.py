@@ -32,11 +32,14 @@ from shared.cache import open_shard_writer
 from shared.fsutil import atomic_write_json, remove_path, remove_tmp_leftovers
 from shared.manifest import SHARDS_DIR, ShardInfo, shard_data_path
 from shared.remote_cache import publish_shard
-from shared.schema import CacheSpec, NonFiniteError
+from shared.schema import LOGICAL_ARRAYS, CacheSpec, NonFiniteError
 from shared.storage import RemoteStore
 from stage1_encode.cache_dir import PARTS_DIR, staging_root
 from stage1_encode.payload import read_item
 from stage1_encode.preprocess_task import _worker_cfg
+
+# the stored arrays of one sample; the bucket is the chunk's, shared by its samples
+SAMPLE_ARRAYS = tuple(k for k in LOGICAL_ARRAYS if k != "bucket")
 
 # Test plumbing, not a feature: "<shard name>:<n samples>:<marker file>" makes the writer of that shard SIGKILL its
 # own process after writing n samples, once (it creates the marker first; a retry finds it and runs normally).
@@ -93,16 +96,7 @@ class ShardAssembler:
         bucket = np.array(m["bucket"], dtype=np.int32)
         for b, key in enumerate(m["keys"]):
             sample = {"key": key, "caption": m["captions"][b], "bucket": bucket}
-            for k in (
-                "image_meta_size",
-                "moments",
-                "clip_ids",
-                "clip_mask",
-                "clip_states",
-                "t5_ids",
-                "t5_mask",
-                "t5_states",
-            ):
+            for k in SAMPLE_ARRAYS:
                 sample[k] = arrays[k][b]
             try:
                 self.writer.add(sample)

@@ -285,6 +285,19 @@ def training_item(
     }
 
 
+# The dense batch's per-sample tensors, stacked by `collate` (besides t and style); the step moves these to the device.
+STACKED_TENSORS = (
+    "x_start",
+    "noise",
+    "encoder_hidden_states",
+    "text_embedding_mask",
+    "encoder_hidden_states_t5",
+    "text_embedding_mask_t5",
+    "image_meta_size",
+)
+BATCH_TENSORS = ("x_start", "t", *STACKED_TENSORS[1:], "style")
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     buckets = {it["bucket"] for it in items}
     assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
@@ -292,15 +305,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for name in ("key", "view", "drop_clip", "drop_t5"):
         batch[name] = [it[name] for it in items]
     batch["t"] = torch.tensor([it["t"] for it in items], dtype=torch.long)
-    for name in (
-        "x_start",
-        "noise",
-        "encoder_hidden_states",
-        "text_embedding_mask",
-        "encoder_hidden_states_t5",
-        "text_embedding_mask_t5",
-        "image_meta_size",
-    ):
+    for name in STACKED_TENSORS:
         batch[name] = torch.stack([it[name] for it in items])
     batch["style"] = torch.zeros(len(items), dtype=torch.long)  # the original only ever uses style 0
     batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]

@@ -31,7 +31,7 @@ from stage2_train.checkpointing import (
     save_checkpoint,
 )
 from stage2_train.config import CACHE_GEOMETRY, ModelSection, TrainConfig, validate_config
-from stage2_train.data import CacheBatchSource, open_train_cache
+from stage2_train.data import BATCH_TENSORS, CacheBatchSource, open_train_cache
 from stage2_train.lora import export_adapter, setup_lora, trainable_summary
 from stage2_train.metrics import MetricsLogger, init_logger, logger, memory_gib
 from stage2_train.optim import EMA, LRSchedule, build_optimizer
@@ -49,17 +49,6 @@ from stage2_train.parallel import (
 from stage2_train.validation import Validator
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BATCH_TENSORS = (
-    "x_start",
-    "t",
-    "noise",
-    "encoder_hidden_states",
-    "text_embedding_mask",
-    "encoder_hidden_states_t5",
-    "text_embedding_mask_t5",
-    "image_meta_size",
-    "style",
-)
 
 
 class BatchSource(Protocol):

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +12,12 @@ import torch
 from dit_helpers import CASES, golden_model, perturbed_tiny, single_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file, save_file
 from test_stage2_common import (
-    ROOT,
     TINY_TEXT,
     read_metrics,
     run_script,
+    sigkill_after_checkpoint,
     tiny_overrides,
+    torchrun_cmd,
     train_cmd,
     write_synthetic_cache,
 )
@@ -180,15 +177,7 @@ def test_exact_resume_after_sigkill(setup, tmp_path):
     Trainer(_cfg(setup, tmp_path / "full", steps=2 * n)).train()
     run = tmp_path / "killed"
     args = train_cmd(*_lora_args(*setup, run, steps=2 * n, **{"checkpoint.every": n, "checkpoint.keep_last": 0}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpt = run / "checkpoints" / f"step_{n:07d}" / "trainer_state.json"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_after_checkpoint(args, run, n)
     Trainer(_cfg(setup, run, steps=2 * n, **{"checkpoint.resume": "auto"})).train()
     a, b = _losses(tmp_path / "full"), _losses(run)
     assert [b[s] for s in range(n + 1, 2 * n + 1)] == [a[s] for s in range(n + 1, 2 * n + 1)]  # bit-identical
@@ -334,19 +323,7 @@ def test_merge_cli_writes_original_layout_and_diffusers(setup, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_with_lora(setup, tmp_path, strategy):
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "stage2_train/train.py",
-        "--config",
-        "configs/train/demo.yaml",
-        *_lora_args(*setup, run, steps=3, **{"parallel.strategy": strategy}),
-    ]
-    res = run_script(args, timeout=300)
+    res = run_script(torchrun_cmd(*_lora_args(*setup, run, steps=3, **{"parallel.strategy": strategy})), timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     saved = load_file(run / "adapters" / "step_0000003" / lora.ADAPTER_FILE)
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)

@@ -358,24 +358,14 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
     Only code and the encoder weights are at one path for every process, as on any cluster (installed on each
     machine); whichever process writes the shards (the driver, or tasks on the nodes) has only its own folders."""
     from ray.util.state import list_actors, list_tasks
-    from test_stage1_job import _free_port, cache_content
+    from test_stage1_job import RAY_PORT_FLAGS, _free_port, cache_content
 
     from shared.remote_cache import download_cache
 
     url, corpus_url = s3.url(), s3.url()  # the output prefix must be empty
     RemoteStore(corpus_url).upload(corpus["arrow_dir"], "arrow")
     env = dict(ENV, **s3.env)
-    names = [
-        "port",
-        "dashboard-port",
-        "object-manager-port",
-        "node-manager-port",
-        "ray-client-server-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
-    ]
+    names = RAY_PORT_FLAGS
     ports: dict[str, int] = {}
     while len(set(ports.values())) < len(names) * 3:
         ports = {f"{n}@{i}": _free_port() for n in names for i in range(3)}

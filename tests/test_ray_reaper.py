@@ -79,3 +79,42 @@ def test_killed_driver_takes_its_tokened_processes_down(tmp_path):
             driver.kill()
         if other is not None and _alive(other):
             os.kill(other, signal.SIGKILL)
+
+
+def test_embedded_start_retries_only_rays_startup_timeout(monkeypatch):
+    """Ray waits a fixed 30 s for a new node to register; on a busy machine an embedded start can miss it. init_ray
+    starts again after exactly that failure (closing the failed attempt's reaper first), at most
+    EMBEDDED_START_ATTEMPTS times, and raises any other failure at once. The fault is injected by replacing ray.init
+    (a real timeout cannot be provoked on demand); the reapers are real processes."""
+    from stage1_encode import ray_init
+    from stage1_encode.config import EncodeConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    timeout = Exception("The current node timed out during startup. This could happen because ...")
+    calls: list[dict] = []
+
+    def failing(times: int, error: BaseException):
+        def init(**kwargs):
+            calls.append(kwargs)
+            if len(calls) <= times:
+                raise error
+
+        return init
+
+    monkeypatch.setattr(ray_init.ray, "init", failing(1, timeout))
+    started, reaper = ray_init.init_ray(EncodeConfig(), None)
+    assert started and len(calls) == 2 and calls[1]["address"] == "local"
+    if reaper is not None:
+        reaper.close()
+
+    calls.clear()
+    monkeypatch.setattr(ray_init.ray, "init", failing(99, timeout))
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_init.init_ray(EncodeConfig(), None)
+    assert len(calls) == ray_init.EMBEDDED_START_ATTEMPTS
+
+    calls.clear()
+    monkeypatch.setattr(ray_init.ray, "init", failing(99, ValueError("object_store_memory too large")))
+    with pytest.raises(ValueError, match="object_store_memory"):
+        ray_init.init_ray(EncodeConfig(), None)
+    assert len(calls) == 1

@@ -150,19 +150,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# `ray start` flags of every port a node opens: the tests give each one a free loopback port (no clash with a
+# cluster the machine already runs)
+RAY_PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "object-manager-port",
+    "node-manager-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    names = [
-        "port",
-        "dashboard-port",
-        "object-manager-port",
-        "node-manager-port",
-        "ray-client-server-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
-    ]
+    names = RAY_PORT_FLAGS
     ports = {}
     while len(set(ports.values())) < len(names):
         ports = {n: _free_port() for n in names}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,33 @@ def run_script(args: list[str], *, env_extra: dict | None = None, timeout: float
 
 def train_cmd(*overrides: str, config: str = "configs/train/demo.yaml") -> list[str]:
     return [sys.executable, "stage2_train/train.py", "--config", config, *overrides]
+
+
+def torchrun_cmd(*overrides: str, nproc: int = 2, config: str = "configs/train/demo.yaml") -> list[str]:
+    """`torchrun --standalone --nproc_per_node N stage2_train/train.py --config ... overrides` (gloo on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "stage2_train/train.py",
+        "--config",
+        config,
+        *overrides,
+    ]
+
+
+def sigkill_after_checkpoint(args: list[str], run_dir: Path, step: int, timeout: float = 120) -> None:
+    """Start the training command `args`, SIGKILL it as soon as run_dir's checkpoint of `step` has its
+    trainer_state.json, and check that it was killed, not finished."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "checkpoints" / f"step_{step:07d}" / "trainer_state.json"
+    deadline = time.time() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -16,13 +16,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
+from test_stage2_common import ROOT, read_metrics, tiny_overrides, torchrun_cmd, train_cmd, write_synthetic_cache
 from test_stage2_reliability import (
     CACHE_DAMAGE,
     VAE_FP,
@@ -144,18 +143,9 @@ def test_flipped_sample_byte_mid_run_exits_naming_shard_and_sample(cache, tmp_pa
 def test_flipped_sample_byte_under_torchrun_exits_on_every_rank(cache, tmp_path):
     c = copy_cache(cache, tmp_path / "cache")
     flip_byte(biggest_chunk(c / "shards" / "part-00001.zarr"))
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "stage2_train/train.py",
-        "--config",
-        "configs/train/demo.yaml",
-        *tiny_overrides(c, tmp_path / "run", steps=20, **{"data.num_workers": 1, "data.max_corrupt_samples": 0}),
-    ]
+    args = torchrun_cmd(
+        *tiny_overrides(c, tmp_path / "run", steps=20, **{"data.num_workers": 1, "data.max_corrupt_samples": 0})
+    )
     rc, out, took = run_bounded(args, timeout=2 * BOUND_S)
     assert rc is not None, f"hung:\n{out[-3000:]}"
     assert rc != 0 and "shard 'part-00001' sample 'syn-" in out, out[-3000:]

@@ -10,14 +10,21 @@ import sys
 
 import pytest
 import torch
-from test_stage2_common import read_metrics, run_script, tiny_overrides, train_cmd, write_synthetic_cache
+from test_stage2_common import (
+    read_metrics,
+    run_script,
+    tiny_overrides,
+    torchrun_cmd,
+    train_cmd,
+    write_synthetic_cache,
+)
 
 
 def _torchrun(*overrides: str, script: str = "stage2_train/train.py"):
-    args = ["--config", "configs/train/demo.yaml", *overrides] if script == "stage2_train/train.py" else []
+    if script == "stage2_train/train.py":
+        return run_script(torchrun_cmd(*overrides), timeout=300)
     return run_script(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args],
-        timeout=300,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script], timeout=300
     )
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_stage2_common import ROOT, read_metrics, tiny_overrides, train_cmd, write_synthetic_cache
+from test_stage2_common import (
+    ROOT,
+    read_metrics,
+    sigkill_after_checkpoint,
+    tiny_overrides,
+    train_cmd,
+    write_synthetic_cache,
+)
 
 from shared.config import ConfigError, load_config
 from stage2_train.config import TrainConfig
@@ -45,15 +52,7 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
 
     run = tmp_path / "killed"
     args = train_cmd(*tiny_overrides(cache, run, steps=2 * n, **{"checkpoint.every": n, "checkpoint.keep_last": 0}))
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpt = run / "checkpoints" / f"step_{n:07d}" / "trainer_state.json"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_after_checkpoint(args, run, n)
     done = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert f"step_{2 * n:07d}" not in done
 

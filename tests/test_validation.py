@@ -157,28 +157,13 @@ def test_fsdp2_two_ranks_validate_without_deadlock_and_fail_together(cache, tmp_
     finishes (no deadlock); a validation that fails on rank 0 (a size the sampler refuses) stops both ranks with a
     non-zero exit naming the step instead of leaving rank 1 in a collective. (On vs off losses: the in-process test
     above; a set-up failure on rank 0 is agreed on the same way, Validator.__init__.)"""
-    import sys
     import time
 
-    from test_stage2_common import run_script
+    from test_stage2_common import run_script, torchrun_cmd
 
     def torchrun(run: Path, **extra):
         over = tiny_overrides(cache, run, steps=4, **{"parallel.strategy": "fsdp2", **extra})
-        return run_script(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "stage2_train/train.py",
-                "--config",
-                "configs/train/demo.yaml",
-                *over,
-            ],
-            timeout=240,
-        )
+        return run_script(torchrun_cmd(*over), timeout=240)
 
     on = torchrun(tmp_path / "on", **VAL_ON)
     assert on.returncode == 0, on.stderr[-3000:]
