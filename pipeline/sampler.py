@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from pipeline.rope import RopeCache
@@ -70,7 +71,7 @@ class DiffusionSettings:
 
 def make_scheduler(sampler: str, diffusion: DiffusionSettings = DiffusionSettings()):
     """A fresh diffusers scheduler for ``sampler`` (stateful ones such as DPM-Solver need one per call)."""
-    from diffusers import schedulers
+    from diffusers import schedulers  # lazy: diffusers costs seconds; the trainer imports this module for validation
 
     if sampler not in _FACTORY:
         raise ValueError(f"sampler={sampler!r} is not supported; choose one of {SAMPLERS}")
@@ -154,7 +155,7 @@ def initial_latents(
     generators: Sequence[torch.Generator], channels: int, height: int, width: int, device: torch.device
 ) -> torch.Tensor:
     """(B, C, H/8, W/8) fp32 noise, one generator per image, as diffusers' pipelines draw it."""
-    from diffusers.utils.torch_utils import randn_tensor
+    from diffusers.utils.torch_utils import randn_tensor  # lazy: diffusers, see make_scheduler
 
     shape = (len(generators), channels, height // 8, width // 8)
     return randn_tensor(shape, generator=list(generators), device=device, dtype=torch.float32)
@@ -274,9 +275,9 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, scaling_factor: float 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cols: int | None = None):
     """A PIL grid of uint8 (B, H, W, 3) images, each with its caption (truncated) in a strip underneath."""
-    from PIL import Image, ImageDraw
-
-    from shared.inspection import cjk_font  # the cache grid's font finder: PIL's own font has no CJK glyphs
+    # The cache grid's font finder (PIL's own font has no CJK glyphs). Lazy: pipeline/ imports nothing of shared/
+    # at module level, and this would load the whole cache reader for a font search.
+    from shared.inspection import cjk_font
 
     font = cjk_font(12) if captions else None
     B, H, W, _ = images.shape
