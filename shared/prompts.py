@@ -25,6 +25,12 @@ PROMPT_FORMAT = "hydit-cached-prompts-1"
 FIELDS = ("clip_states", "clip_mask", "t5_states", "t5_mask")
 
 
+def read_prompt_lines(path: str | Path) -> list[str]:
+    """A prompt list as text, one prompt a line; blank lines and lines starting with '#' are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def prompt_file_path(cache_root: str | Path, name: str) -> Path:
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"prompt list name {name!r} must be a plain file name (no path separators, no leading dot)")

@@ -46,8 +46,7 @@ from pipeline.sampler import (
 )
 from shared.config import load_config
 from shared.manifest import encoders_hash, read_manifest
-from shared.prompts import prompt_file_path, read_prompt_file
-from stage1_encode.prompts import read_prompt_lines
+from shared.prompts import prompt_file_path, read_prompt_file, read_prompt_lines
 from stage2_train.checkpointing import list_checkpoints, step_dir_name
 from stage2_train.config import TrainConfig
 from stage2_train.trainer import build_model_config
