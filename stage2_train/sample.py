@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
-from pipeline.encoders import EncoderDtypes, load_encoders, resolve_encoder_paths
+from pipeline.encoders import EncoderDtypes, load_encoders, resolve_encoder_paths, vae_downsample_factor
 from pipeline.models import DiTConfig, HunYuanDiT
 from pipeline.sampler import (
     DEFAULT_GUIDANCE,
@@ -231,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         vae_dir = resolve_encoder_paths(vae_dir)["vae"]
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).to(device).eval().requires_grad_(False)
     scaling = manifest.vae_scaling_factor if manifest is not None else None
+    downsample = vae_downsample_factor(vae.config.block_out_channels)  # the decoder's: the latents must fit it
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +259,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=device,
             progress=progress,
+            downsample=downsample,
         )
         images = decode_latents(vae, latents, scaling)
         all_latents.append(latents.cpu())

@@ -92,6 +92,7 @@ class Validator:
             raise ValueError("validation.sizes is empty and the cache records no buckets; set validation.sizes")
         self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.scaling_factor = manifest.vae_scaling_factor
+        self.downsample = manifest.spec.downsample  # the cache's VAE, as the trainer's RoPE tables
         self.vae = _load_vae(self.v.vae, manifest).to(trainer.device)
         # A separate unsharded copy: sampling never touches the training module (mode, hooks, autograd state).
         with torch.device("meta"):
@@ -176,6 +177,7 @@ class Validator:
                 diffusion=self.diffusion,
                 dtype=self.v.dtype,
                 device=self.device,
+                downsample=self.downsample,
             )
             images = decode_latents(self.vae, latents, self.scaling_factor)
             grid = image_grid(images, [f"{p} ({h}x{w})" for p in self.prompts])
