@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from pipeline.models import DiTConfig, HunYuanDiT
 
@@ -71,8 +72,6 @@ def read_state_dict(path: str | os.PathLike, key: str = "auto") -> dict[str, tor
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return _unwrap_state_dict(load_file(str(path)), str(path), key)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
@@ -268,7 +267,7 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
 
 def export_diffusers(model: HunYuanDiT, out_dir: str | os.PathLike) -> Path:
     """Write ``model`` as a diffusers HunyuanDiT2DModel folder (config.json + safetensors) and the notes file."""
-    from diffusers import HunyuanDiT2DModel
+    from diffusers import HunyuanDiT2DModel  # lazy: diffusers costs seconds to import; only the export needs it
 
     cfg = model.config
     dconfig = diffusers_config(cfg)
@@ -294,8 +293,6 @@ def export_diffusers(model: HunYuanDiT, out_dir: str | os.PathLike) -> Path:
 
 
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single = folder / "diffusion_pytorch_model.safetensors"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 DEFAULT_TARGETS = ("Wqkv", "q_proj", "kv_proj", "out_proj")
@@ -52,7 +53,7 @@ def lora_config(
     rank: int, alpha: float | None = None, dropout: float = 0.0, target_modules: Sequence[str] = DEFAULT_TARGETS
 ):
     """peft LoraConfig of the original's LoRA (``lora_alpha = rank``); ValueError on what the format cannot hold."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft costs seconds to import; full-model training never needs it
 
     alpha = rank if alpha is None or alpha == 0 else alpha
     if rank < 1:
@@ -88,7 +89,7 @@ def check_config(config) -> None:
 
 def inject_lora(model: nn.Module, config) -> nn.Module:
     """Add the adapter in place, freeze every base weight; returns the same module."""
-    from peft import inject_adapter_in_model
+    from peft import inject_adapter_in_model  # lazy: peft, see lora_config
 
     check_config(config)
     try:
@@ -114,7 +115,7 @@ def is_adapter_key(name: str) -> bool:
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: peft, see lora_config
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
@@ -164,7 +165,7 @@ def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None =
     """The adapter in the official layout: ``base_model.model.<module>.lora_{A,B}.weight`` (CPU, contiguous).
 
     ``state`` is the model's full state dict when already gathered (FSDP2); else ``model.state_dict()``."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # lazy: peft, see lora_config
 
     sd = get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER_NAME)
     return {PREFIX + k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -181,8 +182,6 @@ def save_adapter(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically (temp folder, then rename)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -205,8 +204,7 @@ def save_adapter(
 
 def read_adapter(path: str | os.PathLike):
     """(LoraConfig, official-layout tensors) from an adapter folder (or its safetensors file, config beside it)."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
+    from peft import LoraConfig  # lazy: peft, see lora_config
 
     path = Path(path)
     folder, weights = (path, path / ADAPTER_FILE) if path.is_dir() else (path.parent, path)
@@ -250,7 +248,7 @@ def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 f"adapter {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
                 "(another rank or model size)"
             )
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # lazy: peft, see lora_config
 
     result = set_peft_model_state_dict(
         model, {k[len(PREFIX) :]: v for k, v in tensors.items()}, adapter_name=ADAPTER_NAME

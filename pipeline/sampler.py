@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from pipeline.rope import RopeCache
@@ -70,7 +71,7 @@ class DiffusionSettings:
 
 def make_scheduler(sampler: str, diffusion: DiffusionSettings = DiffusionSettings()):
     """A fresh diffusers scheduler for ``sampler`` (stateful ones such as DPM-Solver need one per call)."""
-    from diffusers import schedulers
+    from diffusers import schedulers  # lazy: diffusers costs seconds; the trainer imports this module for validation
 
     if sampler not in _FACTORY:
         raise ValueError(f"sampler={sampler!r} is not supported; choose one of {SAMPLERS}")
@@ -151,12 +152,17 @@ def _size_of(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def initial_latents(
-    generators: Sequence[torch.Generator], channels: int, height: int, width: int, device: torch.device
+    generators: Sequence[torch.Generator],
+    channels: int,
+    height: int,
+    width: int,
+    device: torch.device,
+    downsample: int = 8,
 ) -> torch.Tensor:
-    """(B, C, H/8, W/8) fp32 noise, one generator per image, as diffusers' pipelines draw it."""
-    from diffusers.utils.torch_utils import randn_tensor
+    """(B, C, H/downsample, W/downsample) fp32 noise, one generator per image, as diffusers' pipelines draw it."""
+    from diffusers.utils.torch_utils import randn_tensor  # lazy: diffusers, see make_scheduler
 
-    shape = (len(generators), channels, height // 8, width // 8)
+    shape = (len(generators), channels, height // downsample, width // downsample)
     return randn_tensor(shape, generator=list(generators), device=device, dtype=torch.float32)
 
 
@@ -179,12 +185,16 @@ def sample_latents(
     latents: torch.Tensor | None = None,
     rope: RopeCache | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    downsample: int = 8,
 ) -> torch.Tensor:
-    """Denoise one batch: (B, C, H/8, W/8) fp32 final latents for B = len(prompts) images of ``size`` (H, W) pixels.
+    """Denoise one batch: (B, C, H/d, W/d) fp32 final latents for B = len(prompts) images of ``size`` (H, W) pixels.
 
     ``negative``: one row (the negative prompt's encodings), needed when ``guidance_scale > 1``. ``seeds``: one per
     image (default 0..B-1); or pass ``latents`` to start from. ``original_size`` (W, H) feeds the v1.1 size
-    condition (default: the target size). ``config`` defaults to ``model.config``.
+    condition (default: the target size). ``config`` defaults to ``model.config``. ``downsample`` (d): the VAE's
+    pixels per latent cell, from the cache manifest (``spec.downsample``) or the VAE's config
+    (``pipeline.encoders.vae_downsample_factor``); 8 is SDXL's VAE, the original's. A ``rope`` passed in must use
+    the same value.
     """
     config = config if config is not None else getattr(model, "config", None)
     if config is None:
@@ -194,9 +204,13 @@ def sample_latents(
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     height, width = _size_of(size)
-    step_px = 8 * config.patch_size
+    if rope is not None and rope.downsample != downsample:
+        raise ValueError(f"rope downsample={rope.downsample} differs from downsample={downsample} (the VAE's)")
+    step_px = downsample * config.patch_size
     if height <= 0 or width <= 0 or height % step_px or width % step_px:
-        raise ValueError(f"size {height}x{width} must be positive multiples of {step_px} (VAE 8x times patch)")
+        raise ValueError(
+            f"size {height}x{width} must be positive multiples of {step_px} (VAE {downsample}x times patch)"
+        )
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts to sample")
@@ -215,9 +229,9 @@ def sample_latents(
     scheduler = make_scheduler(sampler, diffusion)
     scheduler.set_timesteps(steps, device=device)
     if latents is None:
-        latents = initial_latents(generators, config.in_channels, height, width, device)
+        latents = initial_latents(generators, config.in_channels, height, width, device, downsample)
     else:
-        if latents.shape != (B, config.in_channels, height // 8, width // 8):
+        if latents.shape != (B, config.in_channels, height // downsample, width // downsample):
             raise ValueError(f"latents {tuple(latents.shape)} do not fit {B} images of {height}x{width}")
         latents = latents.to(device=device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
@@ -238,7 +252,7 @@ def sample_latents(
         )
     if config.use_style_cond:
         kwargs["style"] = torch.zeros(n, dtype=torch.long, device=device)
-    rope = rope if rope is not None else RopeCache(config.head_dim, config.patch_size, config.rope_img)
+    rope = rope if rope is not None else RopeCache(config.head_dim, config.patch_size, config.rope_img, downsample)
     kwargs["cos_cis_img"], kwargs["sin_cis_img"] = rope.get(height, width, device)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
@@ -274,9 +288,9 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, scaling_factor: float 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cols: int | None = None):
     """A PIL grid of uint8 (B, H, W, 3) images, each with its caption (truncated) in a strip underneath."""
-    from PIL import Image, ImageDraw
-
-    from shared.inspection import cjk_font  # the cache grid's font finder: PIL's own font has no CJK glyphs
+    # The cache grid's font finder (PIL's own font has no CJK glyphs). Lazy: pipeline/ imports nothing of shared/
+    # at module level, and this would load the whole cache reader for a font search.
+    from shared.inspection import cjk_font
 
     font = cjk_font(12) if captions else None
     B, H, W, _ = images.shape

@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from torch import nn
 
 from pipeline.encoders import SUBFOLDERS
 from pipeline.text import DEFAULT_CAPTION
@@ -127,7 +130,7 @@ def _seed_for(seed: int, component: int) -> int:
 
 
 def _write_vae(folder: Path, sizes: TinySizes, seed: int) -> None:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: seconds to import; BUILTIN_CAPTIONS / TinySizes users skip it
 
     n = len(sizes.vae_block_out_channels)
     torch.manual_seed(_seed_for(seed, 1))
@@ -175,13 +178,11 @@ def make_vae_colour_faithful(vae, *, posterior_std: float = 0.02):
     Measured on the tiny preset: flat colours round-trip within 1e-4 (pixel range [-1, 1]). Not an autoencoder of
     real images (texture below the 8x8 grid is lost); only for tests that read colours off decoded images.
     """
-    import math
-
+    # lazy: diffusers costs seconds to import; importers of BUILTIN_CAPTIONS / TinySizes alone skip it
     from diffusers.models.attention_processor import Attention
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.upsampling import Upsample2D
-    from torch import nn
 
     if posterior_std <= 0:
         raise ValueError(f"posterior_std must be > 0, got {posterior_std}")
@@ -257,7 +258,7 @@ def make_vae_colour_faithful(vae, *, posterior_std: float = 0.02):
 def write_colour_faithful_vae(root: str | Path, *, posterior_std: float = 0.02) -> Path:
     """Rewrite the VAE folder of a suite written by `write_tiny_suite` with `make_vae_colour_faithful` weights
     (same config, safetensors as before); returns the suite root."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: seconds to import; BUILTIN_CAPTIONS / TinySizes users skip it
 
     folder = Path(root) / SUBFOLDERS["vae"]
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
@@ -318,7 +319,7 @@ def _write_bert_tokenizer(folder: Path, captions: list[str]) -> int:
 
 
 def _write_bert(folder: Path, sizes: TinySizes, vocab_size: int, seed: int) -> None:
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # lazy: seconds to import, as diffusers above
 
     config = BertConfig(
         vocab_size=vocab_size,
@@ -346,8 +347,6 @@ def _coverage_text() -> list[str]:
 
 def _train_spiece(captions: list[str], extra_pieces: int) -> bytes:
     """A sentencepiece unigram model laid out like mT5's: <pad>=0, </s>=1, <unk>=2, no <s>."""
-    import sentencepiece as spm
-
     text = [*captions, *_coverage_text()]
     # Every character of the training text is a required piece (character_coverage=1.0): the vocabulary must
     # have room for all of them, or the trainer refuses.
@@ -376,8 +375,6 @@ def _train_spiece(captions: list[str], extra_pieces: int) -> bytes:
 
 
 def _write_t5_tokenizer(folder: Path, captions: list[str], extra_pieces: int) -> int:
-    import sentencepiece as spm
-
     folder.mkdir(parents=True, exist_ok=True)
     model = _train_spiece(captions, extra_pieces)
     (folder / "spiece.model").write_bytes(model)
@@ -398,7 +395,7 @@ def _write_t5_tokenizer(folder: Path, captions: list[str], extra_pieces: int) ->
 
 
 def _write_t5(folder: Path, sizes: TinySizes, n_pieces: int, seed: int) -> None:
-    from transformers import MT5Config, T5EncoderModel
+    from transformers import MT5Config, T5EncoderModel  # lazy: seconds to import, as diffusers above
 
     config = MT5Config(
         vocab_size=-(-n_pieces // 64) * 64,  # mT5 pads its embedding table past the tokenizer (250112 > 250100)

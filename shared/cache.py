@@ -50,7 +50,7 @@ from .shard_writer import ShardWriterBase
 from .storage import is_remote
 
 if TYPE_CHECKING:
-    from .inspection import CacheSummary
+    from .inspection import CacheSummary  # for the annotation only: shared.inspection imports this module
 
 
 def open_shard_writer(root: str | Path, shard_name: str, spec: CacheSpec, overwrite: bool = False) -> ShardWriterBase:
@@ -82,7 +82,7 @@ def write_empty_caption(root: str | Path, spec: CacheSpec, **arrays: Any) -> str
     """Save the BERT and mT5 encodings of "" (clip_ids, clip_mask, clip_states, t5_ids, t5_mask, t5_states; a
     leading batch dim of 1 is dropped) to empty_caption.safetensors, dense and in the encoder dtypes. Returns sha256."""
     import torch  # heavy: only stage 1 and tests write the file; readers, verify and inspect stay torch-free
-    from safetensors.torch import save
+    from safetensors.torch import save  # imports torch: lazy with it
 
     missing = [f for f in _EMPTY_FIELDS if f not in arrays]
     if missing:
@@ -465,13 +465,13 @@ class CacheReader:
 
     def decode(self, i: int | str, vae_path: str | Path | None = None, view: str = "plain"):
         """Decode sample i's posterior mean through the VAE decoder into a PIL image (shared.inspection)."""
-        from .inspection import decode_image
+        from .inspection import decode_image  # import cycle, as in summary()
 
         return decode_image(self, i, vae_path=vae_path, view=view)
 
     def grid(self, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256, cols: int = 4):
         """A PIL grid of decoded samples with (the start of) their captions below each (shared.inspection)."""
-        from .inspection import decode_grid
+        from .inspection import decode_grid  # import cycle, as in summary()
 
         return decode_grid(self, indices, vae_path=vae_path, cell=cell, cols=cols)
 
@@ -504,7 +504,7 @@ class _CacheStreamBase:
         shards = np.unique(r.locate(r._view())[0]).tolist()
         if self.shuffle_shards:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
-        import torch.utils.data
+        import torch.utils.data  # lazy: `import shared.cache` stays torch-free (verify, inspect, the Ray driver)
 
         wi = torch.utils.data.get_worker_info()
         nw, w = (wi.num_workers, wi.id) if wi is not None else (1, 0)
@@ -533,7 +533,7 @@ class _CacheStreamBase:
 def _stream_class() -> type:
     cls = globals().get("CacheStream")
     if cls is None:
-        import torch.utils.data
+        import torch.utils.data  # lazy: as in shard_plan
 
         cls = type("CacheStream", (_CacheStreamBase, torch.utils.data.IterableDataset), {"__module__": __name__})
         globals()["CacheStream"] = cls

@@ -6,6 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cache import open_cache
+from .storage import is_remote
+from .upgrade_index import upgrade_index
+from .verify import report_json, verify_cache
+
 HELP = """Inspect or verify a feature cache written by stage 1 (a folder with manifest.json and shards/).
 
   inspect CACHE                      print samples, buckets, token lengths, bytes per sample by field, rejects
@@ -76,16 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache_arg(value: str):
-    from .storage import is_remote
-
     return value if is_remote(value) else Path(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "verify":
-        from .verify import report_json, verify_cache
-
         try:
             rep = verify_cache(args.cache, progress=not args.no_progress)
         except OSError as e:  # a missing folder or object, or the store failing after its retries
@@ -95,16 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if rep.ok else 1
 
     if args.cmd == "upgrade-index":
-        from .upgrade_index import upgrade_index
-
         try:
             upgrade_index(args.cache)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-
-    from .cache import open_cache
 
     try:
         cache = open_cache(args.cache, vae=args.vae)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .cache import _EMPTY_FIELDS, CacheReader, group_by_bucket, open_shard_writer, write_empty_caption
 from .manifest import Manifest, manifest_from_shards, write_manifest
@@ -116,7 +117,7 @@ def load_vae(reader: CacheReader, vae_path: str | Path | None = None):
             "(the sdxl-vae-fp16-fix folder of ckpts/t2i)"
         )
     if isinstance(vae, (str, Path)):
-        from diffusers import AutoencoderKL  # heavy: only decoding pays for it
+        from diffusers import AutoencoderKL  # lazy: diffusers costs seconds to import; only decoding pays for it
 
         vae = AutoencoderKL.from_pretrained(str(vae)).eval()
         reader._vae = vae
@@ -128,8 +129,7 @@ def decode_image(reader: CacheReader, i: int | str, vae_path: str | Path | None 
 
     The moments are unscaled (latent_dist parameters), so the mean goes to vae.decode as is: no scaling factor.
     """
-    import torch  # heavy: `import shared.cache` / `shared.inspection` stay torch-free
-    from PIL import Image
+    import torch  # lazy: `import shared.cache` / `shared.inspection` stay torch-free (summary, verify, synthetic)
 
     spec = reader.spec
     if view not in spec.views:
@@ -149,8 +149,6 @@ def decode_grid(
     reader: CacheReader, indices: Sequence[int], vae_path: str | Path | None = None, cell: int = 256, cols: int = 4
 ):
     """A PIL grid of decoded samples with (the start of) their captions below each."""
-    from PIL import Image, ImageDraw
-
     rows = (len(indices) + cols - 1) // cols
     cap_h = 28
     canvas = Image.new("RGB", (cols * cell, max(1, rows) * (cell + cap_h)), "white")
@@ -182,8 +180,6 @@ _CJK_FONT_GLOBS = (
 
 def cjk_font(size: int):
     """A TrueType font with CJK glyphs from the usual system folders, or None (PIL's own font has none)."""
-    from PIL import ImageFont  # PIL only for people: not imported with the module
-
     for folder in (
         "/usr/share/fonts",
         "/usr/local/share/fonts",

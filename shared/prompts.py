@@ -18,9 +18,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 PROMPTS_DIR = "prompts"
 PROMPT_FORMAT = "hydit-cached-prompts-1"
 FIELDS = ("clip_states", "clip_mask", "t5_states", "t5_mask")
+
+
+def read_prompt_lines(path: str | Path) -> list[str]:
+    """A prompt list as text, one prompt a line; blank lines and lines starting with '#' are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def prompt_file_path(cache_root: str | Path, name: str) -> Path:
@@ -39,6 +47,7 @@ def write_prompt_file(
     negative: dict[str, Any],
 ) -> Path:
     """Write atomically (tmp + rename); ``embeds``/``negative`` hold the four FIELDS as torch tensors."""
+    # lazy: torch costs seconds; shared/ modules import torch-free (readers need only safe_open)
     import torch
     from safetensors.torch import save_file
 
@@ -73,8 +82,6 @@ def read_prompt_file(path: str | Path, expected_encoders_hash: str | None) -> di
     ``expected_encoders_hash``: the run's cache ``encoders_hash``; a different one is a ValueError naming both.
     None skips the check (a file used without a cache, e.g. sampling a downloaded checkpoint).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write it with `python -m stage1_encode.prompts`")

@@ -17,6 +17,8 @@ writers on one shard lose data (ecosystem-notes 3.3), so one writer owns one gro
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ _ROW_CHUNK = 64
 
 def _compressors(spec: CacheSpec):
     if spec.compression == "zstd":
+        # lazy: zarr/numcodecs cost ~1-2 s to import; webdataset caches never load them
         import numcodecs.blosc
         from zarr.codecs import BloscCodec
 
@@ -62,6 +65,7 @@ def _blosc_codec(spec: CacheSpec):
     """numcodecs' Blosc, which decodes what zarr's BloscCodec wrote (the same blosc frames)."""
     if spec.compression != "zstd":
         return None
+    # lazy: as in _compressors
     import numcodecs.blosc
     from numcodecs import Blosc
 
@@ -91,7 +95,7 @@ class ZarrShardWriter(ShardWriterBase):
         self._samples.append(stored)
 
     def _write_group(self, path: Path) -> None:
-        import zarr
+        import zarr  # lazy: ~1-2 s to import; webdataset caches never load it
 
         spec, S, n = self.spec, self._samples, len(self._samples)
         comp = _compressors(spec)
@@ -188,8 +192,6 @@ class _FlatShardArray:
 
     @classmethod
     def layout(cls, array_dir: Path) -> _FlatShardArray | None:
-        import json
-
         try:
             meta = json.loads((array_dir / "zarr.json").read_text())
             shape = tuple(int(v) for v in meta["shape"])
@@ -230,7 +232,7 @@ class _FlatShardArray:
         )
 
     def _read_index(self, fd: int, size: int) -> np.ndarray:
-        import google_crc32c  # zarr's own dependency (its crc32c codec); needed only when reading zarr shards
+        import google_crc32c  # lazy: zarr's own (undeclared) dependency; only zarr shard reads need it
 
         n = self.n_chunks * 16
         if size < n + 4:
@@ -313,7 +315,7 @@ class ZarrShardReader:
         return d
 
     def _open(self) -> None:
-        import zarr
+        import zarr  # lazy: ~1-2 s to import; webdataset caches never load it
 
         if self._g is not None and self._pid == os.getpid():
             return
@@ -335,9 +337,7 @@ class ZarrShardReader:
             codec = _blosc_codec(self.spec)
             return [self._flat[n].rows(int(sl.start), int(sl.stop), codec) for n, sl in reads]
         try:
-            import asyncio
-
-            from zarr.core.sync import sync
+            from zarr.core.sync import sync  # zarr internals: guarded, a move falls back below
 
             async def gather():
                 return await asyncio.gather(*(self._g[n]._async_array.getitem(sl) for n, sl in reads))

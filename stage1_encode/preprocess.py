@@ -39,7 +39,7 @@ from PIL import Image
 
 from shared.schema import PreprocessedImage
 
-if TYPE_CHECKING:  # config imports nothing heavy, but keep this module importable on its own
+if TYPE_CHECKING:  # annotations only: stage1_encode.config imports torch (via pipeline.text); this stays torch-free
     from stage1_encode.config import ImageConfig
 
 VIEW_NAMES = ("plain", "flip")
@@ -351,6 +351,8 @@ def clean_caption(value: Any, default_caption: str | None, null_caption: str = "
 
 def load_tokenizers(encoder_root: str) -> tuple[Any, Any]:
     """The BERT and mT5 tokenizers of a ckpts/t2i folder, loaded with the same classes as `pipeline.encoders`."""
+    # lazy: transformers and torch (pipeline.encoders) cost seconds; importers that never tokenize (the driver,
+    # image-only code) stay free of them
     from transformers import AutoTokenizer, BertTokenizer
 
     from pipeline.encoders import resolve_encoder_paths
@@ -368,7 +370,7 @@ def tokenize(
 
     Returns clip_ids, t5_ids int32 and clip_mask, t5_mask bool, each (B, L).
     """
-    from pipeline.text import tokenize_clip, tokenize_t5
+    from pipeline.text import tokenize_clip, tokenize_t5  # lazy: imports torch, see load_tokenizers
 
     clip_ids, clip_mask = tokenize_clip(clip_tokenizer, list(texts), clip_len)
     t5_ids, t5_mask = tokenize_t5(t5_tokenizer, list(texts), t5_len)

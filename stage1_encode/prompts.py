@@ -14,11 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def read_prompt_lines(path: str | Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with '#' are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+from pipeline.encoders import EncoderDtypes, load_encoders
+from pipeline.sampler import NEGATIVE_PROMPT, encode_prompts
+from shared.manifest import encoders_hash, read_manifest
+from shared.prompts import prompt_file_path, read_prompt_lines, write_prompt_file
 
 
 def encode_prompt_file(
@@ -32,11 +31,6 @@ def encode_prompt_file(
     device: str = "cpu",
 ) -> Path:
     """Load the cache's encoders, check their fingerprint against the manifest, encode, write; returns the path."""
-    from pipeline.encoders import EncoderDtypes, load_encoders
-    from pipeline.sampler import NEGATIVE_PROMPT, encode_prompts
-    from shared.manifest import encoders_hash, read_manifest
-    from shared.prompts import prompt_file_path, write_prompt_file
-
     if not prompts:
         raise ValueError("no prompts given; pass --prompt TEXT (repeatable) or --prompts FILE")
     manifest = read_manifest(cache)

@@ -170,7 +170,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full weights with the original key names (collective under FSDP2; rank 0 gets them)."""
     if not is_sharded(model):
         return model.state_dict()
-    # torch.distributed.checkpoint takes seconds to import: only FSDP2 runs pay for it.
+    # lazy: torch.distributed.checkpoint takes seconds to import; only FSDP2 runs and the dcp layout pay for it.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -179,6 +179,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """AdamW state keyed by parameter name, the format of DCP's get_optimizer_state_dict, for every strategy."""
     if is_sharded(model):
+        # lazy: DCP, see full_model_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(
@@ -194,7 +195,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import (
+        from torch.distributed.checkpoint.state_dict import (  # lazy: DCP, see full_model_state
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
@@ -243,7 +244,7 @@ DCP_LAYOUT = "dcp"
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, *, with_ema: bool) -> dict[str, Any]:
     """{"model", "optim"[, "ema"]}: this rank's view (DTensor shards under FSDP2, whole tensors otherwise), keyed by
     parameter name, to save from or to load into in place. A fresh AdamW gets its (zero) state created first."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # lazy: DCP, see full_model_state
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -253,12 +254,13 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, *, 
 
 
 def _save_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> None:
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # lazy: DCP, see full_model_state
 
     dcp.save(_dcp_state(model, optimizer, ema, with_ema=True), checkpoint_id=str(folder))
 
 
 def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> None:
+    # lazy: DCP, see full_model_state
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 

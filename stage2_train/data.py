@@ -26,7 +26,7 @@ import torch
 
 from pipeline.diffusion import add_offset_noise
 from pipeline.encoders import LOGVAR_RANGE
-from shared.cache import CacheReader, open_cache
+from shared.cache import CacheReader, group_by_bucket, open_cache
 from shared.manifest import check_manifest
 from shared.storage import StorageConfig
 from shared.verify import check_structure, verify_cache
@@ -132,8 +132,6 @@ class BucketBatchPlan:
     """
 
     def __init__(self, buckets: Any, *, batch_size: int, world_size: int, seed: int) -> None:
-        from shared.cache import group_by_bucket
-
         b = np.asarray(buckets, dtype=np.int64).reshape(-1, 2) if len(buckets) else np.zeros((0, 2), np.int64)
         if b.shape[0] == 0:
             raise ValueError("the cache holds no samples: run stage 1 on a non-empty corpus (see its rejects.jsonl)")
@@ -716,8 +714,6 @@ class _Batches:
             self._after_batch()
         for shard, key, reason in batch.get("corrupt", ()):
             self.corrupt_seen += 1
-            from stage2_train.metrics import logger
-
             logger.warning(
                 "corrupt sample %r in shard %r (%s): replaced by another sample of its bucket "
                 "(%d of at most data.max_corrupt_samples=%d)",

@@ -16,7 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import lora
+from stage2_train.checkpointing import full_model_state, is_sharded
 from stage2_train.config import TrainConfig
+from stage2_train.metrics import logger
+from stage2_train.parallel import barrier
 
 ADAPTERS_DIR = "adapters"
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -24,10 +28,8 @@ STEP_RE = re.compile(r"^step_(\d{7})$")
 
 def validate_lora(cfg: TrainConfig) -> None:
     """ValueError naming the field for LoRA settings the run cannot honour."""
-    from pipeline.lora import lora_config
-
     lc = cfg.lora
-    lora_config(lc.rank, lc.alpha, lc.dropout, lc.target_modules)  # rank / alpha / dropout / targets
+    lora.lora_config(lc.rank, lc.alpha, lc.dropout, lc.target_modules)  # rank / alpha / dropout / targets
     if lc.base_dtype == "bfloat16":
         if cfg.precision.mode != "bf16":
             raise ValueError(
@@ -44,8 +46,6 @@ def validate_lora(cfg: TrainConfig) -> None:
 
 def setup_lora(model: nn.Module, cfg: TrainConfig, *, resuming: bool) -> nn.Module:
     """Inject the configured adapter in place, freeze the base, load lora.init_adapter, cast the base."""
-    from pipeline import lora
-
     lc = cfg.lora
     config = lora.lora_config(lc.rank, lc.alpha, lc.dropout, lc.target_modules)
     lora.inject_lora(model, config)
@@ -59,8 +59,6 @@ def setup_lora(model: nn.Module, cfg: TrainConfig, *, resuming: bool) -> nn.Modu
                 f"config {mine}: set lora.rank/alpha/target_modules to the adapter's"
             )
         lora.load_adapter(model, tensors)
-        from stage2_train.metrics import logger
-
         logger.info("LoRA: continuing from adapter %s", lc.init_adapter)
     if lc.base_dtype == "bfloat16":
         lora.cast_base(model, torch.bfloat16)
@@ -75,10 +73,6 @@ def trainable_summary(model: nn.Module) -> str:
 
 def export_adapter(trainer: Any, step: int) -> Path | None:
     """Collective (FSDP2 gathers): write <run_dir>/adapters/step_XXXXXXX/ on rank 0; keep as many as checkpoints."""
-    from pipeline import lora
-    from stage2_train.checkpointing import full_model_state, is_sharded
-    from stage2_train.parallel import barrier
-
     state = full_model_state(trainer.inner) if is_sharded(trainer.inner) else None
     root = trainer.run_dir / ADAPTERS_DIR
     folder = root / f"step_{step:07d}"

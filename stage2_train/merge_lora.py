@@ -16,9 +16,21 @@ import argparse
 import sys
 from pathlib import Path
 
+# `python stage2_train/merge_lora.py` puts stage2_train/ first on sys.path, not the repo root: add the root so the
+# packages below import.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from pipeline import lora  # noqa: E402
+from pipeline.checkpoints import export_diffusers  # noqa: E402
+from pipeline.models import HunYuanDiT  # noqa: E402
+from shared.config import load_config  # noqa: E402
+from stage2_train.config import TrainConfig  # noqa: E402
+from stage2_train.trainer import build_model_config, load_init_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="base weights instead of the config's model.init_from")
     parser.add_argument("--diffusers", action="store_true", help="also write a diffusers folder <out>/diffusers")
     args = parser.parse_args(argv)
-
-    import torch
-    from safetensors.torch import save_file
-
-    from pipeline import lora
-    from pipeline.models import HunYuanDiT
-    from shared.config import load_config
-    from stage2_train.config import TrainConfig
-    from stage2_train.trainer import build_model_config, load_init_weights
 
     try:
         cfg = load_config(TrainConfig, args.config, [])
@@ -58,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     save_file(state, str(out / "model.safetensors"), {"format": "pt", "merged_adapter": str(args.adapter)})
     print(f"wrote {out / 'model.safetensors'} ({len(state)} tensors, original key layout)")
     if args.diffusers:
-        from pipeline.checkpoints import export_diffusers
-
         with torch.no_grad():
             export_diffusers(merged, out / "diffusers")
         print(f"wrote {out / 'diffusers'} (diffusers HunyuanDiT2DModel)")

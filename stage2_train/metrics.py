@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+from shared.fsutil import atomic_write_bytes
 
 logger = logging.getLogger("stage2_train")
 
@@ -31,11 +35,9 @@ def memory_gib(device: torch.device) -> float:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
     except OSError:
-        import resource
+        import resource  # lazy: Unix only (no such module on Windows), and only where /proc is missing
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -60,8 +62,6 @@ def truncate_metrics(path: Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        from shared.fsutil import atomic_write_bytes
-
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
         logger.info(
             "%s: dropped %d records after step %d (logged by the run that was interrupted)", path, dropped, last_step
@@ -83,13 +83,11 @@ class MetricsLogger:
         truncate_metrics(path, initial)
         self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: ~0.5 s (protobuf); runs without it skip it
 
             # purge_step: TensorBoard hides the events a killed run logged after the checkpoint it resumes from
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=initial + 1 if initial else None)
         if progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:

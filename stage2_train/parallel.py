@@ -18,7 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.models import apply_activation_checkpointing
 from stage2_train.config import ParallelSection
 
 
@@ -91,8 +94,6 @@ def apply_parallelism(model: nn.Module, cfg: ParallelSection, info: DistInfo, *,
     round-to-nearest value, and fp32 ops (layer_norm, softmax, RoPE, sinusoids) read fp32 parameters as today.
     Forward inputs are not cast (cast_forward_inputs=False): the RoPE tables and timesteps must stay fp32.
     """
-    from pipeline.models import apply_activation_checkpointing
-
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, 1.0)
     if cfg.compile:
@@ -101,8 +102,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelSection, info: DistInfo, *,
     if not info.distributed:
         return model
     if cfg.strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: pulls DTensor (seconds); DDP skips
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         bf16 = (
@@ -120,8 +120,6 @@ def apply_parallelism(model: nn.Module, cfg: ParallelSection, info: DistInfo, *,
         # root: gathered again right away in backward
         fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=fp32)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
@@ -183,7 +181,7 @@ def scatter_from_rank0(model: nn.Module, full: dict[str, torch.Tensor] | None, i
     at a time: rank 0 drops each full tensor once it is sent, and the other ranks never hold more than this rank's
     shards, so no rank's host memory exceeds the full model (rank 0) or its shards plus one tensor (the rest).
     (set_model_state_dict(broadcast_from_rank0=True) does the same job but receives every full tensor at once.)"""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor  # lazy: seconds to import; FSDP2 runs only
 
     targets = model.state_dict()
     if info.is_main:

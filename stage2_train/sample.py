@@ -23,6 +23,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
+from pipeline.encoders import EncoderDtypes, load_encoders, resolve_encoder_paths, vae_downsample_factor
+from pipeline.models import DiTConfig, HunYuanDiT
+from pipeline.sampler import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    NEGATIVE_PROMPT,
+    SAMPLE_DTYPES,
+    SAMPLERS,
+    DiffusionSettings,
+    PromptEmbeds,
+    decode_latents,
+    encode_prompts,
+    image_grid,
+    sample_latents,
+)
+from shared.config import load_config
+from shared.manifest import encoders_hash, read_manifest
+from shared.prompts import prompt_file_path, read_prompt_file, read_prompt_lines
+from stage2_train.checkpointing import list_checkpoints, step_dir_name
+from stage2_train.config import TrainConfig
+from stage2_train.trainer import build_model_config
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -39,15 +66,6 @@ def _slug(text: str, n: int = 40) -> str:
 
 def load_run(run: Path, step: int | None, ema: bool) -> dict[str, Any]:
     """Model (weights loaded), diffusion settings, cache manifest (or None) of a stage-2 run."""
-    from safetensors.torch import load_file
-
-    from pipeline.models import HunYuanDiT
-    from pipeline.sampler import DiffusionSettings
-    from shared.config import load_config
-    from stage2_train.checkpointing import list_checkpoints, step_dir_name
-    from stage2_train.config import TrainConfig
-    from stage2_train.trainer import build_model_config
-
     cfg_file = run / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--run {run}: no config.yaml; give a stage-2 run_dir")
@@ -68,8 +86,6 @@ def load_run(run: Path, step: int | None, ema: bool) -> dict[str, Any]:
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     manifest = None
     try:
-        from shared.manifest import read_manifest
-
         manifest = read_manifest(cfg.data.cache)
     except (FileNotFoundError, ValueError) as err:
         print(
@@ -87,9 +103,6 @@ def load_run(run: Path, step: int | None, ema: bool) -> dict[str, Any]:
 
 
 def load_checkpoint_file(path: Path, preset: str, overrides: dict[str, Any], key: str) -> Any:
-    from pipeline.checkpoints import import_diffusers, load_original_state_dict, read_state_dict
-    from pipeline.models import DiTConfig, HunYuanDiT
-
     if path.is_dir():
         return import_diffusers(path, **overrides)
     model = HunYuanDiT(DiTConfig.from_name(preset, **overrides))
@@ -98,8 +111,6 @@ def load_checkpoint_file(path: Path, preset: str, overrides: dict[str, Any], key
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.sampler import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLE_DTYPES, SAMPLERS
-
     ap = argparse.ArgumentParser(
         prog="python -m stage2_train.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -149,19 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from pipeline.sampler import (
-        NEGATIVE_PROMPT,
-        DiffusionSettings,
-        PromptEmbeds,
-        decode_latents,
-        encode_prompts,
-        image_grid,
-        sample_latents,
-    )
-
     size = parse_size(args.size)
     device = torch.device(args.device)
     if args.run:
@@ -185,8 +183,6 @@ def _run(args: argparse.Namespace) -> int:
     manifest = loaded["manifest"]
 
     if args.prompt_file:
-        from shared.prompts import prompt_file_path, read_prompt_file
-
         pf = args.prompt_file
         path = (
             Path(pf)
@@ -199,16 +195,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.negative is not None:
             raise ValueError("--negative cannot change a cached prompt file's negative prompt; re-encode it")
     else:
-        from stage1_encode.prompts import read_prompt_lines
-
         prompts = list(args.prompt) + (read_prompt_lines(args.prompts) if args.prompts else [])
         if not prompts:
             raise ValueError("no prompts: give --prompt/--prompts (with --encoders) or --prompt-file")
         if not args.encoders:
             raise ValueError("--prompt/--prompts need --encoders (a ckpts/t2i folder), or use --prompt-file")
-        from pipeline.encoders import EncoderDtypes, load_encoders
-        from shared.manifest import encoders_hash
-
         cfg = model.config
         if manifest is not None:
             s = manifest.spec
@@ -230,18 +221,17 @@ def _run(args: argparse.Namespace) -> int:
         negative = encode_prompts(enc, [NEGATIVE_PROMPT if args.negative is None else args.negative])
         del enc
 
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers costs seconds to import; `--help` and bad arguments skip it
 
     vae_src = args.vae or args.encoders
     if not vae_src:
         raise ValueError("give --vae (or --encoders) to decode the latents")
     vae_dir = Path(vae_src)
     if not (vae_dir / "config.json").is_file():
-        from pipeline.encoders import resolve_encoder_paths
-
         vae_dir = resolve_encoder_paths(vae_dir)["vae"]
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).to(device).eval().requires_grad_(False)
     scaling = manifest.vae_scaling_factor if manifest is not None else None
+    downsample = vae_downsample_factor(vae.config.block_out_channels)  # the decoder's: the latents must fit it
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +259,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=device,
             progress=progress,
+            downsample=downsample,
         )
         images = decode_latents(vae, latents, scaling)
         all_latents.append(latents.cpu())
@@ -277,8 +268,6 @@ def _run(args: argparse.Namespace) -> int:
         all_images.append(images)
     bar.close()
     if args.save_latents:
-        from safetensors.torch import save_file
-
         save_file({"latents": torch.cat(all_latents).contiguous()}, str(out / "latents.safetensors"))
     grid = image_grid(torch.cat(all_images), prompts)
     grid.save(out / "grid.png")

@@ -33,6 +33,7 @@ model, missing checkpoint or other start-up error a user can fix (the message, n
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None, *, exit_watchdog: bool = False) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
 
-        from stage2_train.trainer import Trainer
+        from stage2_train.trainer import Trainer  # lazy: torch and the model stack cost seconds; --help skips them
 
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError; each message says how to fix it
@@ -89,8 +90,6 @@ def _exit_watchdog(seconds: float = 60.0) -> None:
     process group or interpreter teardown blocks (a C++ destructor joining threads with the GIL held, seen with
     gloo after the peer rank had gone), faulthandler's own C thread dumps every thread's stack and exits with
     status 1 after `seconds`."""
-    import faulthandler
-
     faulthandler.dump_traceback_later(seconds, exit=True)
 
 

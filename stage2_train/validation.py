@@ -19,8 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from pipeline.encoders import _DIFFUSERS_WEIGHTS, _sha256_file, _weight_files, resolve_encoder_paths
+from pipeline.lora import adapter_config, has_lora, inject_lora
+from pipeline.models import HunYuanDiT
+from pipeline.sampler import DiffusionSettings, PromptEmbeds, decode_latents, image_grid, sample_latents
+from shared.manifest import read_manifest
+from shared.prompts import prompt_file_path, read_prompt_file
+from stage2_train.checkpointing import full_model_state
 from stage2_train.config import TrainConfig
 from stage2_train.metrics import logger
 from stage2_train.parallel import any_rank
@@ -28,9 +37,7 @@ from stage2_train.parallel import any_rank
 
 def _load_vae(path: str, manifest: Any):
     """The decoder, checked against the VAE the cache was encoded with when the manifest records it."""
-    from diffusers import AutoencoderKL
-
-    from pipeline.encoders import _DIFFUSERS_WEIGHTS, _sha256_file, _weight_files, resolve_encoder_paths
+    from diffusers import AutoencoderKL  # lazy: diffusers costs seconds to import; runs without validation skip it
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -51,8 +58,6 @@ class Validator:
     """Built by the Trainer on every rank (cheap off rank 0); `maybe_run` is called after each optimizer step."""
 
     def __init__(self, trainer: Any) -> None:
-        from pipeline.sampler import DiffusionSettings
-
         cfg: TrainConfig = trainer.cfg
         self.v = cfg.validation
         self.info = trainer.info
@@ -74,12 +79,6 @@ class Validator:
             raise RuntimeError("validation set-up failed on rank 0 (see its log)")
 
     def _setup_main(self, trainer: Any) -> None:
-        from pipeline.lora import adapter_config, has_lora, inject_lora
-        from pipeline.models import HunYuanDiT
-        from pipeline.sampler import PromptEmbeds
-        from shared.manifest import read_manifest
-        from shared.prompts import prompt_file_path, read_prompt_file
-
         cfg: TrainConfig = trainer.cfg
         manifest = read_manifest(cfg.data.cache)
         name = self.v.prompts
@@ -93,6 +92,7 @@ class Validator:
             raise ValueError("validation.sizes is empty and the cache records no buckets; set validation.sizes")
         self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.scaling_factor = manifest.vae_scaling_factor
+        self.downsample = manifest.spec.downsample  # the cache's VAE, as the trainer's RoPE tables
         self.vae = _load_vae(self.v.vae, manifest).to(trainer.device)
         # A separate unsharded copy: sampling never touches the training module (mode, hooks, autograd state).
         with torch.device("meta"):
@@ -122,8 +122,6 @@ class Validator:
 
     def _weights(self, trainer: Any) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (collective under FSDP2: every rank calls this)."""
-        from stage2_train.checkpointing import full_model_state
-
         state = full_model_state(trainer.inner)
         if self.use_ema:
             state = dict(state)
@@ -163,11 +161,6 @@ class Validator:
 
     @torch.no_grad()
     def _sample(self, state: dict[str, torch.Tensor], step: int, tb: Any) -> None:
-        import numpy as np
-        from PIL import Image
-
-        from pipeline.sampler import decode_latents, image_grid, sample_latents
-
         self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in state.items()}, strict=True)
         seeds = [self.v.seed + i for i in range(len(self.prompts))]
         grids = []
@@ -184,6 +177,7 @@ class Validator:
                 diffusion=self.diffusion,
                 dtype=self.v.dtype,
                 device=self.device,
+                downsample=self.downsample,
             )
             images = decode_latents(self.vae, latents, self.scaling_factor)
             grid = image_grid(images, [f"{p} ({h}x{w})" for p in self.prompts])

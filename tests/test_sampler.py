@@ -10,7 +10,7 @@ from dit_helpers import perturbed_tiny, single_thread  # noqa: F401 (autouse fix
 
 from pipeline.checkpoints import export_diffusers
 from pipeline.encoders import EncoderDtypes, load_encoders
-from pipeline.rope import rope_tables
+from pipeline.rope import RopeCache, rope_tables
 from pipeline.sampler import NEGATIVE_PROMPT, DiffusionSettings, encode_prompts, make_scheduler, sample_latents
 from pipeline.tiny_suite import write_tiny_suite
 
@@ -155,3 +155,21 @@ def test_non_square_differs_from_diffusers_only_by_its_rope_grid(tmp_path, encod
     monkeypatch.setattr(hp, "get_2d_rotary_pos_embed", lambda *a, **k: (cos, sin))
     patched = _theirs(pipe, embeds, size, steps, 6.0)
     assert (patched - ours).abs().max() <= 1e-4
+
+
+def test_vae_downsample_comes_from_the_caller(embeds):
+    """A VAE with 16 pixels per latent cell: latents at H/16 and RoPE tables of that grid, nothing assumes 8."""
+    model = perturbed_tiny().eval()
+    captured = {}
+
+    def spy_forward(*args, **kwargs):
+        captured["cos"] = kwargs["cos_cis_img"]
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = spy_forward
+    out = sample_latents(model, *embeds, size=(64, 128), seeds=SEEDS, sampler="ddim", steps=2, downsample=16)
+    assert out.shape == (2, model.config.in_channels, 4, 8)
+    cos, _ = rope_tables(64, 128, model.config.head_dim, 2, "base512", downsample=16)
+    assert torch.equal(captured["cos"], cos)
+    with pytest.raises(ValueError, match="downsample"):  # a RoPE cache built for another VAE
+        sample_latents(model, *embeds, size=64, steps=2, downsample=16, rope=RopeCache(model.config.head_dim))
