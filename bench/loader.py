@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -167,6 +168,7 @@ def training_path_report(args, before_last: str | None = None) -> None:
     print(f"{'':<34}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
         print(f"{fmt + ', ' + what:<34}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
+    shutil.rmtree(work, ignore_errors=True)
     compact = rows[1][2]
     print(f"worker_ms_per_sample = {compact['worker']:.2f} (goal <= 2.5)")
     if before_last is not None:  # the S3 headline, next to the other headlines (see the module docstring)
@@ -235,6 +237,8 @@ def s3_columns(args) -> str:
             local_rates.append(n_local / t_local)
             s3_rates.append(n_s3 / (t_open + t_s3))
             gets.append((meta_gets, worker_gets))
+            if i:  # the previous pass's shard cache (a full copy of the shards); the last one serves the warm pass
+                shutil.rmtree(work / f"shard-cache-{i - 1}", ignore_errors=True)
             print(
                 f"pass {i + 1}: local {local_rates[-1]:7.1f}  S3 cold {s3_rates[-1]:7.1f} samples/s"
                 f"  (ratio {s3_rates[-1] / local_rates[-1]:.2f}, {meta_gets} + {worker_gets} GETs)"
@@ -243,6 +247,7 @@ def s3_columns(args) -> str:
         t_warm, n_warm, warm_gets = read_all(remote, args.workers, args.epochs)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     ratios = [s / loc for s, loc in zip(s3_rates, local_rates)]
     meta_gets, worker_gets = gets[0]
     n = args.samples * args.epochs
