@@ -667,8 +667,8 @@ def test_lost_and_crashing_rows_become_rejects(suite, corpus, monkeypatch):
     part = plan_partitions(cfg.input, 12)[0]
     real_read, real_crop = preprocess_task.read_partition, pp.crop_to_target
 
-    def lossy_read(p, icfg):
-        for row in real_read(p, icfg):
+    def lossy_read(p, icfg, storage=None):
+        for row in real_read(p, icfg, storage):
             if row["row"] == 3:
                 continue  # lost between planning and reading
             yield {k: v for k, v in row.items() if k != "caption"} if row["row"] == 5 else row
