@@ -151,26 +151,33 @@ def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[
 
 
 def training_path_report(args, before_last: str | None = None) -> None:
+    from shared.schema import writing_layout
+
     work = Path(tempfile.mkdtemp(prefix="bench-loader-hot-"))
     rows = []
-    for fmt in ("webdataset", "zarr"):
+    # (format, sample layout, dense): layout 1 is today's caches (one zlib crc32 over the sample, both views in one
+    # member), layout 2 the new one (a CRC-32C per part, one member per view: a worker reads the drawn view only)
+    runs = [("webdataset", 1, True), ("webdataset", 1, False), ("webdataset", 2, False), ("zarr", 1, False)]
+    runs.append(("zarr", 2, False))
+    for fmt, layout, dense in runs:
         spec = CacheSpec(format=fmt, views=("plain", "flip"))  # v1.2: fp32 VAE and BERT, fp16 mT5, zstd
-        root = work / fmt
-        write_synthetic_cache(root, spec, n_samples=args.hot_samples, n_shards=2, buckets=((1024, 1024),))
+        root = work / f"{fmt}-{layout}"
+        if not root.exists():
+            with writing_layout(layout):
+                write_synthetic_cache(root, spec, n_samples=args.hot_samples, n_shards=2, buckets=((1024, 1024),))
         reader = open_cache(root)
         steps = args.hot_samples // args.batch
-        for dense in (True, False) if fmt == "webdataset" else (False,):
-            r = hot_path(reader, args.workers, args.batch, steps, dense)
-            rows.append((fmt, "dense items (before)" if dense else "compact rows", r))
+        r = hot_path(reader, args.workers, args.batch, steps, dense)
+        rows.append((f"{fmt} L{layout}", "dense items (before)" if dense else "compact rows", r))
     print(
         f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples, {args.workers} workers, "
-        f"batch {args.batch}; CPU ms per sample"
+        f"batch {args.batch}; CPU ms per sample; L1 = today's sample layout, L2 = the new one"
     )
-    print(f"{'':<34}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
+    print(f"{'':<37}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
-        print(f"{fmt + ', ' + what:<34}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
+        print(f"{fmt + ', ' + what:<37}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
     shutil.rmtree(work, ignore_errors=True)
-    compact = rows[1][2]
+    compact = rows[2][2]
     print(f"worker_ms_per_sample = {compact['worker']:.2f} (goal <= 2.5)")
     if before_last is not None:  # the S3 headline, next to the other headlines (see the module docstring)
         print(before_last)

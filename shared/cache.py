@@ -41,6 +41,7 @@ from .schema import (
     _float_array,
     _int_array,
     _mask_array,
+    check_read_parts,
     check_stored,
     decode_sample,
     to_torch,
@@ -380,6 +381,27 @@ class CacheReader:
         stored = rd.read_stored(int(loc))
         check_stored(stored, self.spec, f"shard {rd.path}")
         return stored
+
+    def read_parts(self, i: int | str, view: int, clip: bool = True, t5: bool = True) -> dict:
+        """What a training read needs of sample i, checked: the head (key, caption, bucket, image_meta_size, ids,
+        masks, t5_index), "moments_view" (2C, h, w) of `view` and "view", clip_rows / t5_rows if `clip` / `t5`.
+        Only those parts are read, decoded and crc-checked (sample layout 2); a shard of layout 1 has one checksum
+        over the whole sample, so it is read and checked whole, then cut down to the same dict."""
+        s, loc = self.locate(self._global(i))
+        self._fetch(int(s))
+        rd = self._reader(int(s))
+        where = f"shard {rd.path}"
+        parts = rd.read_parts(int(loc), int(view), bool(clip), bool(t5))
+        if "crc32c" in parts and "moments_view" in parts:
+            check_read_parts(parts, self.spec, where)
+            return parts
+        check_stored(parts, self.spec, where)
+        out = {k: v for k, v in parts.items() if k != "moments"}
+        out["moments_view"], out["view"] = parts["moments"][int(view)], int(view)
+        for name, want in (("clip_rows", clip), ("t5_rows", t5)):
+            if not want:
+                del out[name]
+        return out
 
     def __getitem__(self, i: int | str) -> dict:
         """Logical sample (numpy; bf16 as uint16 bit patterns; `to_torch` views them back)."""

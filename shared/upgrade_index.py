@@ -20,7 +20,7 @@ from .shard_index import INDEX_SUFFIX, INDEX_VERSION, encode_index, index_column
 
 
 def _convert_sidecar(root: Path, d: dict) -> ShardInfo:
-    from .wds_store import ALL_FIELDS
+    from .wds_store import ALL_FIELDS, member_fields_of
 
     name, n = d["name"], int(d["n_samples"])
     lists = {k: d[k] for k in ("keys", "buckets", "clip_lens", "t5_lens", "t5_unique")}
@@ -30,10 +30,11 @@ def _convert_sidecar(root: Path, d: dict) -> ShardInfo:
     fields, off, size = [], None, None
     if d["format"] == "webdataset":
         members = d.get("members") or {}
-        missing = [f for f in ALL_FIELDS if f not in members]
+        want = member_fields_of(members) or ALL_FIELDS  # the old sidecars' samples are of layout 1
+        missing = [f for f in want if f not in members]
         if missing:
             raise ValueError(f"shard {name!r}: the old sidecar has no member offsets for {missing}; re-encode it")
-        fields = list(ALL_FIELDS)
+        fields = list(want)
         off = [list(r) for r in zip(*(members[f]["offset"] for f in fields))] if n else []
         size = [list(r) for r in zip(*(members[f]["size"] for f in fields))] if n else []
     cols = index_columns(

@@ -1,11 +1,18 @@
 """webdataset shards: shards/<name>.tar, one tar member per stored field.
 
-Members of a sample (webdataset groups them by the key before the first "."):
+Members of a sample (webdataset groups them by the key before the first "."), sample layout 2 (what is written):
     {key}.caption.txt       UTF-8 caption
-    {key}.meta.json         {"bucket": [H, W], "image_meta_size": [...6], "crc32": n}
-    {key}.<array>.npy       moments, clip_ids, clip_mask, clip_rows, t5_ids, t5_mask, t5_rows, t5_index
-                            (".npy.blosc" when spec.compression == "zstd": the .npy bytes through Blosc(zstd, byte
-                            shuffle); t5_rows XOR-delta coded first, see schema.xor_delta_rows)
+    {key}.meta.json         {"bucket": [H, W], "image_meta_size": [...6], "crc32c": [head, clip_rows, t5_rows,
+                            moments per view]} (schema.part_crcs)
+    {key}.<small>.npy       clip_ids, clip_mask, t5_ids, t5_mask, t5_index: always plain .npy (a few hundred bytes;
+                            a blosc frame of them cost more to decode than its bytes to read)
+    {key}.<big>.npy         clip_rows, t5_rows, then moments_<view> per view ((2C, h, w) each, so that a training
+                            read decodes only the view it draws); ".npy.blosc" when spec.compression == "zstd": the
+                            .npy bytes through Blosc(zstd, byte shuffle, one block up to BLOSC_BLOCK bytes); t5_rows
+                            XOR-delta coded first, see schema.xor_delta_rows
+Sample layout 1 (caches written before; read, not written): caption, meta with one "crc32", then moments (all views),
+clip_ids, clip_mask, clip_rows, t5_ids, t5_mask, t5_rows, t5_index, all through blosc under zstd. The shard's index
+names its member fields, which says the layout.
 Plain .npy (never pickle; read with np.load(allow_pickle=False)), so `wds.WebDataset(url).decode()` can read a shard
 too. Member headers have fixed mtime/owner, so the same samples give the same bytes and the same sha256.
 The shard's index file shards/<name>.index (shared.shard_index) records each member's data offset and size, which
@@ -22,24 +29,59 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .fsutil import file_sha256, remove_path, tmp_path_for
 from .manifest import ShardInfo
-from .schema import CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
+from . import schema
+from .schema import VIEWS, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 from .shard_index import ShardIndex
 from .shard_writer import ShardWriterBase
 
+# sample layout 1 (read only)
 NPY_FIELDS = ("moments", "clip_ids", "clip_mask", "clip_rows", "t5_ids", "t5_mask", "t5_rows", "t5_index")
 ALL_FIELDS = ("caption", "meta") + NPY_FIELDS
+# sample layout 2
+SMALL_FIELDS = ("clip_ids", "clip_mask", "t5_ids", "t5_mask", "t5_index")
+TEXT_ROW_FIELDS = ("clip_rows", "t5_rows")
+# One blosc block per member up to this size (a 1024^2 view's moments is 0.5 MiB): blosc's default blocks (tens of
+# KiB at clevel 3) start a zstd context each, so on bench/loader.py's samples one block decoded ~2x faster and
+# compressed ~4% smaller (measured in the session 5 note). Only the writer uses it: a blosc frame says its blocks.
+BLOSC_BLOCK = 1 << 20
 
 
-def _ext(field: str, spec: CacheSpec) -> str:
+def member_fields(spec: CacheSpec, layout: int) -> tuple[str, ...]:
+    """The member fields of one sample in tar order, for a sample layout (1 or 2)."""
+    if layout == 1:
+        return ALL_FIELDS
+    return ("caption", "meta") + SMALL_FIELDS + TEXT_ROW_FIELDS + tuple(f"moments_{v}" for v in spec.views)
+
+
+def member_fields_of(names: Any) -> tuple[str, ...] | None:
+    """The member fields in tar order of a sample whose member field names are `names` (either layout), or None."""
+    names = set(names)
+    if "moments" in names:
+        return ALL_FIELDS
+    views = [v for v in VIEWS if f"moments_{v}" in names]
+    return member_fields(CacheSpec(views=tuple(views)), 2) if views and views[0] == "plain" else None
+
+
+def _layout_of(fields: list[str], spec: CacheSpec) -> int | None:
+    for layout in (2, 1):
+        if list(fields) == list(member_fields(spec, layout)):
+            return layout
+    return None
+
+
+def _ext(field: str, spec: CacheSpec, layout: int = 2) -> str:
     if field == "caption":
         return "txt"
     if field == "meta":
         return "json"
+    if layout == 2 and field in SMALL_FIELDS:
+        return "npy"
     return "npy.blosc" if spec.compression == "zstd" else "npy"
 
 
@@ -49,43 +91,75 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _blosc(level: int):
+def _blosc(level: int, blocksize: int = 0):
     import numcodecs.blosc
     from numcodecs import Blosc
 
     numcodecs.blosc.use_threads = False  # blosc's thread pool and forked DataLoader workers do not mix
-    return Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE)
+    return Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE, blocksize=blocksize)
 
 
-def _compress(npy: bytes, itemsize: int, level: int) -> bytes:
+def _compress(npy: bytes, itemsize: int, level: int, blocksize: int = 0) -> bytes:
     # the .npy header is padded to a multiple of 64 bytes, so the array data stays aligned for the byte shuffle
-    return bytes(_blosc(level).encode(np.frombuffer(npy, dtype=f"u{itemsize}")))
+    return bytes(_blosc(level, blocksize).encode(np.frombuffer(npy, dtype=f"u{itemsize}")))
 
 
 def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
-    """(field, payload bytes) for one stored sample, in member order."""
-    meta = {
+    """(field, payload bytes) for one stored sample, in member order (its layout: crc32c present = 2)."""
+    layout = 2 if "crc32c" in stored else 1
+    meta: dict = {
         "bucket": [int(x) for x in stored["bucket"]],
         "image_meta_size": [int(x) for x in stored["image_meta_size"]],
-        "crc32": int(stored["crc32"]),
     }
+    if layout == 2:
+        meta["crc32c"] = [int(x) for x in stored["crc32c"]]
+    else:
+        meta["crc32"] = int(stored["crc32"])
     out = [("caption", stored["caption"].encode("utf-8")), ("meta", json.dumps(meta).encode("utf-8"))]
-    for f in NPY_FIELDS:
-        a = stored[f]
-        if spec.compression == "zstd":
+    for f in member_fields(spec, layout)[2:]:
+        a = stored["moments"][spec.views.index(f[8:])] if f.startswith("moments_") else stored[f]
+        if _ext(f, spec, layout) == "npy.blosc":
             if f == "t5_rows":
                 a = xor_delta_rows(a)
-            out.append((f, _compress(_npy_bytes(a), a.dtype.itemsize, spec.zstd_level)))
+            block = BLOSC_BLOCK if layout == 2 else 0
+            out.append((f, _compress(_npy_bytes(a), a.dtype.itemsize, spec.zstd_level, block)))
         else:
             out.append((f, _npy_bytes(a)))
     return out
 
 
-def decode_members(key: str, payloads: dict[str, bytes | memoryview], spec: CacheSpec, where: str) -> dict:
-    """Inverse of encode_members. Raises CorruptSampleError naming `where` and the key."""
-    missing = [f for f in ALL_FIELDS if f not in payloads]
+def _decode_npy(b: bytes | memoryview, blosc: Any) -> np.ndarray:
+    if blosc is not None:
+        # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame hold its
+        # decompressed size
+        dest = bytearray(int.from_bytes(bytes(b[4:8]), "little"))
+        blosc.decode(b, out=dest)
+        b = dest
+    return load_npy(b)
+
+
+def decode_members(
+    key: str,
+    payloads: dict[str, bytes | memoryview],
+    spec: CacheSpec,
+    where: str,
+    *,
+    view: int | None = None,
+    clip: bool = True,
+    t5: bool = True,
+) -> dict:
+    """Inverse of encode_members: the stored sample (its layout from its members). Raises CorruptSampleError naming
+    `where` and the key.
+
+    `view` given (layout 2 only): the parts a training read needs, nothing else decoded: "moments_view" (2C, h, w)
+    of that view instead of "moments", and clip_rows / t5_rows only if `clip` / `t5`. The caller checks them
+    (schema.check_read_parts)."""
+    layout = 2 if "moments" not in payloads else 1
+    fields = member_fields(spec, layout)
+    missing = [f for f in fields if f not in payloads]
     if missing:
         raise CorruptSampleError(f"{where}: sample {key!r} lacks members {missing}")
+    assert view is None or layout == 2, "a part read of a layout-1 sample (read_stored it whole)"
     try:
         meta = json.loads(bytes(payloads["meta"]).decode("utf-8"))
         out = {
@@ -93,19 +167,27 @@ def decode_members(key: str, payloads: dict[str, bytes | memoryview], spec: Cach
             "caption": bytes(payloads["caption"]).decode("utf-8"),
             "bucket": np.asarray(meta["bucket"], dtype=np.int32),
             "image_meta_size": np.asarray(meta["image_meta_size"], dtype=np.int32),
-            "crc32": int(meta["crc32"]),
         }
+        if layout == 2:
+            out["crc32c"] = np.asarray(meta["crc32c"], dtype=np.int64).astype(np.uint32)
+        else:
+            out["crc32"] = int(meta["crc32"])
         z = _blosc(spec.zstd_level) if spec.compression == "zstd" else None
-        for f in NPY_FIELDS:
-            b = payloads[f]
-            if z is not None:
-                # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame
-                # hold its decompressed size
-                dest = bytearray(int.from_bytes(bytes(b[4:8]), "little"))
-                z.decode(b, out=dest)
-                b = dest
-            out[f] = load_npy(b)
-        if z is not None:
+        if layout == 1:
+            for f in NPY_FIELDS:
+                out[f] = _decode_npy(payloads[f], z)
+        else:
+            for f in SMALL_FIELDS:
+                out[f] = load_npy(payloads[f])
+            for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)):
+                if want or view is None:
+                    out[f] = _decode_npy(payloads[f], z)
+            if view is None:
+                out["moments"] = np.stack([_decode_npy(payloads[f"moments_{v}"], z) for v in spec.views])
+            else:
+                out["view"] = int(view)
+                out["moments_view"] = _decode_npy(payloads[f"moments_{spec.views[view]}"], z)
+        if z is not None and "t5_rows" in out:
             out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"))
     except Exception as e:
         raise CorruptSampleError(
@@ -159,9 +241,11 @@ class WdsShardWriter(ShardWriterBase):
         self._check_open()
         stored = encode_sample(sample, self.spec)
         self._stats.add(stored)  # raises on a duplicate key before anything is written
+        layout = 2 if "crc32c" in stored else 1
         for field, payload in encode_members(stored, self.spec):
             self._tar.addfile(
-                _tarinfo(f"{stored['key']}.{field}.{_ext(field, self.spec)}", len(payload)), io.BytesIO(payload)
+                _tarinfo(f"{stored['key']}.{field}.{_ext(field, self.spec, layout)}", len(payload)),
+                io.BytesIO(payload),
             )
 
     def close(self) -> ShardInfo:
@@ -172,7 +256,7 @@ class WdsShardWriter(ShardWriterBase):
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-            members = index_members(self.tmp, self._stats.keys, self.spec)
+            members = index_members(self.tmp, self._stats.keys, self.spec, schema.SAMPLE_LAYOUT)
             built = self._stats.build(nbytes=self.tmp.stat().st_size, sha256=file_sha256(self.tmp), members=members)
         except BaseException:
             self._f.close()
@@ -187,13 +271,16 @@ class WdsShardWriter(ShardWriterBase):
             remove_path(self.tmp)
 
 
-def index_members(path: Path, keys: list[str], spec: CacheSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ALL_FIELDS, (N, F) member data offsets, (N, F) member sizes) in key order, from the tar headers."""
+def index_members(
+    path: Path, keys: list[str], spec: CacheSpec, layout: int = schema.SAMPLE_LAYOUT
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(member fields, (N, F) member data offsets, (N, F) member sizes) in key order, from the tar headers."""
+    fields = member_fields(spec, layout)
     pos = {k: i for i, k in enumerate(keys)}
-    col = {f: j for j, f in enumerate(ALL_FIELDS)}
+    col = {f: j for j, f in enumerate(fields)}
     n = len(keys)
-    offset = np.full((n, len(ALL_FIELDS)), -1, dtype="<i8")
-    size = np.full((n, len(ALL_FIELDS)), -1, dtype="<i8")
+    offset = np.full((n, len(fields)), -1, dtype="<i8")
+    size = np.full((n, len(fields)), -1, dtype="<i8")
     with tarfile.open(path, mode="r") as tf:
         for m in tf:
             key, _, rest = m.name.partition(".")
@@ -203,7 +290,7 @@ def index_members(path: Path, keys: list[str], spec: CacheSpec) -> tuple[list[st
                 raise AssertionError(f"unexpected member {m.name} in {path}")
             offset[i, j], size[i, j] = m.offset_data, m.size
     assert (offset >= 0).all(), "a member is missing from the tar just written"
-    return list(ALL_FIELDS), offset, size
+    return list(fields), offset, size
 
 
 # A sample's members sit back to back in the tar, each after a 512-byte header (a PAX name record adds a few more
@@ -244,20 +331,43 @@ class WdsShardReader:
             self._pid = os.getpid()
         return self._fd
 
-    def members(self, i: int) -> tuple[str, list[int], list[int]]:
-        """(key, member data offsets, member sizes) of sample i, in ALL_FIELDS order, from the mapped index."""
+    @property
+    def layout(self) -> int:
+        """The shard's sample layout (1 or 2), from the member fields its index lists."""
         m = self.shard.mapped
-        if m.fields != list(ALL_FIELDS) or "member_offset" not in m.columns:
+        layout = _layout_of(m.fields, self.spec) if "member_offset" in m.columns else None
+        if layout is None:
             raise CorruptSampleError(
-                f"shard {self.path}: its index {self.shard.index_path.name} has no member "
-                f"offsets for {list(ALL_FIELDS)}; run `python -m shared.cli verify`"
+                f"shard {self.path}: its index {self.shard.index_path.name} has no member offsets for "
+                f"{list(member_fields(self.spec, 2))} (or layout 1's {list(ALL_FIELDS)}); run "
+                "`python -m shared.cli verify`"
             )
-        return m.key(i), m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+        return layout
+
+    def members(self, i: int) -> tuple[str, list[str], list[int], list[int]]:
+        """(key, fields, member data offsets, member sizes) of sample i, from the mapped index."""
+        m = self.shard.mapped
+        fields = list(member_fields(self.spec, self.layout))
+        return m.key(i), fields, m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
 
     def read_stored(self, i: int) -> dict:
-        key, offs, sizes = self.members(i)
+        """Sample i's stored form, every part decoded (the caller checks it: schema.check_stored)."""
+        key, fields, payloads = self._payloads(i)
+        return decode_members(key, payloads, self.spec, f"shard {self.path}")
+
+    def read_parts(self, i: int, view: int, clip: bool, t5: bool) -> dict:
+        """What a training read needs of sample i, nothing else decoded (see decode_members); a layout-1 shard has
+        one checksum over everything, so there it is read whole (the caller tells the two apart by "crc32c")."""
+        key, fields, payloads = self._payloads(i)
+        if "moments" in payloads:
+            return decode_members(key, payloads, self.spec, f"shard {self.path}")
+        return decode_members(key, payloads, self.spec, f"shard {self.path}", view=view, clip=clip, t5=t5)
+
+    def _payloads(self, i: int) -> tuple[str, list[str], dict]:
+        """(key, fields, {field: member bytes}) of sample i: one pread, members as views of it."""
+        key, fields, offs, sizes = self.members(i)
         fd = self._open()
-        bad = [f for f, o, n in zip(ALL_FIELDS, offs, sizes) if o < 0 or n < 0]
+        bad = [f for f, o, n in zip(fields, offs, sizes) if o < 0 or n < 0]
         if bad:
             raise CorruptSampleError(
                 f"shard {self.path}: sample {key!r} field {bad[0]}: bad member index in "
@@ -274,7 +384,7 @@ class WdsShardReader:
                     f"{self.shard.index_path.name} ({type(e).__name__}: {e})"
                 ) from e
             view = memoryview(span)  # members as views of the one read, not copies
-            for f, o, n in zip(ALL_FIELDS, offs, sizes):
+            for f, o, n in zip(fields, offs, sizes):
                 b = view[o - lo : o - lo + n]
                 if len(b) != n:
                     raise CorruptSampleError(
@@ -283,7 +393,7 @@ class WdsShardReader:
                     )
                 payloads[f] = b
         else:  # members far apart: the index is odd, read field by field so that no huge read happens
-            for f, o, n in zip(ALL_FIELDS, offs, sizes):
+            for f, o, n in zip(fields, offs, sizes):
                 try:
                     b = os.pread(fd, n, o)
                 except (OSError, ValueError, OverflowError) as e:
@@ -297,7 +407,7 @@ class WdsShardReader:
                         f"({len(b)} of {n} bytes); run `python -m shared.cli verify`"
                     )
                 payloads[f] = b
-        return decode_members(key, payloads, self.spec, f"shard {self.path}")
+        return key, fields, payloads
 
 
 def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = None) -> Iterator[dict]:

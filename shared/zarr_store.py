@@ -2,7 +2,8 @@
 
 Layout of a shard group with N samples (ragged fields are flat arrays + (N+1,) int64 offsets):
     attrs: schema_version, spec, keys
-    bucket (N,2) int32, image_meta_size (N,6) int32, crc32 (N,) uint32
+    bucket (N,2) int32, image_meta_size (N,6) int32, crc32c (N, 3+V) uint32 (schema.part_crcs; sample layout 2,
+    attrs sample_layout=2) or, in groups written before, crc32 (N,) uint32 (layout 1)
     clip_ids/t5_ids (N,L) int32, clip_mask/t5_mask (N,L) bool, t5_index (N,Lt) uint16
     caption_utf8 (B,) uint8 + caption_offsets
     moments (E,) vae storage dtype + moments_offsets      (per-sample shape comes from the bucket)
@@ -27,6 +28,7 @@ import numpy as np
 
 from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
 from .manifest import ShardInfo
+from . import schema
 from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 from .shard_index import ShardIndex
 from .shard_writer import ShardWriterBase
@@ -34,7 +36,6 @@ from .shard_writer import ShardWriterBase
 _SMALL = (
     "bucket",
     "image_meta_size",
-    "crc32",
     "clip_ids",
     "clip_mask",
     "t5_ids",
@@ -98,6 +99,7 @@ class ZarrShardWriter(ShardWriterBase):
         import zarr  # lazy: ~1-2 s to import; webdataset caches never load it
 
         spec, S, n = self.spec, self._samples, len(self._samples)
+        layout = (2 if "crc32c" in S[0] else 1) if S else schema.SAMPLE_LAYOUT  # encode_sample's
         comp = _compressors(spec)
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
         g.attrs.update(
@@ -106,6 +108,7 @@ class ZarrShardWriter(ShardWriterBase):
                 "spec": spec.to_dict(),
                 "keys": [s["key"] for s in S],
                 "shard": self.name,
+                **({"sample_layout": 2} if layout == 2 else {}),  # layout 1 groups (written before) have none
             }
         )
 
@@ -129,7 +132,10 @@ class ZarrShardWriter(ShardWriterBase):
 
         small("bucket", stack("bucket", (2,), np.int32))
         small("image_meta_size", stack("image_meta_size", (6,), np.int32))
-        small("crc32", np.array([s["crc32"] for s in S], dtype=np.uint32))
+        if layout == 2:
+            small("crc32c", stack("crc32c", (3 + spec.n_views,), np.uint32).astype(np.uint32))
+        else:
+            small("crc32", np.array([s["crc32"] for s in S], dtype=np.uint32))
         for enc, L in (("clip", spec.clip_len), ("t5", spec.t5_len)):
             small(f"{enc}_ids", stack(f"{enc}_ids", (L,), np.int32))
             small(f"{enc}_mask", stack(f"{enc}_mask", (L,), np.bool_))
@@ -321,7 +327,8 @@ class ZarrShardReader:
             return
         try:
             g = zarr.open_group(str(self.path), mode="r")
-            self._small = {k: np.asarray(g[k][...]) for k in _SMALL}
+            crc = "crc32c" if "crc32c" in g else "crc32"  # sample layout 2 or 1
+            self._small = {k: np.asarray(g[k][...]) for k in _SMALL + (crc,)}
             self._g = {k: g[k] for k in ("moments", "clip_rows", "t5_rows")}  # array handles: one metadata read
             self._flat = {k: _FlatShardArray.layout(self.path / k) for k in self._g}
             self._pid = os.getpid()
@@ -347,6 +354,19 @@ class ZarrShardReader:
             return [np.asarray(self._g[n][sl]) for n, sl in reads]
 
     def read_stored(self, i: int) -> dict:
+        """Sample i's stored form, every part read (the caller checks it: schema.check_stored)."""
+        return self._read(i, None, True, True)
+
+    def read_parts(self, i: int, view: int, clip: bool, t5: bool) -> dict:
+        """What a training read needs of sample i: "moments_view" (2C, h, w) of `view` (its own range of the flat
+        moments, so the other view's chunks are not read), the text rows only if asked; a layout-1 group (one
+        checksum over everything) is read whole (the caller tells the two apart by "crc32c")."""
+        self._open()
+        if "crc32c" not in self._small:
+            return self._read(i, None, True, True)
+        return self._read(i, view, clip, t5)
+
+    def _read(self, i: int, view: int | None, clip: bool, t5: bool) -> dict:
         key = self.shard.key(i) if 0 <= i < self.shard.n_samples else "?"
         self._open()
         try:
@@ -358,30 +378,42 @@ class ZarrShardReader:
                 sm["t5_row_offsets"],
             )
             bucket = sm["bucket"][i]
-            mom, clip_rows, t5_rows = self._read_big(
-                (
-                    ("moments", slice(mo[i], mo[i + 1])),
-                    ("clip_rows", slice(c1[i], c1[i + 1])),
-                    ("t5_rows", slice(t1[i], t1[i + 1])),
-                )
-            )
+            shape = self.spec.latent_shape(bucket)
+            m0, m1 = int(mo[i]), int(mo[i + 1])
+            if view is not None:
+                per_view = (m1 - m0) // shape[0]
+                m0, m1 = m0 + view * per_view, m0 + (view + 1) * per_view
+            reads = [("moments", slice(m0, m1))]
+            if clip:
+                reads.append(("clip_rows", slice(c1[i], c1[i + 1])))
+            if t5:
+                reads.append(("t5_rows", slice(t1[i], t1[i + 1])))
+            got = dict(zip([n for n, _ in reads], self._read_big(tuple(reads))))
             caption = sm["caption_utf8"][co[i] : co[i + 1]].tobytes().decode("utf-8")
             out = {
                 "key": key,
                 "caption": caption,
                 "bucket": bucket,
                 "image_meta_size": sm["image_meta_size"][i],
-                "crc32": sm["crc32"][i],
-                "moments": mom.reshape(self.spec.latent_shape(bucket)),
                 "clip_ids": sm["clip_ids"][i],
                 "clip_mask": sm["clip_mask"][i],
-                "clip_rows": clip_rows,
                 "t5_ids": sm["t5_ids"][i],
                 "t5_mask": sm["t5_mask"][i],
                 "t5_index": sm["t5_index"][i],
-                "t5_rows": t5_rows,
             }
-            if self.spec.compression == "zstd":
+            if "crc32c" in sm:
+                out["crc32c"] = sm["crc32c"][i]
+            else:
+                out["crc32"] = sm["crc32"][i]
+            if view is None:
+                out["moments"] = got["moments"].reshape(shape)
+            else:
+                out["view"] = int(view)
+                out["moments_view"] = got["moments"].reshape(shape[1:])
+            for name in ("clip_rows", "t5_rows"):
+                if name in got:
+                    out[name] = got[name]
+            if self.spec.compression == "zstd" and "t5_rows" in out:
                 out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], self.spec.storage_dtype("t5"))
         except CorruptSampleError:
             raise

@@ -328,6 +328,21 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 # values, as no CUDA generator reproduces CPU mt19937 streams.
 
 
+def item_draws(settings: DrawSettings, micro_step: int, slot: int, key: str, num_views: int) -> tuple:
+    """(seed, view, drop_clip, drop_t5, t): a sample's seed and scalar draws, which decide what a worker reads of it
+    (only the drawn view's moments, no text rows of a dropped caption)."""
+    seed = sample_seed(settings.seed, micro_step, slot, key)
+    view, drop_clip, drop_t5, t = scalar_draws(
+        torch.Generator().manual_seed(seed),
+        num_views=num_views,
+        random_flip=settings.random_flip,
+        uncond_p=settings.uncond_p,
+        uncond_p_t5=settings.uncond_p_t5,
+        num_timesteps=settings.num_timesteps,
+    )
+    return seed, view, drop_clip, drop_t5, t
+
+
 def compact_item(
     stored: dict[str, Any],
     empty: dict[str, np.ndarray],
@@ -335,27 +350,32 @@ def compact_item(
     micro_step: int,
     slot: int,
     bf16_moments: bool,
+    num_views: int | None = None,
+    draws: tuple | None = None,
 ) -> dict[str, Any]:
     """One stored sample (numpy, as the reader returns it; bf16 as uint16) -> the compact item a worker sends.
-    `empty`: the empty caption's clip_mask and t5_mask, and clip_rows/t5_rows with no rows (see `empty_rows`)."""
-    moments = stored["moments"]  # (V, 2C, h, w) storage dtype
+    `stored`: a whole stored sample ("moments" (V, 2C, h, w)) or a part read (CacheReader.read_parts: "moments_view"
+    of the drawn view, text rows only where the caption is kept; then `num_views` and its `draws` (item_draws) are
+    given). `empty`: the empty caption's clip_mask and t5_mask, and clip_rows/t5_rows with no rows (`empty_rows`)."""
     key = str(stored["key"])
-    seed = sample_seed(settings.seed, micro_step, slot, key)
-    view, drop_clip, drop_t5, t = scalar_draws(
-        torch.Generator().manual_seed(seed),
-        num_views=moments.shape[0],
-        random_flip=settings.random_flip,
-        uncond_p=settings.uncond_p,
-        uncond_p_t5=settings.uncond_p_t5,
-        num_timesteps=settings.num_timesteps,
+    if "moments_view" not in stored:
+        num_views = stored["moments"].shape[0]
+    assert num_views is not None
+    seed, view, drop_clip, drop_t5, t = (
+        draws if draws is not None else item_draws(settings, micro_step, slot, key, num_views)
     )
-    mom = torch.from_numpy(np.ascontiguousarray(moments[view]))
+    if "moments_view" in stored:
+        assert int(stored["view"]) == view, "a part read of another view than the sample's draw"
+        moments = stored["moments_view"]
+    else:
+        moments = stored["moments"][view]
+    mom = torch.from_numpy(np.ascontiguousarray(moments))
     if bf16_moments:
         mom = mom.view(torch.int16).view(torch.bfloat16)
     return {
         "key": key,
         "bucket": (int(stored["bucket"][0]), int(stored["bucket"][1])),
-        "num_views": moments.shape[0],
+        "num_views": num_views,
         "seed": seed,
         "view": view,
         "drop_clip": drop_clip,
@@ -610,9 +630,14 @@ class CacheDataset(torch.utils.data.Dataset):
             }
         return self._empty_rows
 
-    def _read(self, index: int) -> dict[str, Any]:
-        """The stored sample (numpy, crc checked by the reader), not decoded: its rows travel compact."""
-        return self.reader.read_stored(index)
+    def _read(self, index: int, micro_step: int, slot: int) -> tuple[dict[str, Any], tuple]:
+        """(the parts of the stored sample its draws need, crc checked by the reader; its draws). Rows are not
+        decoded: they travel compact. The draws come first (from the key in the shard's index): they say which view
+        to read and whether the text rows are needed at all."""
+        n_views = self.reader.spec.n_views
+        draws = item_draws(self.settings, micro_step, slot, self.reader.key(index), n_views)
+        _, view, drop_clip, drop_t5, _ = draws
+        return self.reader.read_parts(index, view, clip=not drop_clip, t5=not drop_t5), draws
 
     def _substitute(self, micro_step: int, slot: int, index: int, bad: set[int]) -> Iterator[int]:
         """Candidates replacing unreadable sample `index`: the other members of its bucket, walked from a start that
@@ -637,14 +662,14 @@ class CacheDataset(torch.utils.data.Dataset):
         micro_step, slot, index = item
         corrupt: list[tuple[str, str, str]] = []
         try:
-            sample = self._read(index)
+            sample, draws = self._read(index, micro_step, slot)
         except _READ_ERRORS as err:
             shard, key = self.reader.origin(index)
             corrupt.append((shard, key, f"{type(err).__name__}: {err}"))
             sample, bad = None, {index}
             for candidate in self._substitute(micro_step, slot, index, bad):
                 try:
-                    sample = self._read(candidate)
+                    sample, draws = self._read(candidate, micro_step, slot)
                     break
                 except _READ_ERRORS as err2:
                     bad.add(candidate)
@@ -657,7 +682,14 @@ class CacheDataset(torch.utils.data.Dataset):
                     + f". Check the cache with `python -m shared.cli verify {self.reader.root}`"
                 ) from None
         out = compact_item(
-            sample, self.empty_rows(), self.settings, micro_step, slot, self.reader.spec.vae_dtype == "bfloat16"
+            sample,
+            self.empty_rows(),
+            self.settings,
+            micro_step,
+            slot,
+            self.reader.spec.vae_dtype == "bfloat16",
+            num_views=self.reader.spec.n_views,
+            draws=draws,
         )
         out["corrupt"] = corrupt
         return out

@@ -31,7 +31,8 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 def _moments_offset_wds(root: Path, shard: str, i: int) -> int:
     header, cols = read_index_columns(shard_index_path(root, shard))
-    j = header["fields"].index("moments")
+    fields = header["fields"]
+    j = fields.index("moments_plain" if "moments_plain" in fields else "moments")  # sample layout 2 or 1
     return int(cols["member_offset"][i, j] + cols["member_size"][i, j]) - 7  # inside the array data, past the header
 
 
@@ -115,10 +116,10 @@ def test_damaged_shard_index_is_a_clear_error(tmp_path):
     write_synthetic_cache(tmp_path, spec, n_samples=2, n_shards=1)
     path = shard_index_path(tmp_path, "part-000000")
     header, cols = read_index_columns(path)
-    cols["member_size"][1, header["fields"].index("moments")] = -5
+    cols["member_size"][1, header["fields"].index("moments_plain")] = -5
     path.write_bytes(encode_index(header["n_samples"], cols, header["fields"]))
     cache = open_cache(tmp_path)
-    with pytest.raises(CorruptSampleError, match="part-000000.*moments: bad member index"):
+    with pytest.raises(CorruptSampleError, match="part-000000.*moments_plain: bad member index"):
         cache[1]
     cache[0]
 
