@@ -188,7 +188,7 @@ def decode_members(
                 out["view"] = int(view)
                 out["moments_view"] = _decode_npy(payloads[f"moments_{spec.views[view]}"], z)
         if z is not None and "t5_rows" in out:
-            out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"))
+            out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], spec.storage_dtype("t5"), in_place=True)
     except Exception as e:
         raise CorruptSampleError(
             f"{where}: sample {key!r} is unreadable ({type(e).__name__}: {e}); run `python -m shared.cli verify`"
@@ -305,6 +305,8 @@ class WdsShardReader:
         self.path, self.spec, self.shard = Path(path), spec, shard
         self._fd = -1
         self._pid = -1
+        self._layout: int | None = None
+        self._fields: list[str] = []
 
     def __len__(self) -> int:
         return self.shard.n_samples
@@ -333,7 +335,9 @@ class WdsShardReader:
 
     @property
     def layout(self) -> int:
-        """The shard's sample layout (1 or 2), from the member fields its index lists."""
+        """The shard's sample layout (1 or 2), from the member fields its index lists (looked up once)."""
+        if self._layout is not None:
+            return self._layout
         m = self.shard.mapped
         layout = _layout_of(m.fields, self.spec) if "member_offset" in m.columns else None
         if layout is None:
@@ -342,13 +346,15 @@ class WdsShardReader:
                 f"{list(member_fields(self.spec, 2))} (or layout 1's {list(ALL_FIELDS)}); run "
                 "`python -m shared.cli verify`"
             )
+        self._layout, self._fields = layout, list(member_fields(self.spec, layout))
         return layout
 
     def members(self, i: int) -> tuple[str, list[str], list[int], list[int]]:
         """(key, fields, member data offsets, member sizes) of sample i, from the mapped index."""
         m = self.shard.mapped
-        fields = list(member_fields(self.spec, self.layout))
-        return m.key(i), fields, m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+        self.layout  # noqa: B018 (looks the fields up on first use)
+        offs, sizes = m.columns["member_offset"][i].tolist(), m.columns["member_size"][i].tolist()
+        return m.key(i), self._fields, offs, sizes
 
     def read_stored(self, i: int) -> dict:
         """Sample i's stored form, every part decoded (the caller checks it: schema.check_stored)."""

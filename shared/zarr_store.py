@@ -414,7 +414,8 @@ class ZarrShardReader:
                 if name in got:
                     out[name] = got[name]
             if self.spec.compression == "zstd" and "t5_rows" in out:
-                out["t5_rows"] = undo_xor_delta_rows(out["t5_rows"], self.spec.storage_dtype("t5"))
+                t5 = out["t5_rows"]  # a decoded chunk's own buffer (writable), or zarr's fresh array
+                out["t5_rows"] = undo_xor_delta_rows(t5, self.spec.storage_dtype("t5"), in_place=t5.flags.writeable)
         except CorruptSampleError:
             raise
         except Exception as e:
