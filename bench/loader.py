@@ -111,16 +111,29 @@ def _dense_dataset():
     return DenseDataset, collate
 
 
-def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[str, float]:
-    """ms per sample: worker CPU, main-process CPU receiving, main-process CPU expanding (compact only), on CPU."""
-    from stage2_train.data import BucketBatchPlan, CacheBatchSource, DrawSettings, PlanSampler, collate_compact
+def hot_path(reader, workers: int, batch: int, steps: int, dense: bool, reuse: bool = True) -> dict[str, float]:
+    """ms per sample: worker CPU, main-process CPU receiving, main-process CPU expanding (compact only), on CPU.
+    `reuse`: the training loop's worker memory (reused batch buffers, glibc keeping freed memory); False: fresh
+    shared memory per batch and glibc's defaults, as before."""
+    import functools
+
+    from stage2_train.data import (
+        BucketBatchPlan,
+        CacheBatchSource,
+        DrawSettings,
+        PlanSampler,
+        _worker_init,
+        collate_compact,
+    )
 
     plan = BucketBatchPlan(reader.buckets(), batch_size=batch, world_size=1, seed=0)
     settings = DrawSettings(
         seed=0, random_flip=True, uncond_p=0.1, uncond_p_t5=0.1, num_timesteps=1000, scaling_factor=0.13025
     )
     source = CacheBatchSource(reader, plan, settings, rank=0, num_workers=workers, prefetch_factor=2, pin_memory=False)
-    dataset, collate_fn = _dense_dataset() if dense else (source.dataset.__class__, collate_compact)
+    dataset, collate_fn = _dense_dataset() if dense else (source.dataset.__class__, source.collate)
+    if not reuse and not dense:
+        collate_fn = collate_compact
     ds = dataset(reader, settings, plan)
     loader = torch.utils.data.DataLoader(
         ds,
@@ -128,6 +141,7 @@ def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[
         collate_fn=collate_fn,
         num_workers=workers,
         prefetch_factor=2,
+        worker_init_fn=functools.partial(_worker_init, source._release) if reuse and not dense else None,
     )
     it = iter(loader)
     first = next(it)  # workers started and warm (first shard opens, imports)
@@ -141,6 +155,8 @@ def hot_path(reader, workers: int, batch: int, steps: int, dense: bool) -> dict[
         t1 = time.process_time()
         if not dense:
             source.expand(b)
+            if reuse:
+                source.release(b)  # as the training loop's batch iterator does: the worker may reuse its memory
         expand += time.process_time() - t1
         recv += t1 - t0 if n else 0.0
         n += 1
@@ -155,11 +171,12 @@ def training_path_report(args, before_last: str | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-loader-hot-"))
     rows = []
-    # (format, sample layout, dense): layout 1 is today's caches (one zlib crc32 over the sample, both views in one
-    # member), layout 2 the new one (a CRC-32C per part, one member per view: a worker reads the drawn view only)
-    runs = [("webdataset", 1, True), ("webdataset", 1, False), ("webdataset", 2, False), ("zarr", 1, False)]
-    runs.append(("zarr", 2, False))
-    for fmt, layout, dense in runs:
+    # (format, sample layout, dense, reuse): layout 1 is today's caches (one zlib crc32 over the sample, both views
+    # in one member), layout 2 the new one (a CRC-32C per part, one member per view: a worker reads the drawn view
+    # only). reuse: the workers' memory reused (batch buffers, freed memory kept); without it, today's loader.
+    runs = [("webdataset", 1, True, False), ("webdataset", 1, False, False), ("webdataset", 2, False, True)]
+    runs += [("webdataset", 1, False, True), ("zarr", 1, False, False), ("zarr", 2, False, True)]
+    for fmt, layout, dense, reuse in runs:
         spec = CacheSpec(format=fmt, views=("plain", "flip"))  # v1.2: fp32 VAE and BERT, fp16 mT5, zstd
         root = work / f"{fmt}-{layout}"
         if not root.exists():
@@ -167,15 +184,16 @@ def training_path_report(args, before_last: str | None = None) -> None:
                 write_synthetic_cache(root, spec, n_samples=args.hot_samples, n_shards=2, buckets=((1024, 1024),))
         reader = open_cache(root)
         steps = args.hot_samples // args.batch
-        r = hot_path(reader, args.workers, args.batch, steps, dense)
-        rows.append((f"{fmt} L{layout}", "dense items (before)" if dense else "compact rows", r))
+        r = hot_path(reader, args.workers, args.batch, steps, dense, reuse)
+        what = "dense items (before)" if dense else "compact rows" + (", reused memory" if reuse else "")
+        rows.append((f"{fmt} L{layout}", what, r))
     print(
         f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples, {args.workers} workers, "
         f"batch {args.batch}; CPU ms per sample; L1 = today's sample layout, L2 = the new one"
     )
-    print(f"{'':<37}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
+    print(f"{'':<52}{'worker':>10}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
-        print(f"{fmt + ', ' + what:<37}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
+        print(f"{fmt + ', ' + what:<52}{r['worker']:>10.2f}{r['main']:>11.3f}{r['expand']:>19.2f}")
     shutil.rmtree(work, ignore_errors=True)
     compact = rows[2][2]
     print(f"worker_ms_per_sample = {compact['worker']:.2f} (goal <= 2.5)")

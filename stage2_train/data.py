@@ -30,6 +30,7 @@ from shared.cache import CacheReader, group_by_bucket, open_cache
 from shared.manifest import check_manifest
 from shared.storage import StorageConfig
 from shared.verify import check_structure, verify_cache
+from stage2_train.batch_buffers import BatchBuffers, aligned, carve, keep_freed_memory
 from stage2_train.config import CACHE_GEOMETRY, DataSection
 from stage2_train.metrics import logger
 from stage2_train.parallel import any_rank
@@ -392,58 +393,75 @@ def compact_item(
     }
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty, in shared memory in a DataLoader worker (as default_collate allocates its batches: the batch then
-    reaches the main process without another copy)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(max(1, nbytes))
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+def _torch_dtype(a: np.ndarray) -> torch.dtype:
+    return torch.from_numpy(a[:0] if a.ndim else a.reshape(1)[:0]).dtype
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    first = tensors[0]
-    return torch.stack(tensors, out=_empty((len(tensors), *first.shape), first.dtype))
+class CompactCollate:
+    """`collate_compact` with the batch written into storage from `buffers` (a BatchBuffers: a worker's reused
+    shared memory); picklable, for DataLoader workers."""
+
+    def __init__(self, buffers: BatchBuffers | None = None) -> None:
+        self.buffers = buffers
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_compact(items, self.buffers)
 
 
-def _concat_rows(parts: list[np.ndarray]) -> torch.Tensor:
-    """(total rows, D) of the samples' stored rows back to back, one copy; bf16 stays uint16 (viewed on the step)."""
-    proto = torch.from_numpy(parts[0][:0])
-    out = _empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), proto.dtype)
-    np.concatenate(parts, out=out.numpy())
-    return out
-
-
-def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Compact items -> one compact batch of four tensors (each one costs the receiving process a shared-memory
-    mapping): the stacked moments, per encoder the batch's rows back to back, and `small`, (B, 8 + 2 Lc + 2 Lt)
-    int64 columns [t, seed, image_meta_size (6), clip gather (Lc), clip mask (Lc), t5 gather (Lt), t5 mask (Lt)].
-    A gather index points into [empty caption's L rows, (BERT only) one zero row, the batch's rows]."""
+def collate_compact(items: list[dict[str, Any]], buffers: BatchBuffers | None = None) -> dict[str, Any]:
+    """Compact items -> one compact batch of four tensors: the stacked moments, per encoder the batch's rows back to
+    back, and `small`, (B, 8 + 2 Lc + 2 Lt) int64 columns [t, seed, image_meta_size (6), clip gather (Lc), clip mask
+    (Lc), t5 gather (Lt), t5 mask (Lt)]. A gather index points into [empty caption's L rows, (BERT only) one zero
+    row, the batch's rows]. All four lie in ONE storage (one shared-memory mapping for the receiving process): from
+    `buffers` if given (reused shared memory, see stage2_train/batch_buffers.py), else fresh shared memory in a
+    DataLoader worker (as default_collate allocates its batches: the batch then reaches the main process without
+    another copy), else plain memory."""
     buckets = {it["bucket"] for it in items}
     assert len(buckets) == 1, f"a batch mixed buckets {buckets}"
     B = len(items)
     Lc, Lt = items[0]["clip_mask"].shape[0], items[0]["t5_mask"].shape[0]
     batch: dict[str, Any] = {
         "compact": True,
+        "micro_step": items[0].get("micro_step", -1),
         "bucket": items[0]["bucket"],
         "num_views": items[0]["num_views"],
         "text_lens": (Lc, Lt),
     }
     for name in ("key", "view", "drop_clip", "drop_t5"):
         batch[name] = [it[name] for it in items]
-    small = np.empty((B, 8 + 2 * Lc + 2 * Lt), dtype=np.int64)
+    # one storage, four tensors: where each lies
+    mom0 = items[0]["moments"]
+    clip_parts = [it["clip_rows"] for it in items]
+    t5_parts = [it["t5_rows"] for it in items]
+    shapes = {
+        "moments": ((B, *mom0.shape), mom0.dtype),
+        "small": ((B, 8 + 2 * Lc + 2 * Lt), torch.int64),
+        "clip_rows": ((sum(p.shape[0] for p in clip_parts), clip_parts[0].shape[1]), _torch_dtype(clip_parts[0])),
+        "t5_rows": ((sum(p.shape[0] for p in t5_parts), t5_parts[0].shape[1]), _torch_dtype(t5_parts[0])),
+    }
+    offsets, nbytes = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        offsets[name] = nbytes
+        nbytes += aligned(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    if buffers is not None:
+        storage = buffers.storage(int(batch["micro_step"]), nbytes)
+    elif torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(max(1, nbytes))
+    else:
+        storage = torch.UntypedStorage(max(1, nbytes))
+    out = {name: carve(storage, offsets[name], shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+    small = out["small"].numpy()
     small[:, 0] = [it["t"] for it in items]
     small[:, 1] = [it["seed"] for it in items]
     small[:, 2:8] = [it["image_meta_size"] for it in items]
     col = 8
-    for enc, L, first in (("clip", Lc, 1), ("t5", Lt, 0)):
+    for enc, L, first, parts in (("clip", Lc, 1, clip_parts), ("t5", Lt, 0, t5_parts)):
         gather, mask = small[:, col : col + L], small[:, col + L : col + 2 * L]
         col += 2 * L
-        parts, start = [], L + first  # BERT: row L of the table is the zero row of padded positions
+        start = L + first  # BERT: row L of the table is the zero row of padded positions
         for b, it in enumerate(items):
-            rows = it[f"{enc}_rows"]
-            parts.append(rows)
+            rows = parts[b]
             mask[b] = it[f"{enc}_mask"]
             if it[f"drop_{enc}"]:
                 gather[b] = np.arange(L)
@@ -454,13 +472,29 @@ def collate_compact(items: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 gather[b] = it["t5_index"].astype(np.int64) + start  # int64 first: uint16 + start overflows
             start += rows.shape[0]
-        batch[f"{enc}_rows"] = _concat_rows(parts)
-    out = _empty(small.shape, torch.int64)
-    out.numpy()[...] = small
-    batch["small"] = out
-    batch["moments"] = _stack([it["moments"] for it in items])
+        # the rows back to back, one copy; bf16 stays uint16 (viewed on the step)
+        np.concatenate(parts, out=out[f"{enc}_rows"].numpy())
+        batch[f"{enc}_rows"] = out[f"{enc}_rows"]
+    batch["small"] = out["small"]
+    torch.stack([it["moments"] for it in items], out=out["moments"])
+    batch["moments"] = out["moments"]
     batch["corrupt"] = [c for it in items for c in it.get("corrupt", ())]
     return batch
+
+
+def batch_capacity(spec: Any, buckets: Any, batch_size: int) -> int:
+    """The largest compact batch (bytes, as collate_compact lays it out) of `batch_size` samples over `buckets`:
+    every text row kept, the largest bucket."""
+    def itemsize(encoder: str) -> int:
+        return np.dtype(spec.storage_dtype(encoder)).itemsize
+
+    moments = max(2 * spec.latent_channels * (h // spec.downsample) * (w // spec.downsample) for h, w in buckets)
+    return (
+        aligned(batch_size * moments * itemsize("vae"))
+        + aligned(batch_size * (8 + 2 * spec.clip_len + 2 * spec.t5_len) * 8)
+        + aligned(batch_size * spec.clip_len * spec.clip_dim * itemsize("clip"))
+        + aligned(batch_size * spec.t5_len * spec.t5_dim * itemsize("t5"))
+    )
 
 
 def empty_table(empty: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -497,7 +531,7 @@ def expand_batch(
         out[states] = torch.cat([table[enc], rows])[small[:, col : col + L]]
         out[mask] = small[:, col + L : col + 2 * L].bool()
         col += 2 * L
-    out["t"] = small[:, 0].contiguous()
+    out["t"] = small[:, 0].clone()  # never a view of the compact batch: its memory is reused once released
     out["image_meta_size"] = small[:, 2:8].float()  # small integers: exact
     out["style"] = torch.zeros(small.shape[0], dtype=torch.long, device=device)  # the original only uses style 0
     seeds, t_cpu = batch["small"][:, 1].tolist(), batch["small"][:, 0].tolist()
@@ -692,6 +726,7 @@ class CacheDataset(torch.utils.data.Dataset):
             draws=draws,
         )
         out["corrupt"] = corrupt
+        out["micro_step"] = micro_step  # which batch it belongs to (its buffer's release, see batch_buffers.py)
         return out
 
 
@@ -710,6 +745,7 @@ def _worker_init(release: Any, worker_id: int) -> None:
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    keep_freed_memory()  # the worker's per-sample buffers reuse their pages (see batch_buffers.py)
 
 
 def _set_flag(flag: Any) -> None:
@@ -728,9 +764,10 @@ class _Batches:
         cache: str,
         after_batch: Callable[[], None] | None = None,
         expand: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        release_batch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._it: Any = iter(loader)
-        self._expand = expand
+        self._expand, self._release_batch = expand, release_batch
         self._release, self.max_corrupt, self.cache = release, max_corrupt, cache
         self._after_batch = after_batch  # remote caches: queue the shards of the coming steps for download
         self.corrupt_seen = 0
@@ -762,7 +799,12 @@ class _Batches:
                     f"{self.max_corrupt}. Check the cache with `python -m shared.cli verify {self.cache}` and "
                     "re-encode the bad shards (or raise data.max_corrupt_samples)"
                 )
-        return self._expand(batch) if self._expand is not None else batch
+        if self._expand is None:
+            return batch
+        dense = self._expand(batch)
+        if self._release_batch is not None:
+            self._release_batch(batch)
+        return dense
 
     def close(self) -> None:
         """Stop the loader workers now (also on an error path, where the iterator may outlive the loop)."""
@@ -795,6 +837,11 @@ class CacheBatchSource:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_corrupt_samples = max_corrupt_samples
         self.dataset = CacheDataset(reader, settings, plan)
+        # each worker's reused shared memory for its batches: prefetch_factor in flight, one being expanded, one spare
+        self.buffers = BatchBuffers(
+            batch_capacity(reader.spec, plan.buckets, plan.batch_size), per_worker=prefetch_factor + 2
+        )
+        self.collate = CompactCollate(self.buffers)
         # Shared with the workers (see _worker_init); set at interpreter exit at the latest. atexit runs handlers
         # last-in first-out, so this one runs before multiprocessing's, which terminates and joins the workers.
         self._release = multiprocessing.RawValue("b", 0)
@@ -862,13 +909,14 @@ class CacheBatchSource:
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=sampler,
-            collate_fn=collate_compact,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             worker_init_fn=functools.partial(_worker_init, self._release),
         )
         self._release.value = 0
+        self.buffers.reset(start_micro_step)
         return _Batches(
             loader,
             self._release,
@@ -876,6 +924,7 @@ class CacheBatchSource:
             str(self.reader.root),
             self._shard_prefetch(start_micro_step, end_micro_step),
             self.expand,
+            self.release,
         )
 
     def expand(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -883,6 +932,13 @@ class CacheBatchSource:
         if self._table is None:
             self._table = empty_table(self.dataset.empty_caption(), self.device)
         return expand_batch(batch, self._table, self.settings, self.device)
+
+    def release(self, batch: dict[str, Any]) -> None:
+        """The compact batch is expanded and no longer read: its worker may write a later batch into its memory.
+        (The dense batch shares no memory with it: expand_batch copies or computes every tensor it returns; on a
+        CUDA step with pinned memory the pinning thread copied it before, and a non-pinned copy reads the host
+        memory before returning.)"""
+        self.buffers.release(int(batch.get("micro_step", -1)))
 
     def _shard_prefetch(self, start: int, end: int) -> Callable[[], None] | None:
         """A cache on object storage: the plan says which shards this rank reads in the coming micro-steps; they are
