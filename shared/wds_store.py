@@ -364,13 +364,17 @@ class WdsShardReader:
     def read_parts(self, i: int, view: int, clip: bool, t5: bool) -> dict:
         """What a training read needs of sample i, nothing else decoded (see decode_members); a layout-1 shard has
         one checksum over everything, so there it is read whole (the caller tells the two apart by "crc32c")."""
-        key, fields, payloads = self._payloads(i)
-        if "moments" in payloads:
-            return decode_members(key, payloads, self.spec, f"shard {self.path}")
+        if self.layout == 1:
+            return self.read_stored(i)
+        skip = {f"moments_{v}" for j, v in enumerate(self.spec.views) if j != view}
+        skip |= {f for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)) if not want}
+        key, fields, payloads = self._payloads(i, frozenset(skip))
         return decode_members(key, payloads, self.spec, f"shard {self.path}", view=view, clip=clip, t5=t5)
 
-    def _payloads(self, i: int) -> tuple[str, list[str], dict]:
-        """(key, fields, {field: member bytes}) of sample i: one pread, members as views of it."""
+    def _payloads(self, i: int, skip: frozenset[str] = frozenset()) -> tuple[str, list[str], dict]:
+        """(key, fields, {field: member bytes, or None for the `skip` fields}) of sample i. Members lie back to back
+        (each after its tar header): the ones read are read in as few preads as the skipped ones allow (one for the
+        whole sample, or two when a part read skips a view between them), as views of the read, not copies."""
         key, fields, offs, sizes = self.members(i)
         fd = self._open()
         bad = [f for f, o, n in zip(fields, offs, sizes) if o < 0 or n < 0]
@@ -379,34 +383,25 @@ class WdsShardReader:
                 f"shard {self.path}: sample {key!r} field {bad[0]}: bad member index in "
                 f"{self.shard.index_path.name} (offset/size < 0)"
             )
-        lo, hi = min(offs), max(o + n for o, n in zip(offs, sizes))
-        payloads = {}
-        if hi - lo <= sum(sizes) + _MAX_HEADER_GAP * len(offs):
+        payloads: dict[str, Any] = {f: None for f in skip if f in fields}
+        want = sorted((o, n, f) for f, o, n in zip(fields, offs, sizes) if f not in skip)
+        runs: list[list[tuple[int, int, str]]] = []
+        for m in want:  # a gap wider than a few tar headers (a skipped member, an odd index) starts a new read
+            if runs and m[0] - (runs[-1][-1][0] + runs[-1][-1][1]) <= _MAX_HEADER_GAP:
+                runs[-1].append(m)
+            else:
+                runs.append([m])
+        for run in runs:
+            lo, hi = run[0][0], max(o + n for o, n, _ in run)
             try:
-                span = os.pread(fd, hi - lo, lo)
+                view = memoryview(os.pread(fd, hi - lo, lo))
             except (OSError, ValueError, OverflowError) as e:
                 raise CorruptSampleError(
-                    f"shard {self.path}: sample {key!r}: bad member index in "
+                    f"shard {self.path}: sample {key!r} field {run[0][2]}: bad member index in "
                     f"{self.shard.index_path.name} ({type(e).__name__}: {e})"
                 ) from e
-            view = memoryview(span)  # members as views of the one read, not copies
-            for f, o, n in zip(fields, offs, sizes):
+            for o, n, f in run:
                 b = view[o - lo : o - lo + n]
-                if len(b) != n:
-                    raise CorruptSampleError(
-                        f"shard {self.path}: sample {key!r} field {f} is truncated "
-                        f"({len(b)} of {n} bytes); run `python -m shared.cli verify`"
-                    )
-                payloads[f] = b
-        else:  # members far apart: the index is odd, read field by field so that no huge read happens
-            for f, o, n in zip(fields, offs, sizes):
-                try:
-                    b = os.pread(fd, n, o)
-                except (OSError, ValueError, OverflowError) as e:
-                    raise CorruptSampleError(
-                        f"shard {self.path}: sample {key!r} field {f}: bad member index in "
-                        f"{self.shard.index_path.name} ({type(e).__name__}: {e})"
-                    ) from e
                 if len(b) != n:
                     raise CorruptSampleError(
                         f"shard {self.path}: sample {key!r} field {f} is truncated "

@@ -48,9 +48,10 @@ class BatchBuffers:
         self.released = multiprocessing.RawValue("q", -1)
         self._pool: list[list[Any]] = []  # this process's [storage, micro-step it holds]
         self._pid = -1
+        self.reused = 0  # storages handed out again in this process (tests, benches)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": [], "_pid": -1}
+        return {**self.__dict__, "_pool": [], "_pid": -1, "reused": 0}
 
     def reset(self, micro_step: int) -> None:
         """A new loader starts at `micro_step` (fresh workers, empty pools): nothing after it is released."""
@@ -66,13 +67,14 @@ class BatchBuffers:
         if torch.utils.data.get_worker_info() is None:
             return torch.UntypedStorage(max(1, nbytes))
         if self._pid != os.getpid():  # a forked worker starts with its own, empty pool
-            self._pool, self._pid = [], os.getpid()
+            self._pool, self._pid, self.reused = [], os.getpid(), 0
         if nbytes > self.capacity:
             return torch.UntypedStorage._new_shared(max(1, nbytes))
         done = self.released.value
         for entry in self._pool:
             if entry[1] <= done:
                 entry[1] = micro_step
+                self.reused += 1
                 return entry[0]
         storage = torch.UntypedStorage._new_shared(self.capacity)
         if len(self._pool) < self.per_worker:

@@ -474,3 +474,66 @@ def test_zarr_reads_through_stored_offsets_like_zarr_itself(tmp_path):
     fresh = open_cache(tmp_path / "c")
     with pytest.raises(CorruptSampleError, match="moments/c/0.*crc32c"):
         fresh.read_stored(0)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_old_sample_layout_stays_readable_and_part_reads_agree(tmp_path, fmt):
+    """Caches of sample layout 1 (one zlib crc32 over the sample, both views in one member) read back the same
+    samples as layout 2 (a CRC-32C per part, one member per view), by random access, streaming, part reads and
+    verify; a part read returns exactly the drawn view's moments and the text rows asked for."""
+    from shared.cli import main as cli_main
+    from shared.schema import writing_layout
+
+    spec = CacheSpec(format=fmt, views=("plain", "flip"), **SMALL)
+    samples = _samples(spec, 6)
+    caches = {}
+    for layout in (1, 2):
+        with writing_layout(layout):
+            _write(tmp_path / str(layout), spec, samples, per_shard=3)
+        caches[layout] = open_cache(tmp_path / str(layout))
+        assert cli_main(["verify", str(tmp_path / str(layout)), "--no-progress"]) == 0
+    old, new = caches[1], caches[2]
+    assert "crc32" in old.read_stored(0) and "crc32c" in new.read_stored(0)
+    streamed = {s["key"]: s for s in old.stream()}
+    for i in range(6):
+        _assert_same(old[i], new[i])
+        _assert_same(streamed[old.keys()[i]], new[i])
+        for view, clip, t5 in ((0, True, True), (1, False, True), (1, True, False)):
+            a, b = old.read_parts(i, view, clip, t5), new.read_parts(i, view, clip, t5)
+            assert a["moments_view"].tobytes() == new[i]["moments"][view].tobytes()
+            for name in ("moments_view", "clip_rows", "t5_rows", "t5_index", "clip_mask", "image_meta_size"):
+                assert (name in a) == (name in b), name
+                if name in a:
+                    assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+            assert ("clip_rows" in b) == clip and ("t5_rows" in b) == t5
+
+
+def test_part_reads_check_every_part_they_return(tmp_path):
+    """A damaged byte is caught by every read that uses it, and only a read that skips it passes (sample layout 2:
+    a part read decodes and checks the head, the drawn view and the kept text rows)."""
+    from shared.manifest import shard_index_path
+    from shared.schema import CorruptSampleError
+    from shared.shard_index import read_index_columns
+
+    spec = CacheSpec(format="webdataset", views=("plain", "flip"), compression="none", **SMALL)
+    write_synthetic_cache(tmp_path, spec, n_samples=4, n_shards=1)
+    want = open_cache(tmp_path)[2]
+    header, cols = read_index_columns(shard_index_path(tmp_path, "part-000000"))
+    tar = tmp_path / "shards" / "part-000000.tar"
+    for field in ("moments_flip", "clip_rows"):
+        j = header["fields"].index(field)
+        end = int(cols["member_offset"][2, j] + cols["member_size"][2, j])
+        raw = bytearray(tar.read_bytes())
+        raw[end - 3] ^= 0x10  # inside the array data of sample 2's member
+        tar.write_bytes(bytes(raw))
+    cache = open_cache(tmp_path)
+    ok = cache.read_parts(2, 0, clip=False, t5=True)  # neither damaged part is read
+    assert ok["moments_view"].tobytes() == want["moments"][0].tobytes()
+    with pytest.raises(CorruptSampleError, match=r"part-000000.*synthetic-00000002.*moments/flip"):
+        cache.read_parts(2, 1, clip=False, t5=True)
+    with pytest.raises(CorruptSampleError, match=r"part-000000.*synthetic-00000002.*clip_rows"):
+        cache.read_parts(2, 0, clip=True, t5=False)
+    with pytest.raises(CorruptSampleError, match="synthetic-00000002"):
+        cache[2]
+    cache.read_parts(1, 1)  # its neighbours are intact
+    cache.read_parts(3, 1)
