@@ -16,7 +16,7 @@ HELP = """Inspect or verify a feature cache written by stage 1 (a folder with ma
   inspect CACHE                      print samples, buckets, token lengths, bytes per sample by field, rejects
   inspect CACHE --grid g.png --vae ckpts/t2i/sdxl-vae-fp16-fix
                                      also decode a few samples through the VAE into a captioned PNG grid
-  verify CACHE                       re-read every shard: sha256 against the manifest, every sample's crc32 and
+  verify CACHE                       re-read every shard: sha256 against the manifest, every sample's crc and
                                      schema, the empty-caption file, leftover temp files; exits 1 naming the bad
                                      shard and sample, 0 if all is well
   upgrade-index CACHE                convert a cache written before the columnar index (per-sample JSON sidecars)
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check every shard and sample; non-zero exit on any problem",
         description="Re-read every shard listed in manifest.json: sha256 and size, every sample's "
-        "crc32 and shapes, the empty-caption file; warn about leftover temp files and unlisted "
-        "shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is not a "
-        "folder.",
+        "crc (CRC-32C per part; crc32 in old caches) and shapes, the empty-caption file; warn about leftover "
+        "temp files and unlisted shards. Exit 0 if all is well, 1 naming each bad shard and sample, 2 if CACHE is "
+        "not a folder.",
     )
     pv.add_argument(
         "cache",

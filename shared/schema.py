@@ -450,7 +450,10 @@ def _check_shapes(stored: dict, spec: CacheSpec, where: str) -> None:
             "clip_rows": ((int(stored["clip_mask"].sum()), spec.clip_dim), spec.storage_dtype("clip")),
             "t5_ids": ((Lt,), np.int32),
             "t5_mask": ((Lt,), np.bool_),
-            "t5_rows": ((stored["t5_rows"].shape[0] if "t5_rows" in stored else 0, spec.t5_dim), spec.storage_dtype("t5")),
+            "t5_rows": (
+                (stored["t5_rows"].shape[0] if "t5_rows" in stored else 0, spec.t5_dim),
+                spec.storage_dtype("t5"),
+            ),
             "t5_index": ((Lt,), np.uint16),
         }
         for name, (shape, dt) in exp.items():

@@ -19,6 +19,7 @@ writers on one shard lose data (ecosystem-notes 3.3), so one writer owns one gro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from pathlib import Path
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from . import schema
 from .fsutil import fsync_tree, remove_path, tmp_path_for, tree_bytes, tree_sha256
 from .manifest import ShardInfo
-from . import schema
 from .schema import SCHEMA_VERSION, CacheSpec, CorruptSampleError, encode_sample, undo_xor_delta_rows, xor_delta_rows
 from .shard_index import ShardIndex
 from .shard_writer import ShardWriterBase
@@ -62,6 +63,7 @@ def _compressors(spec: CacheSpec):
     return None
 
 
+@functools.cache
 def _blosc_codec(spec: CacheSpec):
     """numcodecs' Blosc, which decodes what zarr's BloscCodec wrote (the same blosc frames)."""
     if spec.compression != "zstd":

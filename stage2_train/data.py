@@ -485,6 +485,7 @@ def collate_compact(items: list[dict[str, Any]], buffers: BatchBuffers | None = 
 def batch_capacity(spec: Any, buckets: Any, batch_size: int) -> int:
     """The largest compact batch (bytes, as collate_compact lays it out) of `batch_size` samples over `buckets`:
     every text row kept, the largest bucket."""
+
     def itemsize(encoder: str) -> int:
         return np.dtype(spec.storage_dtype(encoder)).itemsize
 
