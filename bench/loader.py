@@ -34,12 +34,21 @@ the final line is the training path's `main_ms_per_sample`. With `--s3-only`, `s
 
 The training path (stage 2's CacheBatchSource: plan, map-style reads, per-sample draws) is measured after the S3
 columns, at v1.2 geometry (1024x1024 buckets, plain + flip views, fp32 VAE moments, fp32 BERT, fp16 mT5, zstd), with
-`--workers` workers and batches of `--batch`: today's dense items (build_item + collate in the workers: fp32 latent,
-noise and padded text through IPC) against compact rows (stored rows + gather indices through IPC, expanded on the
-step's device), for webdataset and zarr. Per row: worker CPU ms per sample (utime + stime of the worker processes,
-IPC send included), main-process CPU ms per sample to receive the batches (what a rank pays besides the step), and
-the step-side expansion on CPU (on a GPU step those are kernel launches; this machine has none). Its headlines:
-`main_ms_per_sample = <compact webdataset> (goal <= 0.5)`, last, and the worker's (goal <= 2.5) two lines above.
+`--workers` workers and batches of `--batch`, in one run: today's sample layout (L1: one zlib crc32 over the sample,
+both views in one blosc member) and the new one (L2: a CRC-32C per part, one member per view, one blosc block per
+member), each through today's loader (fresh shared memory per batch, glibc's malloc defaults) and the new one
+("reused memory": stage2_train/batch_buffers.py), plus the dense items of before compact rows (build_item + collate in
+the workers: fp32 latent, noise and padded text through IPC). Per row: worker CPU ms per sample (utime + stime of the
+worker processes, IPC send included), main-process CPU ms per sample to receive the batches (what a rank pays
+besides the step), and the step-side expansion on CPU (on a GPU step those are kernel launches; this machine has
+none). Its headlines: `main_ms_per_sample = <L2 webdataset, reused memory> (goal <= 0.5)`, last, and the worker's
+(goal <= 2.5) two lines above.
+
+Where a worker's time went (cProfile of one worker, L1 today -> L2): zstd decoding of both views' moments (the
+drawn one only now, and 2x faster per byte with one blosc block per member), zlib crc32 over ~2.2 MB (CRC-32C of the
+parts read: ~0.07 ms per MB), first-touch page faults of fresh shared memory and of the malloc'd per-sample buffers
+(~7-11 us per 4 KiB page on this VM: ~2 ms per sample; reused memory removes them), the mT5 rows' XOR undo (8-byte
+words, in place: 0.31 -> 0.18 ms), a blosc codec built per sample.
 """
 
 from __future__ import annotations
