@@ -136,10 +136,10 @@ def encode_members(stored: dict, spec: CacheSpec) -> list[tuple[str, bytes]]:
 def _decode_npy(b: bytes | memoryview, blosc: Any) -> np.ndarray:
     if blosc is not None:
         # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame hold its
-        # decompressed size
-        dest = bytearray(int.from_bytes(bytes(b[4:8]), "little"))
+        # decompressed size. np.empty, not bytearray: no zero fill of bytes the decoder overwrites (~1.2 MB/sample)
+        dest = np.empty(int.from_bytes(bytes(b[4:8]), "little"), dtype=np.uint8)
         blosc.decode(b, out=dest)
-        b = dest
+        b = memoryview(dest)
     return load_npy(b)
 
 

@@ -286,9 +286,9 @@ class _FlatShardArray:
                 continue
             raw = view[off - lo : off - lo + nbytes]
             if self.blosc:
-                dest = bytearray(chunk_items * self.dtype.itemsize)
+                dest = np.empty(chunk_items * self.dtype.itemsize, dtype=np.uint8)  # no zero fill: decoded over
                 blosc_codec.decode(raw, out=dest)
-                raw = dest
+                raw = memoryview(dest)
             if len(raw) != chunk_items * self.dtype.itemsize:
                 raise CorruptSampleError(
                     f"{self.path}: an inner chunk decodes to {len(raw)} bytes, expected "
