@@ -10,6 +10,9 @@ import pytest
 
 
 @pytest.mark.skipif(os.environ.get("HYDIT_TEST_PYCACHE") == "0", reason="HYDIT_TEST_PYCACHE=0 opts out")
+@pytest.mark.skipif(
+    sys.prefix == sys.base_prefix and not os.environ.get("PYTHONPYCACHEPREFIX"), reason="no virtual environment"
+)
 def test_started_processes_keep_a_bytecode_cache():
     """Without a writable bytecode cache every torchrun rank, CLI run and Ray worker compiles torch and its
     dependencies from source on import (conftest._keep_bytecode: ~2x the CPU time of a torchrun test)."""
