@@ -28,6 +28,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
+# The environment is installed --no-compile (below), so Python compiles what it imports on first use and keeps the
+# .pyc. Where PYTHONDONTWRITEBYTECODE is set (as on the project's machines) nothing is ever kept, and every process
+# (Ray workers, torchrun ranks, CLI runs) compiles torch & co. from source again: ~2x the CPU of a process start. Keep
+# the bytecode in one folder inside the environment instead, none next to the sources (tests/conftest.py does the same
+# for a bare pytest run). HYDIT_PYCACHE=0 leaves the setting alone.
+if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] && [ "${HYDIT_PYCACHE:-1}" != "0" ]; then
+    export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$VENV/.pycache}"
+    unset PYTHONDONTWRITEBYTECODE
+fi
 
 STAMP_FILE="$VENV/.hydit-install-stamp"
 STAMP="$(cat pyproject.toml; echo "$TORCH_SPEC|$PIP_TORCH_INDEX|$EXTRAS")"

@@ -19,8 +19,8 @@ def _keep_bytecode() -> None:
     (which torch.optim and DDP import) 7.0 -> 2.0, peft 4.7 -> 2.6; a 2-rank torchrun test run (cache + 4 steps)
     43 -> 19. The .pyc files go to one folder outside the source trees (PYTHONPYCACHEPREFIX if set, else
     <venv>/.pycache), so none appears next to a source file, which is what PYTHONDONTWRITEBYTECODE is set for.
-    HYDIT_TEST_PYCACHE=0 leaves the setting alone."""
-    if os.environ.get("HYDIT_TEST_PYCACHE", "1") == "0" or not sys.dont_write_bytecode:
+    HYDIT_PYCACHE=0 leaves the setting alone."""
+    if os.environ.get("HYDIT_PYCACHE", "1") == "0" or not sys.dont_write_bytecode:
         return
     if not os.environ.get("PYTHONPYCACHEPREFIX") and sys.prefix == sys.base_prefix:
         return  # not in a virtual environment: nowhere of this project's own to put the cache

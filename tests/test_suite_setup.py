@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.skipif(os.environ.get("HYDIT_TEST_PYCACHE") == "0", reason="HYDIT_TEST_PYCACHE=0 opts out")
+@pytest.mark.skipif(os.environ.get("HYDIT_PYCACHE") == "0", reason="HYDIT_PYCACHE=0 opts out")
 @pytest.mark.skipif(
     sys.prefix == sys.base_prefix and not os.environ.get("PYTHONPYCACHEPREFIX"), reason="no virtual environment"
 )
