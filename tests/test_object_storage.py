@@ -95,15 +95,22 @@ def test_transient_errors_are_retried_then_named(s3, tmp_path):
     """Server down: each operation is retried with backoff, then stops with an error naming the object."""
     store = RemoteStore(s3.url(), StorageConfig(retries=3, backoff_s=0.1, connect_timeout_s=1))
     store.write_bytes("a/x.bin", b"123")
+    store.download_file("a/x.bin", tmp_path / "before.bin")  # both clients (s3fs, botocore) have live connections
     s3.kill()
     try:
         t0 = time.time()
         with pytest.raises(StorageError, match=r"read s3://.*/a/x.bin failed after 3 attempts"):
             store.read_bytes("a/x.bin")
         assert 0.3 <= time.time() - t0 < 20  # backoff 0.1 + 0.2 s, then the error
+        # downloads (shard data: botocore's client, not s3fs) likewise, and leave no partial file behind
+        with pytest.raises(StorageError, match=r"download s3://.*/a/x.bin failed after 3 attempts"):
+            store.download_file("a/x.bin", tmp_path / "x.bin")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["before.bin"]
     finally:
         s3.start()
     assert store.read_bytes("a/x.bin") == b"123"
+    store.download_file("a/x.bin", tmp_path / "x.bin")
+    assert (tmp_path / "x.bin").read_bytes() == b"123"
 
 
 @pytest.mark.exact
