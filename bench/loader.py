@@ -55,7 +55,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+import numpy.ma  # noqa: E402, F401 - see below
 import torch  # noqa: E402
+
+# np.unique (every stream worker's shard plan) imports numpy.ma on first use: without .pyc files
+# (PYTHONDONTWRITEBYTECODE=1 on the project's machines) each forked worker of every pass compiled it again, 0.5-3 s
+# of CPU at random in either column. Imported here once, before the workers fork.
 
 from shared.cache import open_cache  # noqa: E402
 from shared.inspection import write_synthetic_cache  # noqa: E402
