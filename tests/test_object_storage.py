@@ -95,15 +95,22 @@ def test_transient_errors_are_retried_then_named(s3, tmp_path):
     """Server down: each operation is retried with backoff, then stops with an error naming the object."""
     store = RemoteStore(s3.url(), StorageConfig(retries=3, backoff_s=0.1, connect_timeout_s=1))
     store.write_bytes("a/x.bin", b"123")
+    store.download_file("a/x.bin", tmp_path / "before.bin")  # both clients (s3fs, botocore) have live connections
     s3.kill()
     try:
         t0 = time.time()
         with pytest.raises(StorageError, match=r"read s3://.*/a/x.bin failed after 3 attempts"):
             store.read_bytes("a/x.bin")
         assert 0.3 <= time.time() - t0 < 20  # backoff 0.1 + 0.2 s, then the error
+        # downloads (shard data: botocore's client, not s3fs) likewise, and leave no partial file behind
+        with pytest.raises(StorageError, match=r"download s3://.*/a/x.bin failed after 3 attempts"):
+            store.download_file("a/x.bin", tmp_path / "x.bin")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["before.bin"]
     finally:
         s3.start()
     assert store.read_bytes("a/x.bin") == b"123"
+    store.download_file("a/x.bin", tmp_path / "x.bin")
+    assert (tmp_path / "x.bin").read_bytes() == b"123"
 
 
 @pytest.mark.exact
@@ -129,18 +136,51 @@ def test_stage2_losses_from_s3_equal_local_disk(s3, tmp_path):
     assert len(losses["s3"]) == 4 and losses["s3"] == losses["local"]
 
 
-def _cli(args: list[str], s3, **kw) -> subprocess.Popen:
+# what every process of a Ray job here imports: the `ray start` CLI, the dashboard and its agent (all their modules),
+# the runtime-env agent and log monitor, Ray Data, the stage-1 job and the encoder classes
+_WARM_IMPORTS = """
+import ray.scripts.scripts, ray.dashboard.dashboard, ray.dashboard.agent, ray._private.log_monitor
+import ray._private.runtime_env.agent.main, ray.data, ray.util.state
+import ray.dashboard.utils as u
+u.get_all_modules(u.DashboardAgentModule); u.get_all_modules(u.DashboardHeadModule)
+import stage1_encode.job, stage1_encode.encoder_actor, stage1_encode.dispatch, pipeline.encoders
+from diffusers import AutoencoderKL
+from transformers import AutoTokenizer, BertModel, BertTokenizer, T5EncoderModel
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory) -> dict:
+    """ENV for the Ray processes these tests start, with a bytecode cache where this machine keeps none.
+
+    Where .pyc files may not be written next to the sources (PYTHONDONTWRITEBYTECODE, as on the project's
+    machines), every Python process compiles what it imports again, and a Ray node starts several: its dashboard
+    agent's modules alone cost 4.1 s of CPU that way against 1.65 s from bytecode. A raylet registers with the GCS
+    only once its agent is up, and `ray start` waits for that a fixed 30 s (ray/_private/node.py in Ray 2.60:
+    `raylet_start_wait_time_s = 30`, a literal, no setting or variable), which three such starts on two loaded
+    cores overran. So these processes share a private cache (PYTHONPYCACHEPREFIX, in this session's temp folder),
+    compiled once here, before any node starts. Elsewhere (bytecode next to the sources) ENV is used as it is: a
+    prefix would only hide that bytecode."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return dict(ENV)
+    env = {k: v for k, v in ENV.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.getbasetemp() / "pycache")
+    subprocess.run([sys.executable, "-c", _WARM_IMPORTS], cwd=REPO, env=env, check=True, timeout=600)
+    return env
+
+
+def _cli(args: list[str], s3, env: dict, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
         cwd=REPO,
-        env=dict(ENV, **s3.env),
+        env=dict(env, **s3.env),
         **kw,
     )
 
 
 @pytest.mark.exact
 @pytest.mark.slow
-def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_path):  # noqa: F811
+def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, ray_env, tmp_path):  # noqa: F811
     """Stage 1 writes to s3://; the server is SIGKILLed after the first shard is visible: the job fails naming
     the object, nothing half-visible remains (no manifest, every visible shard complete), and the rerun after a
     restart gives a cache bit-identical to the uninterrupted local run: 0 lost, 0 duplicated."""
@@ -156,7 +196,7 @@ def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_
     store = RemoteStore(url)
     log = tmp_path / "driver.log"
     with open(log, "w") as f:
-        proc = _cli(args, s3, stdout=f, stderr=subprocess.STDOUT)
+        proc = _cli(args, s3, ray_env, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not remote_completed(store, "webdataset"):
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -175,7 +215,7 @@ def test_stage1_to_s3_survives_a_server_crash(s3, reference, corpus, suite, tmp_
     r = subprocess.run(
         [sys.executable, "-m", "stage1_encode", "--config", str(DEMO_CFG), *args],
         cwd=REPO,
-        env=dict(ENV, **s3.env),
+        env=dict(ray_env, **s3.env),
         capture_output=True,
         text=True,
         timeout=400,
@@ -348,7 +388,7 @@ def _wait_nodes(dashboard: str, n: int, procs: list[subprocess.Popen], logs: Pat
 
 @pytest.mark.exact
 @pytest.mark.slow
-def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suite, tmp_path):  # noqa: F811
+def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suite, ray_env, tmp_path):  # noqa: F811
     """A head with no CPUs and two worker nodes, each started in its own folder (cwd, HOME, TMPDIR, Ray temp dir,
     staging and shard-cache folders), the driver in a third: the corpus on s3://, the cache on s3://. Encoder
     actors and preprocessing tasks run on both worker nodes (Ray's state API says where), and the cache is
@@ -364,7 +404,7 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
 
     url, corpus_url = s3.url(), s3.url()  # the output prefix must be empty
     RemoteStore(corpus_url).upload(corpus["arrow_dir"], "arrow")
-    env = dict(ENV, **s3.env)
+    env = dict(ray_env, **s3.env)
     names = RAY_PORT_FLAGS
     ports: dict[str, int] = {}
     while len(set(ports.values())) < len(names) * 3:
