@@ -137,10 +137,10 @@ def test_stage2_losses_from_s3_equal_local_disk(s3, tmp_path):
 
 
 # what every process of a Ray job here imports: the `ray start` CLI, the dashboard and its agent (all their modules),
-# the runtime-env agent and log monitor, Ray Data, the stage-1 job and the encoder classes
+# the runtime-env agent and log monitor, the state API, the stage-1 job and the encoder classes
 _WARM_IMPORTS = """
 import ray.scripts.scripts, ray.dashboard.dashboard, ray.dashboard.agent, ray._private.log_monitor
-import ray._private.runtime_env.agent.main, ray.data, ray.util.state
+import ray._private.runtime_env.agent.main, ray.util.state
 import ray.dashboard.utils as u
 u.get_all_modules(u.DashboardAgentModule); u.get_all_modules(u.DashboardHeadModule)
 import stage1_encode.job, stage1_encode.encoder_actor, stage1_encode.dispatch, pipeline.encoders
@@ -150,23 +150,16 @@ from transformers import AutoTokenizer, BertModel, BertTokenizer, T5EncoderModel
 
 
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory) -> dict:
-    """ENV for the Ray processes these tests start, with a bytecode cache where this machine keeps none.
+def ray_env() -> dict:
+    """ENV for the Ray processes these tests start, with what they import compiled beforehand.
 
-    Where .pyc files may not be written next to the sources (PYTHONDONTWRITEBYTECODE, as on the project's
-    machines), every Python process compiles what it imports again, and a Ray node starts several: its dashboard
-    agent's modules alone cost 4.1 s of CPU that way against 1.65 s from bytecode. A raylet registers with the GCS
-    only once its agent is up, and `ray start` waits for that a fixed 30 s (ray/_private/node.py in Ray 2.60:
-    `raylet_start_wait_time_s = 30`, a literal, no setting or variable), which three such starts on two loaded
-    cores overran. So these processes share a private cache (PYTHONPYCACHEPREFIX, in this session's temp folder),
-    compiled once here, before any node starts. Elsewhere (bytecode next to the sources) ENV is used as it is: a
-    prefix would only hide that bytecode."""
-    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
-        return dict(ENV)
-    env = {k: v for k, v in ENV.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.getbasetemp() / "pycache")
-    subprocess.run([sys.executable, "-c", _WARM_IMPORTS], cwd=REPO, env=env, check=True, timeout=600)
-    return env
+    A raylet registers with the GCS only once its dashboard agent is up, and `ray start` waits for that a fixed 30 s
+    (ray/_private/node.py in Ray 2.60: `raylet_start_wait_time_s = 30`, a literal, no setting or variable). Compiling
+    the agent's modules from source costs 4.1 s of CPU against 1.65 s from bytecode, and three such starts on two
+    loaded cores overran the wait. tests/conftest.py keeps a bytecode cache for every process of the session (even
+    where PYTHONDONTWRITEBYTECODE is set), so one warm-up import here, before any node starts, compiles them once."""
+    subprocess.run([sys.executable, "-c", _WARM_IMPORTS], cwd=REPO, env=ENV, check=True, timeout=600)
+    return dict(ENV)
 
 
 def _cli(args: list[str], s3, env: dict, **kw) -> subprocess.Popen:
