@@ -1,8 +1,9 @@
 """The stage-1 job: corpus partitions -> preprocess (CPU tasks) -> encoders (actor pool) -> shard writers (tasks).
 
-    partition -> preprocess_partition: streaming-generator Ray task   read, decode, resize/crop, tokenise; yields one
-                                       (preprocess_task.py)           item per encoder batch ("chunk"), then "end"
-    chunk     -> EncoderActor.encode: actor pool (encoder_actor.py)   one chunk = one forward pass per encoder
+    partition -> preprocess_partition: streaming-generator Ray task   read, decode, resize/crop, tokenise; yields
+                                       (preprocess_task.py)           items of consecutive encoder batches
+                                                                      ("chunks", up to 64 MiB of pixels), then "end"
+    item      -> EncoderActor.encode: actor pool (encoder_actor.py)   one chunk = one forward pass per encoder
     shard     -> write_shard: one Ray task per shard (shard_writer.py)  pulls its encoded chunks by ObjectRef in chunk
                                        order, rejects inf/NaN samples, writes, fsyncs, renames, index, sidecar last
     driver    -> dispatch.py: plans, launches, records; holds ObjectRefs and per-shard counts, never a payload
@@ -36,8 +37,9 @@ staged data. The driver uploads the config first, the encoders' fingerprint and 
 (before any writer starts), rejects after all shards, the manifest last. Resume lists the shards whose sidecar and
 data exist remotely.
 
-Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight x chunks per
-shard) ObjectRefs, and a few Ray calls per chunk (bench/encode.py measures its CPU per sample); no per-sample work.
+Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight x items per
+shard) ObjectRefs, and a few Ray calls per item of chunks (bench/encode.py measures its CPU per sample); no per-sample
+work.
 """
 
 from __future__ import annotations
