@@ -9,6 +9,7 @@ from pathlib import Path
 import ray
 
 from stage1_encode.config import EncodeConfig
+from stage1_encode.encoder_actor import KILL_ENV as KILL_ENCODER_ENV
 from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
 from stage1_encode.ray_reaper import RayReaper
 from stage1_encode.shard_writer import KILL_ENV
@@ -32,8 +33,9 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
     if ray.is_initialized():
         return False, None
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get(KILL_ENV):  # test plumbing (stage1_encode/shard_writer.py) reaches the workers
-        env[KILL_ENV] = os.environ[KILL_ENV]
+    for name in (KILL_ENV, KILL_ENCODER_ENV):  # test plumbing (shard_writer.py, encoder_actor.py) reaches the workers
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     address = address or cfg.ray.address
     if os.environ.get("RAY_ADDRESS") and not address:
         ray.init()  # under `ray job submit`: the job's runtime env (working_dir) already carries the code
