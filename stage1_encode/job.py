@@ -252,6 +252,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             "steady_samples_per_s": round(result["steady"], 3) if result.get("steady") else None,
             "driver_cpu_s": round(result["driver_cpu_s"], 4),
             "driver_thread_cpu_s": round(result["driver_thread_cpu_s"], 4),
+            "driver_loop_s": round(result["driver_loop_s"], 3),
         }
         logger.info("summary: " + json.dumps(summary, ensure_ascii=False))
         return summary
@@ -303,9 +304,10 @@ def _execute(
             store.upload_file(root / EMPTY_CAPTION_NAME, EMPTY_CAPTION_NAME)
         # The driver's own CPU over the encode (bench/encode.py): the process (Ray's client threads included) and
         # this thread (the loop's per-chunk work alone).
-        cpu0, thread0 = time.process_time(), time.thread_time()
+        cpu0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
         results = d.run()
         out["driver_cpu_s"], out["driver_thread_cpu_s"] = time.process_time() - cpu0, time.thread_time() - thread0
+        out["driver_loop_s"] = time.perf_counter() - wall0
     finally:
         progress.close()
         if marker is not None:
