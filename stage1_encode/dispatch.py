@@ -1,11 +1,14 @@
 """The driver's loop: plan which partition goes where, launch the Ray tasks and actors, record what they report.
 
-    partition -> preprocess_partition (streaming-generator task)  yields chunk refs in order, then an "end" ref
-    chunk ref -> EncoderActor.encode (least-loaded of the pool)     returns an encoded-chunk ref
+    partition -> preprocess_partition (streaming-generator task)  yields item refs in order, then an "end" ref
+    item ref  -> EncoderActor.encode (least-loaded of the pool)     returns an encoded-item ref
     all refs  -> write_shard (one task per shard, <= ray.num_writers in flight)   writes + commits the shard
 
+An item carries consecutive chunks of one partition (up to preprocess_task.ITEM_PIXEL_BYTES of pixels; a chunk is
+one encoder batch, encoded on its own): the driver's Ray operations are per item, not per chunk.
+
 The driver holds ObjectRefs and counters only: it never fetches a chunk (ray.wait with fetch_local=False), so its
-memory is O(shards in flight x chunks per shard) refs and its CPU a few Ray calls per chunk, whatever the sample size.
+memory is O(shards in flight x items per shard) refs and its CPU a few Ray calls per item, whatever the sample size.
 It receives one small item: the empty caption (one sample, for the encoders' check).
 
 Backpressure. A generator yields at most a few items ahead of the driver (_generator_backpressure_num_objects);
@@ -46,8 +49,8 @@ class _Open:
 
     part: Partition
     gen: Any = None  # ObjectRefGenerator while preprocessing runs
-    held: Any = None  # the newest item ref: a chunk, or (when the generator ends) the "end" item
-    encoded: list = dataclasses.field(default_factory=list)  # encoded-chunk refs, in chunk order
+    held: Any = None  # the newest item ref: chunks, or (when the generator ends) the "end" item
+    encoded: list = dataclasses.field(default_factory=list)  # encoded-item refs, in chunk order
 
 
 class Dispatcher:
@@ -109,7 +112,7 @@ class Dispatcher:
             o.gen = None
             self.waiting.append(o)
             return
-        if o.held is not None:  # the previous item was a chunk (only the last one is the "end")
+        if o.held is not None:  # the previous item was chunks (only the last one is the "end")
             self._submit(o, o.held)
         o.held = ref
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +16,12 @@ from pipeline.encoders import EncoderDtypes, load_encoders
 from shared.config import from_dict
 from stage1_encode import preprocess as pp
 from stage1_encode.config import EncodeConfig
-from stage1_encode.payload import Item, pack, read_item
+from stage1_encode.payload import Item, pack, read_chunks_item, read_item
+
+# Test plumbing, not a feature: "<n calls>:<marker file>" makes the encoder actor that serves its n-th `encode` call
+# SIGKILL its own process at the start of that call, once (it creates the marker first; the restarted actor finds
+# it and runs normally). Ray restarts the actor (max_restarts) and retries the call (max_task_retries).
+KILL_ENV = "HYDIT_TEST_KILL_ENCODER"
 
 
 class EncoderActor:
@@ -33,16 +41,33 @@ class EncoderActor:
             t5_len=e.t5_len,
         )
         self.views = pp.image_views(self.cfg.image)
+        self.n_calls = 0
+
+    def _kill_hook(self) -> None:
+        """The KILL_ENV test hook: SIGKILL this actor's process on its n-th encode call, once."""
+        spec = os.environ.get(KILL_ENV, "")
+        if not spec:
+            return
+        n, marker = spec.split(":", 1)
+        if self.n_calls >= int(n) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def encode(self, item: Item) -> Item:
-        """One chunk item from a preprocessing task -> the encoded chunk item the shard writer consumes."""
-        kind, arrays, meta = read_item(item)
-        assert kind == "chunk", kind  # the driver sends "end" items straight to the writer
-        t0 = time.time()
-        with torch.inference_mode():
-            payload, meta = self.encode_chunk(arrays, meta)
-        meta["t_encode"] = [t0, time.time()]  # for the steady-state throughput (one clock per host)
-        return "chunk", payload, json.dumps(meta)
+        """One "chunks" item from a preprocessing task -> the encoded "chunks" item the shard writer consumes; each
+        chunk is encoded on its own (one forward pass per encoder, at the chunk's shape)."""
+        self.n_calls += 1
+        self._kill_hook()
+        out_arrays: dict[str, Any] = {}
+        metas = []
+        for i, (arrays, meta) in enumerate(read_chunks_item(item)):
+            t0 = time.time()
+            with torch.inference_mode():
+                encoded = self._encode_arrays(arrays)
+            meta["t_encode"] = [t0, time.time()]  # for the steady-state throughput (one clock per host)
+            out_arrays.update({f"{i}.{k}": v for k, v in encoded.items()})
+            metas.append(meta)
+        return "chunks", pack(out_arrays), json.dumps({"chunks": metas})
 
     def encode_empty_item(self, item: Item) -> Item:
         kind, arrays, _ = read_item(item)
@@ -57,6 +82,10 @@ class EncoderActor:
         return clip, t5
 
     def encode_chunk(self, a: dict, meta: dict) -> tuple[bytes, dict]:
+        """One chunk's arrays -> its packed encoder outputs (the writer's input) and its meta."""
+        return pack(self._encode_arrays(a)), meta
+
+    def _encode_arrays(self, a: dict) -> dict[str, Any]:
         px = a["pixels"].numpy()  # (B, H, W, 3) uint8
         B, H, W, _ = px.shape
         V = len(self.views)
@@ -70,7 +99,7 @@ class EncoderActor:
         out = {"moments": moments, "clip_states": clip, "t5_states": t5, "image_meta_size": a["image_meta_size"]}
         for k in ("clip_ids", "clip_mask", "t5_ids", "t5_mask"):
             out[k] = a[k]
-        return pack(out), meta
+        return out
 
     def encode_empty(self, a: dict) -> tuple[bytes, dict]:
         clip, t5 = self._text(a)

@@ -1,8 +1,9 @@
 """The stage-1 job: corpus partitions -> preprocess (CPU tasks) -> encoders (actor pool) -> shard writers (tasks).
 
-    partition -> preprocess_partition: streaming-generator Ray task   read, decode, resize/crop, tokenise; yields one
-                                       (preprocess_task.py)           item per encoder batch ("chunk"), then "end"
-    chunk     -> EncoderActor.encode: actor pool (encoder_actor.py)   one chunk = one forward pass per encoder
+    partition -> preprocess_partition: streaming-generator Ray task   read, decode, resize/crop, tokenise; yields
+                                       (preprocess_task.py)           items of consecutive encoder batches
+                                                                      ("chunks", up to 64 MiB of pixels), then "end"
+    item      -> EncoderActor.encode: actor pool (encoder_actor.py)   one chunk = one forward pass per encoder
     shard     -> write_shard: one Ray task per shard (shard_writer.py)  pulls its encoded chunks by ObjectRef in chunk
                                        order, rejects inf/NaN samples, writes, fsyncs, renames, index, sidecar last
     driver    -> dispatch.py: plans, launches, records; holds ObjectRefs and per-shard counts, never a payload
@@ -36,8 +37,9 @@ staged data. The driver uploads the config first, the encoders' fingerprint and 
 (before any writer starts), rejects after all shards, the manifest last. Resume lists the shards whose sidecar and
 data exist remotely.
 
-Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight x chunks per
-shard) ObjectRefs, and a few Ray calls per chunk (bench/encode.py measures its CPU per sample); no per-sample work.
+Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight x items per
+shard) ObjectRefs, and a few Ray calls per item of chunks (bench/encode.py measures its CPU per sample); no per-sample
+work.
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ def run(cfg: EncodeConfig, *, address: str | None = None, overwrite: bool = Fals
             "steady_samples_per_s": round(result["steady"], 3) if result.get("steady") else None,
             "driver_cpu_s": round(result["driver_cpu_s"], 4),
             "driver_thread_cpu_s": round(result["driver_thread_cpu_s"], 4),
+            "driver_loop_s": round(result["driver_loop_s"], 3),
         }
         logger.info("summary: " + json.dumps(summary, ensure_ascii=False))
         return summary
@@ -301,9 +304,10 @@ def _execute(
             store.upload_file(root / EMPTY_CAPTION_NAME, EMPTY_CAPTION_NAME)
         # The driver's own CPU over the encode (bench/encode.py): the process (Ray's client threads included) and
         # this thread (the loop's per-chunk work alone).
-        cpu0, thread0 = time.process_time(), time.thread_time()
+        cpu0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
         results = d.run()
         out["driver_cpu_s"], out["driver_thread_cpu_s"] = time.process_time() - cpu0, time.thread_time() - thread0
+        out["driver_loop_s"] = time.perf_counter() - wall0
     finally:
         progress.close()
         if marker is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import ray
 
 from stage1_encode.config import EncodeConfig
+from stage1_encode.encoder_actor import KILL_ENV as KILL_ENCODER_ENV
 from stage1_encode.ray_reaper import ENV_VAR as REAPER_ENV_VAR
 from stage1_encode.ray_reaper import RayReaper
 from stage1_encode.shard_writer import KILL_ENV
@@ -32,8 +33,9 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
     if ray.is_initialized():
         return False, None
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get(KILL_ENV):  # test plumbing (stage1_encode/shard_writer.py) reaches the workers
-        env[KILL_ENV] = os.environ[KILL_ENV]
+    for name in (KILL_ENV, KILL_ENCODER_ENV):  # test plumbing (shard_writer.py, encoder_actor.py) reaches the workers
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     address = address or cfg.ray.address
     if os.environ.get("RAY_ADDRESS") and not address:
         ray.init()  # under `ray job submit`: the job's runtime env (working_dir) already carries the code
@@ -43,18 +45,24 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True, None
+    # An embedded Ray gets `env` through this process's environment, not a runtime_env: the raylet inherits it at
+    # start and so does every worker it forks. With a runtime_env the workers Ray prestarts at init (plain
+    # environment) cannot run this job's tasks, so each task and actor waited for a fresh worker process started
+    # through the runtime-env agent (measured: 3 extra ~4.5 s CPU worker starts, first task ~29 s after init on the
+    # loaded 2-core box, against the prestarted idle ones).
     for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
         reaper = RayReaper.start()
-        previous = os.environ.get(REAPER_ENV_VAR)
+        start_env = dict(env)
         if reaper is not None:  # inherited by every process Ray starts now, and by the workers the raylet starts later
-            os.environ[REAPER_ENV_VAR] = reaper.token
+            start_env[REAPER_ENV_VAR] = reaper.token
+        previous = {k: os.environ.get(k) for k in start_env}
+        os.environ.update(start_env)
         try:
             ray.init(
                 address="local",
                 num_cpus=cfg.ray.num_cpus or os.cpu_count(),
                 object_store_memory=int(cfg.ray.object_store_memory_gb * 1024**3),
                 include_dashboard=False,
-                runtime_env={"env_vars": env},
                 log_to_driver=True,
             )
             return True, reaper
@@ -70,11 +78,12 @@ def init_ray(cfg: EncodeConfig, address: str | None) -> tuple[bool, RayReaper | 
                 attempt + 1,
                 EMBEDDED_START_ATTEMPTS,
             )
-        finally:
-            if previous is None:
-                os.environ.pop(REAPER_ENV_VAR, None)
-            else:
-                os.environ[REAPER_ENV_VAR] = previous
+        finally:  # this process's own environment is the caller's again (the started processes keep theirs)
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 

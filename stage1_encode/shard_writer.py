@@ -35,7 +35,7 @@ from shared.remote_cache import publish_shard
 from shared.schema import LOGICAL_ARRAYS, CacheSpec, NonFiniteError
 from shared.storage import RemoteStore
 from stage1_encode.cache_dir import PARTS_DIR, staging_root
-from stage1_encode.payload import read_item
+from stage1_encode.payload import read_chunks_item, read_item
 from stage1_encode.preprocess_task import _worker_cfg
 
 # the stored arrays of one sample; the bucket is the chunk's, shared by its samples
@@ -163,10 +163,10 @@ def _kill_hook(name: str):
 
 
 def write_shard(job: WriterJob, chunks: list, end: Any) -> dict:
-    """Ray task: the shard of one partition from its encoded chunk refs (chunk order) and its "end" item.
+    """Ray task: the shard of one partition from its encoded "chunks" item refs (chunk order) and its "end" item.
 
     `chunks` is a list of ObjectRefs (nested in a list, so Ray does not resolve them up front: the task pulls one
-    chunk at a time); `end` is resolved by Ray. Returns the counts the driver records (no per-sample data)."""
+    item at a time); `end` is resolved by Ray. Returns the counts the driver records (no per-sample data)."""
     cfg = _worker_cfg(job.cfg_dict)
     store = None
     if job.root:
@@ -179,10 +179,8 @@ def write_shard(job: WriterJob, chunks: list, end: Any) -> dict:
     hook = _kill_hook(job.name)
     try:
         for ref in chunks:
-            kind, arrays, meta = read_item(ray.get(ref))
-            assert kind == "chunk", kind
-            asm.add_chunk(arrays, meta, hook)
-            del arrays
+            for arrays, meta in read_chunks_item(ray.get(ref)):
+                asm.add_chunk(arrays, meta, hook)
         kind, _, end_meta = read_item(end)
         assert kind == "end", kind
         info = asm.finish(end_meta)

@@ -349,9 +349,9 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
     first = set(completed_shards(out))
     assert 1 <= len(first) < 4 and not (out / "manifest.json").exists()
 
-    # 3) the same command (here with 2 encoder actors: a runtime setting) finishes only what is missing
+    # 3) the same command (here with 1 shard writer instead of 2: a runtime setting) finishes only what is missing
     r = subprocess.run(
-        base + args + ["ray.num_encoder_actors=2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400
+        base + args + ["ray.num_writers=1"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400
     )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout)
@@ -364,8 +364,11 @@ def test_sigkill_and_resume(cluster, reference, corpus, suite, tmp_path):
 def test_sigkill_a_writer_and_resume(cluster, reference, corpus, suite, tmp_path, monkeypatch):
     """A shard writer SIGKILLed mid-shard (test hook KILL_ENV: the writer kills its own process after 2 samples)
     leaves nothing visible of its shard. With ray.writer_retries=0 the job fails naming the shard; the rerun (whose
-    writer of that shard is killed once more, and rerun by Ray) completes: 0 lost, 0 duplicated, bit-identical."""
+    writer of that shard is killed once more, and rerun by Ray, and whose first encoder actor to take a chunk is
+    SIGKILLed at that call, then restarted by Ray with the call retried) completes: 0 lost, 0 duplicated,
+    bit-identical."""
     from shared.manifest import shard_data_path, shard_sidecar_path
+    from stage1_encode.encoder_actor import KILL_ENV as KILL_ENCODER_ENV
     from stage1_encode.shard_writer import KILL_ENV
 
     out = tmp_path / "cache"
@@ -383,15 +386,18 @@ def test_sigkill_a_writer_and_resume(cluster, reference, corpus, suite, tmp_path
     assert not shard_data_path(out, victim, fmt).exists() and not shard_sidecar_path(out, victim).exists()
 
     monkeypatch.setenv(KILL_ENV, f"{victim}:2:{tmp_path / 'killed-2'}")
+    # the victim's shard is encoded again in this run, so at least one encode call happens: the first one dies
+    monkeypatch.setenv(KILL_ENCODER_ENV, f"1:{tmp_path / 'killed-encoder'}")
     summary = job_mod.run(load_cfg(overrides(corpus, suite, out, **args)), address=cluster["address"])
     assert (tmp_path / "killed-2").exists() and summary["status"] == "complete"
+    assert (tmp_path / "killed-encoder").exists()  # an encoder actor's process was SIGKILLed mid-job
     assert summary["shards_this_run"] == 4 - len(first)
     assert not list((out / "shards").glob(".tmp-*"))
     assert_same_cache(reference, out)  # every key once, every byte equal
 
 
 @pytest.mark.slow
-def test_copied_cache_resumes_in_its_new_place(reference, corpus, suite, tmp_path):
+def test_copied_cache_resumes_in_its_new_place(cluster, reference, corpus, suite, tmp_path):
     """Where a cache (or the encoder folder) is stored is not what it holds: a copy resumes there, encoding only the
     missing shards, and the rerun removes the .tmp leftovers of the killed run."""
     from shared.manifest import shard_data_path, shard_sidecar_path
@@ -415,7 +421,7 @@ def test_copied_cache_resumes_in_its_new_place(reference, corpus, suite, tmp_pat
     kept = {n: shard_data_path(partial, n, fmt).stat().st_mtime_ns for n in names if n not in dropped}
     suite_copy = tmp_path / "encoders" / "t2i"
     shutil.copytree(suite, suite_copy)
-    r = cli(overrides(corpus, suite_copy, partial))
+    r = cli(overrides(corpus, suite_copy, partial) + ["--address", cluster["address"]])  # no second Ray start-up
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout)
     assert summary["status"] == "complete" and summary["shards_this_run"] == len(dropped)
