@@ -219,8 +219,7 @@ def training_path_report(args, before_last: str | None = None) -> None:
     print(f"{'':<52}{'worker':>10}{'worker incl. warm-up':>22}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
         print(
-            f"{fmt + ', ' + what:<52}{r['worker']:>10.2f}{r['worker_all']:>22.2f}{r['main']:>11.3f}"
-            f"{r['expand']:>19.2f}"
+            f"{fmt + ', ' + what:<52}{r['worker']:>10.2f}{r['worker_all']:>22.2f}{r['main']:>11.3f}{r['expand']:>19.2f}"
         )
     shutil.rmtree(work, ignore_errors=True)
     compact = rows[2][2]
