@@ -191,19 +191,16 @@ def hot_path(
 
 
 def training_path_report(args, before_last: str | None = None) -> None:
-    import shared.wds_store as wds
     from shared.schema import writing_layout
 
     work = Path(tempfile.mkdtemp(prefix="bench-loader-hot-"))
     rows = []
-    # (format, sample layout, dense, reuse, fresh reads): layout 1 is today's caches (one zlib crc32 over the sample,
-    # both views in one member), layout 2 the new one (a CRC-32C per part, one member per view: a worker reads the
-    # drawn view only). reuse: the workers' memory reused (batch buffers, freed memory kept); without it, today's
-    # loader. fresh reads: every webdataset read into a new bytes object, as before the reused read buffers.
-    runs = [("webdataset", 1, True, False, False), ("webdataset", 1, False, False, False)]
-    runs += [("webdataset", 2, False, True, False), ("webdataset", 1, False, True, False)]
-    runs += [("zarr", 1, False, False, False), ("zarr", 2, False, True, False), ("webdataset", 2, False, True, True)]
-    for fmt, layout, dense, reuse, fresh_reads in runs:
+    # (format, sample layout, dense, reuse): layout 1 is today's caches (one zlib crc32 over the sample, both views
+    # in one member), layout 2 the new one (a CRC-32C per part, one member per view: a worker reads the drawn view
+    # only). reuse: the workers' memory reused (batch buffers, freed memory kept); without it, today's loader.
+    runs = [("webdataset", 1, True, False), ("webdataset", 1, False, False), ("webdataset", 2, False, True)]
+    runs += [("webdataset", 1, False, True), ("zarr", 1, False, False), ("zarr", 2, False, True)]
+    for fmt, layout, dense, reuse in runs:
         spec = CacheSpec(format=fmt, views=("plain", "flip"))  # v1.2: fp32 VAE and BERT, fp16 mT5, zstd
         root = work / f"{fmt}-{layout}"
         if not root.exists():
@@ -213,14 +210,8 @@ def training_path_report(args, before_last: str | None = None) -> None:
         steps = args.hot_epochs * (args.hot_samples // args.batch)
         # steady state from here: each worker has filled its pool of (prefetch_factor + 2) batch buffers
         warmup = min(steps - 1, args.workers * (2 + 2) + args.workers)
-        before = wds._REUSED_READ_MAX
-        wds._REUSED_READ_MAX = -1 if fresh_reads else before  # -1: no read fits the reused buffers
-        try:  # the workers fork after this: they see the setting
-            r = hot_path(reader, args.workers, args.batch, steps, dense, reuse, warmup)
-        finally:
-            wds._REUSED_READ_MAX = before
+        r = hot_path(reader, args.workers, args.batch, steps, dense, reuse, warmup)
         what = "dense items (before)" if dense else "compact rows" + (", reused memory" if reuse else "")
-        what += ", fresh read buffers" if fresh_reads else ""
         rows.append((f"{fmt} L{layout}", what, r))
     print(
         f"training path, 1024x1024 flip, fp32 VAE, zstd: {args.hot_samples} samples x {args.hot_epochs} epochs, "
@@ -228,10 +219,10 @@ def training_path_report(args, before_last: str | None = None) -> None:
         f"one; worker and main: steady state (after {warmup} warm-up batches), worker incl. warm-up: every batch "
         "after the first"
     )
-    print(f"{'':<64}{'worker':>10}{'worker incl. warm-up':>22}{'main recv':>11}{'expand (CPU step)':>19}")
+    print(f"{'':<52}{'worker':>10}{'worker incl. warm-up':>22}{'main recv':>11}{'expand (CPU step)':>19}")
     for fmt, what, r in rows:
         print(
-            f"{fmt + ', ' + what:<64}{r['worker']:>10.2f}{r['worker_all']:>22.2f}{r['main']:>11.3f}{r['expand']:>19.2f}"
+            f"{fmt + ', ' + what:<52}{r['worker']:>10.2f}{r['worker_all']:>22.2f}{r['main']:>11.3f}{r['expand']:>19.2f}"
         )
     shutil.rmtree(work, ignore_errors=True)
     compact = rows[2][2]
