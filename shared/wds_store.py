@@ -29,7 +29,6 @@ import math
 import os
 import re
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -303,34 +302,6 @@ def index_members(
 # blocks): one pread covers them all unless the index says they are further apart than that.
 _MAX_HEADER_GAP = 4 * 512
 
-# Reads of at most this many bytes go into one reused buffer per thread (see _pread_reused); larger ones (an odd
-# index, a huge caption) get a fresh bytes object, so a buffer never stays bigger than this.
-_REUSED_READ_MAX = 64 << 20
-_read_buffers = threading.local()
-
-
-def _pread_reused(fd: int, n: int, offset: int, slot: int = 0) -> memoryview:
-    """Up to n bytes of fd at offset (fewer at the end of the file), as a READ-ONLY view of this thread's reused
-    buffer number `slot` (0 or 1: a part read makes at most two reads), valid until the thread's next call with it.
-
-    Why: a fresh 1 MB bytes object per read cost ~0.2 ms against ~0.09 ms into a buffer already there (malloc
-    returning new pages or re-touching them: bench/loader.py's 1024^2 samples), a few % of a worker's time per
-    sample. Safe because nothing decoded from a read keeps its bytes: blosc decodes into new arrays, and load_npy
-    copies what it reads from a read-only buffer (np.frombuffer of it is not writeable), as it did from bytes.
-    Memory: two buffers per reading thread, each as large as the largest read made with it (<= _REUSED_READ_MAX),
-    however many shards a process opens."""
-    assert slot in (0, 1), slot
-    if n > _REUSED_READ_MAX or not hasattr(os, "preadv"):
-        return memoryview(os.pread(fd, n, offset))
-    bufs = getattr(_read_buffers, "bufs", None)
-    if bufs is None:
-        bufs = _read_buffers.bufs = [bytearray(), bytearray()]
-    buf = bufs[slot]
-    if len(buf) < n:  # grown by doubling at least: a few allocations per thread, then none
-        buf = bufs[slot] = bytearray(max(n, 2 * len(buf)))
-    got = os.preadv(fd, [memoryview(buf)[:n]], offset)
-    return memoryview(buf)[:got].toreadonly()
-
 
 class WdsShardReader:
     """Random access into a completed tar via the shard's index file (member offsets): one pread per sample."""
@@ -408,8 +379,7 @@ class WdsShardReader:
     def _payloads(self, i: int, skip: frozenset[str] = frozenset()) -> tuple[str, list[str], dict]:
         """(key, fields, {field: member bytes, or None for the `skip` fields}) of sample i. Members lie back to back
         (each after its tar header): the ones read are read in as few preads as the skipped ones allow (one for the
-        whole sample, or two when a part read skips a view between them), as views of the read, not copies; the
-        first two reads' views are of this thread's reused buffers (_pread_reused): valid until its next read."""
+        whole sample, or two when a part read skips a view between them), as views of the read, not copies."""
         key, fields, offs, sizes = self.members(i)
         fd = self._open()
         bad = [f for f, o, n in zip(fields, offs, sizes) if o < 0 or n < 0]
@@ -426,10 +396,10 @@ class WdsShardReader:
                 runs[-1].append(m)
             else:
                 runs.append([m])
-        for r, run in enumerate(runs):
+        for run in runs:
             lo, hi = run[0][0], max(o + n for o, n, _ in run)
-            try:  # a third run (only an odd index makes one) reads into fresh bytes
-                view = _pread_reused(fd, hi - lo, lo, r) if r < 2 else memoryview(os.pread(fd, hi - lo, lo))
+            try:
+                view = memoryview(os.pread(fd, hi - lo, lo))
             except (OSError, ValueError, OverflowError) as e:
                 raise CorruptSampleError(
                     f"shard {self.path}: sample {key!r} field {run[0][2]}: bad member index in "

@@ -537,20 +537,3 @@ def test_part_reads_check_every_part_they_return(tmp_path):
         cache[2]
     cache.read_parts(1, 1)  # its neighbours are intact
     cache.read_parts(3, 1)
-
-
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_part_reads_keep_no_views_of_the_reused_read_buffer(tmp_path, compression):
-    """The webdataset reader reads into a reused buffer per thread (wds_store._pread_reused): every array a read
-    returns must be its own, so a sample read earlier (still waiting for its batch's collate) keeps its values
-    after later reads, uncompressed members included (their arrays are not decoded copies)."""
-    spec = CacheSpec(format="webdataset", views=("plain", "flip"), compression=compression, **SMALL)
-    write_synthetic_cache(tmp_path, spec, n_samples=6, n_shards=2)
-    cache = open_cache(tmp_path)
-    kept = [cache.read_parts(i, i % 2) for i in range(6)]  # both views: one read, and two (a view skipped)
-    whole = [cache[i] for i in range(6)]
-    for i, parts in enumerate(kept):
-        assert parts["moments_view"].tobytes() == whole[i]["moments"][i % 2].tobytes(), i
-        for name in ("clip_ids", "clip_mask", "t5_ids", "t5_mask"):
-            assert parts[name].tobytes() == whole[i][name].tobytes(), (i, name)
-        assert parts["t5_rows"][parts["t5_index"].astype(np.intp)].tobytes() == whole[i]["t5_states"].tobytes()
