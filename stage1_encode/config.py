@@ -122,6 +122,12 @@ class RayConfig:
     num_writers: int = 2
     writer_num_cpus: float = 1.0
     writer_retries: int = 2  # times Ray reruns a writer whose worker died (the shard is rewritten from the start)
+    # Consecutive chunks of a partition travel as one item until their pixels reach this many MiB. Every item costs
+    # the driver a few Ray operations (the generator's report, the encoder call and its reply, the writer's fetch),
+    # ~1-3 ms of its CPU each on a loaded 2-core box; one item per chunk made that the driver's whole per-sample cost
+    # at small image sizes (bench/encode.py). 64 keeps an item small at any resolution: 2 chunks of 8 at 1024^2
+    # (24 MiB of uint8 pixels each), a whole shard of small images. The cache does not depend on it.
+    item_mb: float = 64.0
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_encoder_actors", "preprocess_tasks", "num_writers")
@@ -137,6 +143,8 @@ class RayConfig:
         )
         if self.actor_memory_gb <= 0:
             raise ValueError(f"actor_memory_gb must be > 0, got {self.actor_memory_gb}")
+        if self.item_mb <= 0:
+            raise ValueError(f"ray.item_mb must be > 0, got {self.item_mb}")
 
 
 @dataclass

@@ -4,7 +4,7 @@
     item ref  -> EncoderActor.encode (least-loaded of the pool)     returns an encoded-item ref
     all refs  -> write_shard (one task per shard, <= ray.num_writers in flight)   writes + commits the shard
 
-An item carries consecutive chunks of one partition (up to preprocess_task.ITEM_PIXEL_BYTES of pixels; a chunk is
+An item carries consecutive chunks of one partition (up to ray.item_mb MiB of pixels; a chunk is
 one encoder batch, encoded on its own): the driver's Ray operations are per item, not per chunk.
 
 The driver holds ObjectRefs and counters only: it never fetches a chunk (ray.wait with fetch_local=False), so its

@@ -19,13 +19,6 @@ from stage1_encode.readers import Partition, read_partition
 
 _WORKER_CACHE: dict[str, Any] = {}
 
-# Consecutive chunks of a partition travel as one item until their pixels reach this size. Every item costs the
-# driver a few Ray operations (the generator's report, the encoder call and its reply, the writer's fetch), ~1-3 ms
-# of its CPU each on a loaded 2-core box; one item per chunk made that the driver's whole per-sample cost at small
-# image sizes (bench/encode.py). 64 MiB keeps an item small at any resolution: 2 chunks of 8 at 1024^2 (24 MiB of
-# uint8 pixels each), a whole shard of small images.
-ITEM_PIXEL_BYTES = 64 * 2**20
-
 
 def _worker_cfg(cfg_dict: dict) -> EncodeConfig:
     key = "cfg:" + json.dumps(cfg_dict, sort_keys=True)
@@ -140,11 +133,11 @@ def partition_chunks(
 
 def preprocess_partition(cfg_dict: dict, part: dict) -> Iterator[Item]:
     """Ray task (streaming generator): the items of one partition (dataclasses.asdict of a Partition): "chunks"
-    items (consecutive chunks up to ITEM_PIXEL_BYTES of pixels), then its "end" item."""
+    items (consecutive chunks up to ray.item_mb of pixels), then its "end" item."""
     cfg = _worker_cfg(cfg_dict)
     part = Partition(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
     group: list[tuple[dict, dict]] = []
-    nbytes = 0
+    nbytes, item_bytes = 0, cfg.ray.item_mb * 2**20
     for kind, arrays, meta in partition_chunks(part, cfg, _tokenizers(cfg.encoders.root)):
         if kind == "end":
             if group:
@@ -153,7 +146,7 @@ def preprocess_partition(cfg_dict: dict, part: dict) -> Iterator[Item]:
             continue
         group.append((arrays, meta))
         nbytes += arrays["pixels"].nbytes
-        if nbytes >= ITEM_PIXEL_BYTES:
+        if nbytes >= item_bytes:
             yield make_chunks_item(group)
             group, nbytes = [], 0
 

@@ -286,8 +286,9 @@ def test_finished_cache_left_alone_and_conflicts_refused(reference, corpus, suit
 @pytest.mark.exact
 @pytest.mark.slow
 def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, tmp_path):
-    """`ray job submit` to a `ray start` cluster with 2 encoder actors and 2 shard writers = the embedded run with
-    1 actor and 1 writer, bit for bit (each shard's writer takes its chunks in chunk order).
+    """`ray job submit` to a `ray start` cluster with 2 encoder actors, 2 shard writers and one chunk per item
+    (`ray.item_mb` below one chunk's pixels) = the embedded run with 1 actor, 1 writer and a whole partition per
+    item, bit for bit (each shard's writer takes its chunks in chunk order, and each chunk is encoded on its own).
 
     Exact by construction, not by luck of this CPU: a chunk's samples come from the data alone (bucket, row order,
     `encoders.batch_size`; see stage1_encode/job.py), every actor runs one torch thread, so both runs make the same
@@ -307,7 +308,7 @@ def test_job_submit_two_actors_bit_identical(cluster, reference, corpus, suite, 
         "stage1_encode",
         "--config",
         "configs/encode/demo.yaml",
-        *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2, "ray.num_writers": 2}),
+        *overrides(corpus, suite, out, **{"ray.num_encoder_actors": 2, "ray.num_writers": 2, "ray.item_mb": "0.0001"}),
     ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
