@@ -24,11 +24,16 @@ writing cost, measured here as "old style" (this process rewriting the cache's s
 process_time). The driver's CPU is measured on the tests' tiny encoders at 64px (many samples/s, as on a GPU
 cluster, where the driver's per-sample cost is what limits), with 1 actor + 1 writer and with 2 actors + 2
 writers: the two caches' shard sha256 values must be equal.
-The driver's Ray calls are per shard and per item (consecutive chunks up to ray.item_mb of pixels), so its CPU per
-sample depends on the samples per shard (--driver-rows-per-shard; the job's default is 1024) and per item
-(--driver-item-chunks 2 gives the items ray.item_mb=64 makes at 1024^2; 0 keeps ray.item_mb, which at 64px puts a
-whole shard in one item). Session 5, 2048 samples at 1024 per shard: 0.055 ms (one item per shard), 0.17-0.21 ms
-(4 chunks per item), 0.28-0.30 ms (2 chunks per item, as at 1024^2): ~4.5-7 ms of driver CPU per item.
+The driver's Ray calls are a task and its reply per shard: each shard's writer task runs its partition's
+preprocessing and sends its items (consecutive chunks up to ray.item_mb of pixels) to the encoder actors itself
+(stage1_encode/shard_feed.py), so the per-item Ray calls are the writers'. The driver's CPU per sample therefore
+falls with the samples per shard (--driver-rows-per-shard; the job's default is 1024) and does not depend on the
+samples per item (--driver-item-chunks: chunks of 8 samples per item; 2 makes more items per sample than
+ray.item_mb=64 does at 1024^2, where an item holds 24 samples with batches of 8 and 32 with v1.2's 16; 0 keeps
+ray.item_mb, which at 64px puts a whole shard in one item). What is left is Ray's own background work in the driver
+process (~3 ms of CPU per second of the job), which divides over more samples as the cluster encodes faster.
+Before (session 5, the driver routed every item: ~4.5-7 ms of its CPU per item), 2048 samples at 1024 per shard:
+0.055 ms (one item per shard), 0.17-0.21 ms (4 chunks per item), 0.28-0.30 ms (2 chunks per item).
 Headline (last line): `driver_cpu_ms_per_sample = <ms> (goal <= 0.2)`; the throughput ratio is printed before it.
 """
 
@@ -143,15 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=64,
         help="rows per shard of the driver-CPU runs (default 64; the job's default is 1024, the v1.2 config's 2048): "
-        "the driver's Ray calls are per shard and per item, so its CPU per sample falls with the shard size",
+        "the driver's Ray calls are per shard, so its CPU per sample falls with the shard size",
     )
     ap.add_argument(
         "--driver-item-chunks",
         type=int,
         default=0,
-        help="chunks (of 8 samples) per item in the driver-CPU runs: 2 is what ray.item_mb=64 gives at 1024^2, so "
-        "the driver makes as many Ray calls per sample as at that resolution (default 0: the job's ray.item_mb, "
-        "which at 64px puts a whole shard in one item)",
+        help="chunks (of 8 samples) per item in the driver-CPU runs: 2 makes more items per sample than "
+        "ray.item_mb=64 does at 1024^2 (the writers pay the per-item Ray calls, not the driver; default 0: the "
+        "job's ray.item_mb, which at 64px puts a whole shard in one item)",
     )
     args = ap.parse_args(argv)
     if args.driver_only:
@@ -199,7 +204,6 @@ def main(argv: list[str] | None = None) -> None:
         f"image.resolution={args.size}",
         "image.random_flip=false",
         "ray.num_cpus=4",
-        "ray.preprocess_tasks=1",
         "ray.num_encoder_actors=1",
         "ray.num_writers=1",
         "ray.writer_num_cpus=0.5",
@@ -343,7 +347,6 @@ def driver_cost(work: Path, n: int, rows_per_shard: int = 64, item_chunks: int =
                 "image.resolution=64",
                 "image.random_flip=true",
                 "ray.num_cpus=4",
-                "ray.preprocess_tasks=1",
                 "ray.preprocess_num_cpus=0.5",
                 "ray.num_cpus_per_actor=0.5",
                 f"ray.num_encoder_actors={actors}",
@@ -377,9 +380,9 @@ def driver_cost(work: Path, n: int, rows_per_shard: int = 64, item_chunks: int =
             f"{background / loop_s * 1e3:.1f} ms CPU per s); {k / max(sm['encode_seconds'], 1e-9):.1f} samples/s "
             "incl. actor start-up"
         )
-        # The background threads' CPU is NOT fixed per second: it follows the Ray calls (runs of this bench at
-        # 1024 rows per shard: 4.1 ms/s with one item per shard, 17-23 ms/s with 2-chunk items), so the driver's
-        # CPU per sample is set by the samples per item and per shard, not by the throughput.
+        # The background threads' CPU follows the driver's own Ray calls (session 5, when the driver routed every
+        # item: 4.1 ms/s with one item per shard, 17-23 ms/s with 2-chunk items); with a task per shard what is left
+        # is Ray's background work, ~3 ms/s, which divides over more samples at GPU rates.
         print(f"    {sm['driver_cpu_s'] / max(k / 8, 1) * 1e3:.2f} ms of driver CPU per chunk of 8 samples")
     # Old style: what the driver did per sample before issue 13 (write every sample into its shard), same geometry.
     out = runs[(1, 1)][0]

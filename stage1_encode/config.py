@@ -109,28 +109,29 @@ class RayConfig:
     address: str | None = None  # null: embedded local Ray (or RAY_ADDRESS when set); "auto" or host:port to attach
     num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: os.cpu_count())
     object_store_memory_gb: float = 2.0  # embedded Ray only
-    preprocess_tasks: int = 2  # concurrent read/decode/resize/tokenise tasks (one partition each)
-    preprocess_num_cpus: float = 1.0
+    preprocess_num_cpus: float = 1.0  # each shard in flight runs one read/decode/resize/tokenise task
     num_encoder_actors: int = 1  # encoder replicas (ActorPoolStrategy size); one per GPU on a GPU cluster
     num_gpus_per_actor: float = 0.0  # 0 runs the encoders on CPU
     num_cpus_per_actor: float = 1.0
     actor_memory_gb: float = 1.0  # Ray memory reservation per encoder actor (model weights + activations)
     torch_threads: int = 0  # intra-op threads per encoder actor (0: torch's default)
-    # Shard writer tasks in flight (one per shard: zstd, tar/zarr, sha256, fsync, rename, sidecar, s3 publish). Each
-    # writes ~1/num_writers of the encoders' output; 2 keep one encoder's output written on CPU, raise it with the
-    # number of GPUs (a writer costs ~10 ms of CPU per sample at 1024^2). The output does not depend on it.
+    # Shards in flight: each is one writer task (zstd, tar/zarr, sha256, fsync, rename, sidecar, s3 publish) that runs
+    # its partition's preprocessing task and feeds the encoder actors (shard_feed.py). Preprocessing (decode, crop,
+    # tokenise) is the CPU-heavy part, so size this by it: enough shards that their preprocessing keeps every actor fed,
+    # and at least num_encoder_actors. A shard in flight holds writer_num_cpus + preprocess_num_cpus. The output does
+    # not depend on it.
     num_writers: int = 2
     writer_num_cpus: float = 1.0
     writer_retries: int = 2  # times Ray reruns a writer whose worker died (the shard is rewritten from the start)
     # Consecutive chunks of a partition travel as one item until their pixels reach this many MiB. Every item costs
-    # the driver a few Ray operations (the generator's report, the encoder call and its reply, the writer's fetch),
-    # ~1-3 ms of its CPU each on a loaded 2-core box; one item per chunk made that the driver's whole per-sample cost
-    # at small image sizes (bench/encode.py). 64 keeps an item small at any resolution: 2 chunks of 8 at 1024^2
-    # (24 MiB of uint8 pixels each), a whole shard of small images. The cache does not depend on it.
+    # its shard's writer a few Ray operations (the generator's report, the encoder call and its reply, the fetches),
+    # ~5 ms of CPU in all; one item per chunk made that a noticeable per-sample cost at small image sizes. 64 keeps an
+    # item small at any resolution: 3 chunks of 8 at 1024^2 (24 MiB of uint8 pixels each), a whole shard of small
+    # images. The cache does not depend on it.
     item_mb: float = 64.0
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "num_encoder_actors", "preprocess_tasks", "num_writers")
+        _at_least(self, 1, "num_encoder_actors", "num_writers")
         _at_least(
             self,
             0,

@@ -1,21 +1,14 @@
 """The driver's loop: plan which partition goes where, launch the Ray tasks and actors, record what they report.
 
-    partition -> preprocess_partition (streaming-generator task)  yields item refs in order, then an "end" ref
-    item ref  -> EncoderActor.encode (least-loaded of the pool)     returns an encoded-item ref
-    all refs  -> write_shard (one task per shard, <= ray.num_writers in flight)   writes + commits the shard
+    partition -> write_shard: one Ray task per shard (shard_writer.py), <= ray.num_writers in flight. It runs the
+                 partition's preprocessing task, sends each item to the encoder actors and writes what comes back
+                 (shard_feed.py), then commits the shard and returns its counts.
+    the pool  -> EncoderActor: started here, passed to every writer as handles
 
-An item carries consecutive chunks of one partition (up to ray.item_mb MiB of pixels; a chunk is
-one encoder batch, encoded on its own): the driver's Ray operations are per item, not per chunk.
-
-The driver holds ObjectRefs and counters only: it never fetches a chunk (ray.wait with fetch_local=False), so its
-memory is O(shards in flight x items per shard) refs and its CPU a few Ray calls per item, whatever the sample size.
-It receives one small item: the empty caption (one sample, for the encoders' check).
-
-Backpressure. A generator yields at most a few items ahead of the driver (_generator_backpressure_num_objects);
-the driver pulls from generators only while an encoder has a free slot (`IN_FLIGHT_PER_ACTOR` calls each), and
-opens a new partition only while fewer than preprocess_tasks + num_writers are in flight. Encoded chunks wait in the
-object store (spilled to disk if full) until their shard's writer takes them: at most num_writers shards plus the
-partitions being preprocessed.
+The driver holds one ObjectRef per shard in flight and per-shard counts: its Ray calls are a task and a reply per
+shard, whatever the number and size of the samples (bench/encode.py measures its CPU per sample). The per-item
+ObjectRefs are the writers' own. It receives one small item: the empty caption (one sample, for the encoders'
+check), before any writer starts, so no shard is ever committed with encoders other than the cache's.
 """
 
 from __future__ import annotations
@@ -32,25 +25,12 @@ from shared.schema import CacheSpec
 from stage1_encode.config import EncodeConfig
 from stage1_encode.encoder_actor import EncoderActor
 from stage1_encode.payload import Item, read_item
-from stage1_encode.preprocess_task import preprocess_empty, preprocess_partition
+from stage1_encode.preprocess_task import preprocess_empty
 from stage1_encode.progress import Progress
 from stage1_encode.readers import Partition
 from stage1_encode.shard_writer import WriterJob, write_shard
 
 logger = logging.getLogger("stage1_encode")
-
-IN_FLIGHT_PER_ACTOR = 2  # one encoding, one queued: the actor never waits for the driver
-GENERATOR_AHEAD = 4  # items a preprocessing task may produce before the driver takes them
-
-
-@dataclasses.dataclass
-class _Open:
-    """One partition in flight: refs only."""
-
-    part: Partition
-    gen: Any = None  # ObjectRefGenerator while preprocessing runs
-    held: Any = None  # the newest item ref: chunks, or (when the generator ends) the "end" item
-    encoded: list = dataclasses.field(default_factory=list)  # encoded-item refs, in chunk order
 
 
 class Dispatcher:
@@ -61,10 +41,6 @@ class Dispatcher:
         self.cfg, self.spec, self.base_job, self.progress = cfg, spec, writer_job, progress
         self.cfg_dict = config_to_dict(cfg)
         self.queue = deque(todo)
-        self.max_open = r.preprocess_tasks + r.num_writers
-        self.preprocess = ray.remote(preprocess_partition).options(
-            num_returns="streaming", num_cpus=r.preprocess_num_cpus, _generator_backpressure_num_objects=GENERATOR_AHEAD
-        )
         self.writer = ray.remote(write_shard).options(num_cpus=r.writer_num_cpus, max_retries=r.writer_retries)
         # `memory=` reserves the weights' room; restarts: an actor that died is rebuilt and its call retried (a
         # chunk's encoding is a pure function of the chunk).
@@ -76,12 +52,8 @@ class Dispatcher:
             max_task_retries=2,
         )
         self.actors = [actor_cls.remote(self.cfg_dict) for _ in range(r.num_encoder_actors)]
-        self.load = [0] * len(self.actors)
-        self.encoding: dict[Any, int] = {}  # encoded ref -> actor index
-        self.preprocessing: dict[Any, _Open] = {}  # generator -> partition
-        self.waiting: deque[_Open] = deque()  # preprocessed, waiting for a writer slot
         self.writing: dict[Any, str] = {}  # writer result ref -> shard name
-        self.n_open = 0
+        self.n_launched = 0
         self.results: list[dict] = []
 
     def encode_empty(self) -> Item:
@@ -89,56 +61,21 @@ class Dispatcher:
         tokens = ray.remote(preprocess_empty).options(num_cpus=self.cfg.ray.preprocess_num_cpus).remote(self.cfg_dict)
         return ray.get(self.actors[0].encode_empty_item.remote(tokens))
 
-    def _open_partitions(self) -> None:
-        while self.queue and len(self.preprocessing) < self.cfg.ray.preprocess_tasks and self.n_open < self.max_open:
-            part = self.queue.popleft()
-            o = _Open(part, gen=self.preprocess.remote(self.cfg_dict, dataclasses.asdict(part)))
-            self.preprocessing[o.gen] = o
-            self.n_open += 1
-
-    def _submit(self, o: _Open, ref: Any) -> None:
-        i = min(range(len(self.actors)), key=self.load.__getitem__)
-        out = self.actors[i].encode.remote(ref)
-        self.load[i] += 1
-        self.encoding[out] = i
-        o.encoded.append(out)
-
-    def _take(self, o: _Open) -> None:
-        """The generator of `o` is ready: its next item, or its end."""
-        try:
-            ref = next(o.gen)
-        except StopIteration:  # the held item is the "end": the partition goes to a writer
-            del self.preprocessing[o.gen]
-            o.gen = None
-            self.waiting.append(o)
-            return
-        if o.held is not None:  # the previous item was chunks (only the last one is the "end")
-            self._submit(o, o.held)
-        o.held = ref
-
     def _launch_writers(self) -> None:
-        while self.waiting and len(self.writing) < self.cfg.ray.num_writers:
-            o = self.waiting.popleft()
-            job = dataclasses.replace(self.base_job, name=o.part.name)
-            ref = self.writer.remote(job, o.encoded, o.held)
-            self.writing[ref] = o.part.name
+        while self.queue and len(self.writing) < self.cfg.ray.num_writers:
+            part = self.queue.popleft()
+            job = dataclasses.replace(self.base_job, name=part.name)
+            first = self.n_launched % len(self.actors)  # consecutive shards start on consecutive actors
+            ref = self.writer.remote(job, dataclasses.asdict(part), self.actors, first)
+            self.n_launched += 1
+            self.writing[ref] = part.name
 
     def run(self) -> list[dict]:
-        while self.queue or self.preprocessing or self.waiting or self.writing:
-            self._open_partitions()
+        while self.queue or self.writing:
             self._launch_writers()
-            free = sum(IN_FLIGHT_PER_ACTOR - n for n in self.load) > 0
-            waitables = (list(self.preprocessing) if free else []) + list(self.encoding) + list(self.writing)
-            if not waitables:
-                continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=1.0, fetch_local=False)
+            ready, _ = ray.wait(list(self.writing), num_returns=1, timeout=1.0, fetch_local=False)
             for x in ready:
-                if x in self.preprocessing:
-                    self._take(self.preprocessing[x])
-                elif x in self.encoding:
-                    self.load[self.encoding.pop(x)] -= 1
-                else:
-                    self._finish_writer(x)
+                self._finish_writer(x)
         return self.results
 
     def _finish_writer(self, ref: Any) -> None:
@@ -154,7 +91,6 @@ class Dispatcher:
                 f"the writer of shard {name} died ({type(e).__name__}: {e}) after "
                 f"ray.writer_retries={self.cfg.ray.writer_retries} retries; re-run to resume"
             ) from e
-        self.n_open -= 1
         self.results.append(res)
         self.progress.update(res["written"], res["rejected"])
         logger.info(

@@ -1,12 +1,13 @@
-"""The stage-1 job: corpus partitions -> preprocess (CPU tasks) -> encoders (actor pool) -> shard writers (tasks).
+"""The stage-1 job: corpus partitions -> shard writer tasks, each running its partition through preprocessing and
+the encoder actor pool.
 
-    partition -> preprocess_partition: streaming-generator Ray task   read, decode, resize/crop, tokenise; yields
-                                       (preprocess_task.py)           items of consecutive encoder batches
-                                                                      ("chunks", up to 64 MiB of pixels), then "end"
-    item      -> EncoderActor.encode: actor pool (encoder_actor.py)   one chunk = one forward pass per encoder
-    shard     -> write_shard: one Ray task per shard (shard_writer.py)  pulls its encoded chunks by ObjectRef in chunk
-                                       order, rejects inf/NaN samples, writes, fsyncs, renames, index, sidecar last
-    driver    -> dispatch.py: plans, launches, records; holds ObjectRefs and per-shard counts, never a payload
+    shard     -> write_shard: one Ray task per shard (shard_writer.py); through shard_feed.py it runs
+      partition -> preprocess_partition: streaming-generator task   read, decode, resize/crop, tokenise; yields
+                                         (preprocess_task.py)       items of consecutive encoder batches ("chunks",
+                                                                    up to ray.item_mb of pixels), then "end"
+      item      -> EncoderActor.encode: actor pool (encoder_actor.py)  one chunk = one forward pass per encoder
+      then writes the encoded chunks in chunk order: rejects inf/NaN samples, fsyncs, renames, index, sidecar last
+    driver    -> dispatch.py: plans, launches, records; holds one ObjectRef and a few counts per shard in flight
 
 The other parts: the cache folder, config identity and resume (cache_dir.py), what the cache records (cache_spec.py),
 the items between tasks (payload.py), progress (progress.py), Ray start-up (ray_init.py).
@@ -37,9 +38,9 @@ staged data. The driver uploads the config first, the encoders' fingerprint and 
 (before any writer starts), rejects after all shards, the manifest last. Resume lists the shards whose sidecar and
 data exist remotely.
 
-Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight x items per
-shard) ObjectRefs, and a few Ray calls per item of chunks (bench/encode.py measures its CPU per sample); no per-sample
-work.
+Driver cost growth: O(partitions) small objects for the plan and the notes merge, O(shards in flight) ObjectRefs,
+and a task and its reply per shard (bench/encode.py measures its CPU per sample); nothing per item or per sample. The
+Ray calls per item (~5 ms of CPU) are paid by the shards' writers, on their nodes.
 """
 
 from __future__ import annotations
@@ -295,7 +296,6 @@ def _execute(
         job = WriterJob("", spec, config_to_dict(cfg), "")
     try:
         d = Dispatcher(cfg, spec, job, todo, progress)
-        d._open_partitions()  # preprocessing starts while the first actor loads its encoders
         arrays, meta = read_empty(d.encode_empty())
         # before any writer starts: no shard is ever committed with encoders other than the cache's
         out: dict[str, Any] = _accept_encoders(root, spec, dims, arrays, meta)

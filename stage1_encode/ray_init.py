@@ -97,12 +97,12 @@ def _check_resources(cfg: EncodeConfig) -> None:
             "Use ray.num_gpus_per_actor=0 to encode on CPU, or fewer actors."
         )
     r = cfg.ray
-    need_cpu = r.num_cpus_per_actor * r.num_encoder_actors + max(r.preprocess_num_cpus, r.writer_num_cpus)
+    need_cpu = r.num_cpus_per_actor * r.num_encoder_actors + r.preprocess_num_cpus + r.writer_num_cpus
     have_cpu = ray.cluster_resources().get("CPU", 0)
     if need_cpu > have_cpu:
         raise ValueError(
             f"the encoder actors (ray.num_cpus_per_actor={r.num_cpus_per_actor} x {r.num_encoder_actors}) plus one "
-            f"preprocessing task or writer (ray.preprocess_num_cpus={r.preprocess_num_cpus}, ray.writer_num_cpus="
-            f"{r.writer_num_cpus}) need {need_cpu} CPUs but the cluster has {have_cpu}; the job would hang. "
-            "Lower them or give Ray more CPUs (ray.num_cpus)."
+            f"shard's writer and its preprocessing task (ray.writer_num_cpus={r.writer_num_cpus}, "
+            f"ray.preprocess_num_cpus={r.preprocess_num_cpus}) need {need_cpu} CPUs but the cluster has {have_cpu}; "
+            "the job would hang. Lower them or give Ray more CPUs (ray.num_cpus)."
         )

@@ -1,10 +1,11 @@
-"""The shard writer Ray task: one partition's encoded chunks (ObjectRefs, in chunk order) -> its shard, committed.
+"""The shard writer Ray task: one partition -> its shard, committed.
 
-The driver launches exactly one `write_shard` task per shard and hands it the refs, never the data: the task pulls
-each encoded chunk from the object store in chunk order, checks and splits it per sample (inf/NaN rejects, the
-stored layout: shared/schema.encode_sample), writes the shard (zstd, tar or zarr, sha256, fsync, rename, index,
-sidecar last) and returns a few counts. The partition's note (rejects, substituted and null captions) is written
-before the shard is closed, so a completed shard always has its rejects recorded.
+The driver launches exactly one `write_shard` task per shard with the partition's plan and the encoder actors'
+handles, never data. The task runs the partition's stream itself (shard_feed.py: its preprocessing task, the encoder
+calls, the encoded items in chunk order), checks and splits each chunk per sample (inf/NaN rejects, the stored
+layout: shared/schema.encode_sample), writes the shard (zstd, tar or zarr, sha256, fsync, rename, index, sidecar
+last) and returns a few counts. The partition's note (rejects, substituted and null captions) is written before the
+shard is closed, so a completed shard always has its rejects recorded.
 
 Where it writes. A local output.root is written in place: every node that runs a writer must see the driver's folder
 (a shared filesystem mounted at the same path); the task checks a marker file with the driver's random token before
@@ -12,8 +13,9 @@ it writes and raises ValueError otherwise. An s3:// root is written into this no
 from there (data, index, sidecar last), then the staged data is deleted: no shared filesystem is needed.
 
 A writer that dies (SIGKILL, node loss) leaves only `.tmp-*` names, never a shard that looks complete: Ray reruns
-the task (`ray.writer_retries`; the chunk objects stay alive while the task may still run), which rewrites the
-shard from its first sample; after the last retry the driver fails naming the shard, and a rerun resumes.
+the task (`ray.writer_retries`), which preprocesses, encodes and writes the shard again from its first sample (the
+objects of the dead attempt were its own and went with it); after the last retry the driver fails naming the shard,
+and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from shared.cache import open_shard_writer
 from shared.fsutil import atomic_write_json, remove_path, remove_tmp_leftovers
@@ -37,6 +38,7 @@ from shared.storage import RemoteStore
 from stage1_encode.cache_dir import PARTS_DIR, staging_root
 from stage1_encode.payload import read_chunks_item, read_item
 from stage1_encode.preprocess_task import _worker_cfg
+from stage1_encode.shard_feed import encoded_items
 
 # the stored arrays of one sample; the bucket is the chunk's, shared by its samples
 SAMPLE_ARRAYS = tuple(k for k in LOGICAL_ARRAYS if k != "bucket")
@@ -162,11 +164,10 @@ def _kill_hook(name: str):
     return hook
 
 
-def write_shard(job: WriterJob, chunks: list, end: Any) -> dict:
-    """Ray task: the shard of one partition from its encoded "chunks" item refs (chunk order) and its "end" item.
-
-    `chunks` is a list of ObjectRefs (nested in a list, so Ray does not resolve them up front: the task pulls one
-    item at a time); `end` is resolved by Ray. Returns the counts the driver records (no per-sample data)."""
+def write_shard(job: WriterJob, part: dict, actors: list, first_actor: int) -> dict:
+    """Ray task: the shard of partition `part` (dataclasses.asdict of a Partition), encoded by `actors` (handles of
+    the pool; this shard's first item goes to actors[first_actor]). Returns the counts the driver records (no
+    per-sample data)."""
     cfg = _worker_cfg(job.cfg_dict)
     store = None
     if job.root:
@@ -178,11 +179,14 @@ def write_shard(job: WriterJob, chunks: list, end: Any) -> dict:
     asm = ShardAssembler(root, job.name, job.spec)
     hook = _kill_hook(job.name)
     try:
-        for ref in chunks:
-            for arrays, meta in read_chunks_item(ray.get(ref)):
+        end_meta = None
+        for item in encoded_items(job.cfg_dict, part, cfg.ray.preprocess_num_cpus, actors, first_actor):
+            if item[0] == "end":
+                _, _, end_meta = read_item(item)
+                continue
+            for arrays, meta in read_chunks_item(item):
                 asm.add_chunk(arrays, meta, hook)
-        kind, _, end_meta = read_item(end)
-        assert kind == "end", kind
+        assert end_meta is not None  # encoded_items ends with the partition's "end" item
         info = asm.finish(end_meta)
     except BaseException:
         asm.abort()

@@ -79,7 +79,6 @@ def test_captions_fix_colours_end_to_end(tmp_path, tmp_path_factory):
             "image.min_size=32",
             "image.random_flip=false",
             "ray.num_cpus=2",
-            "ray.preprocess_tasks=1",
             "ray.preprocess_num_cpus=0.25",
             "ray.num_cpus_per_actor=0.5",
             "ray.torch_threads=1",

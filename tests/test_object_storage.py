@@ -458,7 +458,6 @@ def test_two_nodes_no_shared_path_write_one_s3_cache(s3, reference, corpus, suit
                 "ray.address": head,
                 "ray.num_encoder_actors": 2,
                 "ray.num_cpus_per_actor": 1.75,
-                "ray.preprocess_tasks": 2,
             },
         )
         r = subprocess.run(

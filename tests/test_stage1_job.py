@@ -77,7 +77,6 @@ def overrides(corpus: dict, suite: Path, out: Path, **extra) -> list[str]:
         "image.reso_step": 16,
         "image.min_size": 32,  # scaled down with the resolution (demo.yaml: 64 for base 256); the corpus' least is 38
         "ray.num_cpus": 3,
-        "ray.preprocess_tasks": 1,
         "ray.preprocess_num_cpus": 0.25,
         "ray.num_cpus_per_actor": 0.5,
         "ray.torch_threads": 1,

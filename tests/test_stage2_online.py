@@ -325,7 +325,6 @@ def test_cache_from_the_stage1_job_equals_online_training(suite, tmp_path):
                 "image.random_flip": True,
                 "image.seed": 7,
                 "ray.num_cpus": 3,
-                "ray.preprocess_tasks": 1,
                 "ray.preprocess_num_cpus": 0.25,
                 "ray.num_cpus_per_actor": 0.5,
                 "ray.torch_threads": 1,
