@@ -1,7 +1,7 @@
 """Stage-1 throughput: the whole Ray job at steady state vs the encoder-only bound, side by side.
 
-    python bench/encode.py [--n 16] [--batch-size 4] [--threads 2] [--workdir DIR] [--driver-n 512] [--driver-only]
-        [--driver-rows-per-shard 64] [--driver-item-chunks 0]
+    python bench/encode.py [--n 16] [--batch-size 4] [--threads 2] [--workdir DIR] [--driver-n 2048] [--driver-only]
+        [--driver-rows-per-shard 1024] [--driver-item-chunks 2]
 
 Encoders: the tiny suite's "bench" preset (real SDXL-VAE architecture, BERT-base-sized BERT, T5-small-sized mT5
 encoder, random init), float32 on CPU, 256x256 images, no flip view.
@@ -141,21 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--bound-batches", type=int, default=2, help="batches per bound measurement")
     ap.add_argument("--workdir", default=None, help="keep the suite/corpus/cache here (default: a temp dir)")
-    ap.add_argument("--driver-n", type=int, default=512, help="samples of the driver-CPU runs (tiny encoders)")
+    ap.add_argument("--driver-n", type=int, default=2048, help="samples of the driver-CPU runs (tiny encoders)")
     ap.add_argument("--driver-only", action="store_true", help="only the driver-CPU runs (skip the throughput part)")
     ap.add_argument(
         "--driver-rows-per-shard",
         type=int,
-        default=64,
-        help="rows per shard of the driver-CPU runs (default 64; the job's default is 1024, the v1.2 config's 2048): "
+        default=1024,
+        help="rows per shard of the driver-CPU runs (default 1024, the job's; the v1.2 config's is 2048): "
         "the driver's Ray calls are per shard, so its CPU per sample falls with the shard size",
     )
     ap.add_argument(
         "--driver-item-chunks",
         type=int,
-        default=0,
-        help="chunks (of 8 samples) per item in the driver-CPU runs: 2 makes more items per sample than "
-        "ray.item_mb=64 does at 1024^2 (the writers pay the per-item Ray calls, not the driver; default 0: the "
+        default=2,
+        help="chunks (of 8 samples) per item in the driver-CPU runs (default 2, which makes more items per sample than "
+        "ray.item_mb=64 does at 1024^2; the writers pay the per-item Ray calls, not the driver; 0: the "
         "job's ray.item_mb, which at 64px puts a whole shard in one item)",
     )
     args = ap.parse_args(argv)
