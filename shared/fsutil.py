@@ -32,6 +32,39 @@ def is_tmp_name(name: str) -> bool:
 _TMP_RE = re.compile(r"^\.tmp-.+-\d+-[0-9a-f]{8}$")  # exactly what tmp_path_for makes
 
 
+def remove_dead_tmp_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temp entries directly in `folder` whose writing process is gone (the pid tmp_path_for put in the
+    name is not alive on this machine) and return them; the temp files of live processes are kept.
+
+    For folders that several writers on ONE machine share (stage 1's per-node staging folder of an s3:// cache):
+    a writer that was SIGKILLed there leaves its temp files, and its shard may be rewritten on another node, so no
+    later writer of that shard would remove them. Only safe in a folder no other machine writes into (a reused pid
+    makes a leftover look alive: it is kept, never the other way round)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not _TMP_RE.match(p.name) or _pid_alive(int(p.name.rsplit("-", 2)[1])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def remove_tmp_leftovers(folder: str | Path, stem: str | None = None) -> list[Path]:
     """Delete the entries directly in `folder` named as tmp_path_for names them (debris of writes that died) and
     return them; with `stem`, only the temp names of `<stem>.*` files. Not recursive; a symlink is unlinked, never

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,11 @@ def remove_leftovers(root: Path) -> list[Path]:
 
 
 def staging_root(cfg: EncodeConfig) -> Path:
-    """The local staging folder of a remote output.root (one per URL; scratch, cleared at every start)."""
+    """The local staging folder of a remote output.root: one per URL and machine (so that a staging_dir on a shared
+    filesystem still gives each node its own folder, whose writers' pids can be checked); scratch, cleared by the
+    driver at every start on its node, and of dead writers' temp files by every writer on the others."""
     digest = hashlib.sha256(cfg.output.root.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    return default_dir(cfg.storage.staging_dir, "HYDIT_STAGING", "staging") / digest
+    return default_dir(cfg.storage.staging_dir, "HYDIT_STAGING", "staging") / f"{digest}-{socket.gethostname()}"
 
 
 def prepare_remote_output(store: RemoteStore, staging: Path, cfg: EncodeConfig, overwrite: bool) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shared.cache import open_shard_writer
-from shared.fsutil import atomic_write_json, remove_path, remove_tmp_leftovers
+from shared.fsutil import atomic_write_json, remove_dead_tmp_leftovers, remove_path, remove_tmp_leftovers
 from shared.manifest import SHARDS_DIR, ShardInfo, shard_data_path
 from shared.remote_cache import publish_shard
 from shared.schema import LOGICAL_ARRAYS, CacheSpec, NonFiniteError
@@ -176,6 +176,10 @@ def write_shard(job: WriterJob, part: dict, actors: list, first_actor: int) -> d
     else:
         store = RemoteStore(cfg.output.root, cfg.storage)
         root = staging_root(cfg)
+        # this node's staging folder: a writer SIGKILLed here earlier left temp files that no writer of its shard
+        # (rerun by Ray, perhaps on another node) will remove
+        for folder in (root / SHARDS_DIR, root / PARTS_DIR):
+            remove_dead_tmp_leftovers(folder)
     asm = ShardAssembler(root, job.name, job.spec)
     hook = _kill_hook(job.name)
     try:

@@ -430,6 +430,37 @@ def test_copied_cache_resumes_in_its_new_place(cluster, reference, corpus, suite
     assert_same_cache(reference, partial)
 
 
+def test_a_writer_removes_dead_writers_temp_files_from_its_node_staging(tmp_path):
+    """An s3:// cache's per-node staging folder: a writer SIGKILLed there leaves temp files that no later writer of
+    its shard removes (Ray may rerun it on another node). Each writer removes the temp files whose pid is dead on its
+    machine, and keeps those of live writers and everything that is not a temp name. The folder is per machine, so a
+    staging_dir on a shared filesystem never has another machine's pids checked here."""
+    from shared.fsutil import remove_dead_tmp_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    gone = [
+        folder / f".tmp-00000-00000004.tar-{dead.pid}-0badf00d",
+        folder / f".tmp-00000-00000004.zarr-{dead.pid}-abcdef01",
+    ]
+    gone[0].write_bytes(b"half a shard")
+    (gone[1] / "moments").mkdir(parents=True)
+    kept = [
+        folder / f".tmp-00000-00000008.tar-{os.getpid()}-0badf00d",
+        folder / "00000-00000000.tar",
+        folder / ".tmp-by-hand",
+    ]
+    for p in kept:
+        p.write_bytes(b"x")
+    assert sorted(remove_dead_tmp_leftovers(folder)) == sorted(gone)
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+
+    cfg = load_cfg(["output.root=s3://bucket/cache", f"storage.staging_dir={tmp_path / 'staging'}"])
+    assert job_mod.staging_root(cfg).name.endswith("-" + socket.gethostname())
+
+
 def test_one_job_per_cache_and_a_rerun_removes_only_its_own_leftovers(tmp_path):
     root = tmp_path / "cache"
     cfg = load_cfg([f"output.root={root}"])
