@@ -259,8 +259,12 @@ class RemoteStore:
             n += f.stat().st_size
         return n
 
-    def download_file(self, rel: str, local: str | Path) -> None:
+    def download_file(self, rel: str, local: str | Path, progress: Any = None) -> None:
         """One GET into a temp sibling, then an atomic rename: `local` is either absent or complete.
+
+        `progress` (optional) sees the temp file fill: `progress.started(tmp)` once per attempt (a retry starts over
+        from byte 0, into a new file of the same name) and `progress.wrote(n)` each time the file holds n bytes, so
+        a reader in this process can follow the bytes as they arrive (shared.remote_cache's followers).
 
         Through botocore's plain (synchronous) client, read straight into one reused buffer, not through s3fs:
         this is stage 2's hot path (every shard's data), and s3fs's asyncio/aiohttp body reads cost 3x the client
@@ -273,7 +277,7 @@ class RemoteStore:
 
         def get() -> None:
             try:
-                _get_object_to_file(self.client, bucket, key, tmp)
+                _get_object_to_file(self.client, bucket, key, tmp, progress)
             except BaseException:
                 remove_path(tmp)
                 raise
@@ -282,12 +286,12 @@ class RemoteStore:
         self._retry("download", rel, get)
         os.replace(tmp, local)
 
-    def download(self, rel: str, local: str | Path, is_dir: bool = False) -> int:
-        """Download a file, or (is_dir) every object below rel into the folder `local`, built under a temp name
-        and renamed into place. Returns bytes downloaded."""
+    def download(self, rel: str, local: str | Path, is_dir: bool = False, progress: Any = None) -> int:
+        """Download a file (`progress`: as download_file's), or (is_dir) every object below rel into the folder
+        `local`, built under a temp name and renamed into place. Returns bytes downloaded."""
         local = Path(local)
         if not is_dir:
-            self.download_file(rel, local)
+            self.download_file(rel, local, progress)
             return local.stat().st_size
         objects = self.find(rel)
         if not objects:
@@ -395,8 +399,9 @@ def _sync_client(cfg: StorageConfig):
         return client
 
 
-def _get_object_to_file(client, bucket: str, key: str, path: Path) -> int:
-    """GET one object into `path` (created or truncated) through one reused buffer; returns its size.
+def _get_object_to_file(client, bucket: str, key: str, path: Path, progress: Any = None) -> int:
+    """GET one object into `path` (created or truncated) through one reused buffer; returns its size. Unbuffered
+    writes: what `progress.wrote(n)` reports is in the file.
 
     The body is read from the HTTP response under urllib3 (`_plain_body`): urllib3 2's readinto is a read() into a
     fresh bytes object plus a copy, which was half the client CPU of a download (56-65 -> 30-31 ms per 42 MiB
@@ -409,10 +414,16 @@ def _get_object_to_file(client, bucket: str, key: str, path: Path) -> int:
     read = raw.readinto if raw is not None else body.readinto
     buf = memoryview(bytearray(_READ_CHUNK))
     n = 0
-    with body, open(path, "wb") as f:  # buffered: writes larger than its buffer go straight through, whole
+    with body, open(path, "wb", buffering=0) as f:
+        if progress is not None:
+            progress.started(path)
         while k := read(buf):  # (botocore checks the length at its last, empty read)
-            f.write(buf[:k])
+            done = 0
+            while done < k:  # a regular file takes it whole; looped in case it does not
+                done += f.write(buf[done:k])
             n += k
+            if progress is not None:
+                progress.wrote(n)
     if raw is not None and n != resp["ContentLength"]:  # the connection ended early
         import botocore.exceptions
 

@@ -165,14 +165,15 @@ class SeaweedS3:
 
 class CuttingProxy:
     """A TCP proxy on loopback in front of a server that, while `cuts` > 0, forwards only the first `limit` bytes
-    of each response and then drops the connection (a network that fails mid-body), decrementing `cuts`; with
-    `cuts` at 0 it forwards everything. Threads; `close()` stops accepting."""
+    a connection sends back and then drops it (a network that fails mid-body), decrementing `cuts`; with `cuts` at
+    0 it forwards everything. `hold` (an Event): past `limit` bytes, forward the rest only once it is set (a slow
+    network, deterministically). Threads; `close()` stops accepting."""
 
-    def __init__(self, target: str, limit: int, cuts: int) -> None:
+    def __init__(self, target: str, limit: int, cuts: int = 0, hold=None) -> None:
         import threading
 
         host, port = target.rsplit("//", 1)[-1].split(":")
-        self.target, self.limit, self.cuts = (host, int(port)), limit, cuts
+        self.target, self.limit, self.cuts, self.hold = (host, int(port)), limit, cuts, hold
         self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -201,6 +202,11 @@ class CuttingProxy:
                     if cut:
                         dst.sendall(data[: cutter.limit - sent])
                         break
+                    if cutter.hold is not None and not cutter.hold.is_set():
+                        dst.sendall(data[: max(0, cutter.limit - sent)])
+                        cutter.hold.wait()
+                        data = data[max(0, cutter.limit - sent) :]
+                        sent = max(sent, cutter.limit)
                 dst.sendall(data)
                 sent += len(data)
         except OSError:
