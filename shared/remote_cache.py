@@ -15,6 +15,11 @@ not name the manifest just read (absent, or left by an earlier cache at this URL
 fetched one by one. Members are plain files named `shards/<shard>.<ext>` of shards the manifest lists; anything
 else is refused, and nothing in it is unpickled.
 
+A sequential reader need not wait for a whole shard: `follow(name)` has this process's prefetch thread fetch it
+first and returns a file object that reads the bytes already written to the download's temp file (then the final
+file), so the stream decodes a cold worker's first shard while the rest of it arrives. The reader gets exactly the
+object's bytes in order; a failed download raises its storage error (naming the object) from the read.
+
 Several processes on one node (DataLoader workers, ranks) share one mirror: a shard is downloaded under a temp name
 and renamed into place while its file lock is held, so it is fetched once and never seen half-written. Eviction
 (least recently used first, by the mtime every `ensure` refreshes) keeps the shard data under `cache_max_gb`; a

@@ -8,9 +8,10 @@ files (its data, sidecar, index) are moved as opaque files, so the layout of wha
 touching this module. A cache on object storage is the same tree of files a local cache is.
 
 Two clients, one configuration. Listings, uploads (multipart), small reads and deletes go through s3fs; whole-object
-downloads (`download_file`: every shard stage 2 reads) through botocore's synchronous client, which costs a third
-of the client CPU per byte (bench/loader.py). Both are made once per process and endpoint settings, with the same
-endpoint, region, timeouts and credential chain, and botocore's own retries off.
+downloads (`download_file`: every shard stage 2 reads) through botocore's synchronous client, the body read from
+its socket into a reused buffer: under a third of s3fs's client CPU per byte (bench/loader.py). Both are made
+once per process and endpoint settings, with the same endpoint, region, timeouts and credential chain, and
+botocore's own retries off.
 
 Credentials come only from the standard AWS sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
 AWS_PROFILE, instance roles) as botocore reads them; `StorageConfig` has no field for them, so they can never end up
