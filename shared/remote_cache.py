@@ -15,6 +15,11 @@ not name the manifest just read (absent, or left by an earlier cache at this URL
 fetched one by one. Members are plain files named `shards/<shard>.<ext>` of shards the manifest lists; anything
 else is refused, and nothing in it is unpickled.
 
+A sequential reader need not wait for a whole shard: `follow(name)` has this process's prefetch thread fetch it
+first and returns a file object that reads the bytes already written to the download's temp file (then the final
+file), so the stream decodes a cold worker's first shard while the rest of it arrives. The reader gets exactly the
+object's bytes in order; a failed download raises its storage error (naming the object) from the read.
+
 Several processes on one node (DataLoader workers, ranks) share one mirror: a shard is downloaded under a temp name
 and renamed into place while its file lock is held, so it is fetched once and never seen half-written. Eviction
 (least recently used first, by the mtime every `ensure` refreshes) keeps the shard data under `cache_max_gb`; a
@@ -35,6 +40,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from .fsutil import atomic_write_bytes, is_tmp_name, remove_path, tmp_path_for, tree_bytes
 from .manifest import EMPTY_CAPTION_NAME, MANIFEST_NAME, SHARD_SUFFIX, SHARDS_DIR, shard_data_path
@@ -152,8 +158,9 @@ class RemoteCacheMirror:
         assert self.format is not None, "prepare() first"
         return shard_data_path(self.root, name, self.format)
 
-    def ensure(self, name: str) -> Path:
-        """The shard's data in the local cache (downloaded whole if absent); refreshes its LRU time."""
+    def ensure(self, name: str, progress: _Download | None = None) -> Path:
+        """The shard's data in the local cache (downloaded whole if absent); refreshes its LRU time. `progress`
+        sees the download's bytes arrive (storage.RemoteStore.download_file)."""
         final = self.data_path(name)
         if final.exists():
             _touch(final)
@@ -161,7 +168,7 @@ class RemoteCacheMirror:
         rel = f"{SHARDS_DIR}/{final.name}"
         with file_lock(self.root / LOCKS_DIR / f"{name}.lock"):
             if not final.exists():  # another process may have fetched it while we waited for the lock
-                self.store.download(rel, final, is_dir=self.format == "zarr")
+                self.store.download(rel, final, is_dir=self.format == "zarr", progress=progress)
             _touch(final)
         self.evict(keep=final)
         return final
@@ -169,11 +176,24 @@ class RemoteCacheMirror:
     def prefetch(self, names: Iterable[str]) -> None:
         """Fetch these shards in a background thread, in order (skips ones already local)."""
         names = [n for n in names if not self.data_path(n).exists()]
-        if not names:
-            return
+        if names:
+            self._own_prefetcher().submit(names)
+
+    def follow(self, name: str) -> BinaryIO | None:
+        """The shard's data as a sequential file object that reads its bytes while they download: the shard is
+        fetched by this process's prefetch thread, ahead of everything queued there (or followed where that
+        thread already fetches it), so a reader decodes the start of a shard while the rest arrives instead of
+        waiting for the whole object (a cold worker's first shard). None when the shard is already local (read
+        data_path) or is a folder (zarr). A failed download raises its storage error from the file's read."""
+        final = self.data_path(name)
+        if self.format == "zarr" or final.exists():
+            return None
+        return io.BufferedReader(_Follower(self._own_prefetcher().first(name)), buffer_size=1 << 20)
+
+    def _own_prefetcher(self) -> _Prefetcher:
         if self._prefetcher is None or self._prefetcher.pid != os.getpid():
             self._prefetcher = _Prefetcher(self)
-        self._prefetcher.submit(names)
+        return self._prefetcher
 
     def local_shards(self) -> list[tuple[float, int, Path]]:
         """(mtime, bytes, path) of every shard data entry in the local cache."""
@@ -226,33 +246,138 @@ def _touch(path: Path) -> None:
         pass
 
 
+class _Download:
+    """One shard download of this process's prefetch thread, as followers see it: which attempt's temp file holds
+    how many bytes, and whether (and how) it ended. The thread reports each 512 KiB read (storage's `progress`)."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.cv = threading.Condition()
+        self.tmp: Path | None = None
+        self.attempt = 0  # attempts started (a retry writes a new temp file from byte 0)
+        self.written = 0  # bytes in the current attempt's temp file
+        self.done = False
+        self.error: BaseException | None = None
+
+    def started(self, tmp: Path) -> None:
+        with self.cv:
+            self.tmp, self.written, self.attempt = tmp, 0, self.attempt + 1
+            self.cv.notify_all()
+
+    def wrote(self, n: int) -> None:
+        with self.cv:
+            self.written = n
+            self.cv.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self.cv:
+            self.done, self.error = True, error
+            self.cv.notify_all()
+
+
+class _Follower(io.RawIOBase):
+    """Reads a _Download's bytes in order as they arrive: from the current attempt's temp file up to what it
+    holds, then (once done) from the shard's final file to its end. Reads never go past bytes already written, so
+    the bytes read are the object's bytes whichever attempt they came from (every attempt GETs the same object)."""
+
+    def __init__(self, dl: _Download) -> None:
+        self.dl, self.pos, self.fd, self.attempt = dl, 0, -1, 0  # attempt -1: reading the final file
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fd
+
+    def readinto(self, b) -> int:
+        dl, limit = self.dl, None
+        with dl.cv:
+            while True:
+                if dl.done:
+                    if dl.error is not None:
+                        raise dl.error
+                    if self.attempt != -1:  # the same bytes; the temp name is gone after the rename
+                        self._open(dl.final)
+                        self.attempt = -1
+                    break
+                if dl.tmp is not None and dl.attempt != self.attempt:
+                    try:
+                        self._open(dl.tmp)
+                        self.attempt = dl.attempt
+                    except FileNotFoundError:  # that attempt failed and was removed: wait for the next one
+                        pass
+                if self.attempt == dl.attempt and dl.written > self.pos:
+                    limit = dl.written
+                    break
+                dl.cv.wait()
+        view = memoryview(b)
+        if limit is not None:
+            view = view[: limit - self.pos]
+        n = os.preadv(self.fd, [view], self.pos)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+
 class _Prefetcher:
     """One daemon thread per process that fetches queued shards in order; errors surface at the next `ensure`
-    (the reader fetches the shard itself and gets the storage error with the object's name)."""
+    (the reader fetches the shard itself and gets the storage error with the object's name) or, for a followed
+    shard, at the follower's read. Holds the queued and in-flight downloads only (the prefetch depth)."""
 
     def __init__(self, mirror: RemoteCacheMirror) -> None:
         self.mirror, self.pid = mirror, os.getpid()
         self.queue: list[str] = []
+        self.downloads: dict[str, _Download] = {}  # queued or in flight
+        self.current: str | None = None  # in flight
         self.cv = threading.Condition()
         threading.Thread(target=self._run, daemon=True, name="shard-prefetch").start()
 
     def submit(self, names: list[str]) -> None:
         with self.cv:
             for n in names:
-                if n not in self.queue:
+                if n not in self.downloads:
+                    self.downloads[n] = _Download(self.mirror.data_path(n))
                     self.queue.append(n)
             self.cv.notify()
+
+    def first(self, name: str) -> _Download:
+        """Queue `name` ahead of the others (unless it is in flight already); its download, to follow."""
+        with self.cv:
+            dl = self.downloads.get(name)
+            if dl is None:
+                dl = self.downloads[name] = _Download(self.mirror.data_path(name))
+            if name != self.current:
+                if name in self.queue:
+                    self.queue.remove(name)
+                self.queue.insert(0, name)
+            self.cv.notify()
+            return dl
 
     def _run(self) -> None:
         while True:
             with self.cv:
                 while not self.queue:
                     self.cv.wait()
-                name = self.queue.pop(0)
+                name = self.current = self.queue.pop(0)
+                dl = self.downloads[name]
+            error = None
             try:
-                self.mirror.ensure(name)
-            except Exception:  # noqa: BLE001 - the reader's own ensure reports it
-                pass
+                self.mirror.ensure(name, progress=dl)
+            except Exception as e:  # noqa: BLE001 - the reader's own ensure (or the follower) reports it
+                error = e
+            finally:  # whatever happened, a follower stops waiting (no final file: its read fails, naming it)
+                with self.cv:
+                    del self.downloads[name]
+                    self.current = None
+                dl.finish(error)
 
 
 # ---------------------------------------------------------------------------------------------------------------

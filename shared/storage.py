@@ -8,9 +8,10 @@ files (its data, sidecar, index) are moved as opaque files, so the layout of wha
 touching this module. A cache on object storage is the same tree of files a local cache is.
 
 Two clients, one configuration. Listings, uploads (multipart), small reads and deletes go through s3fs; whole-object
-downloads (`download_file`: every shard stage 2 reads) through botocore's synchronous client, which costs a third
-of the client CPU per byte (bench/loader.py). Both are made once per process and endpoint settings, with the same
-endpoint, region, timeouts and credential chain, and botocore's own retries off.
+downloads (`download_file`: every shard stage 2 reads) through botocore's synchronous client, the body read from
+its socket into a reused buffer: under a third of s3fs's client CPU per byte (bench/loader.py). Both are made
+once per process and endpoint settings, with the same endpoint, region, timeouts and credential chain, and
+botocore's own retries off.
 
 Credentials come only from the standard AWS sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
 AWS_PROFILE, instance roles) as botocore reads them; `StorageConfig` has no field for them, so they can never end up
@@ -259,13 +260,17 @@ class RemoteStore:
             n += f.stat().st_size
         return n
 
-    def download_file(self, rel: str, local: str | Path) -> None:
+    def download_file(self, rel: str, local: str | Path, progress: Any = None) -> None:
         """One GET into a temp sibling, then an atomic rename: `local` is either absent or complete.
+
+        `progress` (optional) sees the temp file fill: `progress.started(tmp)` once per attempt (a retry starts over
+        from byte 0, into a new file of the same name) and `progress.wrote(n)` each time the file holds n bytes, so
+        a reader in this process can follow the bytes as they arrive (shared.remote_cache's followers).
 
         Through botocore's plain (synchronous) client, read straight into one reused buffer, not through s3fs:
         this is stage 2's hot path (every shard's data), and s3fs's asyncio/aiohttp body reads cost 3x the client
-        CPU (about 100 vs 30-40 ms per 44 MiB shard on this project's machine) on the cores the decoding needs.
-        A body shorter than its Content-Length is an error (botocore checks it at the end of the stream)."""
+        CPU (about 100 vs 30 ms per 42 MiB shard on this project's machine) on the cores the decoding needs.
+        A body shorter than its Content-Length is an error (retried, then named; see _get_object_to_file)."""
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(local)
@@ -273,7 +278,7 @@ class RemoteStore:
 
         def get() -> None:
             try:
-                _get_object_to_file(self.client, bucket, key, tmp)
+                _get_object_to_file(self.client, bucket, key, tmp, progress)
             except BaseException:
                 remove_path(tmp)
                 raise
@@ -282,12 +287,12 @@ class RemoteStore:
         self._retry("download", rel, get)
         os.replace(tmp, local)
 
-    def download(self, rel: str, local: str | Path, is_dir: bool = False) -> int:
-        """Download a file, or (is_dir) every object below rel into the folder `local`, built under a temp name
-        and renamed into place. Returns bytes downloaded."""
+    def download(self, rel: str, local: str | Path, is_dir: bool = False, progress: Any = None) -> int:
+        """Download a file (`progress`: as download_file's), or (is_dir) every object below rel into the folder
+        `local`, built under a temp name and renamed into place. Returns bytes downloaded."""
         local = Path(local)
         if not is_dir:
-            self.download_file(rel, local)
+            self.download_file(rel, local, progress)
             return local.stat().st_size
         objects = self.find(rel)
         if not objects:
@@ -395,16 +400,50 @@ def _sync_client(cfg: StorageConfig):
         return client
 
 
-def _get_object_to_file(client, bucket: str, key: str, path: Path) -> int:
-    """GET one object into `path` (created or truncated) through one reused buffer; returns its size."""
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+def _get_object_to_file(client, bucket: str, key: str, path: Path, progress: Any = None) -> int:
+    """GET one object into `path` (created or truncated) through one reused buffer; returns its size. Unbuffered
+    writes: what `progress.wrote(n)` reports is in the file.
+
+    The body is read from the HTTP response under urllib3 (`_plain_body`): urllib3 2's readinto is a read() into a
+    fresh bytes object plus a copy, which was half the client CPU of a download (56-65 -> 30-31 ms per 42 MiB
+    shard, 25-30 ms of it user time, bench/loader.py); read directly, the socket fills the reused buffer and that
+    buffer goes to the file. That path checks the length itself (http.client does not); anything it does not
+    handle (a content encoding, a chunked body) goes through botocore's readinto, which checks it at the end."""
+    resp = client.get_object(Bucket=bucket, Key=key)
+    body = resp["Body"]
+    raw = _plain_body(body)
+    read = raw.readinto if raw is not None else body.readinto
     buf = memoryview(bytearray(_READ_CHUNK))
     n = 0
-    with body, open(path, "wb") as f:  # buffered: writes larger than its buffer go straight through, whole
-        while k := body.readinto(buf):  # the last, empty read checks the length against Content-Length
-            f.write(buf[:k])
+    with body, open(path, "wb", buffering=0) as f:
+        if progress is not None:
+            progress.started(path)
+        while k := read(buf):  # (botocore checks the length at its last, empty read)
+            done = 0
+            while done < k:  # a regular file takes it whole; looped in case it does not
+                done += f.write(buf[done:k])
             n += k
+            if progress is not None:
+                progress.wrote(n)
+    if raw is not None and n != resp["ContentLength"]:  # the connection ended early
+        import botocore.exceptions
+
+        raise botocore.exceptions.IncompleteReadError(actual_bytes=n, expected_bytes=resp["ContentLength"])
     return n
+
+
+def _plain_body(body):
+    """The http.client response under a botocore StreamingBody when its bytes are the object's bytes as sent
+    (a Content-Length, no content or transfer encoding, nothing buffered above it yet); else None."""
+    import http.client
+
+    urllib3_resp = getattr(body, "_raw_stream", None)
+    raw = getattr(urllib3_resp, "_fp", None)
+    if not isinstance(raw, http.client.HTTPResponse) or raw.chunked or raw.length is None:
+        return None
+    if urllib3_resp.headers.get("content-encoding") or len(getattr(urllib3_resp, "_decoded_buffer", b"")):
+        return None
+    return raw
 
 
 _SYNC_SESSION: list = []

@@ -31,7 +31,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -416,8 +416,11 @@ class WdsShardReader:
         return key, fields, payloads
 
 
-def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = None) -> Iterator[dict]:
-    """Sequential read of a tar (no seeks), yielding stored samples in file order. Checks key order if given."""
+def iter_tar_stored(
+    path: str | Path, spec: CacheSpec, keys: list[str] | None = None, data: BinaryIO | None = None
+) -> Iterator[dict]:
+    """Sequential read of a tar (no seeks), yielding stored samples in file order. Checks key order if given.
+    `data`: the tar's bytes as a sequential file object (a shard still downloading) instead of opening `path`."""
     where = f"shard {path}"
     cur, payloads, n = None, {}, 0
 
@@ -430,7 +433,7 @@ def iter_tar_stored(path: str | Path, spec: CacheSpec, keys: list[str] | None = 
         return decode_members(cur, payloads, spec, where)
 
     try:
-        with tarfile.open(path, mode="r|") as tf:
+        with tarfile.open(path if data is None else None, mode="r|", fileobj=data) as tf:
             for m in tf:
                 if not m.isfile():
                     continue

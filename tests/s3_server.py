@@ -161,3 +161,63 @@ class SeaweedS3:
         if getattr(self, "log", None) is not None:
             self.log.close()
             self.log = None
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of a server that, while `cuts` > 0, forwards only the first `limit` bytes
+    a connection sends back and then drops it (a network that fails mid-body), decrementing `cuts`; with `cuts` at
+    0 it forwards everything. `hold` (an Event): past `limit` bytes, forward the rest only once it is set (a slow
+    network, deterministically). Threads; `close()` stops accepting."""
+
+    def __init__(self, target: str, limit: int, cuts: int = 0, hold=None) -> None:
+        import threading
+
+        host, port = target.rsplit("//", 1)[-1].split(":")
+        self.target, self.limit, self.cuts, self.hold = (host, int(port)), limit, cuts, hold
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, cutter: CuttingProxy | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                if cutter is not None and sent + len(data) > cutter.limit:
+                    with cutter.lock:
+                        cut = cutter.cuts > 0
+                        cutter.cuts -= cut
+                    if cut:
+                        dst.sendall(data[: cutter.limit - sent])
+                        break
+                    if cutter.hold is not None and not cutter.hold.is_set():
+                        dst.sendall(data[: max(0, cutter.limit - sent)])
+                        cutter.hold.wait()
+                        data = data[max(0, cutter.limit - sent) :]
+                        sent = max(sent, cutter.limit)
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self.sock.close()
