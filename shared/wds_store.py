@@ -104,6 +104,16 @@ def _blosc(level: int, blocksize: int = 0):
     return Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE, blocksize=blocksize)
 
 
+@functools.cache
+def _blosc_decompress() -> Any:
+    """numcodecs.blosc.decompress itself (a frame says its codec and settings), not through Blosc.decode, whose buffer
+    checks and conversions ran again on every member for nothing."""
+    import numcodecs.blosc  # lazy, as in _blosc
+
+    numcodecs.blosc.use_threads = False  # see _blosc
+    return numcodecs.blosc.decompress
+
+
 def _compress(npy: bytes, itemsize: int, level: int, blocksize: int = 0) -> bytes:
     # the .npy header is padded to a multiple of 64 bytes, so the array data stays aligned for the byte shuffle
     return bytes(_blosc(level, blocksize).encode(np.frombuffer(npy, dtype=f"u{itemsize}")))
@@ -137,8 +147,8 @@ def _decode_npy(b: bytes | memoryview, blosc: Any) -> np.ndarray:
     if blosc is not None:
         # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame hold its
         # decompressed size. np.empty, not bytearray: no zero fill of bytes the decoder overwrites (~1.2 MB/sample)
-        dest = np.empty(int.from_bytes(bytes(b[4:8]), "little"), dtype=np.uint8)
-        blosc.decode(b, out=dest)
+        dest = np.empty(int.from_bytes(b[4:8], "little"), dtype=np.uint8)
+        _blosc_decompress()(b, dest)
         b = memoryview(dest)
     return load_npy(b)
 
@@ -206,22 +216,33 @@ _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d{1,2})', 'fortran_order': F
 _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, data bytes) of a whole .npy v1 header of the form np.lib.format.write_array gives a C-order array
+    of a plain number or bool dtype, else None. Cached: a cache holds a few hundred distinct headers (per field, one
+    per shape: row counts up to the text lengths, one moments shape per bucket), and parsing one per member was ~8%
+    of a loader worker's time; the whole header is the key, so a cached answer is that of the same bytes."""
+    m = _NPY_HEADER.match(header, 10)
+    try:
+        dtype = np.dtype(m.group(1).decode()) if m is not None else None
+    except TypeError:  # e.g. '<f3'
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        return None
+    shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
+    return dtype, shape, dtype.itemsize * math.prod(shape)
+
+
 def load_npy(payload: bytes | bytearray | memoryview) -> np.ndarray:
     """``np.load(allow_pickle=False)`` of one member, without numpy's literal_eval of the header for the headers this
     module writes (a quarter of a 1024x1024 sample's read time went there). A header of another form, a dtype that
     is not a plain number or bool, or a payload of the wrong size goes to np.load."""
     if payload[:8] == _NPY_MAGIC_V1:
         end = 10 + int.from_bytes(payload[8:10], "little")
-        m = _NPY_HEADER.match(payload, 10, end)
-        try:
-            dtype = np.dtype(m.group(1).decode()) if m is not None else None
-        except TypeError:  # e.g. '<f3'
-            dtype = None
-        if dtype is not None:
-            shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
-            if dtype.kind in "biuf" and len(payload) - end == dtype.itemsize * math.prod(shape):
-                out = np.frombuffer(payload, dtype=dtype, offset=end).reshape(shape)
-                return out if out.flags.writeable else out.copy()
+        parsed = _npy_header(bytes(payload[:end]))
+        if parsed is not None and len(payload) - end == parsed[2]:
+            out = np.frombuffer(payload, dtype=parsed[0], offset=end).reshape(parsed[1])
+            return out if out.flags.writeable else out.copy()
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
