@@ -147,6 +147,10 @@ def _decode_npy(b: bytes | memoryview, blosc: Any) -> np.ndarray:
     if blosc is not None:
         # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame hold its
         # decompressed size. np.empty, not bytearray: no zero fill of bytes the decoder overwrites (~1.2 MB/sample)
+        # bytes 12..16 hold the frame's compressed size: blosc trusts it, so a frame that claims more bytes than its
+        # member holds (a damaged header) is refused here instead of read past its end
+        if int.from_bytes(b[12:16], "little") != len(b):
+            raise ValueError(f"blosc frame of {len(b)} bytes says {int.from_bytes(b[12:16], 'little')}")
         dest = np.empty(int.from_bytes(b[4:8], "little"), dtype=np.uint8)
         _blosc_decompress()(b, dest)
         b = memoryview(dest)
