@@ -54,8 +54,9 @@ TEXT_ROW_FIELDS = ("clip_rows", "t5_rows")
 BLOSC_BLOCK = 1 << 20
 
 
+@functools.lru_cache(maxsize=64)
 def member_fields(spec: CacheSpec, layout: int) -> tuple[str, ...]:
-    """The member fields of one sample in tar order, for a sample layout (1 or 2)."""
+    """The member fields of one sample in tar order, for a sample layout (1 or 2). Cached: every read asks."""
     if layout == 1:
         return ALL_FIELDS
     return ("caption", "meta") + SMALL_FIELDS + TEXT_ROW_FIELDS + tuple(f"moments_{v}" for v in spec.views)
@@ -337,6 +338,8 @@ class WdsShardReader:
         self._pid = -1
         self._layout: int | None = None
         self._fields: list[str] = []
+        self._skips: dict[tuple[int, bool, bool], frozenset[str]] = {}  # read_parts' skipped fields per request
+        self._where = f"shard {self.path}"  # what errors name
 
     def __len__(self) -> int:
         return self.shard.n_samples
@@ -389,17 +392,20 @@ class WdsShardReader:
     def read_stored(self, i: int) -> dict:
         """Sample i's stored form, every part decoded (the caller checks it: schema.check_stored)."""
         key, fields, payloads = self._payloads(i)
-        return decode_members(key, payloads, self.spec, f"shard {self.path}")
+        return decode_members(key, payloads, self.spec, self._where)
 
     def read_parts(self, i: int, view: int, clip: bool, t5: bool) -> dict:
         """What a training read needs of sample i, nothing else decoded (see decode_members); a layout-1 shard has
         one checksum over everything, so there it is read whole (the caller tells the two apart by "crc32c")."""
         if self.layout == 1:
             return self.read_stored(i)
-        skip = {f"moments_{v}" for j, v in enumerate(self.spec.views) if j != view}
-        skip |= {f for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)) if not want}
-        key, fields, payloads = self._payloads(i, frozenset(skip))
-        return decode_members(key, payloads, self.spec, f"shard {self.path}", view=view, clip=clip, t5=t5)
+        skip = self._skips.get((view, clip, t5))
+        if skip is None:
+            names = {f"moments_{v}" for j, v in enumerate(self.spec.views) if j != view}
+            names |= {f for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)) if not want}
+            skip = self._skips[view, clip, t5] = frozenset(names)
+        key, fields, payloads = self._payloads(i, skip)
+        return decode_members(key, payloads, self.spec, self._where, view=view, clip=clip, t5=t5)
 
     def _payloads(self, i: int, skip: frozenset[str] = frozenset()) -> tuple[str, list[str], dict]:
         """(key, fields, {field: member bytes, or None for the `skip` fields}) of sample i. Members lie back to back
