@@ -113,15 +113,8 @@ class CacheSpec:
     t5_pad_id: int = 1
     # Lossless. "zstd": Blosc(zstd, byte shuffle) on every stored array, and mT5 unique rows XOR-delta coded
     # against the previous row first (neighbouring padded rows differ in few bits). bench/cache_size.py measures it.
-    # Level 1 (blosc's clevel; zstd level 1), not 3 (zstd 5), since session 6: a loader worker's zstd decoding is
-    # mostly sequence (match) decoding, and level 1 finds fewer, longer matches in the byte-shuffled floats. Measured
-    # (decode CPU per member, interleaved medians): bench/loader.py's i.i.d. fp32 moments view 0.30 vs 0.43 ms and
-    # 0.9% smaller; its BERT and mT5 rows as fast, BERT 1.2% larger, mT5 the same size; on bench/cache_size.py's
-    # random-weight T5 states 0.61 vs 0.65 ms and 0.2% larger, on smooth moments (blurred mean, near-flat logvar)
-    # 0.42 vs 0.43 ms and 0.7% larger. The whole bench/loader.py cache is 0.4% smaller. Frames say their own level:
-    # shards written at another one read the same.
     compression: str = "zstd"
-    zstd_level: int = 1
+    zstd_level: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "views", tuple(self.views))
