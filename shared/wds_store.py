@@ -219,6 +219,7 @@ def decode_members(
 # The header np.lib.format.write_array gives a C-order array: {'descr': '<f2', 'fortran_order': False, 'shape': (..), }
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
 _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
+_NPY_HEADER_CACHED = 512  # longest header _npy_header caches (its cache: 4096 keys of at most this many bytes)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -244,7 +245,9 @@ def load_npy(payload: bytes | bytearray | memoryview) -> np.ndarray:
     is not a plain number or bool, or a payload of the wrong size goes to np.load."""
     if payload[:8] == _NPY_MAGIC_V1:
         end = 10 + int.from_bytes(payload[8:10], "little")
-        parsed = _npy_header(bytes(payload[:end]))
+        # the headers this module writes are 128 bytes; a damaged length (up to 64 KiB) is parsed, never cached
+        header = bytes(payload[:end])
+        parsed = _npy_header(header) if end <= _NPY_HEADER_CACHED else _npy_header.__wrapped__(header)
         if parsed is not None and len(payload) - end == parsed[2]:
             out = np.frombuffer(payload, dtype=parsed[0], offset=end).reshape(parsed[1])
             return out if out.flags.writeable else out.copy()
