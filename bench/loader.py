@@ -65,6 +65,27 @@ drawn one only now, and 2x faster per byte with one blosc block per member), zli
 parts read: ~0.07 ms per MB), first-touch page faults of fresh shared memory and of the malloc'd per-sample buffers
 (~7-11 us per 4 KiB page on this VM: ~2 ms per sample; reused memory removes them), the mT5 rows' XOR undo (8-byte
 words, in place: 0.31 -> 0.18 ms), a blosc codec built per sample.
+
+Session 6, the L2 webdataset worker with reused memory (py-spy of one worker, wall shares, and perf for CPU), at
+~2.5 ms per sample: blosc-zstd decoding of the drawn view and both text rows 41% (~1.0 ms; perf: zstd sequence
+decoding 11%, Huffman 13%, unshuffle 3%, and ~20 us fixed per frame, a zstd context per call), the mT5 XOR undo
+11% (~0.18 ms CPU: ~1 us of ufunc call per 4 KiB row), the crc check 9% (CRC-32C itself ~0.09 ms, the rest head
+crc and shape checks), the pread 9% (mostly the kernel's page-cache copy), collate 9% (~0.2 ms: torch.stack of the
+moments 0.06, the rows' concatenate 0.08, the index table and the rest 0.08), .npy header parsing 6%, the scalar
+draws 6% (0.01 ms of CPU in-process: the rest is waiting for the GIL against the queue's feeder thread), other
+Python ~10%; by thread CPU: __getitem__ 1.9, collate 0.2, the rest of the loop 0.08, the feeder and fd-sharer
+threads 0.1 ms. Cut:
+each .npy header parsed once per process (cached on its bytes), blosc frames through numcodecs.blosc.decompress
+(not Blosc.decode's checks per member), the shape check's expected shapes cached per (spec, bucket), the XOR undo's
+out given positionally, member fields and a part read's skips cached. `--skip-s3`, 3 runs interleaved with the
+tree before (503b1eb), load 5-6 (other engineers' runs on the 2 cores): worker L2 2.55, 2.45, 2.33 against 3.17,
+3.02, 2.70 (per-pair ratio 0.80, 0.81, 0.86); main 0.140-0.158 against 0.139-0.174. Tried, not kept: zstd level 1
+(the moments view decodes in 0.30 instead of 0.43 ms, but blosc then picks 32 KiB instead of 128 KiB blocks where
+the block size is automatic, and zarr L2 went from 4.0-4.4 to 5.2-6.3 ms), XOR undo in blocks of rows plus a carry
+(fewer calls, but two passes over the rows: no faster), one storage per batch in the pickle (torch already hands a
+storage over once per pickle). Not built: decoding straight into the batch storage (decode + copy 0.88-0.97 against
+0.79-0.84 ms per sample in isolation; it needs batch-level reads, header slack before each slot and a fallback when
+a sample is substituted), mmap instead of pread (0.05-0.08 ms per 1.6 MB cheaper, but SIGBUS on a truncated file).
 """
 
 from __future__ import annotations

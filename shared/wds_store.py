@@ -54,8 +54,9 @@ TEXT_ROW_FIELDS = ("clip_rows", "t5_rows")
 BLOSC_BLOCK = 1 << 20
 
 
+@functools.lru_cache(maxsize=64)
 def member_fields(spec: CacheSpec, layout: int) -> tuple[str, ...]:
-    """The member fields of one sample in tar order, for a sample layout (1 or 2)."""
+    """The member fields of one sample in tar order, for a sample layout (1 or 2). Cached: every read asks."""
     if layout == 1:
         return ALL_FIELDS
     return ("caption", "meta") + SMALL_FIELDS + TEXT_ROW_FIELDS + tuple(f"moments_{v}" for v in spec.views)
@@ -104,6 +105,16 @@ def _blosc(level: int, blocksize: int = 0):
     return Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE, blocksize=blocksize)
 
 
+@functools.cache
+def _blosc_decompress() -> Any:
+    """numcodecs.blosc.decompress itself (a frame says its codec and settings), not through Blosc.decode, whose buffer
+    checks and conversions ran again on every member for nothing."""
+    import numcodecs.blosc  # lazy, as in _blosc
+
+    numcodecs.blosc.use_threads = False  # see _blosc
+    return numcodecs.blosc.decompress
+
+
 def _compress(npy: bytes, itemsize: int, level: int, blocksize: int = 0) -> bytes:
     # the .npy header is padded to a multiple of 64 bytes, so the array data stays aligned for the byte shuffle
     return bytes(_blosc(level, blocksize).encode(np.frombuffer(npy, dtype=f"u{itemsize}")))
@@ -137,8 +148,12 @@ def _decode_npy(b: bytes | memoryview, blosc: Any) -> np.ndarray:
     if blosc is not None:
         # straight into a writable buffer (load_npy returns a view of it): bytes 4..8 of a blosc frame hold its
         # decompressed size. np.empty, not bytearray: no zero fill of bytes the decoder overwrites (~1.2 MB/sample)
-        dest = np.empty(int.from_bytes(bytes(b[4:8]), "little"), dtype=np.uint8)
-        blosc.decode(b, out=dest)
+        # bytes 12..16 hold the frame's compressed size: blosc trusts it, so a frame that claims more bytes than its
+        # member holds (a damaged header) is refused here instead of read past its end
+        if int.from_bytes(b[12:16], "little") != len(b):
+            raise ValueError(f"blosc frame of {len(b)} bytes says {int.from_bytes(b[12:16], 'little')}")
+        dest = np.empty(int.from_bytes(b[4:8], "little"), dtype=np.uint8)
+        _blosc_decompress()(b, dest)
         b = memoryview(dest)
     return load_npy(b)
 
@@ -204,6 +219,24 @@ def decode_members(
 # The header np.lib.format.write_array gives a C-order array: {'descr': '<f2', 'fortran_order': False, 'shape': (..), }
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
 _NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
+_NPY_HEADER_CACHED = 512  # longest header _npy_header caches (its cache: 4096 keys of at most this many bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, data bytes) of a whole .npy v1 header of the form np.lib.format.write_array gives a C-order array
+    of a plain number or bool dtype, else None. Cached: a cache holds a few hundred distinct headers (per field, one
+    per shape: row counts up to the text lengths, one moments shape per bucket), and parsing one per member was ~8%
+    of a loader worker's time; the whole header is the key, so a cached answer is that of the same bytes."""
+    m = _NPY_HEADER.match(header, 10)
+    try:
+        dtype = np.dtype(m.group(1).decode()) if m is not None else None
+    except TypeError:  # e.g. '<f3'
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        return None
+    shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
+    return dtype, shape, dtype.itemsize * math.prod(shape)
 
 
 def load_npy(payload: bytes | bytearray | memoryview) -> np.ndarray:
@@ -212,16 +245,12 @@ def load_npy(payload: bytes | bytearray | memoryview) -> np.ndarray:
     is not a plain number or bool, or a payload of the wrong size goes to np.load."""
     if payload[:8] == _NPY_MAGIC_V1:
         end = 10 + int.from_bytes(payload[8:10], "little")
-        m = _NPY_HEADER.match(payload, 10, end)
-        try:
-            dtype = np.dtype(m.group(1).decode()) if m is not None else None
-        except TypeError:  # e.g. '<f3'
-            dtype = None
-        if dtype is not None:
-            shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
-            if dtype.kind in "biuf" and len(payload) - end == dtype.itemsize * math.prod(shape):
-                out = np.frombuffer(payload, dtype=dtype, offset=end).reshape(shape)
-                return out if out.flags.writeable else out.copy()
+        # the headers this module writes are 128 bytes; a damaged length (up to 64 KiB) is parsed, never cached
+        header = bytes(payload[:end])
+        parsed = _npy_header(header) if end <= _NPY_HEADER_CACHED else _npy_header.__wrapped__(header)
+        if parsed is not None and len(payload) - end == parsed[2]:
+            out = np.frombuffer(payload, dtype=parsed[0], offset=end).reshape(parsed[1])
+            return out if out.flags.writeable else out.copy()
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
@@ -312,6 +341,8 @@ class WdsShardReader:
         self._pid = -1
         self._layout: int | None = None
         self._fields: list[str] = []
+        self._skips: dict[tuple[int, bool, bool], frozenset[str]] = {}  # read_parts' skipped fields per request
+        self._where = f"shard {self.path}"  # what errors name
 
     def __len__(self) -> int:
         return self.shard.n_samples
@@ -364,17 +395,20 @@ class WdsShardReader:
     def read_stored(self, i: int) -> dict:
         """Sample i's stored form, every part decoded (the caller checks it: schema.check_stored)."""
         key, fields, payloads = self._payloads(i)
-        return decode_members(key, payloads, self.spec, f"shard {self.path}")
+        return decode_members(key, payloads, self.spec, self._where)
 
     def read_parts(self, i: int, view: int, clip: bool, t5: bool) -> dict:
         """What a training read needs of sample i, nothing else decoded (see decode_members); a layout-1 shard has
         one checksum over everything, so there it is read whole (the caller tells the two apart by "crc32c")."""
         if self.layout == 1:
             return self.read_stored(i)
-        skip = {f"moments_{v}" for j, v in enumerate(self.spec.views) if j != view}
-        skip |= {f for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)) if not want}
-        key, fields, payloads = self._payloads(i, frozenset(skip))
-        return decode_members(key, payloads, self.spec, f"shard {self.path}", view=view, clip=clip, t5=t5)
+        skip = self._skips.get((view, clip, t5))
+        if skip is None:
+            names = {f"moments_{v}" for j, v in enumerate(self.spec.views) if j != view}
+            names |= {f for f, want in zip(TEXT_ROW_FIELDS, (clip, t5)) if not want}
+            skip = self._skips[view, clip, t5] = frozenset(names)
+        key, fields, payloads = self._payloads(i, skip)
+        return decode_members(key, payloads, self.spec, self._where, view=view, clip=clip, t5=t5)
 
     def _payloads(self, i: int, skip: frozenset[str] = frozenset()) -> tuple[str, list[str], dict]:
         """(key, fields, {field: member bytes, or None for the `skip` fields}) of sample i. Members lie back to back

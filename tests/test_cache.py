@@ -335,6 +335,33 @@ def test_npy_member_fast_path_equals_np_load():
         load_npy(_npy_bytes(arrays[0])[:-2])
 
 
+def test_blosc_frame_is_not_read_past_its_member():
+    """A blosc frame's header says its compressed size and blosc trusts it: a member cut short (or a header claiming
+    more) was decoded from whatever bytes followed it in the read buffer. It is refused now."""
+    from shared.wds_store import _blosc, _compress, _decode_npy, _npy_bytes
+
+    a = np.random.default_rng(0).standard_normal((16, 256)).astype(np.float32)
+    frame = memoryview(_compress(_npy_bytes(a), 4, 3, 1 << 20) + b"next member")  # what follows it in a pread
+    n = len(frame) - len(b"next member")
+    assert np.array_equal(_decode_npy(frame[:n], _blosc(3)), a)
+    for cut in (1, n // 2, n - 8):
+        with pytest.raises(ValueError, match="blosc frame"):
+            _decode_npy(frame[: n - cut], _blosc(3))
+
+
+def test_npy_header_cache_keys_on_the_whole_header():
+    """Headers are parsed once per distinct header (shared.wds_store._npy_header): arrays of the same field with
+    other shapes or dtypes must never get a cached answer of another header."""
+    from shared.wds_store import _npy_bytes, load_npy
+
+    rng = np.random.default_rng(1)
+    for n in (3, 4, 3, 40, 4):
+        for dt in (np.float16, np.float32, np.uint16, np.float32):
+            a = rng.standard_normal((n, 8)).astype(dt)
+            got = load_npy(_npy_bytes(a))
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+
+
 def _to_legacy_layout(root) -> None:
     """Rewrite a cache as the layout before the columnar index wrote it: per-sample lists (and webdataset member
     offsets) in each sidecar, no .index files, manifest entries without index_sha256."""
