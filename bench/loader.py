@@ -34,7 +34,8 @@ never-touched guest memory instead and it cost 2-3 s (workers' system time 1.6 s
 pass's cache is now deleted before each pass (untimed), as a node's full LRU shard cache frees about what it writes.
 `--samples 1152 --shards 18` (9 shards per worker), 5 passes each, load 4-10 (other engineers' runs on the same 2
 cores): before, 0.53, 0.49, 0.54 (per pass 0.29-0.94); the download and follow changes alone 0.50 (0.29-0.83), the
-pass order alone 0.50 (0.47-0.65); both, on the final tree: 0.64, 0.70, 0.68 (per pass 0.56-0.85). Session 5
+pass order alone 0.50 (0.47-0.65); both, on the final tree: 0.64, 0.70, 0.68 (per pass 0.56-0.85), and on a
+quiet box (load ~2) 0.56, 0.54, 0.58 (per pass 0.48-0.67; local 496 samples/s, both cores decoding). Session 5
 measured 0.65, 0.71, 0.57, 0.65, 0.74 under load and 0.47, 0.58, 0.52 on a quiet box.
 
 Headlines (`<metric> = <value> (goal <goal>)` lines): `gets_per_sample` (goal <= 0.05) at the end of the S3 table;
