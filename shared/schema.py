@@ -573,7 +573,10 @@ def to_torch(sample: dict, spec: CacheSpec) -> dict:
         if not isinstance(v, np.ndarray):
             out[k] = v
             continue
-        t = torch.from_numpy(np.ascontiguousarray(v))
+        v = np.ascontiguousarray(v)
+        if not v.flags.writeable:  # a view of read-only bytes (an uncompressed member): a tensor is writable
+            v = v.copy()
+        t = torch.from_numpy(v)
         enc = {"moments": "vae", "clip_states": "clip", "t5_states": "t5"}.get(k)
         if enc and getattr(spec, f"{enc}_dtype") == "bfloat16":
             t = t.view(torch.int16).view(torch.bfloat16)
