@@ -124,8 +124,8 @@ class RayConfig:
     writer_num_cpus: float = 1.0
     writer_retries: int = 2  # times Ray reruns a writer whose worker died (the shard is rewritten from the start)
     # Consecutive chunks of a partition travel as one item until their pixels reach this many MiB. Every item costs
-    # its shard's writer a few Ray operations (the generator's report, the encoder call and its reply, the fetches),
-    # ~5 ms of CPU in all; one item per chunk made that a noticeable per-sample cost at small image sizes. 64 keeps an
+    # its shard's writer a few Ray operations (the generator's report, the encoder call and its reply, the fetches):
+    # ~5 ms of CPU when the driver made them (session 5, bench/encode.py), a per-sample cost at small items. 64 keeps an
     # item small at any resolution: 3 chunks of 8 at 1024^2 (24 MiB of uint8 pixels each), a whole shard of small
     # images. The cache does not depend on it.
     item_mb: float = 64.0

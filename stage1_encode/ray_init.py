@@ -103,6 +103,6 @@ def _check_resources(cfg: EncodeConfig) -> None:
         raise ValueError(
             f"the encoder actors (ray.num_cpus_per_actor={r.num_cpus_per_actor} x {r.num_encoder_actors}) plus one "
             f"shard's writer and its preprocessing task (ray.writer_num_cpus={r.writer_num_cpus}, "
-            f"ray.preprocess_num_cpus={r.preprocess_num_cpus}) need {need_cpu} CPUs but the cluster has {have_cpu}; "
-            "the job would hang. Lower them or give Ray more CPUs (ray.num_cpus)."
+            f"ray.preprocess_num_cpus={r.preprocess_num_cpus}) need {need_cpu} CPUs but the cluster has {have_cpu}: "
+            "no shard could be written beside the actors. Lower them or give Ray more CPUs (ray.num_cpus)."
         )
